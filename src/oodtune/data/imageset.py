@@ -1,0 +1,76 @@
+"""The one in-memory dataset type: decoded uint8 RGB images plus optional labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A dataset is missing, corrupt or malformed. The message names the file/problem and the fix."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Decoded images, ``images`` of shape (N, H, W, 3), dtype uint8, RGB, channel-last.
+
+    ``labels`` is an int64 array of shape (N,) with values in ``[0, len(classes))``, or ``None`` for
+    unlabelled sets (typical for OOD test sets). ``name`` is a human-readable identifier used in tables.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    classes: tuple[str, ...] = field(default=())
+    name: str = "dataset"
+
+    def __post_init__(self) -> None:
+        img = self.images
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 4 or img.shape[-1] != 3:
+            shape = getattr(img, "shape", None)
+            dtype = getattr(img, "dtype", None)
+            raise DataError(
+                f"{self.name}: images must be a uint8 array of shape (N, H, W, 3); got shape={shape} dtype={dtype}. "
+                "Decode with oodtune.data.images.decode_image (grey images are expanded to 3 channels)."
+            )
+        if len(img) == 0:
+            raise DataError(f"{self.name}: the dataset is empty (0 images). Check the data root and the split name.")
+        if self.labels is not None:
+            lab = np.asarray(self.labels)
+            if lab.shape != (len(img),):
+                raise DataError(f"{self.name}: {len(img)} images but labels have shape {lab.shape}.")
+            if not np.issubdtype(lab.dtype, np.integer):
+                raise DataError(f"{self.name}: labels must be integers, got dtype {lab.dtype}.")
+            if self.classes and (lab.min() < 0 or lab.max() >= len(self.classes)):
+                raise DataError(
+                    f"{self.name}: labels span [{lab.min()}, {lab.max()}] but there are {len(self.classes)} classes."
+                )
+            object.__setattr__(self, "labels", lab.astype(np.int64, copy=False))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def resolution(self) -> int:
+        """Side length of the (square) images."""
+        return int(self.images.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, indices: np.ndarray, name: str | None = None) -> ImageSet:
+        """A new ImageSet holding ``images[indices]`` (and labels) under ``name`` (default: same name)."""
+        idx = np.asarray(indices)
+        return ImageSet(
+            images=self.images[idx],
+            labels=None if self.labels is None else self.labels[idx],
+            classes=self.classes,
+            name=name or self.name,
+        )
+
+    def class_counts(self) -> np.ndarray:
+        """Number of images per class (length ``num_classes``)."""
+        if self.labels is None:
+            raise DataError(f"{self.name}: class counts need labels, but this set is unlabelled.")
+        return np.bincount(self.labels, minlength=self.num_classes)
