@@ -1,0 +1,32 @@
+"""Model zoo (WRN-d-k, CIFAR ResNet-18) and the logits+features interface for any classifier."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .features import FeatureModel, find_head
+from .resnet import ResNet18
+from .wrn import WideResNet
+
+__all__ = ["FeatureModel", "find_head", "build_model", "ARCHITECTURES", "ResNet18", "WideResNet"]
+
+ARCHITECTURES = ("wrn-40-2", "wrn-16-2", "wrn-28-10", "resnet18")
+_WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
+
+
+def build_model(arch: str, num_classes: int, *, drop_rate: float = 0.3) -> nn.Module:
+    """A freshly initialised classifier. ``arch`` is ``resnet18`` or ``wrn-DEPTH-WIDTH`` (e.g. ``wrn-40-2``).
+
+    ``drop_rate`` is the WRN dropout (0.3 as in the OE/Energy papers); ResNet-18 has none.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    name = arch.lower()
+    if name == "resnet18":
+        return ResNet18(num_classes)
+    m = _WRN.match(name)
+    if m:
+        return WideResNet(int(m.group(1)), int(m.group(2)), num_classes, drop_rate)
+    raise ValueError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHITECTURES)} or wrn-DEPTH-WIDTH")

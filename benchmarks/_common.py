@@ -1,0 +1,70 @@
+"""Small helpers shared by the benchmark scripts: device sync, timing, environment facts, table/JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Benchmarks print their own tables; rich progress bars would only add noise (and a little overhead).
+os.environ.setdefault("OODTUNE_PROGRESS", "0")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for all queued work on ``device`` (a no-op on CPU), so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def now(device: torch.device) -> float:
+    """``time.perf_counter()`` after synchronising ``device``."""
+    sync(device)
+    return time.perf_counter()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Facts that a throughput number depends on."""
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A plain fixed-width table on stdout (copy-pasteable into markdown-ish reports)."""
+    cells = [[str(h) for h in header]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
+def save_json(path: str | None, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON to ``path`` (creating folders) when a path was given."""
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"\nwrote {out}")

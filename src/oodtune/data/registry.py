@@ -1,0 +1,425 @@
+"""Dataset names -> loaders. ``load_dataset`` is the one entry point the rest of oodtune uses.
+
+Each loader looks under ``root`` for several candidate layouts, in order: the official layout first, then
+the team's offline-mirror layout (e.g. ``cifar10-jpg.tar.gz``), folders before archives. Archives are
+extracted (safely) into the cache, never next to the source, and the decoded uint8 arrays are cached as
+``.npz`` keyed by (name, split, resolution, source fingerprint).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from oodtune.data.archives import ARCHIVE_SUFFIXES, archive_stem, extract_cached, is_archive
+from oodtune.data.cache import (
+    cache_file,
+    file_fingerprint,
+    files_fingerprint,
+    load_cached,
+    resolve_cache_dir,
+    save_cached,
+)
+from oodtune.data.download import OFFICIAL, download
+from oodtune.data.images import array_to_resolution, decode_files
+from oodtune.data.imageset import DataError, ImageSet
+from oodtune.data.sources import (
+    CIFAR_LAYOUTS,
+    ArraySet,
+    FileListing,
+    read_cifar,
+    read_idx_pair,
+    read_svhn_mat,
+    scan_labelled,
+    scan_tiny_imagenet,
+    scan_unlabelled,
+)
+from oodtune.data.synthetic import GENERATORS, make_synthetic
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MNIST_CLASSES = tuple("0123456789")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+def default_data_root() -> Path:
+    """``$OODTUNE_DATA`` if set, else ``./data`` (relative to the current directory)."""
+    env = os.environ.get("OODTUNE_DATA")
+    return Path(env).expanduser() if env else Path.cwd() / "data"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One ``load_dataset`` call, normalised."""
+
+    name: str
+    root: Path
+    split: str
+    resolution: int
+    cache_dir: Path
+    download: bool
+
+    @property
+    def display_name(self) -> str:
+        """Name stored in the ImageSet: ``name`` for the test/only split, else ``name-split``."""
+        return self.name if self.split in ("test", "all") else f"{self.name}-{self.split}"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def _cached(req: Request, fingerprint: str, build: Callable[[], ImageSet]) -> ImageSet:
+    """Return the cache entry for (req, fingerprint) or build, store and return it."""
+    path = cache_file(req.cache_dir, req.name, req.split, req.resolution, fingerprint)
+    hit = load_cached(path)
+    if hit is not None:
+        return hit
+    data = build()
+    save_cached(path, data)
+    return data
+
+
+def _from_arrays(req: Request, fingerprint: str, read: Callable[[], ArraySet]) -> ImageSet:
+    """Cached ImageSet from an in-memory reader (pickle / IDX / .mat)."""
+    def build() -> ImageSet:
+        a = read()
+        imgs = array_to_resolution(a.images, req.resolution, source=req.display_name)
+        return ImageSet(imgs, a.labels, a.classes, req.display_name)
+    return _cached(req, fingerprint, build)
+
+
+def _decode_listing(req: Request, listing: FileListing) -> ImageSet:
+    imgs = decode_files(listing.files, req.resolution, description=f"decoding {req.display_name}")
+    return ImageSet(imgs, listing.labels, listing.classes, req.display_name)
+
+
+def _first(base: Path, patterns: Sequence[str], want_dir: bool) -> Path | None:
+    """First match (sorted per pattern, patterns in order) that is a folder (``want_dir``) or a file."""
+    for pat in patterns:
+        for m in sorted(base.glob(pat)):
+            if (m.is_dir() if want_dir else m.is_file()):
+                return m
+    return None
+
+
+def archive_patterns(*stems: str) -> tuple[str, ...]:
+    """Glob patterns for every archive suffix of each stem (``"LSUN"`` -> ``LSUN.tar.gz``, ``LSUN.zip`` ...)."""
+    return tuple(f"{stem}{suf}" for stem in stems for suf in ARCHIVE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class TreeLayout:
+    """Where an image tree may live: ``dirs`` globs (relative to the root, and to an extracted archive)
+    and ``archives`` globs (relative to the root). ``{split}`` in a glob is replaced by the split."""
+
+    dirs: tuple[str, ...]
+    archives: tuple[str, ...]
+
+    def for_split(self, split: str) -> TreeLayout:
+        return TreeLayout(tuple(d.format(split=split) for d in self.dirs),
+                          tuple(a.format(split=split) for a in self.archives))
+
+    def describe(self, root: Path) -> str:
+        return ", ".join(str(root / p) for p in (*self.dirs, *self.archives))
+
+
+def find_tree(req: Request, layout: TreeLayout) -> Path | None:
+    """The folder or archive under ``req.root`` holding ``layout`` (None when absent)."""
+    layout = layout.for_split(req.split)
+    return _first(req.root, layout.dirs, True) or _first(req.root, layout.archives, False)
+
+
+def load_tree(req: Request, layout: TreeLayout, scan: Callable[[Path], FileListing]) -> ImageSet:
+    """Load an image tree found by ``layout`` (folder, or archive extracted into the cache), then ``scan``
+    it and decode every listed file. Raises a DataError listing the places looked at when absent."""
+    layout = layout.for_split(req.split)
+    src = find_tree(req, layout)
+    if src is None:
+        raise _not_found(req, layout.describe(req.root))
+    if src.is_dir():
+        listing = scan(src)
+        return _cached(req, files_fingerprint(listing.files), lambda: _decode_listing(req, listing))
+
+    def build() -> ImageSet:
+        extracted = extract_cached(src, req.cache_dir)
+        inner = _first(extracted, layout.dirs, True)
+        if inner is None:
+            raise DataError(
+                f"{src}: the archive does not contain the expected layout ({', '.join(layout.dirs)}). "
+                "Use the official archive or the documented mirror archive."
+            )
+        return _decode_listing(req, scan(inner))
+
+    return _cached(req, file_fingerprint(src), build)
+
+
+def _not_found(req: Request, looked: str, extra: str = "") -> DataError:
+    return DataError(
+        f"{req.name} ({req.split}): no data found under {req.root}. Looked for: {looked}. "
+        f"Fix: place the dataset there (official layout or archive){extra}, or pass another root "
+        "(argument root=, or env OODTUNE_DATA)."
+    )
+
+
+def _check_split(req: Request, allowed: Collection[str]) -> None:
+    if req.split not in allowed:
+        raise DataError(f"{req.name}: unknown split {req.split!r}; choose one of {sorted(allowed)}.")
+
+
+# ------------------------------------------------------------------------------------------ loaders
+
+def _load_cifar(req: Request, variant: str) -> ImageSet:
+    _check_split(req, ("train", "test"))
+    layout = CIFAR_LAYOUTS[variant]
+    folder, remote = str(layout["folder"]), OFFICIAL[variant]
+    files = [str(layout["meta"]), *layout[req.split]]  # type: ignore[misc]
+    batch_dir = _first(req.root, (folder,), True)
+    if batch_dir is not None:
+        fp = files_fingerprint(batch_dir / f for f in files if (batch_dir / f).exists())
+        return _from_arrays(req, fp, lambda: read_cifar(batch_dir, variant, req.split))
+    official = req.root / remote.filename
+    mirror = TreeLayout(dirs=(f"{variant}-jpg/{{split}}", f"{variant}/{{split}}"),
+                        archives=archive_patterns(f"{variant}-jpg"))
+    if not official.is_file() and find_tree(req, mirror) is not None:
+        classes = CIFAR10_CLASSES if variant == "cifar10" else None
+        return load_tree(req, mirror, lambda d: scan_labelled(d, classes))
+    if not official.is_file() and req.download:
+        official = download(remote, req.root)
+    if official.is_file():
+        return _from_arrays(req, file_fingerprint(official), lambda: read_cifar(official, variant, req.split))
+    raise _not_found(
+        req, f"{req.root / folder}, {official}, {mirror.for_split(req.split).describe(req.root)}",
+        f" - e.g. {remote.url} - or pass download=True",
+    )
+
+
+def _load_idx(req: Request, folders: Sequence[str], classes: tuple[str, ...]) -> ImageSet:
+    _check_split(req, ("train", "test"))
+    prefix = "t10k" if req.split == "test" else "train"
+    looked = []
+    for folder in folders:
+        base = req.root / folder
+        for suffix in (".gz", ""):
+            imgs = base / f"{prefix}-images-idx3-ubyte{suffix}"
+            labs = base / f"{prefix}-labels-idx1-ubyte{suffix}"
+            looked.append(str(imgs))
+            if imgs.is_file() or labs.is_file():
+                if not (imgs.is_file() and labs.is_file()):
+                    raise DataError(f"{base}: found only one of {imgs.name} / {labs.name}; place both files there.")
+                return _from_arrays(req, files_fingerprint([imgs, labs]),
+                                    lambda i=imgs, l=labs: read_idx_pair(i, l, classes))
+    raise _not_found(req, ", ".join(looked), " (the IDX files, e.g. t10k-images-idx3-ubyte.gz + labels)")
+
+
+def _load_svhn(req: Request) -> ImageSet:
+    _check_split(req, ("train", "test", "extra"))
+    fname = f"{req.split}_32x32.mat"
+    cands = [req.root / d / fname for d in ("svhn", "SVHN", ".")]
+    for path in cands:
+        if path.is_file():
+            return _from_arrays(req, file_fingerprint(path), lambda p=path: read_svhn_mat(p))
+    raise _not_found(req, ", ".join(map(str, cands)),
+                     f" - http://ufldl.stanford.edu/housenumbers/{fname} (format 2, cropped digits)")
+
+
+TINY_IMAGENET = TreeLayout(dirs=("tiny-imagenet-200",), archives=archive_patterns("tiny-imagenet-200*"))
+
+
+def load_tiny_imagenet(req: Request, split: str, keep: Collection[str] | None = None,
+                       labelled: bool = True) -> ImageSet:
+    """Tiny ImageNet ``split`` (train/val/test) restricted to WNIDs ``keep``; unlabelled when not ``labelled``.
+
+    Shared by ``tiny-imagenet`` and the protocol sets ``tin-aux`` / ``tin-near`` (``req.name`` keys the cache).
+    """
+    def scan(d: Path) -> FileListing:
+        listing = scan_tiny_imagenet(d, split, keep)
+        return listing if labelled else FileListing(listing.files, None, ())
+    return load_tree(req, TINY_IMAGENET, scan)
+
+
+def _load_tiny(req: Request) -> ImageSet:
+    _check_split(req, ("train", "val", "test"))
+    return load_tiny_imagenet(req, req.split)
+
+
+#: Split names accepted by sets without official splits (OOD folders, synthetic): all return the whole set.
+SINGLE_SPLIT = ("test", "train", "all")
+
+
+def _tree_loader(layout: TreeLayout, labelled: bool) -> Callable[[Request], ImageSet]:
+    """Loader for an image tree without official splits (OOD sets): any of SINGLE_SPLIT gives every image."""
+    def load(req: Request) -> ImageSet:
+        _check_split(req, SINGLE_SPLIT)
+        return load_tree(replace(req, split="test"), layout, scan_labelled if labelled else scan_unlabelled)
+    return load
+
+
+def _descend(folder: Path) -> Path:
+    """Skip single-child wrapper folders (``x.zip`` -> ``x/``) that hold no images themselves."""
+    while True:
+        entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+        if len(entries) == 1 and entries[0].is_dir():
+            folder = entries[0]
+        else:
+            return folder
+
+
+def _load_path(req: Request, spec: str, labelled: bool) -> ImageSet:
+    """``folder:PATH`` (labelled CLASS/ tree) or ``images:PATH`` (unlabelled) from a folder or archive.
+
+    A relative PATH is tried under the root first, then the current directory. If the tree has a
+    sub-folder named like the split (``PATH/train``, ``PATH/test``) it is used.
+    """
+    raw = Path(spec).expanduser()
+    path = raw if raw.is_absolute() or not (req.root / raw).exists() else req.root / raw
+    if not path.exists():
+        raise DataError(f"{spec}: no such folder or archive. Give an existing path after '{req.name.split(':')[0]}:'.")
+    scan = scan_labelled if labelled else scan_unlabelled
+    name = archive_stem(path) if path.is_file() else path.name
+    req = replace(req, name=f"{req.name.split(':')[0]}-{name}")
+
+    def pick(folder: Path) -> Path:
+        return folder / req.split if (folder / req.split).is_dir() else folder
+
+    if path.is_dir():
+        listing = scan(pick(path))
+        return _cached(req, files_fingerprint(listing.files), lambda: _decode_listing(req, listing))
+    if not is_archive(path):
+        raise DataError(f"{path}: not a folder or a .tar/.tar.gz/.tgz/.zip archive.")
+
+    def build() -> ImageSet:
+        return _decode_listing(req, scan(pick(_descend(extract_cached(path, req.cache_dir)))))
+    return _cached(req, file_fingerprint(path), build)
+
+
+def _synthetic_loader(kind: str) -> Callable[..., ImageSet]:
+    def load(req: Request, num_images: int | None, seed: int) -> ImageSet:
+        _check_split(req, SINGLE_SPLIT)
+        return make_synthetic(kind, num_images, req.resolution, seed, train=req.split == "train")
+    return load
+
+
+def _protocol(fn_name: str) -> Callable[[Request], ImageSet]:
+    def load(req: Request) -> ImageSet:
+        from oodtune.data import protocol
+        return getattr(protocol, fn_name)(req)
+    return load
+
+
+# name -> (loader, description)
+_LOADERS: dict[str, tuple[Callable[[Request], ImageSet], str]] = {
+    "cifar10": (lambda r: _load_cifar(r, "cifar10"),
+                "CIFAR-10 (train/test): official python batches or tar.gz, or the cifar10-jpg mirror"),
+    "cifar100": (lambda r: _load_cifar(r, "cifar100"),
+                 "CIFAR-100, fine labels (train/test): official python batches or tar.gz"),
+    "tiny-imagenet": (_load_tiny, "Tiny ImageNet-200 (train/val/test): tiny-imagenet-200/ folder, .zip or .tar.gz"),
+    "dtd": (_tree_loader(TreeLayout(("dtd*/images", "textures/images"), archive_patterns("dtd*")), True),
+            "Describable Textures (labelled by folder): dtd*/images/CLASS/*.jpg or its archive"),
+    "mnist": (lambda r: _load_idx(r, ("mnist", "MNIST/raw", "."), MNIST_CLASSES),
+              "MNIST (train/test) IDX .gz files in mnist/ (grey -> 3 channels)"),
+    "fashion-mnist": (lambda r: _load_idx(r, ("fashion-mnist", "FashionMNIST/raw", "fashion_mnist"),
+                                          FASHION_MNIST_CLASSES),
+                      "Fashion-MNIST (train/test) IDX .gz files in fashion-mnist/"),
+    "svhn": (_load_svhn, "SVHN cropped digits (train/test): svhn/{split}_32x32.mat (label 10 -> 0)"),
+    "lsun": (_tree_loader(TreeLayout(("LSUN", "lsun"), archive_patterns("LSUN", "lsun")), False),
+             "LSUN crop (ODIN release): LSUN/test/*.jpg or LSUN.tar.gz, unlabelled"),
+    "lsun-resize": (_tree_loader(TreeLayout(("LSUN_resize", "lsun_resize"), archive_patterns("LSUN_resize")), False),
+                    "LSUN resize (ODIN release): LSUN_resize/ or LSUN_resize.tar.gz, unlabelled"),
+    "isun": (_tree_loader(TreeLayout(("iSUN/iSUN_patches", "iSUN", "isun"), archive_patterns("iSUN", "isun")), False),
+             "iSUN (ODIN release): iSUN/iSUN_patches/*.jpeg or iSUN.tar.gz, unlabelled"),
+    "places365": (_tree_loader(TreeLayout(("places365", "Places365", "places"), archive_patterns("places365*")), False),
+                  "Places365 OOD subset: places365/ (recursive folder of jpgs) or archive, unlabelled"),
+    "omniglot": (_tree_loader(TreeLayout(("omniglot*", "images_background*"),
+                                         archive_patterns("omniglot*", "images_background*")), False),
+                 "Omniglot: omniglot*/images_background*/ALPHABET/CHARACTER/*.png (1-bit -> RGB), unlabelled"),
+    "tin-aux": (_protocol("load_tin_aux"),
+                "cifar10-offline protocol: Tiny ImageNet train, auxiliary half minus CIFAR-10 overlaps, unlabelled"),
+    "tin-near": (_protocol("load_tin_near"),
+                 "cifar10-offline protocol: Tiny ImageNet val, other half minus CIFAR-10 overlaps (near-OOD)"),
+}
+
+_ALIASES = {
+    "textures": "dtd", "cifar-10": "cifar10", "cifar-100": "cifar100", "tinyimagenet": "tiny-imagenet",
+    "tiny_imagenet": "tiny-imagenet", "tin": "tiny-imagenet", "fashionmnist": "fashion-mnist",
+    "fashion_mnist": "fashion-mnist", "lsun_resize": "lsun-resize", "places": "places365",
+    "gaussian-noise": "gaussian", "uniform-noise": "uniform", "blob": "blobs",
+}
+
+
+def canonical_name(name: str) -> str:
+    """Lower-cased, alias-resolved dataset name (``folder:``/``images:`` prefixes keep their path)."""
+    head, sep, tail = name.partition(":")
+    if sep and head.lower() in ("folder", "images"):
+        return f"{head.lower()}:{tail}"
+    key = name.strip().lower()
+    return _ALIASES.get(key, key)
+
+
+def available_datasets() -> dict[str, str]:
+    """Dataset name -> one-line description (for ``oodtune datasets``)."""
+    out = {name: desc for name, (_, desc) in _LOADERS.items()}
+    out.update({name: desc for name, (_, desc) in GENERATORS.items()})
+    out["folder:PATH"] = "labelled image folder PATH/CLASS/*.jpg|png (or PATH/{split}/CLASS), or a tar/zip of one"
+    out["images:PATH"] = "unlabelled images found recursively under PATH, or in a tar/zip archive"
+    return out
+
+
+def subsample(data: ImageSet, num_images: int | None, seed: int) -> ImageSet:
+    """Deterministic (seeded) subset of ``num_images`` images in original order; all when ``num_images``
+    is None or at least the set size."""
+    if num_images is None or num_images >= len(data):
+        return data
+    if num_images <= 0:
+        raise DataError(f"{data.name}: num_images must be positive, got {num_images}.")
+    idx = np.sort(np.random.default_rng(seed).choice(len(data), size=num_images, replace=False))
+    return data.subset(idx)
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    split: str = "test",
+    *,
+    resolution: int = 32,
+    download: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    num_images: int | None = None,
+    seed: int = 0,
+) -> ImageSet:
+    """Load dataset ``name`` (see :func:`available_datasets`) as a uint8 ImageSet of ``resolution`` px.
+
+    ``root`` defaults to :func:`default_data_root`; ``cache_dir`` to ``$OODTUNE_CACHE`` or
+    ``~/.cache/oodtune``. ``num_images`` keeps a seeded random subset (in original order); for synthetic
+    sets it is the number generated (default 10,000). ``download=True`` fetches official archives that
+    have a published URL (CIFAR-10/100) when nothing is found locally.
+    """
+    if not isinstance(resolution, int) or resolution <= 0:
+        raise DataError(f"resolution must be a positive int, got {resolution!r}.")
+    canon = canonical_name(name)
+    req = Request(
+        name=canon,
+        root=Path(root).expanduser() if root is not None else default_data_root(),
+        split=str(split).lower(),
+        resolution=resolution,
+        cache_dir=resolve_cache_dir(cache_dir),
+        download=download,
+    )
+    if canon in GENERATORS:
+        return _synthetic_loader(canon)(req, num_images, seed)
+    if canon.startswith(("folder:", "images:")):
+        data = _load_path(req, canon.split(":", 1)[1], labelled=canon.startswith("folder:"))
+    elif canon in _LOADERS:
+        data = _LOADERS[canon][0](req)
+    else:
+        raise DataError(f"unknown dataset {name!r}. Known: {', '.join(available_datasets())}.")
+    return subsample(data, num_images, seed)
+
+
+__all__ = [
+    "Request", "TreeLayout", "available_datasets", "canonical_name", "default_data_root", "find_tree",
+    "load_dataset", "load_tiny_imagenet", "load_tree", "subsample",
+]

@@ -1,0 +1,147 @@
+"""Score ID and OOD sets with a trained classifier and measure detection the way the field does.
+
+Output-based scores (MSP, MaxLogit, Entropy, Energy, Mahalanobis, kNN) share one forward pass per dataset;
+ODIN, which perturbs its inputs, runs its own. Scores that need ID statistics are ``fit`` on the ID
+*train* split only. All metrics treat scores as "higher = more in-distribution".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data.imageset import DataError, ImageSet
+from .metrics import accuracy, ood_metrics
+from .models import FeatureModel
+from .progress import format_rate, progress_bar
+from .scores import Score
+from .training.batches import Normalizer, to_device_uint8
+from .training.runtime import autocast, resolve_device
+
+
+@dataclass
+class Outputs:
+    """Logits (N, K) and penultimate features (N, D) of a dataset, float32 on the scoring device."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+def _check_resolution(ds: ImageSet, resolution: int) -> None:
+    if ds.resolution != resolution:
+        raise DataError(f"{ds.name} is {ds.resolution}px but the model expects {resolution}px; load it with "
+                        f"resolution={resolution}.")
+
+
+@torch.no_grad()
+def compute_outputs(net: FeatureModel, ds: ImageSet, normalizer: Normalizer, *, device: torch.device | str | None = None,
+                    batch_size: int = 1024, precision: str = "fp32") -> Outputs:
+    """Run ``net`` (eval mode) over ``ds`` in batches; logits/features come back as float32 on ``device``.
+
+    Scoring defaults to full fp32 (not bf16) so that scores keep their resolution and ties stay rare.
+    """
+    dev = resolve_device(device if isinstance(device, str) or device is None else str(device))
+    net = net.to(dev).eval()
+    images = to_device_uint8(ds, dev)
+    logits, feats = [], []
+    with progress_bar(f"forward {ds.name}", total=len(ds)) as bar:
+        t0 = time.perf_counter()
+        for start in range(0, len(ds), batch_size):
+            x = normalizer(images[start : start + batch_size])
+            with autocast(dev, precision):
+                lo, fe = net(x)
+            logits.append(lo.float())
+            feats.append(fe.float())
+            bar.advance(0, len(x))
+            bar.update(0, rate=format_rate(start + len(x), time.perf_counter() - t0))
+    out = Outputs(torch.cat(logits), torch.cat(feats))
+    if not torch.isfinite(out.logits).all():
+        raise FloatingPointError(f"the model produced NaN/inf logits on {ds.name}; the checkpoint may be diverged.")
+    return out
+
+
+def score_dataset(score: Score, net: FeatureModel, ds: ImageSet, outputs: Outputs, normalizer: Normalizer,
+                  *, batch_size: int = 512) -> np.ndarray:
+    """Scores (higher = more ID) of every image in ``ds``; input-gradient scores re-run the network."""
+    if not score.needs_input_grad:
+        return score.from_outputs(outputs.logits, outputs.features).float().cpu().numpy()
+    dev = outputs.logits.device
+    images = to_device_uint8(ds, dev)
+    parts = []
+    with progress_bar(f"{score.name} {ds.name}", total=len(ds)) as bar:
+        for start in range(0, len(ds), batch_size):
+            parts.append(score.score_inputs(net, normalizer(images[start : start + batch_size])).float().cpu())
+            bar.advance(0, min(batch_size, len(ds) - start))
+    return torch.cat(parts).numpy()
+
+
+@dataclass
+class EvalReport:
+    """Accuracy on the ID test set and one metrics row per (score, OOD set)."""
+
+    accuracy: float
+    id_logits: torch.Tensor | None = None  # (N, K) float32 CPU logits of the ID test set
+    rows: list[dict[str, float | str]] = field(default_factory=list)
+    scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # score -> dataset -> raw scores
+
+    def averages(self, groups: Mapping[str, str] | None = None) -> list[dict[str, float | str]]:
+        """Mean of each metric per score over all OOD sets, and per group (e.g. near/far) when given."""
+        groups = groups or {}
+        out = []
+        for score in dict.fromkeys(r["score"] for r in self.rows):
+            mine = [r for r in self.rows if r["score"] == score]
+            buckets = {"average": mine}
+            for g in sorted(set(groups.values())):
+                buckets[f"average ({g})"] = [r for r in mine if groups.get(str(r["dataset"])) == g]
+            for label, rows in buckets.items():
+                if rows:
+                    avg = {m: float(np.mean([r[m] for r in rows])) for m in METRIC_KEYS}
+                    out.append({"score": score, "dataset": label, **avg})
+        return out
+
+
+METRIC_KEYS = ("auroc", "aupr_in", "aupr_out", "fpr95")
+
+
+def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_sets: Mapping[str, ImageSet],
+             scores: Sequence[Score], *, id_train: ImageSet | None = None, device: str | None = None,
+             batch_size: int = 1024, positive: str | None = None) -> EvalReport:
+    """Accuracy on ``id_test`` plus AUROC/AUPR-In/AUPR-Out/FPR95 for every score x OOD set (in percent).
+
+    Scores with ``needs_fit`` are fitted on the outputs of ``id_train`` (required for them).
+    ``positive`` overrides the metrics' positive-class convention (see ``oodtune.metrics``).
+    """
+    if not ood_sets:
+        raise DataError("no OOD sets given; name at least one (e.g. --ood dtd --ood gaussian).")
+    if id_test.labels is None:
+        raise DataError(f"{id_test.name}: the ID test set needs labels to report accuracy.")
+    resolution = id_test.resolution
+    for ds in ood_sets.values():
+        _check_resolution(ds, resolution)
+    run = dict(normalizer=normalizer, device=device, batch_size=batch_size)
+    id_out = compute_outputs(net, id_test, **run)
+    acc = accuracy(id_out.logits.cpu(), torch.from_numpy(id_test.labels))
+    if any(s.needs_fit for s in scores):
+        if id_train is None:
+            raise DataError("Mahalanobis/kNN need ID training statistics: pass the ID train split (id_train=...).")
+        tr = compute_outputs(net, id_train, **run)
+        labels = torch.from_numpy(id_train.labels).to(tr.logits.device)
+        for s in scores:
+            if s.needs_fit:
+                s.fit(tr.logits, tr.features, labels)
+    ood_out = {name: compute_outputs(net, ds, **run) for name, ds in ood_sets.items()}
+    report = EvalReport(accuracy=acc, id_logits=id_out.logits.cpu())
+    kwargs = {} if positive is None else {"positive": positive}
+    for s in scores:
+        id_scores = score_dataset(s, net, id_test, id_out, normalizer)
+        report.scores[s.name] = {"id": id_scores}
+        for name, ds in ood_sets.items():
+            ood_scores = score_dataset(s, net, ds, ood_out[name], normalizer)
+            report.scores[s.name][name] = ood_scores
+            m = ood_metrics(id_scores, ood_scores, **kwargs).as_percent()
+            report.rows.append({"score": s.name, "dataset": name, **{k: m[k] for k in METRIC_KEYS}})
+    return report

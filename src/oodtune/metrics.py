@@ -1,0 +1,243 @@
+"""OOD-detection metrics, computed the way the research field computes them (pure numpy, O(n log n)).
+
+Inputs
+------
+Every function takes the scores of the in-distribution (ID) test set and of one OOD set, following the
+oodtune convention: **higher score = more in-distribution** (e.g. ``-energy``, max softmax).
+
+Positive class
+--------------
+The literature uses two conventions, and they give different FPR95 values:
+
+* ``positive="out"`` (default) — OOD is the positive class, the one to *detect*. This is what the
+  Outlier Exposure code (hendrycks/outlier-exposure, ``CIFAR/test.py``: ``get_measures(out_score,
+  in_score)`` on anomaly scores ``-MSP``) and the Balanced Energy code (hyunjunChhoi/Balanced_Energy,
+  ``classification/inf_test_SC_*.py``: ``--out_as_pos`` whose default is the truthy string ``'true'``, so
+  ``get_measures(out_score, in_score)`` on anomaly scores ``energy``) use; their tables report
+  these numbers, so oodtune defaults to it.
+  **FPR95** = the fraction of *ID* samples wrongly flagged as OOD at the threshold that flags 95% of the
+  *OOD* samples (TPR of OOD fixed at 95%; the reported error is on ID data).
+* ``positive="in"`` — ID is the positive class (energy_ood ``test.py`` without ``--out_as_pos``, its
+  default; also the "FPR of OOD at 95% TPR of ID" phrasing of Liu et al. 2020).
+  **FPR95** = the fraction of *OOD* samples wrongly accepted as ID at the threshold that accepts 95% of
+  the *ID* samples (TPR of ID fixed at 95%; the reported error is on OOD data).
+
+Exact definition of FPR at TPR (both conventions): sort by decreasing "positive-ness", form the ROC
+operating points with *tied scores as one step* (as ``sklearn.metrics.roc_curve`` does, with the (0, 0)
+point prepended) and report the smallest FPR among points whose TPR >= ``tpr``; equivalently
+``fpr[np.searchsorted(tpr_curve, tpr)]`` on ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``.
+(The OE/Balanced Energy helper ``fpr_and_fdr_at_recall`` instead takes the point whose recall is *closest*
+to 0.95, which may lie slightly below it; for continuous scores on thousands of samples the two agree to
+within one sample.)
+
+AUROC = P(s_pos > s_neg) + 0.5 P(s_pos = s_neg): it is the same under both conventions.
+
+AUPR (average precision, ``sklearn.metrics.average_precision_score``: AP = sum_k (R_k - R_{k-1}) P_k over
+distinct thresholds, no interpolation):
+
+* **AUPR-In**  — ID is positive, ranked by the score (higher = ID);
+* **AUPR-Out** — OOD is positive, ranked by the negated score.
+
+Both are always reported, whatever ``positive`` is. The single "AUPR"/"AP" column of the OE and Balanced
+Energy papers is AUPR-Out (their positive class is OOD); ``aupr(..., positive=p)`` returns the AUPR of
+the positive class ``p``.
+
+All metrics are fractions in [0, 1]; ``OODMetrics.as_percent()`` gives the percentages papers print.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+Positive = Literal["in", "out"]
+DEFAULT_POSITIVE: Positive = "out"
+POSITIVES: tuple[str, ...] = ("in", "out")
+
+
+@dataclass(frozen=True)
+class OODMetrics:
+    """AUROC, AUPR-In, AUPR-Out and FPR at ``tpr`` TPR (fractions) of one (ID, OOD) pair of score sets.
+
+    ``positive`` and ``tpr`` record the convention under which ``fpr95`` was computed (module docstring).
+    """
+
+    auroc: float
+    aupr_in: float
+    aupr_out: float
+    fpr95: float
+    positive: str = DEFAULT_POSITIVE
+    tpr: float = 0.95
+
+    def as_percent(self) -> dict[str, float]:
+        """The four metrics in percent, keyed ``auroc``, ``aupr_in``, ``aupr_out``, ``fpr95``."""
+        return {k: 100.0 * getattr(self, k) for k in ("auroc", "aupr_in", "aupr_out", "fpr95")}
+
+
+# ----------------------------------------------------------------------------- input validation
+
+
+def _as_array(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, possibly on an accelerator
+        x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _check_scores(x: Any, what: str) -> np.ndarray:
+    a = _as_array(x)
+    if a.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D array of per-sample scores, got shape {a.shape}; "
+                         "flatten it (e.g. scores.ravel()) or pass one score per sample.")
+    if a.size == 0:
+        raise ValueError(f"{what} is empty; metrics need at least one ID and one OOD score.")
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        raise ValueError(f"{what} must hold real numbers, got dtype {a.dtype}.")
+    a = a.astype(np.float64, copy=False)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise ValueError(f"{what} has {int(bad.sum())} NaN/inf value(s) (first at index {int(np.argmax(bad))}); "
+                         "the model or score produced non-finite outputs — fix or drop those samples first.")
+    return a
+
+
+def _check_positive(positive: str) -> None:
+    if positive not in POSITIVES:
+        raise ValueError(f"positive must be 'in' (ID is the positive class) or 'out' (OOD is positive), "
+                         f"got {positive!r}.")
+
+
+def _check_tpr(tpr: float) -> None:
+    if not 0.0 <= tpr <= 1.0:
+        raise ValueError(f"tpr must be in [0, 1] (e.g. 0.95 for FPR95), got {tpr}.")
+
+
+# ----------------------------------------------------------------------------- the shared sort
+
+
+@dataclass(frozen=True)
+class _Ranked:
+    """Per distinct score value, in *decreasing* score order: how many ID and OOD samples hold it."""
+
+    n_id: np.ndarray  # int64 (G,)
+    n_ood: np.ndarray  # int64 (G,)
+
+    @classmethod
+    def build(cls, id_scores: Any, ood_scores: Any) -> _Ranked:
+        s_id = _check_scores(id_scores, "id_scores")
+        s_ood = _check_scores(ood_scores, "ood_scores")
+        scores = np.concatenate([s_id, s_ood])
+        order = np.argsort(-scores, kind="quicksort")  # one O(n log n) sort shared by every metric
+        s = scores[order]
+        is_id = order < s_id.size
+        ends = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]  # last index of each tie group
+        cum_id = np.cumsum(is_id, dtype=np.int64)[ends]
+        n_id = np.diff(cum_id, prepend=0)
+        n_ood = np.diff(ends + 1 - cum_id, prepend=0)
+        return cls(n_id, n_ood)
+
+    def counts(self, positive: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per tie group, (positives, negatives), ordered from most to least positive-looking."""
+        _check_positive(positive)
+        if positive == "in":
+            return self.n_id, self.n_ood
+        return self.n_ood[::-1], self.n_id[::-1]
+
+    def cumulative(self, positive: str) -> tuple[np.ndarray, np.ndarray]:
+        """(TP, FP) at each threshold, one threshold per distinct score (ties form one step)."""
+        pos, neg = self.counts(positive)
+        return np.cumsum(pos), np.cumsum(neg)
+
+    def auroc(self) -> float:
+        """Mann-Whitney: P(s_id > s_ood) + 0.5 P(s_id = s_ood), exact in integer arithmetic."""
+        ood_below = int(self.n_ood.sum()) - np.cumsum(self.n_ood)
+        twice_u = int(np.dot(self.n_id, 2 * ood_below + self.n_ood))
+        return twice_u / (2.0 * float(self.n_id.sum()) * float(self.n_ood.sum()))
+
+    def average_precision(self, positive: str) -> float:
+        """AP = sum_k (R_k - R_{k-1}) P_k, P_k = TP_k / (TP_k + FP_k), R_k = TP_k / #positives."""
+        pos, _ = self.counts(positive)
+        tp, fp = self.cumulative(positive)
+        return float(np.sum(pos * (tp / (tp + fp))) / tp[-1])
+
+    def roc(self, positive: str, drop_intermediate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """ROC operating points (FPR, TPR), starting at (0, 0), ties as one step.
+
+        ``drop_intermediate`` removes points lying on a straight segment between their neighbours, with
+        scikit-learn's rule (applied to the counts, before (0, 0) is prepended).
+        """
+        tp, fp = self.cumulative(positive)
+        if drop_intermediate and tp.size > 2:
+            keep = np.r_[True, (np.diff(tp, 2) != 0) | (np.diff(fp, 2) != 0), True]
+            tp, fp = tp[keep], fp[keep]
+        return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
+
+    def fpr_at_tpr(self, positive: str, tpr: float) -> float:
+        """Smallest FPR among operating points whose TPR >= ``tpr``."""
+        _check_tpr(tpr)
+        fpr_curve, tpr_curve = self.roc(positive)
+        return float(fpr_curve[np.searchsorted(tpr_curve, tpr, side="left")])
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def ood_metrics(id_scores: Any, ood_scores: Any, *, positive: Positive = DEFAULT_POSITIVE,
+                tpr: float = 0.95) -> OODMetrics:
+    """AUROC, AUPR-In, AUPR-Out and FPR at ``tpr`` TPR of ``positive`` (see the module docstring).
+
+    Scores: higher = more in-distribution. One argsort is shared by all four metrics.
+    """
+    _check_positive(positive)
+    _check_tpr(tpr)
+    r = _Ranked.build(id_scores, ood_scores)
+    return OODMetrics(auroc=r.auroc(), aupr_in=r.average_precision("in"), aupr_out=r.average_precision("out"),
+                      fpr95=r.fpr_at_tpr(positive, tpr), positive=positive, tpr=tpr)
+
+
+def auroc(id_scores: Any, ood_scores: Any, positive: Positive = DEFAULT_POSITIVE) -> float:
+    """Area under the ROC curve (= ``sklearn.metrics.roc_auc_score``); identical for both conventions."""
+    _check_positive(positive)
+    return _Ranked.build(id_scores, ood_scores).auroc()
+
+
+def aupr(id_scores: Any, ood_scores: Any, positive: Positive = DEFAULT_POSITIVE) -> float:
+    """Average precision with ``positive`` as the positive class: AUPR-Out for "out", AUPR-In for "in"."""
+    return _Ranked.build(id_scores, ood_scores).average_precision(positive)
+
+
+def fpr_at_tpr(id_scores: Any, ood_scores: Any, positive: Positive = DEFAULT_POSITIVE, tpr: float = 0.95) -> float:
+    """FPR at the first operating point with TPR >= ``tpr`` (FPR95 for 0.95); see the module docstring."""
+    return _Ranked.build(id_scores, ood_scores).fpr_at_tpr(positive, tpr)
+
+
+def roc_curve(id_scores: Any, ood_scores: Any, positive: Positive = DEFAULT_POSITIVE, *,
+              drop_intermediate: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """ROC curve (fpr, tpr) for plots, from (0, 0) to (1, 1), ties as one step.
+
+    Matches ``sklearn.metrics.roc_curve`` on the labels/scores of ``positive``; ``drop_intermediate``
+    removes the points that lie on a straight segment between their neighbours (same rule as scikit-learn),
+    which keeps plots of 10^5+ scores light without changing the curve.
+    """
+    return _Ranked.build(id_scores, ood_scores).roc(positive, drop_intermediate)
+
+
+def accuracy(logits_or_preds: Any, labels: Any) -> float:
+    """Top-1 accuracy: ``logits_or_preds`` is (N, K) logits (argmax taken) or (N,) predicted labels."""
+    out = _as_array(logits_or_preds)
+    y = _as_array(labels)
+    if y.ndim != 1 or y.size == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array of class indices, got shape {y.shape}.")
+    if out.ndim == 2:
+        if not np.isfinite(out).all():
+            raise ValueError("logits contain NaN/inf; the model produced non-finite outputs.")
+        preds = out.argmax(axis=1)
+    elif out.ndim == 1:
+        preds = out
+    else:
+        raise ValueError(f"expected (N, K) logits or (N,) predictions, got shape {out.shape}.")
+    if preds.shape[0] != y.shape[0]:
+        raise ValueError(f"{preds.shape[0]} predictions but {y.shape[0]} labels; pass one label per sample "
+                         "(same order as the logits).")
+    return float(np.mean(preds == y))

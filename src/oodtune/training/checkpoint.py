@@ -1,0 +1,101 @@
+"""Atomic, ``weights_only``-loadable checkpoints.
+
+A checkpoint is a plain dict of tensors and JSON-like values:
+``{"format": 1, "model": state_dict, "meta": {...}, "train_state": {...} | None}``. ``meta`` says how to
+rebuild and feed the model (arch, num_classes, classes, mean, std, resolution) and what produced it.
+Files are written to a temporary sibling, fsync'ed and moved into place with ``os.replace``, so a crash
+never leaves a truncated checkpoint; they are read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import FeatureModel, build_model
+
+FORMAT_VERSION = 1
+REQUIRED_META = ("arch", "num_classes", "classes", "mean", "std", "resolution")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or not an oodtune checkpoint."""
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically (temporary file in the same folder + fsync + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain classifier inside DDP / torch.compile / FeatureModel wrappers.
+
+    Checkpoints store the classifier's own state_dict (keys as in ``build_model(arch)``), so that
+    :func:`load_model` can rebuild it; a FeatureModel's state_dict would carry ``model.``/``head.`` prefixes.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, FeatureModel):
+            model = model.model
+        else:
+            return model
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: nn.Module, meta: dict[str, Any], train_state: dict[str, Any] | None = None
+) -> Path:
+    """Write model weights + ``meta`` (+ optimizer/scheduler/RNG ``train_state`` for resuming) atomically."""
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint meta lacks {missing}")
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    return save_atomic({"format": FORMAT_VERSION, "model": state, "meta": meta, "train_state": train_state}, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw checkpoint dict, loaded with ``weights_only=True``; clear errors for missing/foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; train one with `oodtune pretrain` or check the path.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}. Is it a complete oodtune checkpoint?") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION or "model" not in ckpt:
+        raise CheckpointError(
+            f"{path} is not an oodtune checkpoint (format {FORMAT_VERSION}); "
+            "to use your own model, wrap it in oodtune.models.FeatureModel from Python."
+        )
+    return ckpt
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model stored in an oodtune checkpoint; returns ``(model_in_eval_mode, meta)``."""
+    ckpt = read_checkpoint(path)
+    meta = ckpt["meta"]
+    model = build_model(meta["arch"], int(meta["num_classes"]), drop_rate=float(meta.get("drop_rate", 0.3)))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit {meta['arch']} with {meta['num_classes']} classes: {exc}") from exc
+    return model.eval(), meta

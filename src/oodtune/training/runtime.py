@@ -1,0 +1,62 @@
+"""Device, precision, compilation and data-parallel settings shared by training and scoring."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """``device`` as given, else CUDA when present, else CPU."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """bf16 autocast when ``precision`` is 'bf16' (or 'auto' on CUDA); otherwise full fp32."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a data-parallel job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the torchrun job described by the environment (WORLD_SIZE > 1), else a single-process DistInfo.
+
+    Uses NCCL on CUDA (one GPU per LOCAL_RANK) and gloo on CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun on CUDA, each process uses GPU LOCAL_RANK."""
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ and device.index is None:
+        idx = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(idx)
+        return torch.device("cuda", idx)
+    return device

@@ -1,0 +1,273 @@
+"""The one training loop behind pretraining and every fine-tuning method.
+
+Each step draws an ID batch (and, when the loss needs them, an auxiliary-outlier batch), augments both on
+the training device, runs ONE forward pass over their concatenation (as the OE / Energy reference code
+does, so BatchNorm sees both), splits the outputs and hands them to a ``CompositeLoss``. SGD with Nesterov
+momentum and a per-step cosine schedule (OE/Energy code: lr_t = lr·[r + (1−r)·½(1+cos(πt/T))], r = 1e-6/lr).
+State is checkpointed atomically after every epoch so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data.imageset import DataError, ImageSet
+from ..losses import CompositeLoss, LossInputs
+from ..models import FeatureModel
+from ..progress import console, format_rate, progress_bar
+from .batches import Normalizer, OutlierSampler, index_batches, random_crop_flip, to_device_uint8
+from .checkpoint import read_checkpoint, save_checkpoint
+from .runtime import DistInfo, autocast, init_distributed, local_device, resolve_device
+
+LAST = "last.pt"
+FINAL = "model.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; defaults are the OE/Energy-paper WRN pretraining recipe."""
+
+    epochs: int = 100
+    lr: float = 0.1
+    batch_size: int = 128
+    outlier_batch_size: int = 256
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    seed: int = 0
+    augment: bool = True
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool | None = None  # None = on CUDA
+    compile: str = "none"  # none | default | reduce-overhead | max-autotune
+    device: str | None = None
+    max_steps_per_epoch: int | None = None  # cap for smoke tests / CPU-scale runs
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"epochs, batch_size and lr must be positive: {self}")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports: per-epoch history and where the final weights are."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+
+
+def cosine_factor(step: int, total: int, lr: float, lr_min: float = 1e-6) -> float:
+    """Multiplier of the base lr at ``step`` of ``total`` (OE/Energy code's cosine annealing)."""
+    r = lr_min / lr
+    return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+class Trainer:
+    """Trains ``net`` (a FeatureModel) on ``train_set`` with ``loss``; see module docstring."""
+
+    def __init__(
+        self,
+        net: FeatureModel,
+        train_set: ImageSet,
+        loss: CompositeLoss,
+        config: TrainConfig,
+        *,
+        outliers: ImageSet | None = None,
+        normalizer: Normalizer | None = None,
+        run_dir: str | Path | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if train_set.labels is None:
+            raise DataError(f"{train_set.name}: training needs labels, but this set is unlabelled.")
+        if loss.needs_outliers and outliers is None:
+            raise DataError("this method needs auxiliary outliers (--outliers); none were given.")
+        if train_set.num_classes and train_set.num_classes != net.num_classes:
+            raise DataError(
+                f"{train_set.name} has {train_set.num_classes} classes but the model outputs {net.num_classes}; "
+                "use a checkpoint trained on the same classes."
+            )
+        if outliers is not None and outliers.images.shape[1:] != train_set.images.shape[1:]:
+            raise DataError(
+                f"outlier images are {outliers.images.shape[1:3]} but ID images are {train_set.images.shape[1:3]}; "
+                "load both at the same --resolution."
+            )
+        self.cfg = config
+        device = resolve_device(config.device)
+        self.device = local_device(device)
+        self.dist: DistInfo = init_distributed(self.device)
+        self.channels_last = self.device.type == "cuda" if config.channels_last is None else config.channels_last
+        norm = normalizer or Normalizer()
+        self.normalizer = Normalizer(norm.mean, norm.std, self.channels_last)
+        self.loss = loss
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN pick the fastest kernels once
+            # A per-step finiteness check would sync the GPU every step; the loop checks once per epoch.
+            loss.check_finite = False
+        self.net = net.to(self.device)
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.train_x = to_device_uint8(train_set, self.device)
+        self.train_y = torch.from_numpy(train_set.labels).to(self.device)
+        self.use_outliers = loss.needs_outliers
+        self.out_x = to_device_uint8(outliers, self.device) if (outliers is not None and self.use_outliers) else None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.meta = dict(meta or {})
+        self.train_name = train_set.name
+
+    # -- pieces of a step -------------------------------------------------------------------------
+    def _prepare(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.cfg.augment:
+            images = random_crop_flip(images, generator)
+        return self.normalizer(images)
+
+    def _model(self) -> nn.Module:
+        model: nn.Module = self.net
+        if self.dist.world > 1:
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.compile != "none":
+            model = torch.compile(model, mode=None if self.cfg.compile == "default" else self.cfg.compile)
+        return model
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            self.net.parameters(),
+            lr=self.cfg.lr,
+            momentum=self.cfg.momentum,
+            nesterov=self.cfg.nesterov,
+            weight_decay=self.cfg.weight_decay,
+            fused=self.device.type == "cuda" or None,
+        )
+
+    def steps_per_epoch(self) -> int:
+        n = len(self.train_x)
+        steps = n // self.cfg.batch_size if n >= self.cfg.batch_size else 1
+        return min(steps, self.cfg.max_steps_per_epoch or steps)
+
+    # -- resume -----------------------------------------------------------------------------------
+    def _restore(self, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
+                 gen: torch.Generator, sampler: OutlierSampler | None) -> tuple[int, list[dict[str, float]]]:
+        if self.run_dir is None or not (self.run_dir / LAST).exists():
+            return 0, []
+        ckpt = read_checkpoint(self.run_dir / LAST)
+        state = ckpt["train_state"]
+        if state is None or state.get("config") != asdict(self.cfg):
+            raise RuntimeError(
+                f"{self.run_dir / LAST} was written with different settings; use a new --out folder "
+                "or delete it to start over."
+            )
+        self.net.model.load_state_dict(ckpt["model"])  # checkpoints hold the plain classifier's weights
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if sampler is not None:
+            sampler.load_state_dict(state["outlier_sampler"])
+        if self.dist.is_main:
+            console.print(f"resuming {self.run_dir} after epoch {state['epoch']}")
+        return int(state["epoch"]), list(state["history"])
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Run (or resume) training; returns the history and the path of the final checkpoint."""
+        cfg = self.cfg
+        if self.run_dir is not None and (self.run_dir / FINAL).exists():
+            raise FileExistsError(
+                f"{self.run_dir / FINAL} already exists: this run is finished. Choose a new --out folder."
+            )
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        opt = self._optimizer()
+        steps = self.steps_per_epoch()
+        total = steps * cfg.epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine_factor(t, total, cfg.lr))
+        sampler = (
+            OutlierSampler(len(self.out_x), cfg.outlier_batch_size, gen, self.dist.rank, self.dist.world)
+            if self.out_x is not None else None
+        )
+        start_epoch, history = self._restore(opt, sched, gen, sampler)
+        model = self._model()
+        t_start = time.perf_counter()
+        with progress_bar(f"train {self.train_name}", total=total, unit="step") as bar:
+            bar.advance(0, steps * start_epoch)
+            for epoch in range(start_epoch, cfg.epochs):
+                history.append(self._epoch(model, opt, sched, gen, sampler, steps, epoch, bar))
+                self._save_state(epoch + 1, opt, sched, gen, history, sampler)
+        result = TrainResult(history=history, seconds=time.perf_counter() - t_start)
+        if self.run_dir is not None and self.dist.is_main:
+            self.meta.update(train_config=asdict(cfg), history=history)
+            result.checkpoint = save_checkpoint(self.run_dir / FINAL, self.net, self.meta)
+            (self.run_dir / LAST).unlink(missing_ok=True)
+        return result
+
+    def _epoch(self, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
+               gen: torch.Generator, sampler: OutlierSampler | None, steps: int, epoch: int, bar: Any) -> dict[str, float]:
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=self.device)
+        seen = processed = 0
+        t0 = time.perf_counter()
+        batches = index_batches(len(self.train_x), self.cfg.batch_size, gen, rank=self.dist.rank, world=self.dist.world)
+        for step, idx in enumerate(batches):
+            if step >= steps:
+                break
+            x_in = self._prepare(self.train_x[idx], gen)
+            y_in = self.train_y[idx]
+            x = x_in if sampler is None else torch.cat([x_in, self._prepare(self.out_x[sampler.next()], gen)])
+            with autocast(self.device, self.cfg.precision):
+                logits, feats = model(x)
+            b = len(idx)
+            inputs = LossInputs(
+                logits_in=logits[:b],
+                labels_in=y_in,
+                features_in=feats[:b] if self.loss.needs_features else None,
+                logits_out=logits[b:] if sampler is not None else None,
+            )
+            total, parts = self.loss(inputs)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            correct += (logits[:b].argmax(1) == y_in).sum()
+            seen += b
+            processed += x.shape[0] * self.dist.world
+            bar.advance(0, 1)
+            if step % 20 == 0:
+                bar.update(0, rate=format_rate(processed, time.perf_counter() - t0))
+        if not torch.isfinite(sum(sums.values())):
+            raise FloatingPointError(f"non-finite loss in epoch {epoch + 1}; lower the learning rate or check margins.")
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "seconds": seconds}
+        row.update({k: float(v) / steps for k, v in sums.items()})
+        row["train_acc"] = float(correct) / max(seen, 1)
+        row["images_per_s"] = processed / seconds
+        if self.dist.is_main:
+            parts_txt = " ".join(f"{k}={row[k]:.4f}" for k in sums)
+            bar.console.print(f"epoch {epoch + 1}/{self.cfg.epochs} {parts_txt} train_acc={row['train_acc']:.4f} "
+                              f"({format_rate(row['images_per_s'], 1.0)}, {seconds:.1f}s)")
+        return row
+
+    def _save_state(self, epoch: int, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
+                    gen: torch.Generator, history: list[dict[str, float]], sampler: OutlierSampler | None = None) -> None:
+        if self.run_dir is None or not self.dist.is_main:
+            return
+        state = {
+            "epoch": epoch,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+            "config": asdict(self.cfg),
+            "outlier_sampler": sampler.state_dict() if sampler is not None else None,
+        }
+        save_checkpoint(self.run_dir / LAST, self.net, self.meta, train_state=state)
