@@ -194,7 +194,7 @@ class Benchmark:
             runs = []
             for seed in cfg.seeds:
                 run_dir = self.out / "runs" / f"{spec.slug}-s{seed}"
-                if not (run_dir / FINAL).exists():
+                if not (run_dir / FINAL).exists() and not (run_dir / "eval.json").exists():
                     console.rule(f"{spec.label} seed {seed}")
                     base = cfg.pretrain if spec.scratch else {"epochs": 10, "lr": 1e-3, **cfg.finetune}
                     finetune(ckpt, run_dir, method=spec.method, data_root=cfg.data_root, outliers=cfg.outliers,
