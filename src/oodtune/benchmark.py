@@ -1,8 +1,8 @@
 """A reproducible grid: one pretrained checkpoint -> post-hoc baselines + fine-tuning methods x seeds x OOD sets.
 
 Every finished piece is stored under the output folder (fine-tuned checkpoints, per-run evaluation JSON),
-so an interrupted benchmark picks up where it stopped. The summary reports mean ± std over seeds (std over
-the seeds' values, ddof=0 is *not* used: sample std, ddof=1, as is usual for "mean ± std over N runs").
+so an interrupted benchmark picks up where it stopped. The summary reports mean ± sample std (ddof=1) over
+seeds, as is usual for "mean ± std over N runs"; a single run is shown as its plain value.
 """
 
 from __future__ import annotations
@@ -16,13 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .data import load_dataset
 from .data.imageset import ImageSet
+from .data.longtail import class_splits, split_accuracy
 from .evaluation import METRIC_KEYS, EvalReport, evaluate
+from .logit_adjust import adjust_logits
 from .metrics import roc_curve
 from .models import FeatureModel
-from .pipeline import estimate_prior, finetune, id_train_set, normalizer_for, pretrain
+from .margins import propose_margins
+from .pipeline import estimate_prior, finetune, id_train_set, normalizer_for, pretrain, pretrained_energies
 from .plots import plot_class_prior, plot_energy_histograms, plot_roc_curves
 from .prior import OutlierPrior
 from .progress import console
@@ -31,6 +35,7 @@ from .scores import build_score
 from .training.checkpoint import load_model, read_checkpoint
 from .training.trainer import FINAL, TrainConfig
 
+LT_KEYS = ("acc_all", "acc_head", "acc_medium", "acc_tail", "la_acc_all", "la_acc_head", "la_acc_medium", "la_acc_tail")
 POSTHOC = {"msp", "maxlogit", "entropy", "energy", "odin", "mahalanobis", "knn"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 
@@ -112,9 +117,27 @@ def _train_config(base: dict[str, Any], override: dict[str, Any], seed: int, dev
     return TrainConfig(**{**kw, "seed": seed, "device": device})
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def long_tail_accuracy(logits: torch.Tensor, labels: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
+    """For long-tailed training sets: head/medium/tail accuracy, plain and with post-hoc logit adjustment.
+
+    Splits follow ``class_splits`` on the *training* class counts; logit adjustment subtracts
+    τ·log(train prior) with τ = 1 (Menon et al. 2021). Empty dict for balanced training sets.
+    """
+    if not meta.get("imbalance_ratio"):
+        return {}
+    counts = meta["class_counts"]
+    splits = class_splits(counts)
+    adjusted = adjust_logits(logits, torch.tensor(counts, dtype=torch.float32))
+    out = {}
+    for tag, lo in {"": logits, "la_": adjusted}.items():
+        out.update({f"{tag}acc_{k}": 100 * v for k, v in split_accuracy(lo.argmax(1), labels, splits).items()})
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float] | float:
+    """(mean, sample std) over runs; a single run is reported as its plain value (no spread to show)."""
     arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return float(arr[0]) if len(arr) == 1 else (float(arr.mean()), float(arr.std(ddof=1)))
 
 
 class Benchmark:
@@ -153,6 +176,20 @@ class Benchmark:
         plot_class_prior(self.out / "prior.png", meta["class_counts"], prior.probabilities().tolist(), prior.class_names)
         return prior
 
+    def margins(self, ckpt: Path, options: dict[str, Any]) -> dict[str, float]:
+        """Resolve ``m_in``/``m_out = "auto"`` with ``propose_margins`` on the pretrained model's energies on
+        ID *train* data and the auxiliary outliers (never on OOD test sets); cached in OUT/margins.json."""
+        path = self.out / "margins.json"
+        if path.exists():
+            proposed = json.loads(path.read_text())
+        else:
+            e_in, e_out = pretrained_energies(ckpt, outliers=self.cfg.outliers, data_root=self.cfg.data_root,
+                                              device=self.cfg.device)
+            m_in, m_out = propose_margins(e_in, e_out)
+            proposed = {"m_in": m_in, "m_out": m_out}
+            write_json(path, proposed)
+        return {k: proposed[k] for k in ("m_in", "m_out") if options.get(k) == "auto"}
+
     def evaluate(self, ckpt: Path, score: str, cache: Path) -> dict[str, Any]:
         """Evaluate ``ckpt`` with ``score`` (and energy, for the plots); cached in ``cache`` as JSON."""
         if cache.exists():
@@ -171,26 +208,40 @@ class Benchmark:
             "train_seconds": float(sum(h["seconds"] for h in history)) if meta.get("stage") != "pretrain" else 0.0,
             "eval_seconds": time.perf_counter() - t0,
             "rows": [r for r in report.rows if r["score"] == score],
+            **long_tail_accuracy(report.id_logits, id_test.labels, meta),
             "energy": {k: (-v).tolist() for k, v in report.scores["energy"].items()},
         }
         write_json(cache, result)
         return result
 
-    def run(self, command: str) -> list[Path]:
+    def run(self, command: str, *, report_only: bool = False) -> list[Path]:
+        """Run every missing piece, then write the tables. ``report_only`` trains and evaluates nothing:
+        it tabulates the runs already finished (e.g. when a GPU session ran out) and lists the rest."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        ckpt = self.pretrained_checkpoint()
+        ckpt = self.out / "pretrain" / FINAL if report_only else self.pretrained_checkpoint()
         results: dict[str, list[dict[str, Any]]] = {}
+        missing: list[str] = []
         base_energy = self.evaluate(ckpt, "energy", self.out / "evals" / "pretrained-energy.json")["energy"]
         for spec in cfg.methods:
             if spec.posthoc:
                 results[spec.label] = [self.evaluate(ckpt, spec.method, self.out / "evals" / f"pretrained-{spec.method}.json")]
+                continue
+            if report_only:
+                caches = [self.out / "runs" / f"{spec.slug}-s{seed}" / "eval.json" for seed in cfg.seeds]
+                missing += [f"{spec.label} seed {seed}" for seed, c in zip(cfg.seeds, caches) if not c.exists()]
+                runs = [json.loads(c.read_text()) for c in caches if c.exists()]
+                if runs:
+                    results[spec.label] = runs
+                    self._plots(spec, base_energy, runs[0]["energy"])
                 continue
             prior = None
             if "balanced" in spec.method:
                 prior = self.prior(ckpt)
                 prior = OutlierPrior(counts=prior.counts, gamma=spec.gamma if spec.gamma is not None else 1.0,
                                      class_names=prior.class_names)
+            if "auto" in (spec.loss_options.get("m_in"), spec.loss_options.get("m_out")):
+                spec.loss_options = {**spec.loss_options, **self.margins(ckpt, spec.loss_options)}
             runs = []
             for seed in cfg.seeds:
                 run_dir = self.out / "runs" / f"{spec.slug}-s{seed}"
@@ -203,7 +254,7 @@ class Benchmark:
                 runs.append(self.evaluate(run_dir / FINAL, spec.score, run_dir / "eval.json"))
             results[spec.label] = runs
             self._plots(spec, base_energy, runs[0]["energy"])
-        return self._write(results, command)
+        return self._write(results, command, missing)
 
     def _plots(self, spec: MethodSpec, before: dict[str, list[float]], after: dict[str, list[float]]) -> None:
         def pooled(e: dict[str, list[float]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -218,13 +269,16 @@ class Benchmark:
             curves[tag] = roc_curve(-e_id, -ood_all)
         plot_roc_curves(self.out / f"roc-{spec.slug}.png", curves, title=f"ROC, all OOD sets pooled: {spec.label}")
 
-    def _write(self, results: dict[str, list[dict[str, Any]]], command: str) -> list[Path]:
+    def _write(self, results: dict[str, list[dict[str, Any]]], command: str, missing: list[str]) -> list[Path]:
         groups = self.cfg.groups
         summary, per_set = [], []
         for label, runs in results.items():
-            row: dict[str, Any] = {"method": label, "seeds": len(runs),
+            row: dict[str, Any] = {"method": label, "runs": len(runs),
                                    "accuracy": _mean_std([r["accuracy"] for r in runs]),
                                    "train_seconds": _mean_std([r["train_seconds"] for r in runs])}
+            for key in LT_KEYS:
+                if key in runs[0]:
+                    row[key] = _mean_std([r[key] for r in runs])
             buckets = {"all": list(groups)} | {g: [n for n in groups if groups[n] == g] for g in ("near", "far")}
             for bucket, names in buckets.items():
                 for m in METRIC_KEYS:
@@ -240,20 +294,28 @@ class Benchmark:
                 "id_dataset": self.cfg.id_dataset, "summary": summary, "per_set": per_set}
         js = write_json(self.out / "results.json", data, overwrite=True)
         md = [f"# {self.cfg.name}\n", f"Command: `{command}`\n",
-              f"ID: {self.cfg.id_dataset}, {self.cfg.arch}; seeds {self.cfg.seeds}; mean ± std over seeds "
-              "(post-hoc rows use the single pretrained model). Metrics in %.\n"]
+              f"ID: {self.cfg.id_dataset}, {self.cfg.arch}; seeds {self.cfg.seeds}. Fine-tuned rows: mean ± sample "
+              "std over `runs` seeds; post-hoc rows score the single pretrained model. Metrics in %; `fine-tune s` "
+              "is training wall time, torch.compile warm-up included where used.\n"]
         for bucket in ("all", "near", "far"):
-            cols = ["method", "accuracy"] + [f"{m}_{bucket}" for m in METRIC_KEYS] + ["train_seconds"]
+            cols = ["method", "runs", "accuracy"] + [f"{m}_{bucket}" for m in METRIC_KEYS] + ["train_seconds"]
             if any(c in summary[0] for c in cols[2:-1]):
                 md.append(f"\n## Average over {bucket} OOD sets\n\n")
-                md.append(markdown_table(summary, cols, ["method", "ID acc", "AUROC↑", "AUPR-In↑", "AUPR-Out↑",
+                md.append(markdown_table(summary, cols, ["method", "runs", "ID acc", "AUROC↑", "AUPR-In↑", "AUPR-Out↑",
                                                          "FPR95↓", "fine-tune s"]))
+        if "acc_head" in summary[0]:
+            md.append("\n## Long-tailed ID accuracy (head / medium / tail), plain and with logit adjustment (τ=1)\n\n")
+            md.append(markdown_table(summary, ["method", *LT_KEYS]))
         md.append("\n## Per OOD set\n\n")
         md.append(markdown_table(per_set, ["method", "dataset", "group", *METRIC_KEYS]))
+        if missing:
+            md.append("\n## Not run yet\n\n" + "".join(f"- {m}\n" for m in missing))
+            data["missing"] = missing
+            js = write_json(self.out / "results.json", data, overwrite=True)
         mdp = write_text_atomic(self.out / "results.md", "".join(md), overwrite=True)
         return [js, mdp]
 
 
-def run_benchmark(cfg: BenchmarkConfig, command: str) -> list[Path]:
+def run_benchmark(cfg: BenchmarkConfig, command: str, *, report_only: bool = False) -> list[Path]:
     """Run (or resume) the benchmark; returns the written result files."""
-    return Benchmark(cfg).run(command)
+    return Benchmark(cfg).run(command, report_only=report_only)

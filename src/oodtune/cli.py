@@ -157,22 +157,16 @@ def estimate_prior(checkpoint: str, outliers: str, gamma: float, out: str, plot:
 @click.option("--outliers", default="tin-aux", show_default=True)
 def propose_margins(checkpoint: str, outliers: str, data_root: str | None, device: str) -> None:
     """Suggest m_in / m_out from the pretrained model's energies on ID train data and outliers."""
-    from .data import load_dataset
-    from .energy import energy
-    from .evaluation import compute_outputs
+    from .margins import margin_coverage
     from .margins import propose_margins as propose
-    from .models import FeatureModel
-    from .pipeline import id_train_set, normalizer_for
-    from .training.checkpoint import load_model
+    from .pipeline import pretrained_energies
 
-    model, meta = load_model(checkpoint)
-    net, norm = FeatureModel(model), normalizer_for(meta)
-    e_in = energy(compute_outputs(net, id_train_set(meta, data_root), norm, device=device).logits)
-    aux = load_dataset(outliers, data_root, "train", resolution=int(meta["resolution"]))
-    e_out = energy(compute_outputs(net, aux, norm, device=device).logits)
+    e_in, e_out = pretrained_energies(checkpoint, outliers=outliers, data_root=data_root, device=device)
     m_in, m_out = propose(e_in.cpu(), e_out.cpu())
     console.print(f"ID energy median {e_in.median():.2f}, outlier energy median {e_out.median():.2f}")
-    console.print(f"proposed --m-in {m_in:.1f} --m-out {m_out:.1f}")
+    cov_in, cov_out = margin_coverage(e_in, e_out, m_in, m_out)
+    console.print(f"proposed --m-in {m_in:.1f} --m-out {m_out:.1f} "
+                  f"(hinges start active on {100 * cov_in:.0f}% of ID and {100 * cov_out:.0f}% of outliers)")
 
 
 @main.command()
@@ -251,7 +245,9 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
               help="Overrides the config's data_root.")
 @click.option("--device", default=None, help="Overrides the config's device.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Overrides the config's out folder.")
-def benchmark(config: str, data_root: str | None, device: str | None, out: str | None) -> None:
+@click.option("--report-only", is_flag=True,
+              help="Train nothing: tabulate the runs already finished and list the missing ones.")
+def benchmark(config: str, data_root: str | None, device: str | None, out: str | None, report_only: bool) -> None:
     """Run a grid (methods x seeds x OOD sets) from one pretrained checkpoint; resumes if interrupted.
 
     Writes OUT/results.json, OUT/results.md and plots (energy histograms, ROC curves).
@@ -259,7 +255,8 @@ def benchmark(config: str, data_root: str | None, device: str | None, out: str |
     from .benchmark import load_benchmark_config, run_benchmark
 
     cfg = load_benchmark_config(config, data_root=data_root, device=device, out=out)
-    paths = run_benchmark(cfg, command="oodtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    paths = run_benchmark(cfg, command="oodtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                          report_only=report_only)
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 

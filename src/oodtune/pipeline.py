@@ -17,6 +17,7 @@ import torch
 from .data import load_dataset
 from .data.imageset import ImageSet
 from .data.longtail import make_longtailed
+from .energy import energy
 from .evaluation import EvalReport, compute_outputs, evaluate
 from .losses import build_method_loss
 from .models import FeatureModel, build_model
@@ -70,6 +71,16 @@ def estimate_prior(checkpoint: str | Path, *, outliers: str = "tin-aux", data_ro
     logits = compute_outputs(net, aux, normalizer_for(meta), device=device, batch_size=batch_size).logits
     counts = count_outlier_predictions(lambda t: t, logits.split(batch_size), int(meta["num_classes"]))
     return OutlierPrior(counts=counts.tolist(), gamma=gamma, class_names=list(meta["classes"]))
+
+
+def pretrained_energies(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: str | Path | None = None,
+                        device: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies E(x) of the pretrained model on its ID *train* split and on the auxiliary outliers (CPU)."""
+    model, meta = load_model(checkpoint)
+    net, norm = FeatureModel(model), normalizer_for(meta)
+    e_in = energy(compute_outputs(net, id_train_set(meta, data_root), norm, device=device).logits).cpu()
+    aux = load_dataset(outliers, data_root, "train", resolution=int(meta["resolution"]))
+    return e_in, energy(compute_outputs(net, aux, norm, device=device).logits).cpu()
 
 
 def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root: str | Path | None = None,
