@@ -33,8 +33,12 @@ def _pickle_batch(path: Path, data: np.ndarray, labels: np.ndarray, label_key: b
     path.write_bytes(pickle.dumps(obj, protocol=2))
 
 
-def write_cifar10(root: Path, per_batch: int = 20, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``root/cifar-10-batches-py`` with 5 train batches + test batch + meta. Returns NHWC arrays per split."""
+def write_cifar10(root: Path, per_batch: int = 20, seed: int = 0,
+                  test_per_batch: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``root/cifar-10-batches-py`` with 5 train batches + test batch + meta. Returns NHWC arrays per split.
+
+    Each batch holds ``per_batch`` images (the test batch ``test_per_batch``, default ``per_batch``).
+    """
     rng = _rng(seed)
     d = root / "cifar-10-batches-py"
     d.mkdir(parents=True, exist_ok=True)
@@ -43,8 +47,9 @@ def write_cifar10(root: Path, per_batch: int = 20, seed: int = 0) -> dict[str, t
         protocol=2))
     out: dict[str, list] = {"train": [[], []], "test": [[], []]}
     for name, split in [*[(f"data_batch_{i}", "train") for i in range(1, 6)], ("test_batch", "test")]:
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        labels = np.arange(per_batch) % 10
+        n = per_batch if split == "train" or test_per_batch is None else test_per_batch
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = np.arange(n) % 10
         _pickle_batch(d / name, data, labels, b"labels")
         out[split][0].append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         out[split][1].append(labels)
@@ -179,6 +184,21 @@ def write_tiny_imagenet(root: Path, wnids: list[str], train_per_class: int = 1, 
     for i in range(test):
         write_image(t / "test" / "images" / f"test_{i}.JPEG", (size, size), seed=20_000 + i)
     return t
+
+
+def write_offline_root(root: Path, *, train_per_class: int = 20, test_per_class: int = 10, tin_train_per_class: int = 1,
+                       tin_val_per_class: int = 1, tin_size: int = 8) -> Path:
+    """A tiny data root for the ``cifar10-offline`` protocol: CIFAR-10 (official pickles, 5 train batches) and a
+    Tiny ImageNet-200 tree with the 200 real WNIDs of ``tin_split.json`` (so ``tin-aux`` / ``tin-near`` load)."""
+    from oodtune.data.protocol import read_split
+
+    if train_per_class % 5:
+        raise ValueError("train_per_class must be a multiple of 5 (5 class-balanced train batches)")
+    write_cifar10(root, per_batch=train_per_class * 10 // 5, test_per_batch=test_per_class * 10)
+    wnids = sorted(set().union(*read_split().values()))
+    write_tiny_imagenet(root, wnids, train_per_class=tin_train_per_class, val_per_class=tin_val_per_class,
+                        size=tin_size, test=0)
+    return root
 
 
 # ---------------------------------------------------------------------------------- malicious archives

@@ -14,7 +14,7 @@ from scipy.special import logsumexp
 from oodtune.energy import energy
 from oodtune.losses import (
     LOSS_OPTIONS, BalancedEnergy, CompositeLoss, CrossEntropy, EnergyHinge, LossInputs, OutlierExposure, Sparsity,
-    build_method_loss, free_energy, outlier_affinity,
+    build_method_loss, outlier_affinity,
 )
 from oodtune.margins import margin_coverage, propose_margins
 
@@ -33,11 +33,10 @@ def inputs(logits_in=None, labels=None, feats=None, logits_out=None) -> LossInpu
 
 
 # ------------------------------------------------------------------------------------------ values
-def test_free_energy_matches_energy_module_and_keeps_float64():
+def test_energy_keeps_float64_for_gradchecks():
     x = torch.randn(5, 7)
-    torch.testing.assert_close(free_energy(x), energy(x))
-    assert free_energy(x.double()).dtype == torch.float64
-    torch.testing.assert_close(free_energy(const_logits([-3.0, 2.5], k=4)), torch.tensor([-3.0, 2.5], dtype=torch.float64))
+    assert energy(x.double()).dtype == torch.float64
+    torch.testing.assert_close(energy(const_logits([-3.0, 2.5], k=4)), torch.tensor([-3.0, 2.5], dtype=torch.float64))
 
 
 def test_cross_entropy_hand_value():
@@ -73,7 +72,7 @@ def test_energy_out_hinge_direction():
     term(inputs(const_logits([-30.0], k=3), logits_out=logits_out)).backward()
     assert (logits_out.grad > 0).all()
     stepped = (logits_out - 0.1 * logits_out.grad).detach()
-    assert free_energy(stepped).item() > free_energy(logits_out.detach()).item()
+    assert energy(stepped).item() > energy(logits_out.detach()).item()
 
 
 def test_energy_in_hinge_direction():

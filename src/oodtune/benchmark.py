@@ -219,7 +219,10 @@ class Benchmark:
         it tabulates the runs already finished (e.g. when a GPU session ran out) and lists the rest."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        ckpt = self.out / "pretrain" / FINAL if report_only else self.pretrained_checkpoint()
+        if report_only:  # never train: the configured checkpoint, or the one this benchmark pretrained
+            ckpt = Path(cfg.pretrained) if cfg.pretrained else self.out / "pretrain" / FINAL
+        else:
+            ckpt = self.pretrained_checkpoint()
         results: dict[str, list[dict[str, Any]]] = {}
         missing: list[str] = []
         base_energy = self.evaluate(ckpt, "energy", self.out / "evals" / "pretrained-energy.json")["energy"]
@@ -299,11 +302,11 @@ class Benchmark:
               "is training wall time, torch.compile warm-up included where used.\n"]
         for bucket in ("all", "near", "far"):
             cols = ["method", "runs", "accuracy"] + [f"{m}_{bucket}" for m in METRIC_KEYS] + ["train_seconds"]
-            if any(c in summary[0] for c in cols[2:-1]):
+            if summary and any(c in summary[0] for c in cols[2:-1]):
                 md.append(f"\n## Average over {bucket} OOD sets\n\n")
                 md.append(markdown_table(summary, cols, ["method", "runs", "ID acc", "AUROC↑", "AUPR-In↑", "AUPR-Out↑",
                                                          "FPR95↓", "fine-tune s"]))
-        if "acc_head" in summary[0]:
+        if summary and "acc_head" in summary[0]:
             md.append("\n## Long-tailed ID accuracy (head / medium / tail), plain and with logit adjustment (τ=1)\n\n")
             md.append(markdown_table(summary, ["method", *LT_KEYS]))
         md.append("\n## Per OOD set\n\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import tomllib
@@ -28,7 +29,16 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise click.BadParameter(f"cannot read config {value}: {exc}") from exc
         section = data.get(ctx.info_name, data)
-        ctx.default_map = {k.replace("-", "_"): v for k, v in section.items() if not isinstance(v, dict)}
+        # keys are option names (``score``, ``prior``, ``compile``), which may differ from the parameter names
+        # click keys its default_map by (``scores``, ``prior_path``, ``compile_mode``)
+        names = {o.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params if isinstance(p, click.Option)
+                 for o in p.opts if o.startswith("--")}
+        names.update({p.name: p.name for p in ctx.command.params if p.name})
+        keys = {k: k.replace("-", "_") for k, v in section.items() if not isinstance(v, dict)}
+        unknown = sorted(k for k, norm in keys.items() if norm not in names or names[norm] == "config")
+        if unknown and ctx.info_name in data:  # top-level keys may be meant for other commands
+            raise click.BadParameter(f"{value}: unknown key(s) {', '.join(unknown)} in [{ctx.info_name}].")
+        ctx.default_map = {names[norm]: section[k] for k, norm in keys.items() if k not in unknown}
     return value
 
 
@@ -77,7 +87,21 @@ def _train_config(kw: dict[str, Any], **extra: Any) -> TrainConfig:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """Reports the library's user-facing errors (bad data, checkpoint, method, existing outputs: all ValueError
+    or FileExistsError subclasses) as ``Error: message`` with exit status 1 instead of a traceback.
+    ``OODTUNE_DEBUG=1`` shows the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ValueError, FileExistsError, FileNotFoundError) as exc:
+            if os.environ.get("OODTUNE_DEBUG", "0") != "0":
+                raise
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="oodtune")
 def main() -> None:
     """Fine-tune image classifiers to flag out-of-distribution inputs, and measure it properly.
@@ -223,6 +247,9 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
     from .pipeline import evaluate_checkpoint
     from .report import markdown_table, write_json, write_text_atomic
 
+    existing = [p for p in (f"{out}.json", f"{out}.md") if out and not overwrite and Path(p).exists()]
+    if existing:  # refuse before spending the evaluation
+        raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out.")
     report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
                                        num_ood=num_ood, positive=positive)
     rows = report.rows + report.averages()

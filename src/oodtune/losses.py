@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .energy import energy
+
 __all__ = [
     "LossInputs", "LossTerm", "CrossEntropy", "OutlierExposure", "EnergyHinge", "BalancedEnergy", "Sparsity",
     "CompositeLoss", "build_method_loss", "METHODS", "LOSS_OPTIONS",
-    "as_float", "free_energy", "squared_hinge", "uniform_cross_entropy", "energy_in_hinge", "outlier_affinity",
+    "as_float", "squared_hinge", "uniform_cross_entropy", "energy_in_hinge", "outlier_affinity",
 ]
 
 
@@ -53,14 +55,6 @@ def as_float(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def free_energy(logits: Tensor) -> Tensor:
-    """E(x) = -log Σ_j exp f_j(x) per row (T=1), in float32/float64.
-
-    Equal to :func:`oodtune.energy.energy` with T=1, except that float64 stays float64.
-    """
-    return -torch.logsumexp(as_float(logits), dim=1)
-
-
 def squared_hinge(x: Tensor) -> Tensor:
     """max(0, x)²."""
     return F.relu(x).square()
@@ -74,7 +68,7 @@ def uniform_cross_entropy(logits: Tensor) -> Tensor:
 
 def energy_in_hinge(logits_in: Tensor, m_in: float) -> Tensor:
     """L_in = mean over ID samples of max(0, E(x_in) - m_in)² (Liu et al. 2020, Eq. 10)."""
-    return squared_hinge(free_energy(logits_in) - m_in).mean()
+    return squared_hinge(energy(logits_in) - m_in).mean()
 
 
 def outlier_affinity(logits: Tensor, prior: Tensor) -> Tensor:
@@ -168,7 +162,7 @@ class EnergyHinge(LossTerm):
 
     def __call__(self, inp: LossInputs) -> Tensor:
         logits_out = _require(inp.logits_out, self.name, "logits_out")
-        out_hinge = squared_hinge(self.m_out - free_energy(logits_out)).mean()
+        out_hinge = squared_hinge(self.m_out - energy(logits_out)).mean()
         return self.weight * (energy_in_hinge(inp.logits_in, self.m_in) + out_hinge)
 
 
@@ -261,7 +255,7 @@ class BalancedEnergy(LossTerm):
     def outlier_term(self, logits_out: Tensor) -> Tensor:
         """L_out,bal (unweighted by λ)."""
         z_margin, z_weight = self.affinities(logits_out)
-        per_sample = squared_hinge(self.m_out + self.alpha * z_margin - free_energy(logits_out)) * z_weight
+        per_sample = squared_hinge(self.m_out + self.alpha * z_margin - energy(logits_out)) * z_weight
         if self.reduction == "mean":
             return per_sample.mean()
         return per_sample.sum() / z_weight.sum().clamp_min(torch.finfo(z_weight.dtype).tiny)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .atomic import write_text_atomic
 
 METRIC_LABELS = {"auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑", "fpr95": "FPR95↓"}
 
@@ -29,19 +30,6 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], heade
     return "\n".join(lines) + "\n"
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
-    """Write ``text`` to ``path`` via a temporary sibling + os.replace; refuse to replace unless ``overwrite``."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite or choose another output path.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = False) -> Path:
-    """Pretty JSON, atomically (see ``write_text_atomic``)."""
+    """Pretty JSON, atomically; refuses to replace an existing file unless ``overwrite``."""
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n", overwrite=overwrite)

@@ -10,13 +10,13 @@ never leaves a truncated checkpoint; they are read back with ``torch.load(weight
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..atomic import write_atomic
 from ..models import FeatureModel, build_model
 
 FORMAT_VERSION = 1
@@ -29,19 +29,7 @@ class CheckpointError(ValueError):
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` atomically (temporary file in the same folder + fsync + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda fh: torch.save(obj, fh))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
