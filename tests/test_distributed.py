@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from helpers_training import assert_states_equal, ddp_worker, free_port
 from oodtune.training.checkpoint import read_checkpoint
+from oodtune.training.runtime import DistInfo
 from oodtune.training.trainer import FINAL, LAST
 
 WORLD = 2
@@ -36,14 +37,7 @@ def _assert_ranks_partition_global_batches(reports: list[dict[str, Any]], batch_
         assert abs(len(sets[0]) - len(sets[1])) <= 1
 
 
-@pytest.mark.parametrize("batch_size", [
-    32,
-    pytest.param(33, marks=pytest.mark.xfail(
-        strict=True,
-        reason="uneven rank slices draw different amounts of augmentation randomness from the shared "
-               "generator, so ranks' permutations diverge after epoch 1 (batches.py random_crop_flip / "
-               "trainer.py _epoch); the global batch should be required to be a multiple of WORLD_SIZE")),
-])
+@pytest.mark.parametrize("batch_size", [32])
 def test_two_cpu_ranks(tmp_path: Path, batch_size: int) -> None:
     reports = _run_ddp(tmp_path, batch_size)
     # (b) every global batch is split into disjoint per-rank halves, in both epochs
@@ -61,3 +55,11 @@ def test_two_cpu_ranks(tmp_path: Path, batch_size: int) -> None:
     assert_states_equal(read_checkpoint(run / FINAL)["model"],
                         {k.removeprefix("model."): v for k, v in reports[0]["state"].items()
                          if k.startswith("model.")})
+
+
+def test_global_batch_must_split_evenly_over_ranks() -> None:
+    DistInfo(rank=0, world=2).check_batch(32)
+    with pytest.raises(ValueError, match="multiple of the 2 data-parallel processes"):
+        DistInfo(rank=1, world=2).check_batch(33)
+    with pytest.raises(ValueError, match="--outlier-batch-size 65"):
+        DistInfo(rank=0, world=2).check_batch(65, "--outlier-batch-size")

@@ -39,6 +39,13 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def check_batch(self, batch_size: int, what: str = "--batch-size") -> None:
+        """A global batch must split evenly over the processes: uneven slices would draw different amounts of
+        augmentation randomness from the shared generator and the ranks' shuffles would drift apart."""
+        if batch_size % self.world:
+            raise ValueError(f"{what} {batch_size} is not a multiple of the {self.world} data-parallel processes; "
+                             f"use a multiple of {self.world} (the batch size is global, split across processes).")
+
 
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the torchrun job described by the environment (WORLD_SIZE > 1), else a single-process DistInfo.

@@ -103,6 +103,9 @@ class Trainer:
         device = resolve_device(config.device)
         self.device = local_device(device)
         self.dist: DistInfo = init_distributed(self.device)
+        self.dist.check_batch(config.batch_size)
+        if loss.needs_outliers:
+            self.dist.check_batch(config.outlier_batch_size, "--outlier-batch-size")
         self.channels_last = self.device.type == "cuda" if config.channels_last is None else config.channels_last
         norm = normalizer or Normalizer()
         self.normalizer = Normalizer(norm.mean, norm.std, self.channels_last)
@@ -168,6 +171,8 @@ class Trainer:
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)  # dropout draws from the CUDA generator
         if sampler is not None:
             sampler.load_state_dict(state["outlier_sampler"])
         if self.dist.is_main:
@@ -266,6 +271,7 @@ class Trainer:
             "scheduler": sched.state_dict(),
             "generator": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
             "history": history,
             "config": asdict(self.cfg),
             "outlier_sampler": sampler.state_dict() if sampler is not None else None,
