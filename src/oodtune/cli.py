@@ -121,7 +121,7 @@ def main() -> None:
 def datasets() -> None:
     """List the dataset names that --dataset/--ood/--outliers accept."""
     for name, desc in available_datasets().items():
-        console.print(f"[bold]{name:16s}[/bold] {desc}", highlight=False)
+        click.echo(f"{click.style(f'{name:16s}', bold=True)} {desc}")
 
 
 @main.command()
@@ -167,7 +167,7 @@ def estimate_prior(checkpoint: str, outliers: str, gamma: float, out: str, plot:
     prior.save(out)
     for name, n, p, pg in zip(prior.class_names, prior.counts, prior.probabilities().tolist(),
                               prior.gamma_prior().tolist()):
-        console.print(f"{name:12s} {n:7d}  P={p:.4f}  P_gamma={pg:.4f}")
+        click.echo(f"{name:12s} {n:7d}  P={p:.4f}  P_gamma={pg:.4f}")
     if plot:
         meta = read_checkpoint(checkpoint)["meta"]
         plot_class_prior(plot, meta.get("class_counts") or [0] * len(prior.counts), prior.probabilities().tolist(),
@@ -187,9 +187,9 @@ def propose_margins(checkpoint: str, outliers: str, data_root: str | None, devic
 
     e_in, e_out = pretrained_energies(checkpoint, outliers=outliers, data_root=data_root, device=device)
     m_in, m_out = propose(e_in.cpu(), e_out.cpu())
-    console.print(f"ID energy median {e_in.median():.2f}, outlier energy median {e_out.median():.2f}")
+    click.echo(f"ID energy median {e_in.median():.2f}, outlier energy median {e_out.median():.2f}")
     cov_in, cov_out = margin_coverage(e_in, e_out, m_in, m_out)
-    console.print(f"proposed --m-in {m_in:.1f} --m-out {m_out:.1f} "
+    click.echo(f"proposed --m-in {m_in:.1f} --m-out {m_out:.1f} "
                   f"(hinges start active on {100 * cov_in:.0f}% of ID and {100 * cov_out:.0f}% of outliers)")
 
 
@@ -255,8 +255,8 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
     rows = report.rows + report.averages()
     table = markdown_table(rows, ["score", "dataset", "auroc", "aupr_in", "aupr_out", "fpr95"])
     command = "oodtune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    console.print(f"ID accuracy ({meta['dataset']} test): {100 * report.accuracy:.2f}%")
-    console.print(table, highlight=False)
+    click.echo(f"ID accuracy ({meta['dataset']} test): {100 * report.accuracy:.2f}%")
+    click.echo(table)
     if out:
         data = {"command": command, "checkpoint": checkpoint, "id_dataset": meta["dataset"],
                 "accuracy": 100 * report.accuracy, "rows": rows}

@@ -1,0 +1,172 @@
+"""The ``oodtune`` command line, end to end on a tiny offline data root (click's CliRunner, CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from fixtures_data import write_offline_root
+from oodtune import __version__
+from oodtune.cli import main
+
+FAST = ["--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "1", "--device", "cpu"]
+
+
+def invoke(*args: Any) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def ok(*args: Any) -> Result:
+    res = invoke(*args)
+    assert res.exit_code == 0, (args, res.output, res.exception)
+    return res
+
+
+def fails(*args: Any, match: str, code: int | None = None) -> Result:
+    res = invoke(*args)
+    assert res.exit_code != 0, res.output
+    if code is not None:
+        assert res.exit_code == code, (res.exit_code, res.output, res.exception)
+    assert match.lower() in res.output.lower(), res.output
+    assert "Traceback" not in res.output
+    return res
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    tmp = tmp_path_factory.mktemp("cli")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OODTUNE_CACHE", str(tmp / "cache"))
+    mp.setenv("OODTUNE_PROGRESS", "0")
+    mp.delenv("OODTUNE_DATA", raising=False)
+    mp.delenv("OODTUNE_DEBUG", raising=False)
+    root = write_offline_root(tmp / "root", train_per_class=10, test_per_class=4)
+    yield {"root": root, "tmp": tmp}
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def pretrained(env: dict[str, Path]) -> Path:
+    """`oodtune pretrain --config`: every option from a [pretrain] table (dashes and underscores)."""
+    cfg = env["tmp"] / "pretrain.toml"
+    cfg.write_text(f'[pretrain]\ndata-root = "{env["root"]}"\narch = "wrn-10-1"\nepochs = 1\nbatch_size = 8\n'
+                   f'max-steps-per-epoch = 1\ndevice = "cpu"\nout = "{env["tmp"] / "pre"}"\n\n'
+                   '[evaluate]\nood = ["gaussian"]\n')
+    res = ok("pretrain", "--config", cfg)
+    assert "saved" in res.output
+    path = env["tmp"] / "pre" / "model.pt"
+    meta = torch.load(path, weights_only=True)["meta"]
+    assert meta["arch"] == "wrn-10-1" and meta["dataset"] == "cifar10"
+    assert meta["train_config"]["batch_size"] == 8 and meta["train_config"]["max_steps_per_epoch"] == 1
+    return path
+
+
+# ----------------------------------------------------------------------------------------- help etc.
+
+def test_help_for_group_and_every_command():
+    res = ok("--help")
+    for name in main.commands:
+        assert name in res.output
+        ok(name, "--help")
+    assert set(main.commands) >= {"datasets", "pretrain", "estimate-prior", "propose-margins", "finetune", "evaluate",
+                                  "benchmark"}
+    assert __version__ in ok("--version").output
+
+
+def test_datasets_lists_names():
+    out = ok("datasets").output
+    for name in ("cifar10", "tin-aux", "tin-near", "gaussian"):
+        assert name in out
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+def test_prior_finetune_evaluate(env, pretrained):
+    tmp, root = env["tmp"], env["root"]
+    ok("estimate-prior", pretrained, "--data-root", root, "--device", "cpu", "--gamma", "0.5",
+       "--out", tmp / "prior.json")
+    prior = json.loads((tmp / "prior.json").read_text())
+    assert prior["gamma"] == 0.5 and len(prior["counts"]) == 10
+    ok("finetune", pretrained, "--method", "balanced-energy", "--prior", tmp / "prior.json", "--data-root", root,
+       "--outlier-batch-size", "16", "--m-in", "-7", "--out", tmp / "bal", *FAST)
+    meta = torch.load(tmp / "bal" / "model.pt", weights_only=True)["meta"]
+    assert meta["method"] == "balanced-energy" and meta["stage"] == "finetune"
+    assert meta["loss_options"] == {"m_in": -7.0} and meta["prior"]["gamma"] == 0.5
+    assert meta["train_config"]["outlier_batch_size"] == 16 and meta["train_config"]["lr"] == 1e-3
+
+    out = tmp / "results" / "bal"
+    args = ["evaluate", tmp / "bal" / "model.pt", "--score", "msp", "--score", "energy", "--ood", "tin-near",
+            "--ood", "gaussian", "--num-ood", "8", "--data-root", root, "--device", "cpu", "--out", out]
+    res = ok(*args)
+    assert "ID accuracy" in res.output
+    data = json.loads(Path(f"{out}.json").read_text())
+    assert data["id_dataset"] == "cifar10" and 0 <= data["accuracy"] <= 100
+    pairs = [(r["score"], r["dataset"]) for r in data["rows"]]
+    assert pairs == [("msp", "tin-near"), ("msp", "gaussian"), ("energy", "tin-near"), ("energy", "gaussian"),
+                     ("msp", "average"), ("energy", "average")]
+    md = Path(f"{out}.md").read_text()
+    assert "AUROC" in md and "| energy | gaussian |" in md
+
+    # refuses to overwrite, before evaluating anything; --overwrite replaces
+    Path(f"{out}.json").write_text("{}")
+    fails(*args, match="--overwrite", code=1)
+    assert Path(f"{out}.json").read_text() == "{}"
+    ok(*args, "--overwrite")
+    assert json.loads(Path(f"{out}.json").read_text())["rows"]
+
+
+def test_evaluate_config_sets_defaults(env, pretrained):
+    tmp = env["tmp"]
+    cfg = tmp / "eval.toml"
+    cfg.write_text(f'[evaluate]\nscore = ["maxlogit"]\nood = ["gaussian"]\nnum-ood = 8\ndata_root = "{env["root"]}"\n'
+                   f'device = "cpu"\nout = "{tmp / "cfg-eval"}"\n')
+    ok("evaluate", pretrained, "--config", cfg)
+    rows = json.loads((tmp / "cfg-eval.json").read_text())["rows"]
+    assert [(r["score"], r["dataset"]) for r in rows] == [("maxlogit", "gaussian"), ("maxlogit", "average")]
+    # the command line wins over the file
+    ok("evaluate", pretrained, "--config", cfg, "--score", "entropy", "--out", tmp / "cfg-eval2")
+    rows = json.loads((tmp / "cfg-eval2.json").read_text())["rows"]
+    assert {r["score"] for r in rows} == {"entropy"}
+    # a typo in the command's own table is reported, not silently ignored
+    bad = tmp / "bad.toml"
+    bad.write_text('[evaluate]\noods = ["gaussian"]\n')
+    fails("evaluate", pretrained, "--config", bad, match="oods", code=2)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+def test_missing_checkpoint(env):
+    missing = env["tmp"] / "nope" / "model.pt"
+    for cmd in (["evaluate", missing, "--ood", "gaussian"], ["finetune", missing, "--method", "oe", "--out", "x"],
+                ["estimate-prior", missing, "--out", "p.json"]):
+        fails(*cmd, match="does not exist", code=2)
+
+
+def test_unknown_method(env, pretrained):
+    res = fails("finetune", pretrained, "--method", "magic-loss", "--data-root", env["root"], "--out",
+                env["tmp"] / "magic", *FAST, match="unknown method", code=1)
+    assert "magic-loss" in res.output
+    assert not (env["tmp"] / "magic").exists()
+
+
+def test_balanced_energy_without_prior(env, pretrained):
+    fails("finetune", pretrained, "--method", "balanced-energy", "--data-root", env["root"], "--out",
+          env["tmp"] / "bal-noprior", *FAST, match="estimate-prior", code=1)
+    assert not (env["tmp"] / "bal-noprior" / "model.pt").exists()
+
+
+def test_unknown_ood_dataset(env, pretrained):
+    res = fails("evaluate", pretrained, "--ood", "not-a-dataset", "--data-root", env["root"], "--device", "cpu",
+                "--out", env["tmp"] / "bad-ood", match="unknown dataset", code=1)
+    assert "not-a-dataset" in res.output
+    assert not Path(f"{env['tmp'] / 'bad-ood'}.json").exists()
+
+
+def test_unknown_score_and_missing_ood(env, pretrained):
+    fails("evaluate", pretrained, "--score", "bogus", "--ood", "gaussian", match="bogus", code=2)
+    fails("evaluate", pretrained, match="--ood", code=2)
