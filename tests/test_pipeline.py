@@ -347,8 +347,9 @@ def test_benchmark_report_only_with_configured_checkpoint(env, pretrained, monke
     out = env["tmp"] / "bench-ro"
     path = _write_config(env, "bench-ro", out, pretrained=pretrained,
                          methods='[[methods]]\nlabel = "EnergyOE"\nmethod = "energy-oe"\n')
-    _forbid(monkeypatch, "finetune", "pretrain", "estimate_prior", "pretrained_energies")
+    _forbid(monkeypatch, "finetune", "pretrain", "estimate_prior", "pretrained_energies", "evaluate")
     run_benchmark(load_benchmark_config(path), command="test", report_only=True)
     md = (out / "results.md").read_text()
     assert "- EnergyOE seed 0" in md and "- EnergyOE seed 1" in md
+    assert not (out / "evals").exists()  # nothing evaluated either
     assert not (out / "pretrain").exists()

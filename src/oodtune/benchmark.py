@@ -225,10 +225,15 @@ class Benchmark:
             ckpt = self.pretrained_checkpoint()
         results: dict[str, list[dict[str, Any]]] = {}
         missing: list[str] = []
-        base_energy = self.evaluate(ckpt, "energy", self.out / "evals" / "pretrained-energy.json")["energy"]
+        base_cache = self.out / "evals" / "pretrained-energy.json"
+        base_energy = None if report_only and not base_cache.exists() else self.evaluate(ckpt, "energy", base_cache)["energy"]
         for spec in cfg.methods:
             if spec.posthoc:
-                results[spec.label] = [self.evaluate(ckpt, spec.method, self.out / "evals" / f"pretrained-{spec.method}.json")]
+                cache = self.out / "evals" / f"pretrained-{spec.method}.json"
+                if report_only and not cache.exists():
+                    missing.append(f"{spec.label} (post-hoc, pretrained model)")
+                else:
+                    results[spec.label] = [self.evaluate(ckpt, spec.method, cache)]
                 continue
             if report_only:
                 caches = [self.out / "runs" / f"{spec.slug}-s{seed}" / "eval.json" for seed in cfg.seeds]
@@ -236,7 +241,8 @@ class Benchmark:
                 runs = [json.loads(c.read_text()) for c in caches if c.exists()]
                 if runs:
                     results[spec.label] = runs
-                    self._plots(spec, base_energy, runs[0]["energy"])
+                    if base_energy is not None:
+                        self._plots(spec, base_energy, runs[0]["energy"])
                 continue
             prior = None
             if "balanced" in spec.method:
