@@ -56,6 +56,7 @@ def test_hook_path_on_plain_sequential() -> None:
         torch.testing.assert_close(logits, model(x), rtol=0, atol=0)
         torch.testing.assert_close(feats, model[:6](x), rtol=0, atol=0)
     assert feats.shape == (5, 16)
+    assert not model[6]._forward_pre_hooks, "the user's model must be left without oodtune hooks"
 
 
 def test_head_name_selects_an_inner_layer() -> None:

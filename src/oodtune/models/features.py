@@ -6,7 +6,8 @@ linear classification layer (the penultimate representation g(x) in the papers),
 How features are found, in order:
 1. models that define ``forward_features(x) -> (B, D)`` and ``head: nn.Linear`` (all oodtune models)
    are called as ``head(forward_features(x))`` — no hooks, compile-friendly;
-2. otherwise a forward pre-hook on the classification layer captures its input. That layer is
+2. otherwise a forward pre-hook, registered for the duration of each call, captures the input of the
+   classification layer. That layer is
    ``head_name`` if given (a dotted module path such as ``"fc"`` or ``"classifier.1"``), else the *last*
    ``nn.Linear`` registered in the model.
 """
@@ -45,8 +46,6 @@ class FeatureModel(nn.Module):
         self.head = find_head(model, head_name)
         self._direct = head_name is None and callable(getattr(model, "forward_features", None))
         self._captured: torch.Tensor | None = None
-        if not self._direct:
-            self.head.register_forward_pre_hook(self._capture)
 
     def _capture(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         self._captured = inputs[0]
@@ -59,10 +58,13 @@ class FeatureModel(nn.Module):
         if self._direct:
             feats = self.model.forward_features(x)
             return self.head(feats), feats
-        self._captured = None
-        logits = self.model(x)
-        feats = self._captured
-        self._captured = None
+        # The hook lives only for this call, so the user's model is left exactly as it was given.
+        handle = self.head.register_forward_pre_hook(self._capture)
+        try:
+            logits = self.model(x)
+        finally:
+            handle.remove()
+        feats, self._captured = self._captured, None
         if feats is None:
             raise RuntimeError(
                 f"the classification layer of {type(self.model).__name__} was not called in forward(); "
