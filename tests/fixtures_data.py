@@ -12,6 +12,8 @@ import pickle
 import struct
 import tarfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +255,19 @@ def make_read_only(path: Path) -> None:
     """chmod a tree read-only (files and folders)."""
     for p in [*path.rglob("*"), path]:
         os.chmod(p, 0o555 if p.is_dir() else 0o444)
+
+
+@contextmanager
+def offline_env(tmp: Path, *, train_per_class: int, test_per_class: int) -> Iterator[dict[str, Path]]:
+    """An isolated oodtune environment in ``tmp``: own cache, no progress bars, no inherited data root or
+    debug flag, and a tiny offline-protocol data root (``write_offline_root``). Yields {"root", "tmp"}."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OODTUNE_CACHE", str(tmp / "cache"))
+    mp.setenv("OODTUNE_PROGRESS", "0")
+    mp.delenv("OODTUNE_DATA", raising=False)
+    mp.delenv("OODTUNE_DEBUG", raising=False)
+    try:
+        root = write_offline_root(tmp / "root", train_per_class=train_per_class, test_per_class=test_per_class)
+        yield {"root": root, "tmp": tmp}
+    finally:
+        mp.undo()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from fixtures_data import write_offline_root
+from fixtures_data import offline_env
 from oodtune import __version__
 from oodtune.cli import main
 
@@ -39,15 +39,8 @@ def fails(*args: Any, match: str, code: int | None = None) -> Result:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    tmp = tmp_path_factory.mktemp("cli")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OODTUNE_CACHE", str(tmp / "cache"))
-    mp.setenv("OODTUNE_PROGRESS", "0")
-    mp.delenv("OODTUNE_DATA", raising=False)
-    mp.delenv("OODTUNE_DEBUG", raising=False)
-    root = write_offline_root(tmp / "root", train_per_class=10, test_per_class=4)
-    yield {"root": root, "tmp": tmp}
-    mp.undo()
+    with offline_env(tmp_path_factory.mktemp("cli"), train_per_class=10, test_per_class=4) as e:
+        yield e
 
 
 @pytest.fixture(scope="module")

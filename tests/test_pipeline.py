@@ -16,7 +16,7 @@ import torch
 
 import oodtune.benchmark as bench_mod
 import oodtune.pipeline as pipe
-from fixtures_data import write_offline_root
+from fixtures_data import offline_env
 from oodtune.benchmark import LT_KEYS, load_benchmark_config, long_tail_accuracy, run_benchmark
 from oodtune.data import load_dataset
 from oodtune.data.longtail import longtail_counts
@@ -36,14 +36,8 @@ def cfg(**kw: Any) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    tmp = tmp_path_factory.mktemp("pipeline")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OODTUNE_CACHE", str(tmp / "cache"))
-    mp.setenv("OODTUNE_PROGRESS", "0")
-    mp.delenv("OODTUNE_DATA", raising=False)
-    root = write_offline_root(tmp / "root", train_per_class=20, test_per_class=10)
-    yield {"root": root, "tmp": tmp}
-    mp.undo()
+    with offline_env(tmp_path_factory.mktemp("pipeline"), train_per_class=20, test_per_class=10) as e:
+        yield e
 
 
 @pytest.fixture(scope="module")
