@@ -347,3 +347,10 @@ def test_benchmark_report_only_with_configured_checkpoint(env, pretrained, monke
     assert "- EnergyOE seed 0" in md and "- EnergyOE seed 1" in md
     assert not (out / "evals").exists()  # nothing evaluated either
     assert not (out / "pretrain").exists()
+
+
+def test_benchmark_only_keeps_named_rows(env, bench):
+    cfg_ = load_benchmark_config(bench["config"], only=["balanced-energyoe", "MSP"])
+    assert [m.label for m in cfg_.methods] == ["MSP", "Balanced EnergyOE"]
+    with pytest.raises(ValueError, match=r"no method named \['sparsity'\].*energyoe-tune"):
+        load_benchmark_config(bench["config"], only=["sparsity"])

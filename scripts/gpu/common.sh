@@ -5,6 +5,9 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OODTUNE_CACHE=/tmp/oodtune-cache O
 DATA=${DATA:-.devdata}
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
+# One deadline for everything a device call runs (BUDGET seconds from the first script that sources this).
+export DEADLINE=${DEADLINE:-$(( T0 + ${BUDGET:-560} ))}
+left() { echo $(( DEADLINE - $(date +%s) )); }
 oodtune() { python -m oodtune.cli "$@"; }
 # The device tool returns files of at most 16 MiB: ship big checkpoints in parts (rejoin with cat).
 ship() { split -b 15M -d "$1" "$OUT/$2.part"; }

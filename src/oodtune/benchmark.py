@@ -87,8 +87,12 @@ class BenchmarkConfig:
 
 
 def load_benchmark_config(path: str | Path, *, data_root: str | None = None, device: str | None = None,
-                          out: str | None = None) -> BenchmarkConfig:
-    """Read a benchmark TOML; command-line overrides win over the file."""
+                          out: str | None = None, only: list[str] | None = None) -> BenchmarkConfig:
+    """Read a benchmark TOML; command-line overrides win over the file.
+
+    ``only``: keep just these rows, named by label or slug (e.g. to spend a short GPU session on the rows a
+    previous one did not finish); an unknown name is an error that lists the valid ones.
+    """
     raw = tomllib.loads(Path(path).read_text())
     b = raw.get("benchmark", {})
     methods = []
@@ -102,6 +106,13 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
         methods.append(spec)
     if not methods:
         raise ValueError(f"{path}: no [[methods]] entries.")
+    if only:
+        names = {n for m in methods for n in (m.label, m.slug)}
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise ValueError(f"{path}: no method named {unknown}; choose from the slugs "
+                             f"{[m.slug for m in methods]} (or the labels).")
+        methods = [m for m in methods if m.label in only or m.slug in only]
     return BenchmarkConfig(
         name=b.get("name", Path(path).stem), out=Path(out or b.get("out", f"runs/{Path(path).stem}")),
         data_root=data_root or b.get("data_root"), device=device or b.get("device"),

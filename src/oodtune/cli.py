@@ -272,16 +272,22 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
               help="Overrides the config's data_root.")
 @click.option("--device", default=None, help="Overrides the config's device.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Overrides the config's out folder.")
+@click.option("--only", multiple=True, metavar="METHOD",
+              help="Run only this row of the config (label or slug, e.g. 'energyoe'); repeatable.")
 @click.option("--report-only", is_flag=True,
               help="Train nothing: tabulate the runs already finished and list the missing ones.")
-def benchmark(config: str, data_root: str | None, device: str | None, out: str | None, report_only: bool) -> None:
+def benchmark(config: str, data_root: str | None, device: str | None, out: str | None, only: tuple[str, ...],
+              report_only: bool) -> None:
     """Run a grid (methods x seeds x OOD sets) from one pretrained checkpoint; resumes if interrupted.
 
     Writes OUT/results.json, OUT/results.md and plots (energy histograms, ROC curves).
     """
     from .benchmark import load_benchmark_config, run_benchmark
 
-    cfg = load_benchmark_config(config, data_root=data_root, device=device, out=out)
+    try:
+        cfg = load_benchmark_config(config, data_root=data_root, device=device, out=out, only=list(only))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--only") from err
     paths = run_benchmark(cfg, command="oodtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                           report_only=report_only)
     console.print("wrote " + ", ".join(str(p) for p in paths))
