@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers_training import (
+    TINY_ARCH,
     assert_states_equal,
+    checkpoint_meta,
     easy_imageset,
     make_trainer,
     random_imageset,
@@ -20,6 +22,7 @@ from helpers_training import (
 )
 from oodtune.data.imageset import DataError
 from oodtune.losses import LossInputs, build_method_loss
+from oodtune.models import FeatureModel, build_model
 from oodtune.training.batches import Normalizer, to_device_uint8
 from oodtune.training.checkpoint import load_model, read_checkpoint
 from oodtune.training.trainer import FINAL, LAST, Trainer, cosine_factor
@@ -221,3 +224,26 @@ def test_augmentation_off_feeds_normalised_originals() -> None:
     nearest = torch.cdist(seen[0].flatten(1), expected, compute_mode="donot_use_mm_for_euclid_dist").min(1)
     assert torch.all(nearest.values == 0), "every input is an unaugmented, normalised training image"
     assert sorted(nearest.indices.tolist()) == list(range(32))
+
+
+
+def test_compiled_path_runs_on_cpu_and_matches_eager(tmp_path: Path) -> None:
+    """The GPU fast path's ``torch.compile`` (CUDA graphs where CUDA exists; inductor skips them on CPU) trains
+    like the eager path and writes a checkpoint that loads like any other. Dropout is off: compiled dropout
+    draws its masks from a different random stream, so only a dropout-free net can be compared step for step."""
+    ds = easy_imageset(64)
+
+    def fit(mode: str) -> Any:
+        torch.manual_seed(0)
+        net = FeatureModel(build_model(TINY_ARCH, ds.num_classes, drop_rate=0.0))
+        return Trainer(net, ds, build_method_loss("ce"), tiny_config(epochs=1, compile=mode),
+                       run_dir=tmp_path / mode, meta=checkpoint_meta(ds)).fit()
+
+    eager, compiled = fit("none"), fit("reduce-overhead")
+    assert compiled.history[0]["ce"] == pytest.approx(eager.history[0]["ce"], rel=1e-4)
+    model, meta = load_model(compiled.checkpoint)
+    assert meta["train_config"]["compile"] == "reduce-overhead"
+    reference = state_of(load_model(eager.checkpoint)[0])
+    assert state_of(model).keys() == reference.keys()
+    for key, value in state_of(model).items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-3, atol=1e-4, msg=key)
