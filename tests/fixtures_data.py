@@ -240,17 +240,6 @@ def malicious_tars(folder: Path) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture
-def data_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
-    """Isolated root + cache (``OODTUNE_CACHE``), progress bars off."""
-    root, cache = tmp_path / "root", tmp_path / "cache"
-    root.mkdir()
-    monkeypatch.setenv("OODTUNE_CACHE", str(cache))
-    monkeypatch.setenv("OODTUNE_PROGRESS", "0")
-    monkeypatch.delenv("OODTUNE_DATA", raising=False)
-    return {"root": root, "cache": cache, "tmp": tmp_path}
-
-
 def make_read_only(path: Path) -> None:
     """chmod a tree read-only (files and folders)."""
     for p in [*path.rglob("*"), path]:

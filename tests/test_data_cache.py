@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from fixtures_data import data_env, write_image, write_labelled_folder, write_mnist  # noqa: F401
+from fixtures_data import write_image, write_labelled_folder, write_mnist
 
 import oodtune.data.registry as registry
 from oodtune.data import DataError, default_cache_dir, load_dataset

@@ -6,9 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-from fixtures_data import (  # noqa: F401 - data_env is a fixture
+from fixtures_data import (
     CIFAR10_NAMES,
-    data_env,
     make_tar,
     make_zip,
     write_cifar10,
