@@ -49,13 +49,19 @@ def dtd_png(src: Path, dest: Path) -> None:
         Image.fromarray(img).save(folder / f"{i:05d}.png")
 
 
+def copy_files(src: Path, dest: Path) -> None:
+    """Copy a file, or a folder's files, contents only: the mirrors are read-only and the copy must not be."""
+    for f in [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file()):
+        target = dest / f.relative_to(src) if src.is_dir() else dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
+
+
 def main(src: str, dest: str = ".devdata") -> None:
     s, d = Path(src), Path(dest)
     d.mkdir(parents=True, exist_ok=True)
-    for name in ("cifar10-jpg.tar.gz", "omniglot-small.tar.gz"):
-        shutil.copy(s / name, d / name)
-    for name in ("mnist", "fashion-mnist"):
-        shutil.copytree(s / name, d / name, dirs_exist_ok=True)
+    for name in ("cifar10-jpg.tar.gz", "omniglot-small.tar.gz", "mnist", "fashion-mnist"):
+        copy_files(s / name, d / name)
     tin_subset(s, d)
     dtd_png(s, d)
     print(f"{d}: {sum(f.stat().st_size for f in d.rglob('*') if f.is_file()) / 2**20:.1f} MiB")
