@@ -349,8 +349,17 @@ def test_benchmark_report_only_with_configured_checkpoint(env, pretrained, monke
     assert not (out / "pretrain").exists()
 
 
-def test_benchmark_only_keeps_named_rows(env, bench):
+def test_benchmark_only_runs_named_rows_and_tabulates_the_rest(env, bench, monkeypatch):
     cfg_ = load_benchmark_config(bench["config"], only=["balanced-energyoe", "MSP"])
-    assert [m.label for m in cfg_.methods] == ["MSP", "Balanced EnergyOE"]
+    assert [m.label for m in cfg_.methods if cfg_.selected(m)] == ["MSP", "Balanced EnergyOE"]
     with pytest.raises(ValueError, match=r"no method named \['sparsity'\].*energyoe-tune"):
         load_benchmark_config(bench["config"], only=["sparsity"])
+    # OE is in the config but not selected: it must be listed as missing, not trained; the finished rows
+    # (selected or not) all stay in the table.
+    path = _write_config(env, "bench-only", bench["out"], extra=EXTRA_METHOD)
+    _forbid(monkeypatch, "finetune", "pretrain", "estimate_prior", "pretrained_energies", "evaluate")
+    run_benchmark(load_benchmark_config(path, only=["msp"]), command="test")
+    res = json.loads((bench["out"] / "results.json").read_text())
+    assert [r["method"] for r in res["summary"]] == ["MSP", "EnergyOE (tune)", "Balanced EnergyOE"]
+    assert res["missing"] == ["OE seed 0", "OE seed 1"]
+    assert not list((bench["out"] / "runs").glob("oe-*"))

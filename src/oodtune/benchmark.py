@@ -80,6 +80,11 @@ class BenchmarkConfig:
     num_ood: int | None
     methods: list[MethodSpec]
     pretrained: str | None = None
+    only: list[str] = field(default_factory=list)  # labels/slugs of the rows to run; empty = all
+
+    def selected(self, spec: MethodSpec) -> bool:
+        """Whether this invocation may train/evaluate ``spec`` (the others are only tabulated)."""
+        return not self.only or spec.label in self.only or spec.slug in self.only
 
     @property
     def groups(self) -> dict[str, str]:
@@ -90,8 +95,9 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
                           out: str | None = None, only: list[str] | None = None) -> BenchmarkConfig:
     """Read a benchmark TOML; command-line overrides win over the file.
 
-    ``only``: keep just these rows, named by label or slug (e.g. to spend a short GPU session on the rows a
-    previous one did not finish); an unknown name is an error that lists the valid ones.
+    ``only``: run just these rows, named by label or slug (e.g. to spend a short GPU session on the rows a
+    previous one did not finish); the other rows are tabulated from their finished runs, as with
+    ``report_only``. An unknown name is an error that lists the valid ones.
     """
     raw = tomllib.loads(Path(path).read_text())
     b = raw.get("benchmark", {})
@@ -112,14 +118,13 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
         if unknown:
             raise ValueError(f"{path}: no method named {unknown}; choose from the slugs "
                              f"{[m.slug for m in methods]} (or the labels).")
-        methods = [m for m in methods if m.label in only or m.slug in only]
     return BenchmarkConfig(
         name=b.get("name", Path(path).stem), out=Path(out or b.get("out", f"runs/{Path(path).stem}")),
         data_root=data_root or b.get("data_root"), device=device or b.get("device"),
         seeds=list(b.get("seeds", [0])), id_dataset=b.get("id_dataset", "cifar10"), arch=b.get("arch", "wrn-40-2"),
         pretrain=dict(raw.get("pretrain", {})), finetune=dict(raw.get("finetune", {})),
         outliers=b.get("outliers", "tin-aux"), ood_near=list(b.get("ood_near", [])), ood_far=list(b.get("ood_far", [])),
-        num_ood=b.get("num_ood"), methods=methods, pretrained=b.get("pretrained"),
+        num_ood=b.get("num_ood"), methods=methods, pretrained=b.get("pretrained"), only=list(only or []),
     )
 
 
@@ -227,7 +232,8 @@ class Benchmark:
 
     def run(self, command: str, *, report_only: bool = False) -> list[Path]:
         """Run every missing piece, then write the tables. ``report_only`` trains and evaluates nothing:
-        it tabulates the runs already finished (e.g. when a GPU session ran out) and lists the rest."""
+        it tabulates the runs already finished (e.g. when a GPU session ran out) and lists the rest; rows left
+        out by ``cfg.only`` are treated the same way."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if report_only:  # never train: the configured checkpoint, or the one this benchmark pretrained
@@ -239,14 +245,15 @@ class Benchmark:
         base_cache = self.out / "evals" / "pretrained-energy.json"
         base_energy = None if report_only and not base_cache.exists() else self.evaluate(ckpt, "energy", base_cache)["energy"]
         for spec in cfg.methods:
+            tabulate_only = report_only or not cfg.selected(spec)
             if spec.posthoc:
                 cache = self.out / "evals" / f"pretrained-{spec.method}.json"
-                if report_only and not cache.exists():
+                if tabulate_only and not cache.exists():
                     missing.append(f"{spec.label} (post-hoc, pretrained model)")
                 else:
                     results[spec.label] = [self.evaluate(ckpt, spec.method, cache)]
                 continue
-            if report_only:
+            if tabulate_only:
                 caches = [self.out / "runs" / f"{spec.slug}-s{seed}" / "eval.json" for seed in cfg.seeds]
                 missing += [f"{spec.label} seed {seed}" for seed, c in zip(cfg.seeds, caches) if not c.exists()]
                 runs = [json.loads(c.read_text()) for c in caches if c.exists()]

@@ -273,7 +273,8 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
 @click.option("--device", default=None, help="Overrides the config's device.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Overrides the config's out folder.")
 @click.option("--only", multiple=True, metavar="METHOD",
-              help="Run only this row of the config (label or slug, e.g. 'energyoe'); repeatable.")
+              help="Run only this row of the config (label or slug, e.g. 'energyoe'); repeatable. The other "
+                   "rows are tabulated from their finished runs.")
 @click.option("--report-only", is_flag=True,
               help="Train nothing: tabulate the runs already finished and list the missing ones.")
 def benchmark(config: str, data_root: str | None, device: str | None, out: str | None, only: tuple[str, ...],
