@@ -12,20 +12,19 @@ SOURCE_ROOT holds the offline mirrors (see ../shared/data/README.md). Contents o
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tarfile
-from importlib import resources
 from pathlib import Path
 
 from PIL import Image
 
 from oodtune.data import load_dataset
+from oodtune.data.protocol import read_split
 
 
 def tin_subset(src: Path, dest: Path) -> None:
-    split = json.loads(resources.files("oodtune.protocols").joinpath("tin_split.json").read_text())
+    split = read_split()
     aux, near = set(split["auxiliary"]), set(split["near_ood"])
     with tarfile.open(src / "tiny-imagenet-200-32px-jpg.tar.gz") as tin, \
             tarfile.open(dest / "tiny-imagenet-200-protocol-subset.tar.gz", "w:gz") as out:

@@ -175,6 +175,10 @@ class Benchmark:
                      config=_train_config(p, {}, int(p.get("seed", 0)), self.cfg.device), **extra)
         return path
 
+    def run_dir(self, spec: MethodSpec, seed: int) -> Path:
+        """Where one fine-tuning run (``spec`` x ``seed``) keeps its checkpoints and ``eval.json``."""
+        return self.out / "runs" / f"{spec.slug}-s{seed}"
+
     def ood_sets(self, resolution: int) -> dict[str, ImageSet]:
         if self._sets is None:
             names = self.cfg.ood_near + self.cfg.ood_far
@@ -254,7 +258,7 @@ class Benchmark:
                     results[spec.label] = [self.evaluate(ckpt, spec.method, cache)]
                 continue
             if tabulate_only:
-                caches = [self.out / "runs" / f"{spec.slug}-s{seed}" / "eval.json" for seed in cfg.seeds]
+                caches = [self.run_dir(spec, seed) / "eval.json" for seed in cfg.seeds]
                 missing += [f"{spec.label} seed {seed}" for seed, c in zip(cfg.seeds, caches) if not c.exists()]
                 runs = [json.loads(c.read_text()) for c in caches if c.exists()]
                 if runs:
@@ -271,7 +275,7 @@ class Benchmark:
                 spec.loss_options = {**spec.loss_options, **self.margins(ckpt, spec.loss_options)}
             runs = []
             for seed in cfg.seeds:
-                run_dir = self.out / "runs" / f"{spec.slug}-s{seed}"
+                run_dir = self.run_dir(spec, seed)
                 if not (run_dir / FINAL).exists() and not (run_dir / "eval.json").exists():
                     console.rule(f"{spec.label} seed {seed}")
                     base = cfg.pretrain if spec.scratch else {"epochs": 10, "lr": 1e-3, **cfg.finetune}
