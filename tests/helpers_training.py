@@ -55,10 +55,11 @@ def checkpoint_meta(ds: ImageSet, arch: str = TINY_ARCH) -> dict[str, Any]:
             "std": [0.25] * 3, "resolution": ds.resolution, "dataset": ds.name}
 
 
-def tiny_net(seed: int = 0, num_classes: int = NUM_CLASSES, arch: str = TINY_ARCH) -> FeatureModel:
+def tiny_net(seed: int = 0, num_classes: int = NUM_CLASSES, arch: str = TINY_ARCH, *,
+             drop_rate: float = 0.3) -> FeatureModel:
     """A freshly initialised FeatureModel whose initial weights depend only on ``seed``."""
     torch.manual_seed(seed)
-    return FeatureModel(build_model(arch, num_classes))
+    return FeatureModel(build_model(arch, num_classes, drop_rate=drop_rate))
 
 
 def tiny_config(**overrides: Any) -> TrainConfig:
@@ -70,9 +71,10 @@ def tiny_config(**overrides: Any) -> TrainConfig:
 
 
 def make_trainer(train_set: ImageSet, loss: CompositeLoss, *, run_dir: str | Path | None = None,
-                 outliers: ImageSet | None = None, net_seed: int = 0, **config: Any) -> Trainer:
-    """A Trainer for a fresh ``tiny_net(net_seed)``; ``config`` goes to :func:`tiny_config`."""
-    return Trainer(tiny_net(net_seed, train_set.num_classes), train_set, loss, tiny_config(**config),
+                 outliers: ImageSet | None = None, net_seed: int = 0, drop_rate: float = 0.3,
+                 **config: Any) -> Trainer:
+    """A Trainer for a fresh ``tiny_net(net_seed, drop_rate=...)``; ``config`` goes to :func:`tiny_config`."""
+    return Trainer(tiny_net(net_seed, train_set.num_classes, drop_rate=drop_rate), train_set, loss, tiny_config(**config),
                    outliers=outliers, run_dir=run_dir, meta=checkpoint_meta(train_set))
 
 

@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers_training import (
-    TINY_ARCH,
     assert_states_equal,
-    checkpoint_meta,
     easy_imageset,
     make_trainer,
     random_imageset,
@@ -22,7 +20,6 @@ from helpers_training import (
 )
 from oodtune.data.imageset import DataError
 from oodtune.losses import LossInputs, build_method_loss
-from oodtune.models import FeatureModel, build_model
 from oodtune.training.batches import Normalizer, to_device_uint8
 from oodtune.training.checkpoint import load_model, read_checkpoint
 from oodtune.training.trainer import FINAL, LAST, Trainer, cosine_factor
@@ -232,14 +229,8 @@ def test_compiled_path_runs_on_cpu_and_matches_eager(tmp_path: Path) -> None:
     like the eager path and writes a checkpoint that loads like any other. Dropout is off: compiled dropout
     draws its masks from a different random stream, so only a dropout-free net can be compared step for step."""
     ds = easy_imageset(64)
-
-    def fit(mode: str) -> Any:
-        torch.manual_seed(0)
-        net = FeatureModel(build_model(TINY_ARCH, ds.num_classes, drop_rate=0.0))
-        return Trainer(net, ds, build_method_loss("ce"), tiny_config(epochs=1, compile=mode),
-                       run_dir=tmp_path / mode, meta=checkpoint_meta(ds)).fit()
-
-    eager, compiled = fit("none"), fit("reduce-overhead")
+    eager, compiled = (make_trainer(ds, build_method_loss("ce"), run_dir=tmp_path / mode, epochs=1, compile=mode,
+                                    drop_rate=0.0).fit() for mode in ("none", "reduce-overhead"))
     assert compiled.history[0]["ce"] == pytest.approx(eager.history[0]["ce"], rel=1e-4)
     model, meta = load_model(compiled.checkpoint)
     assert meta["train_config"]["compile"] == "reduce-overhead"
