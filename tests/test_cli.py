@@ -48,7 +48,7 @@ def pretrained(env: dict[str, Path]) -> Path:
     """`oodtune pretrain --config`: every option from a [pretrain] table (dashes and underscores)."""
     cfg = env["tmp"] / "pretrain.toml"
     cfg.write_text(f'[pretrain]\ndata-root = "{env["root"]}"\narch = "wrn-10-1"\nepochs = 1\nbatch_size = 8\n'
-                   f'max-steps-per-epoch = 1\ndevice = "cpu"\nout = "{env["tmp"] / "pre"}"\n\n'
+                   f'max-steps-per-epoch = 1\ncompile-scope = "step"\ndevice = "cpu"\nout = "{env["tmp"] / "pre"}"\n\n'
                    '[evaluate]\nood = ["gaussian"]\n')
     res = ok("pretrain", "--config", cfg)
     assert "saved" in res.output
@@ -56,6 +56,7 @@ def pretrained(env: dict[str, Path]) -> Path:
     meta = torch.load(path, weights_only=True)["meta"]
     assert meta["arch"] == "wrn-10-1" and meta["dataset"] == "cifar10"
     assert meta["train_config"]["batch_size"] == 8 and meta["train_config"]["max_steps_per_epoch"] == 1
+    assert meta["train_config"]["compile_scope"] == "step" and meta["train_config"]["compile"] == "none"
     return path
 
 

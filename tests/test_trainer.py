@@ -20,9 +20,9 @@ from helpers_training import (
 )
 from oodtune.data.imageset import DataError
 from oodtune.losses import LossInputs, build_method_loss
-from oodtune.training.batches import Normalizer, to_device_uint8
+from oodtune.training.batches import Normalizer, OutlierSampler, to_device_uint8
 from oodtune.training.checkpoint import load_model, read_checkpoint
-from oodtune.training.trainer import FINAL, LAST, Trainer, cosine_factor
+from oodtune.training.trainer import FINAL, LAST, TrainConfig, Trainer, cosine_factor
 
 pytestmark = pytest.mark.usefixtures("quiet")
 
@@ -224,17 +224,46 @@ def test_augmentation_off_feeds_normalised_originals() -> None:
 
 
 
-def test_compiled_path_runs_on_cpu_and_matches_eager(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scope", ["model", "step"])
+def test_compiled_path_runs_on_cpu_and_matches_eager(tmp_path: Path, scope: str) -> None:
     """The GPU fast path's ``torch.compile`` (CUDA graphs where CUDA exists; inductor skips them on CPU) trains
-    like the eager path and writes a checkpoint that loads like any other. Dropout is off: compiled dropout
-    draws its masks from a different random stream, so only a dropout-free net can be compared step for step."""
-    ds = easy_imageset(64)
-    eager, compiled = (make_trainer(ds, build_method_loss("ce"), run_dir=tmp_path / mode, epochs=1, compile=mode,
-                                    drop_rate=0.0).fit() for mode in ("none", "reduce-overhead"))
-    assert compiled.history[0]["ce"] == pytest.approx(eager.history[0]["ce"], rel=1e-4)
+    like the eager path and writes a checkpoint that loads like any other, whether it compiles the model alone
+    or the whole step (crop/flip + normalisation + forward over ID and outliers + Balanced Energy + Sparsity
+    loss). Dropout is off: compiled dropout draws its masks from a different random stream, so only a
+    dropout-free net can be compared step for step."""
+    ds, aux = easy_imageset(64), random_imageset(128, labelled=False, seed=3)
+    loss = lambda: build_method_loss("balanced-energy+sparsity", prior_gamma=[0.4, 0.3, 0.2, 0.1])  # noqa: E731
+    eager, compiled = (make_trainer(ds, loss(), outliers=aux, run_dir=tmp_path / mode, epochs=1, compile=mode,
+                                    compile_scope=scope, drop_rate=0.0).fit() for mode in ("none", "reduce-overhead"))
+    for part in ("ce", "balanced_energy", "sparsity"):
+        assert compiled.history[0][part] == pytest.approx(eager.history[0][part], rel=1e-4), part
+    assert compiled.history[0]["train_acc"] == eager.history[0]["train_acc"]
     model, meta = load_model(compiled.checkpoint)
     assert meta["train_config"]["compile"] == "reduce-overhead"
+    assert meta["train_config"]["compile_scope"] == scope
     reference = state_of(load_model(eager.checkpoint)[0])
     assert state_of(model).keys() == reference.keys()
     for key, value in state_of(model).items():
         torch.testing.assert_close(value, reference[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_train_config_rejects_unknown_compile_settings() -> None:
+    with pytest.raises(ValueError, match="compile_scope"):
+        TrainConfig(compile_scope="everything")
+    with pytest.raises(ValueError, match="compile must be one of"):
+        TrainConfig(compile="fast")
+
+
+@pytest.mark.parametrize("method", ["ce", "oe", "energy-oe", "balanced-energy+sparsity"])
+def test_whole_step_traces_as_one_graph(method: str) -> None:
+    """``--compile-scope step`` pays off only if crop/flip, normalisation, the forward pass and every loss
+    term land in ONE graph (one CUDA graph per direction): no graph breaks for any method."""
+    ds, aux = easy_imageset(64), random_imageset(128, labelled=False, seed=3)
+    loss = build_method_loss(method, prior_gamma=[0.4, 0.3, 0.2, 0.1] if "balanced" in method else None)
+    trainer = make_trainer(ds, loss, outliers=aux if loss.needs_outliers else None, compile="reduce-overhead",
+                           compile_scope="step")
+    gen = torch.Generator().manual_seed(0)
+    sampler = OutlierSampler(len(aux), 64, gen) if loss.needs_outliers else None
+    batch = trainer._draw(torch.arange(32), gen, sampler)
+    explained = torch._dynamo.explain(lambda *b: trainer._forward(trainer.net, *b))(*batch)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

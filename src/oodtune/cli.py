@@ -15,7 +15,7 @@ from . import __version__
 from .data import available_datasets
 from .models import ARCHITECTURES
 from .progress import console
-from .training.trainer import TrainConfig
+from .training.trainer import COMPILE_MODES, COMPILE_SCOPES, TrainConfig
 
 SCORE_CHOICES = ("msp", "maxlogit", "entropy", "energy", "odin", "mahalanobis", "knn")
 METHODS_HELP = "oe, energy-oe, balanced-energy, sparsity, or a '+'-composition such as balanced-energy+sparsity"
@@ -68,9 +68,11 @@ def train_options(epochs: int, lr: float) -> Any:
             click.option("--seed", type=int, default=0, show_default=True),
             click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
                          help="auto = bf16 autocast on CUDA, fp32 on CPU."),
-            click.option("--compile", "compile_mode", default="none", show_default=True,
-                         type=click.Choice(["none", "default", "reduce-overhead", "max-autotune"]),
-                         help="torch.compile mode for the training step."),
+            click.option("--compile", "compile_mode", default="none", show_default=True, type=click.Choice(COMPILE_MODES),
+                         help="torch.compile mode for the training step (reduce-overhead = CUDA graphs)."),
+            click.option("--compile-scope", default="model", show_default=True, type=click.Choice(COMPILE_SCOPES),
+                         help="What --compile wraps: the model, or the whole step (crop/flip, normalisation, "
+                              "forward, loss) in one graph."),
             click.option("--max-steps-per-epoch", type=click.IntRange(1), default=None,
                          help="Cap steps per epoch (quick CPU-scale runs)."),
         ]):
@@ -83,6 +85,7 @@ def _train_config(kw: dict[str, Any], **extra: Any) -> TrainConfig:
     return TrainConfig(
         epochs=kw.pop("epochs"), lr=kw.pop("lr"), batch_size=kw.pop("batch_size"), weight_decay=kw.pop("weight_decay"),
         seed=kw.pop("seed"), precision=kw.pop("precision"), compile=kw.pop("compile_mode"),
+        compile_scope=kw.pop("compile_scope"),
         max_steps_per_epoch=kw.pop("max_steps_per_epoch"), device=kw.pop("device"), **extra,
     )
 

@@ -38,7 +38,8 @@ class Normalizer:
         self.mean, self.std, self.channels_last = tuple(mean), tuple(std), channels_last
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as (1, 3, 1, 1) tensors on ``device``, built on first use."""
         if device not in self._stats:
             shape = (1, 3, 1, 1)
             self._stats[device] = (torch.tensor(self.mean, device=device).view(shape),
@@ -46,9 +47,37 @@ class Normalizer:
         return self._stats[device]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._on(x.device)
+        mean, std = self.stats(x.device)
         out = (x.float() / 255.0 - mean) / std
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+
+#: Per-sample crop offsets (rows, columns) and flip flags of one batch, as drawn by :func:`draw_crop_flip`.
+CropFlip = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def draw_crop_flip(batch: int, generator: torch.Generator, padding: int = 4) -> CropFlip:
+    """Random parameters of :func:`apply_crop_flip` for ``batch`` images, drawn from ``generator`` (whose device
+    they live on): row and column offsets in [0, 2·padding], shape (B, 1), and flip flags (p=0.5), shape (B,)."""
+    device = generator.device
+    oy = torch.randint(0, 2 * padding + 1, (batch, 1), device=device, generator=generator)
+    ox = torch.randint(0, 2 * padding + 1, (batch, 1), device=device, generator=generator)
+    flip = torch.rand(batch, device=device, generator=generator) < 0.5
+    return oy, ox, flip
+
+
+def apply_crop_flip(x: torch.Tensor, params: CropFlip, padding: int = 4) -> torch.Tensor:
+    """Crop each image of the zero-padded batch ``x`` (B, C, H, W; any dtype) back to H x W at its offsets, then
+    flip the flagged ones horizontally. Pure tensor indexing, no randomness: it can sit in a compiled graph."""
+    oy, ox, flip = params
+    b, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    rows = (oy + torch.arange(h, device=x.device)).view(b, 1, h, 1)
+    cols = (ox + torch.arange(w, device=x.device)).view(b, 1, 1, w)
+    cols = torch.where(flip.view(b, 1, 1, 1), cols.flip(3), cols)
+    bidx = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    cidx = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[bidx, cidx, rows, cols]
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
@@ -57,17 +86,7 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int =
     ``x`` is (B, C, H, W) of any dtype; offsets and flips are drawn from ``generator`` (which must live on
     ``x.device``) so a seed reproduces the same augmentation.
     """
-    b, _, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
-    ox = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device, generator=generator)
-    rows = (oy + torch.arange(h, device=x.device)).view(b, 1, h, 1)
-    cols = (ox + torch.arange(w, device=x.device)).view(b, 1, 1, w)
-    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
-    cols = torch.where(flip.view(b, 1, 1, 1), cols.flip(3), cols)
-    bidx = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-    cidx = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
-    return padded[bidx, cidx, rows, cols]
+    return apply_crop_flip(x, draw_crop_flip(x.shape[0], generator, padding), padding)
 
 
 def index_batches(

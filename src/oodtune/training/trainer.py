@@ -5,12 +5,17 @@ the training device, runs ONE forward pass over their concatenation (as the OE /
 does, so BatchNorm sees both), splits the outputs and hands them to a ``CompositeLoss``. SGD with Nesterov
 momentum and a per-step cosine schedule (OE/Energy code: lr_t = lr·[r + (1−r)·½(1+cos(πt/T))], r = 1e-6/lr).
 State is checkpointed atomically after every epoch so an interrupted run resumes where it stopped.
+
+``compile`` wraps either the model (``compile_scope="model"``) or the whole deterministic part of a step —
+crop/flip with pre-drawn offsets, normalisation, forward, loss — (``"step"``) in ``torch.compile``; with
+``reduce-overhead`` that becomes CUDA graphs. Random draws, the optimizer and the scheduler stay eager.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +28,19 @@ from ..data.imageset import DataError, ImageSet
 from ..losses import CompositeLoss, LossInputs
 from ..models import FeatureModel
 from ..progress import console, format_rate, progress_bar
-from .batches import Normalizer, OutlierSampler, index_batches, random_crop_flip, to_device_uint8
+from .batches import (CropFlip, Normalizer, OutlierSampler, apply_crop_flip, draw_crop_flip, index_batches,
+                      to_device_uint8)
 from .checkpoint import read_checkpoint, save_checkpoint
 from .runtime import DistInfo, autocast, init_distributed, local_device, resolve_device
 
 LAST = "last.pt"
 FINAL = "model.pt"
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+COMPILE_SCOPES = ("model", "step")
+
+#: One step's eager inputs: ID uint8 images, labels, their crop/flip draw, outlier uint8 images and their draw.
+StepBatch = tuple[torch.Tensor, torch.Tensor, CropFlip | None, torch.Tensor | None, CropFlip | None]
+StepOutputs = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -47,12 +59,16 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool | None = None  # None = on CUDA
     compile: str = "none"  # none | default | reduce-overhead | max-autotune
+    compile_scope: str = "model"  # model | step (augmentation + normalisation + forward + loss in one graph)
     device: str | None = None
     max_steps_per_epoch: int | None = None  # cap for smoke tests / CPU-scale runs
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"epochs, batch_size and lr must be positive: {self}")
+        if self.compile not in COMPILE_MODES or self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES} and compile_scope one of {COMPILE_SCOPES}, "
+                             f"got {self.compile!r} / {self.compile_scope!r}")
 
 
 @dataclass
@@ -112,8 +128,11 @@ class Trainer:
         self.loss = loss
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN pick the fastest kernels once
-            # A per-step finiteness check would sync the GPU every step; the loop checks once per epoch.
+        if self.device.type == "cuda" or (config.compile != "none" and config.compile_scope == "step"):
+            # A per-step finiteness check would sync the GPU every step (and split a compiled step's graph);
+            # the loop checks once per epoch instead.
             loss.check_finite = False
+        self.normalizer.stats(self.device)  # build the mean/std tensors now, not inside a compiled graph
         self.net = net.to(self.device)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -126,18 +145,54 @@ class Trainer:
         self.train_name = train_set.name
 
     # -- pieces of a step -------------------------------------------------------------------------
-    def _prepare(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.cfg.augment:
-            images = random_crop_flip(images, generator)
-        return self.normalizer(images)
+    # A step is split where randomness ends: ``_draw`` (eager) gathers the batch and draws its augmentation
+    # from the seeded generator; ``_forward`` is pure tensor work (crop/flip, normalise, one forward pass over
+    # the concatenated batch, loss), so ``--compile-scope step`` can capture all of it in one graph.
+    def _draw(self, idx: torch.Tensor, gen: torch.Generator, sampler: OutlierSampler | None) -> StepBatch:
+        augment = self.cfg.augment
+        x_in = self.train_x[idx]
+        aug_in = draw_crop_flip(len(x_in), gen) if augment else None
+        x_out = aug_out = None
+        if sampler is not None:
+            x_out = self.out_x[sampler.next()]
+            aug_out = draw_crop_flip(len(x_out), gen) if augment else None
+        return x_in, self.train_y[idx], aug_in, x_out, aug_out
 
-    def _model(self) -> nn.Module:
+    def _prepare(self, images: torch.Tensor, aug: CropFlip | None) -> torch.Tensor:
+        return self.normalizer(images if aug is None else apply_crop_flip(images, aug))
+
+    def _forward(self, model: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor, aug_in: CropFlip | None,
+                 x_out: torch.Tensor | None, aug_out: CropFlip | None) -> StepOutputs:
+        """(total loss, its detached parts, number of correct ID predictions) for one batch."""
+        x = self._prepare(x_in, aug_in)
+        if x_out is not None:
+            x = torch.cat([x, self._prepare(x_out, aug_out)])
+        with autocast(self.device, self.cfg.precision):
+            logits, feats = model(x)
+        b = x_in.shape[0]
+        total, parts = self.loss(LossInputs(
+            logits_in=logits[:b],
+            labels_in=y_in,
+            features_in=feats[:b] if self.loss.needs_features else None,
+            logits_out=logits[b:] if x_out is not None else None,
+        ))
+        return total, parts, (logits[:b].argmax(1) == y_in).sum()
+
+    def _step_function(self) -> Callable[..., StepOutputs]:
+        """``_forward`` bound to the (DDP-wrapped) model, compiled as ``--compile`` / ``--compile-scope`` say."""
         model: nn.Module = self.net
         if self.dist.world > 1:
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.cfg.compile != "none":
-            model = torch.compile(model, mode=None if self.cfg.compile == "default" else self.cfg.compile)
-        return model
+        mode = None if self.cfg.compile == "default" else self.cfg.compile
+        if self.cfg.compile != "none" and self.cfg.compile_scope == "model":
+            model = torch.compile(model, mode=mode)
+
+        def step(*batch: Any) -> StepOutputs:
+            return self._forward(model, *batch)
+
+        if self.cfg.compile != "none" and self.cfg.compile_scope == "step":
+            return torch.compile(step, mode=mode)
+        return step
 
     def _optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(
@@ -198,12 +253,12 @@ class Trainer:
             if self.out_x is not None else None
         )
         start_epoch, history = self._restore(opt, sched, gen, sampler)
-        model = self._model()
+        step_fn = self._step_function()
         t_start = time.perf_counter()
         with progress_bar(f"train {self.train_name}", total=total, unit="step") as bar:
             bar.advance(0, steps * start_epoch)
             for epoch in range(start_epoch, cfg.epochs):
-                history.append(self._epoch(model, opt, sched, gen, sampler, steps, epoch, bar))
+                history.append(self._epoch(step_fn, opt, sched, gen, sampler, steps, epoch, bar))
                 self._save_state(epoch + 1, opt, sched, gen, history, sampler)
         result = TrainResult(history=history, seconds=time.perf_counter() - t_start)
         if self.run_dir is not None and self.dist.is_main:
@@ -212,9 +267,10 @@ class Trainer:
             (self.run_dir / LAST).unlink(missing_ok=True)
         return result
 
-    def _epoch(self, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
-               gen: torch.Generator, sampler: OutlierSampler | None, steps: int, epoch: int, bar: Any) -> dict[str, float]:
-        model.train()
+    def _epoch(self, step_fn: Callable[..., StepOutputs], opt: torch.optim.Optimizer,
+               sched: torch.optim.lr_scheduler.LambdaLR, gen: torch.Generator, sampler: OutlierSampler | None,
+               steps: int, epoch: int, bar: Any) -> dict[str, float]:
+        self.net.train()
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
         seen = processed = 0
@@ -223,28 +279,19 @@ class Trainer:
         for step, idx in enumerate(batches):
             if step >= steps:
                 break
-            x_in = self._prepare(self.train_x[idx], gen)
-            y_in = self.train_y[idx]
-            x = x_in if sampler is None else torch.cat([x_in, self._prepare(self.out_x[sampler.next()], gen)])
-            with autocast(self.device, self.cfg.precision):
-                logits, feats = model(x)
-            b = len(idx)
-            inputs = LossInputs(
-                logits_in=logits[:b],
-                labels_in=y_in,
-                features_in=feats[:b] if self.loss.needs_features else None,
-                logits_out=logits[b:] if sampler is not None else None,
-            )
-            total, parts = self.loss(inputs)
+            batch = self._draw(idx, gen, sampler)
+            if self.cfg.compile != "none":
+                torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs are consumed
+            total, parts, n_correct = step_fn(*batch)
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
             sched.step()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            correct += (logits[:b].argmax(1) == y_in).sum()
-            seen += b
-            processed += x.shape[0] * self.dist.world
+                sums[k] = sums.get(k, 0) + v.float()
+            correct += n_correct
+            seen += len(idx)
+            processed += (len(idx) + (0 if batch[3] is None else len(batch[3]))) * self.dist.world
             bar.advance(0, 1)
             if step % 20 == 0:
                 bar.update(0, rate=format_rate(processed, time.perf_counter() - t0))
