@@ -135,6 +135,17 @@ def test_from_scratch_builds_fresh_model(env, pretrained, monkeypatch):
     assert meta["stage"] == "scratch" and meta["method"] == "energy-oe"
 
 
+def test_initial_weights_depend_only_on_the_seed(env):
+    """Runs from scratch draw their initialisation from their own seed: what consumed the global RNG before
+    (an earlier run in the same process, a resumed or ``--only`` benchmark) must not change it."""
+    first = pipe.pretrain_setup(arch=ARCH, data_root=env["root"], seed=3)[2].state_dict()
+    torch.rand(1000)
+    again = pipe.pretrain_setup(arch=ARCH, data_root=env["root"], seed=3)[2].state_dict()
+    other = pipe.pretrain_setup(arch=ARCH, data_root=env["root"], seed=4)[2].state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first if k.endswith("weight"))
+
+
 # ------------------------------------------------------------- fine-tuning never sees ID test data
 
 def test_finetune_reads_only_the_id_train_split(env, pretrained, prior, monkeypatch):

@@ -44,20 +44,36 @@ def normalizer_for(meta: dict[str, Any]) -> Normalizer:
     return Normalizer(tuple(meta["mean"]), tuple(meta["std"]))
 
 
-def pretrain(out: str | Path, *, dataset: str = "cifar10", arch: str = "wrn-40-2", data_root: str | Path | None = None,
-             config: TrainConfig | None = None, resolution: int = 32, imbalance_ratio: float | None = None,
-             num_train: int | None = None, data_seed: int = 0) -> Path:
-    """Standard cross-entropy training from scratch; returns the path of ``OUT/model.pt``."""
-    config = config or TrainConfig()
+def fresh_model(arch: str, num_classes: int, *, drop_rate: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """A newly initialised classifier whose weights depend only on ``seed``, not on RNG use before the call."""
+    torch.manual_seed(seed)
+    return build_model(arch, num_classes, drop_rate=drop_rate)
+
+
+def pretrain_setup(*, dataset: str = "cifar10", arch: str = "wrn-40-2", data_root: str | Path | None = None,
+                   resolution: int = 32, imbalance_ratio: float | None = None, num_train: int | None = None,
+                   data_seed: int = 0, seed: int = 0, stage: str = "pretrain"
+                   ) -> tuple[dict[str, Any], ImageSet, FeatureModel]:
+    """(checkpoint meta, ID training split, model freshly initialised from ``seed``) of a run from scratch."""
     meta: dict[str, Any] = {
-        "stage": "pretrain", "dataset": dataset, "arch": arch, "resolution": resolution,
+        "stage": stage, "dataset": dataset, "arch": arch, "resolution": resolution,
         "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD), "drop_rate": 0.3, "data_seed": data_seed,
         "imbalance_ratio": imbalance_ratio, "num_train": num_train,
     }
     train = id_train_set(meta, data_root)
     meta.update(classes=list(train.classes), num_classes=train.num_classes,
                 class_counts=train.class_counts().tolist())
-    net = FeatureModel(build_model(arch, train.num_classes))
+    return meta, train, FeatureModel(fresh_model(arch, train.num_classes, drop_rate=meta["drop_rate"], seed=seed))
+
+
+def pretrain(out: str | Path, *, dataset: str = "cifar10", arch: str = "wrn-40-2", data_root: str | Path | None = None,
+             config: TrainConfig | None = None, resolution: int = 32, imbalance_ratio: float | None = None,
+             num_train: int | None = None, data_seed: int = 0) -> Path:
+    """Standard cross-entropy training from scratch; returns the path of ``OUT/model.pt``."""
+    config = config or TrainConfig()
+    meta, train, net = pretrain_setup(dataset=dataset, arch=arch, data_root=data_root, resolution=resolution,
+                                      imbalance_ratio=imbalance_ratio, num_train=num_train, data_seed=data_seed,
+                                      seed=config.seed)
     trainer = Trainer(net, train, build_method_loss("ce"), config, normalizer=normalizer_for(meta), run_dir=out, meta=meta)
     return trainer.fit().checkpoint
 
@@ -97,7 +113,8 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
     model, meta = load_model(checkpoint)
     meta = dict(meta)
     if from_scratch:
-        model = build_model(meta["arch"], int(meta["num_classes"]), drop_rate=float(meta.get("drop_rate", 0.3)))
+        model = fresh_model(meta["arch"], int(meta["num_classes"]), drop_rate=float(meta.get("drop_rate", 0.3)),
+                            seed=config.seed)
     gamma_prior = None if prior is None else prior.gamma_prior()
     loss = build_method_loss(method, prior_gamma=gamma_prior, **(loss_options or {}))
     train = id_train_set(meta, data_root)
