@@ -28,16 +28,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from _common import environment, now, print_table, save_json
+from _reference import reference_loader, reference_optimizer, reference_step
 from oodtune.data.imageset import ImageSet
-from oodtune.losses import CompositeLoss, LossInputs, build_method_loss
+from oodtune.losses import CompositeLoss, build_method_loss
 from oodtune.models import FeatureModel, build_model
-from oodtune.training.batches import CIFAR_MEAN, CIFAR_STD
 from oodtune.training.runtime import resolve_device
-from oodtune.training.trainer import TrainConfig, Trainer, cosine_factor
+from oodtune.training.trainer import COMPILE_MODES, COMPILE_SCOPES, TrainConfig, Trainer
 
 NUM_CLASSES = 10
 CIFAR_TRAIN_SHAPE = (50_000, 32, 32, 3)
@@ -79,19 +78,19 @@ def fresh_model(arch: str, device: torch.device) -> FeatureModel:
 
 # ---------------------------------------------------------------------------------------- oodtune path
 class _StartTimerAt:
-    """Wraps ``Trainer._prepare`` (called outside the compiled model, first thing in each step) and records
-    a synchronised timestamp when step ``warmup`` begins."""
+    """Wraps ``Trainer._draw`` (the eager start of every step, outside any compiled graph) and records a
+    synchronised timestamp when step ``first_timed_step`` begins."""
 
-    def __init__(self, prepare: Callable[..., torch.Tensor], device: torch.device, first_timed_call: int) -> None:
-        self.prepare, self.device, self.first_timed_call = prepare, device, first_timed_call
+    def __init__(self, draw: Callable[..., Any], device: torch.device, first_timed_step: int) -> None:
+        self.draw, self.device, self.first_timed_step = draw, device, first_timed_step
         self.calls = 0
         self.t0: float | None = None
 
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.calls == self.first_timed_call:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.calls == self.first_timed_step:
             self.t0 = now(self.device)
         self.calls += 1
-        return self.prepare(*args, **kwargs)
+        return self.draw(*args, **kwargs)
 
 
 def run_oodtune(args: argparse.Namespace, device: torch.device, train: ImageSet, outliers: ImageSet | None,
@@ -99,14 +98,14 @@ def run_oodtune(args: argparse.Namespace, device: torch.device, train: ImageSet,
     """Time ``args.steps`` steps of ``Trainer`` after ``args.warmup`` warm-up steps (one call of ``fit``)."""
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, outlier_batch_size=args.outlier_batch_size,
-                      compile=args.compile, precision=args.precision, device=str(device),
+                      compile=args.compile, compile_scope=args.compile_scope, precision=args.precision,
+                      device=str(device),
                       max_steps_per_epoch=args.warmup + args.steps)
     trainer = Trainer(fresh_model(args.arch, device), train, loss, cfg, outliers=outliers)
     if trainer.steps_per_epoch() < args.warmup + args.steps:
         raise SystemExit(f"{len(train)} images give only {trainer.steps_per_epoch()} steps; lower --steps/--warmup")
-    calls_per_step = 2 if trainer.out_x is not None else 1
-    timer = _StartTimerAt(trainer._prepare, device, args.warmup * calls_per_step)
-    trainer._prepare = timer  # type: ignore[method-assign]
+    timer = _StartTimerAt(trainer._draw, device, args.warmup)
+    trainer._draw = timer  # type: ignore[method-assign]
     trainer.fit()
     t1 = now(device)
     assert timer.t0 is not None
@@ -115,70 +114,27 @@ def run_oodtune(args: argparse.Namespace, device: torch.device, train: ImageSet,
 
 
 # -------------------------------------------------------------------------------------- reference path
-class ReferenceStyleDataset(Dataset):
-    """Per-image CPU pipeline as in the OE/Energy code (RandomCrop(32, padding=4), RandomHorizontalFlip,
-    ToTensor, Normalize), hand-written on tensors; ``__getitem__`` returns (float CHW image, label)."""
-
-    def __init__(self, ds: ImageSet, padding: int = 4) -> None:
-        self.images = ds.images
-        self.labels = ds.labels if ds.labels is not None else np.zeros(len(ds), dtype=np.int64)
-        self.padding = padding
-        self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = torch.from_numpy(self.images[i]).permute(2, 0, 1)  # uint8 CHW
-        _, h, w = img.shape
-        p = self.padding
-        padded = F.pad(img, (p, p, p, p))
-        dy, dx = torch.randint(0, 2 * p + 1, (2,)).tolist()
-        img = padded[:, dy : dy + h, dx : dx + w]
-        if torch.rand(()) < 0.5:
-            img = img.flip(-1)
-        x = (img.float().div_(255) - self.mean) / self.std
-        return x, int(self.labels[i])
-
-
 def _endless(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     while True:
         yield from loader
 
 
-def _loader(ds: ImageSet, batch_size: int, args: argparse.Namespace, device: torch.device) -> DataLoader:
-    return DataLoader(ReferenceStyleDataset(ds), batch_size=batch_size, shuffle=True, drop_last=True,
-                      num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=args.num_workers > 0)
-
-
 def run_reference(args: argparse.Namespace, device: torch.device, train: ImageSet, outliers: ImageSet | None,
                   loss: CompositeLoss) -> dict[str, float]:
-    """Time the reference-style loop: zip(ID loader, outlier loader) -> cat -> .to(device) -> fp32 step."""
+    """Time the reference-style loop (``_reference.py``): zip(ID loader, outlier loader) -> cat -> fp32 step."""
     torch.backends.cudnn.benchmark = True  # as in the OE/Energy training scripts
     net = fresh_model(args.arch, device).train()
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     total = args.warmup + args.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine_factor(t, total, 0.1))
-    id_batches = _endless(_loader(train, args.batch_size, args, device))
-    out_batches = _endless(_loader(outliers, args.outlier_batch_size, args, device)) if outliers is not None else None
+    opt, sched = reference_optimizer(net, 0.1, total)
+    id_batches = _endless(reference_loader(train, args.batch_size, args.num_workers, device))
+    out_batches = (_endless(reference_loader(outliers, args.outlier_batch_size, args.num_workers, device))
+                   if outliers is not None else None)
     t0 = 0.0
     for step in range(total):
         if step == args.warmup:
             t0 = now(device)
         x, y = next(id_batches)
-        b = len(x)
-        if out_batches is not None:
-            x = torch.cat([x, next(out_batches)[0]])
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits, feats = net(x)
-        total_loss, _ = loss(LossInputs(logits[:b], y, feats[:b] if loss.needs_features else None,
-                                        logits[b:] if out_batches is not None else None))
-        opt.zero_grad(set_to_none=True)
-        total_loss.backward()
-        opt.step()
-        sched.step()
+        reference_step(net, loss, opt, sched, x, y, next(out_batches)[0] if out_batches is not None else None, device)
     t1 = now(device)
     per_step = args.batch_size + (args.outlier_batch_size if outliers is not None else 0)
     return _rates(args.steps, per_step, t1 - t0)
@@ -205,8 +161,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--outlier-batch-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 50 on CUDA, 3 on CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 1 on CPU)")
-    ap.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
-                    help="torch.compile mode for the oodtune path")
+    ap.add_argument("--compile", default="none", choices=COMPILE_MODES, help="torch.compile mode for the oodtune path")
+    ap.add_argument("--compile-scope", default="model", choices=COMPILE_SCOPES,
+                    help="what --compile wraps on the oodtune path: the model, or the whole step")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="oodtune path precision")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="also enable cudnn.benchmark for the oodtune path (the reference path always has it)")
@@ -241,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ref = {r["stage"]: r["images_per_s"] for r in results if r["path"] == "reference"}
     for r in results:
         r["ratio_vs_reference"] = r["images_per_s"] / ref[r["stage"]] if r["stage"] in ref else None
-    extra = "".join([f", compile={args.compile}" if args.compile != "none" else "",
+    extra = "".join([f", compile={args.compile} ({args.compile_scope})" if args.compile != "none" else "",
                      ", cudnn.benchmark" if args.cudnn_benchmark else "",
                      ", check_finite=False" if args.no_check_finite else ""])
     print_table(
