@@ -8,33 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
 
 from fixtures_data import offline_env
+from helpers_cli import FAST, fails, ok
 from oodtune import __version__
 from oodtune.cli import main
-
-FAST = ["--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "1", "--device", "cpu"]
-
-
-def invoke(*args: Any) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(*args: Any) -> Result:
-    res = invoke(*args)
-    assert res.exit_code == 0, (args, res.output, res.exception)
-    return res
-
-
-def fails(*args: Any, match: str, code: int | None = None) -> Result:
-    res = invoke(*args)
-    assert res.exit_code != 0, res.output
-    if code is not None:
-        assert res.exit_code == code, (res.exit_code, res.output, res.exception)
-    assert match.lower() in res.output.lower(), res.output
-    assert "Traceback" not in res.output
-    return res
 
 
 @pytest.fixture(scope="module")

@@ -72,17 +72,17 @@ def test_head_name_selects_an_inner_layer() -> None:
 
 
 def test_head_name_must_be_linear() -> None:
-    with pytest.raises(TypeError, match="expected the final nn.Linear"):
+    with pytest.raises(ValueError, match="expected the final nn.Linear"):
         FeatureModel(_user_model(), head_name="0")
 
 
 def test_head_name_must_exist() -> None:
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValueError, match="has no layer 'classifier'"):
         FeatureModel(_user_model(), head_name="classifier")
 
 
 def test_model_without_linear_is_rejected() -> None:
-    with pytest.raises(TypeError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match="no nn.Linear"):
         find_head(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1)))
 
 

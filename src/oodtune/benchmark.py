@@ -23,16 +23,15 @@ from .data.imageset import ImageSet
 from .data.longtail import class_splits, split_accuracy
 from .evaluation import METRIC_KEYS, EvalReport, evaluate
 from .logit_adjust import adjust_logits
-from .metrics import roc_curve
-from .models import FeatureModel
 from .margins import propose_margins
+from .metrics import roc_curve
 from .pipeline import estimate_prior, finetune, id_train_set, normalizer_for, pretrain, pretrained_energies
 from .plots import plot_class_prior, plot_energy_histograms, plot_roc_curves
 from .prior import OutlierPrior
 from .progress import console
 from .report import markdown_table, write_json, write_text_atomic
 from .scores import build_score
-from .training.checkpoint import load_model, read_checkpoint
+from .training.checkpoint import load_feature_model, read_checkpoint
 from .training.trainer import FINAL, TrainConfig
 
 LT_KEYS = ("acc_all", "acc_head", "acc_medium", "acc_tail", "la_acc_all", "la_acc_head", "la_acc_medium", "la_acc_tail")
@@ -214,13 +213,13 @@ class Benchmark:
         """Evaluate ``ckpt`` with ``score`` (and energy, for the plots); cached in ``cache`` as JSON."""
         if cache.exists():
             return json.loads(cache.read_text())
-        model, meta = load_model(ckpt)
+        net, meta = load_feature_model(ckpt)
         res = int(meta["resolution"])
         scores = [build_score(score)] + ([build_score("energy")] if score != "energy" else [])
         id_test = load_dataset(meta["dataset"], self.cfg.data_root, "test", resolution=res)
         id_train = id_train_set(meta, self.cfg.data_root) if any(s.needs_fit for s in scores) else None
         t0 = time.perf_counter()
-        report: EvalReport = evaluate(FeatureModel(model), normalizer_for(meta), id_test, self.ood_sets(res), scores,
+        report: EvalReport = evaluate(net, normalizer_for(meta), id_test, self.ood_sets(res), scores,
                                       id_train=id_train, device=self.cfg.device)
         history = meta.get("history") or []
         result = {

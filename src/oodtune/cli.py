@@ -1,4 +1,5 @@
-"""The ``oodtune`` command line: pretrain, estimate-prior, propose-margins, finetune, evaluate, benchmark."""
+"""The ``oodtune`` command line: pretrain, import-model, estimate-prior, propose-margins, finetune, evaluate,
+benchmark."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from . import __version__
 from .data import available_datasets
 from .models import ARCHITECTURES
 from .progress import console
+from .training.batches import CIFAR_MEAN, CIFAR_STD
 from .training.trainer import COMPILE_MODES, COMPILE_SCOPES, TrainConfig
 
 SCORE_CHOICES = ("msp", "maxlogit", "entropy", "energy", "odin", "mahalanobis", "knn")
@@ -116,6 +118,8 @@ def main() -> None:
       oodtune finetune runs/pre/model.pt --method balanced-energy --prior runs/prior.json --out runs/bal
       oodtune evaluate runs/bal/model.pt --score energy --ood tin-near --ood dtd --out results/bal
       oodtune benchmark configs/cifar10-offline.toml
+    Your own model: `oodtune import-model WEIGHTS.pt --arch mypkg.nets:make_net --out mine.pt`,
+    then use mine.pt wherever runs/pre/model.pt appears above.
     Scores are "higher = more in-distribution" everywhere.
     """
 
@@ -131,7 +135,9 @@ def datasets() -> None:
 @config_option
 @common_options
 @click.option("--dataset", default="cifar10", show_default=True, help="ID dataset (see `oodtune datasets`).")
-@click.option("--arch", default="wrn-40-2", show_default=True, help=f"{', '.join(ARCHITECTURES)} or wrn-D-W.")
+@click.option("--arch", default="wrn-40-2", show_default=True,
+              help=f"{', '.join(ARCHITECTURES)}, wrn-D-W, or package.module:factory for your own architecture.")
+@click.option("--head", default=None, help="Your architecture's classification layer (default: the last nn.Linear).")
 @click.option("--imbalance-ratio", type=click.FloatRange(1), default=None,
               help="Make the train split long-tailed with this max/min class ratio (e.g. 100).")
 @click.option("--num-train", type=click.IntRange(1), default=None, help="Use a seeded subsample of the train split.")
@@ -146,8 +152,42 @@ def pretrain(**kw: Any) -> None:
 
     cfg = _train_config(kw)
     path = run(kw["out"], dataset=kw["dataset"], arch=kw["arch"], data_root=kw["data_root"], config=cfg,
-               imbalance_ratio=kw["imbalance_ratio"], num_train=kw["num_train"])
+               imbalance_ratio=kw["imbalance_ratio"], num_train=kw["num_train"], head=kw["head"])
     console.print(f"saved {path}")
+
+
+@main.command("import-model")
+@config_option
+@common_options
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False))
+@click.option("--arch", required=True,
+              help="Built-in architecture, or package.module:factory where factory(num_classes=K) returns your nn.Module.")
+@click.option("--dataset", default="cifar10", show_default=True, help="ID dataset the model was trained on.")
+@click.option("--head", default=None, help="Dotted name of the classification layer (default: the last nn.Linear).")
+@click.option("--mean", type=(float, float, float), default=CIFAR_MEAN, show_default=True,
+              help="Per-channel mean the model's inputs were normalised with (pixels scaled to [0, 1]).")
+@click.option("--std", type=(float, float, float), default=CIFAR_STD, show_default=True,
+              help="Per-channel std the model's inputs were normalised with.")
+@click.option("--resolution", type=click.IntRange(8), default=32, show_default=True, help="Input image size.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="oodtune checkpoint to write (.pt).")
+@click.option("--check-accuracy/--no-check-accuracy", default=True, show_default=True,
+              help="Report the ID test accuracy after import (a wrong --mean/--std or --head shows up here).")
+def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: tuple[float, float, float],
+                 std: tuple[float, float, float], resolution: int, out: str, check_accuracy: bool,
+                 data_root: str | None, device: str) -> None:
+    """Wrap a classifier trained elsewhere (its saved state_dict) as an oodtune checkpoint.
+
+    Every other command then works on it: estimate-prior, propose-margins, finetune, evaluate, benchmark.
+    """
+    from .pipeline import id_test_accuracy
+    from .pipeline import import_model as run
+
+    path = run(weights, out, arch=arch, dataset=dataset, data_root=data_root, resolution=resolution, mean=mean,
+               std=std, head=head)
+    console.print(f"saved {path}")
+    if check_accuracy:
+        acc = id_test_accuracy(path, data_root=data_root, device=device)
+        console.print(f"{dataset} test accuracy of the imported model: {100 * acc:.2f}%")
 
 
 @main.command("estimate-prior")

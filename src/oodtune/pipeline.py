@@ -20,11 +20,13 @@ from .data.longtail import make_longtailed
 from .energy import energy
 from .evaluation import EvalReport, compute_outputs, evaluate
 from .losses import build_method_loss
+from .metrics import accuracy
 from .models import FeatureModel, build_model
 from .prior import OutlierPrior, count_outlier_predictions
 from .scores import build_score
 from .training.batches import CIFAR_MEAN, CIFAR_STD, Normalizer
-from .training.checkpoint import load_model
+from .training.checkpoint import (CheckpointError, load_feature_model, load_model, read_state_dict,
+                                  save_checkpoint)
 from .training.trainer import TrainConfig, Trainer
 
 
@@ -52,28 +54,32 @@ def fresh_model(arch: str, num_classes: int, *, drop_rate: float = 0.3, seed: in
 
 def pretrain_setup(*, dataset: str = "cifar10", arch: str = "wrn-40-2", data_root: str | Path | None = None,
                    resolution: int = 32, imbalance_ratio: float | None = None, num_train: int | None = None,
-                   data_seed: int = 0, seed: int = 0, stage: str = "pretrain"
+                   data_seed: int = 0, seed: int = 0, stage: str = "pretrain", mean: Sequence[float] = CIFAR_MEAN,
+                   std: Sequence[float] = CIFAR_STD, head: str | None = None
                    ) -> tuple[dict[str, Any], ImageSet, FeatureModel]:
-    """(checkpoint meta, ID training split, model freshly initialised from ``seed``) of a run from scratch."""
+    """(checkpoint meta, ID training split, model freshly initialised from ``seed``) of a run from scratch.
+
+    ``mean``/``std`` are the input normalisation, ``head`` the classification layer whose input is the feature
+    vector (default: found automatically, see :class:`FeatureModel`)."""
     meta: dict[str, Any] = {
         "stage": stage, "dataset": dataset, "arch": arch, "resolution": resolution,
-        "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD), "drop_rate": 0.3, "data_seed": data_seed,
-        "imbalance_ratio": imbalance_ratio, "num_train": num_train,
+        "mean": list(mean), "std": list(std), "drop_rate": 0.3, "data_seed": data_seed,
+        "imbalance_ratio": imbalance_ratio, "num_train": num_train, "head": head,
     }
     train = id_train_set(meta, data_root)
     meta.update(classes=list(train.classes), num_classes=train.num_classes,
                 class_counts=train.class_counts().tolist())
-    return meta, train, FeatureModel(fresh_model(arch, train.num_classes, drop_rate=meta["drop_rate"], seed=seed))
+    return meta, train, FeatureModel(fresh_model(arch, train.num_classes, drop_rate=meta["drop_rate"], seed=seed), head)
 
 
 def pretrain(out: str | Path, *, dataset: str = "cifar10", arch: str = "wrn-40-2", data_root: str | Path | None = None,
              config: TrainConfig | None = None, resolution: int = 32, imbalance_ratio: float | None = None,
-             num_train: int | None = None, data_seed: int = 0) -> Path:
+             num_train: int | None = None, data_seed: int = 0, head: str | None = None) -> Path:
     """Standard cross-entropy training from scratch; returns the path of ``OUT/model.pt``."""
     config = config or TrainConfig()
     meta, train, net = pretrain_setup(dataset=dataset, arch=arch, data_root=data_root, resolution=resolution,
                                       imbalance_ratio=imbalance_ratio, num_train=num_train, data_seed=data_seed,
-                                      seed=config.seed)
+                                      seed=config.seed, head=head)
     trainer = Trainer(net, train, build_method_loss("ce"), config, normalizer=normalizer_for(meta), run_dir=out, meta=meta)
     return trainer.fit().checkpoint
 
@@ -81,8 +87,7 @@ def pretrain(out: str | Path, *, dataset: str = "cifar10", arch: str = "wrn-40-2
 def estimate_prior(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: str | Path | None = None,
                    gamma: float = 1.0, batch_size: int = 1024, device: str | None = None) -> OutlierPrior:
     """Balanced Energy step 1: P(y=i|o) from the pretrained model's argmax predictions on the outlier set."""
-    model, meta = load_model(checkpoint)
-    net = FeatureModel(model)
+    net, meta = load_feature_model(checkpoint)
     aux = load_dataset(outliers, data_root, "train", resolution=int(meta["resolution"]))
     logits = compute_outputs(net, aux, normalizer_for(meta), device=device, batch_size=batch_size).logits
     counts = count_outlier_predictions(lambda t: t, logits.split(batch_size), int(meta["num_classes"]))
@@ -92,8 +97,8 @@ def estimate_prior(checkpoint: str | Path, *, outliers: str = "tin-aux", data_ro
 def pretrained_energies(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: str | Path | None = None,
                         device: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Energies E(x) of the pretrained model on its ID *train* split and on the auxiliary outliers (CPU)."""
-    model, meta = load_model(checkpoint)
-    net, norm = FeatureModel(model), normalizer_for(meta)
+    net, meta = load_feature_model(checkpoint)
+    norm = normalizer_for(meta)
     e_in = energy(compute_outputs(net, id_train_set(meta, data_root), norm, device=device).logits).cpu()
     aux = load_dataset(outliers, data_root, "train", resolution=int(meta["resolution"]))
     return e_in, energy(compute_outputs(net, aux, norm, device=device).logits).cpu()
@@ -125,7 +130,7 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
         aux = load_dataset(outliers, data_root, "train", resolution=int(meta["resolution"]))
     meta.update(stage="scratch" if from_scratch else "finetune", method=method, pretrained=str(checkpoint), outliers=outliers if aux else None,
                 loss_options=loss_options or {}, prior=None if prior is None else prior.to_dict())
-    net = FeatureModel(model.train())
+    net = FeatureModel(model.train(), meta.get("head"))
     trainer = Trainer(net, train, loss, config, outliers=aux, normalizer=normalizer_for(meta), run_dir=out, meta=meta)
     return trainer.fit().checkpoint
 
@@ -134,12 +139,55 @@ def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: S
                         data_root: str | Path | None = None, device: str | None = None, num_ood: int | None = None,
                         batch_size: int = 1024, positive: str | None = None) -> tuple[EvalReport, dict[str, Any]]:
     """Evaluate a checkpoint with the named scores on the named OOD sets; returns (report, meta)."""
-    model, meta = load_model(checkpoint)
+    net, meta = load_feature_model(checkpoint)
     res = int(meta["resolution"])
     built = [build_score(s) for s in scores]
     id_test = load_dataset(meta["dataset"], data_root, "test", resolution=res)
     id_train = id_train_set(meta, data_root) if any(s.needs_fit for s in built) else None
     ood_sets = {name: load_dataset(name, data_root, "test", resolution=res, num_images=num_ood) for name in ood}
-    report = evaluate(FeatureModel(model), normalizer_for(meta), id_test, ood_sets, built, id_train=id_train,
+    report = evaluate(net, normalizer_for(meta), id_test, ood_sets, built, id_train=id_train,
                       device=device, batch_size=batch_size, positive=positive)
     return report, meta
+
+
+def import_model(weights: str | Path, out: str | Path, *, arch: str, dataset: str = "cifar10",
+                 data_root: str | Path | None = None, resolution: int = 32, mean: Sequence[float] = CIFAR_MEAN,
+                 std: Sequence[float] = CIFAR_STD, head: str | None = None) -> Path:
+    """Turn a classifier trained elsewhere into an oodtune checkpoint at ``out``, so that estimate-prior,
+    propose-margins, finetune, evaluate and benchmark work on it.
+
+    ``arch`` rebuilds it (a built-in name or ``package.module:factory``), ``weights`` is its saved state_dict
+    (see :func:`read_state_dict`), ``dataset`` the ID data it was trained on (its class count must match the
+    model's), ``mean``/``std`` the normalisation it was trained with (on [0, 1] pixels), ``head`` the layer whose
+    input is the feature vector.
+    """
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose another --out (nothing is overwritten).")
+    meta, _, net = pretrain_setup(dataset=dataset, arch=arch, data_root=data_root, resolution=resolution,
+                                  stage="imported", mean=mean, std=std, head=head)
+    classes = int(meta["num_classes"])
+    try:
+        net.model.load_state_dict(read_state_dict(weights))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights} does not fit --arch {arch} with {classes} classes ({dataset}): {exc}") from exc
+    try:
+        with torch.no_grad():
+            logits, _ = net.eval()(torch.zeros(2, 3, resolution, resolution))
+    except RuntimeError as exc:
+        raise ValueError(f"--arch {arch} fails on a batch of {resolution}x{resolution} images: {exc} "
+                         "(on the command line: --head NAME)") from exc
+    if logits.shape != (2, classes) or net.num_classes != classes:
+        raise ValueError(f"the model gives {tuple(logits.shape[1:])} logits per image from a head with "
+                         f"{net.num_classes} outputs, but {dataset} has {classes} classes; use --head to name the "
+                         "layer that produces the logits, or weights trained on this dataset.")
+    meta["weights"] = str(weights)
+    return save_checkpoint(out, net, meta)
+
+
+def id_test_accuracy(checkpoint: str | Path, *, data_root: str | Path | None = None, device: str | None = None) -> float:
+    """Top-1 accuracy of ``checkpoint`` on the test split of its ID dataset (a sanity check after import)."""
+    net, meta = load_feature_model(checkpoint)
+    test = load_dataset(meta["dataset"], data_root, "test", resolution=int(meta["resolution"]))
+    logits = compute_outputs(net, test, normalizer_for(meta), device=device).logits
+    return accuracy(logits.cpu(), test.labels)

@@ -1,4 +1,5 @@
-"""Model zoo (WRN-d-k, CIFAR ResNet-18) and the logits+features interface for any classifier."""
+"""Model zoo (WRN-d-k, CIFAR ResNet-18), user architectures by import path, and the logits+features
+interface for any classifier."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from torch import nn
 
 from .features import FeatureModel, find_head
+from .imported import build_imported, is_import_path
 from .resnet import ResNet18
 from .wrn import WideResNet
 
@@ -17,16 +19,20 @@ _WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
 
 
 def build_model(arch: str, num_classes: int, *, drop_rate: float = 0.3) -> nn.Module:
-    """A freshly initialised classifier. ``arch`` is ``resnet18`` or ``wrn-DEPTH-WIDTH`` (e.g. ``wrn-40-2``).
+    """A freshly initialised classifier. ``arch`` is ``resnet18``, ``wrn-DEPTH-WIDTH`` (e.g. ``wrn-40-2``) or
+    the import path ``package.module:factory`` of your own (see :mod:`oodtune.models.imported`).
 
-    ``drop_rate`` is the WRN dropout (0.3 as in the OE/Energy papers); ResNet-18 has none.
+    ``drop_rate`` is the WRN dropout (0.3 as in the OE/Energy papers); ResNet-18 and imported models ignore it.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if is_import_path(arch):
+        return build_imported(arch, num_classes)
     name = arch.lower()
     if name == "resnet18":
         return ResNet18(num_classes)
     m = _WRN.match(name)
     if m:
         return WideResNet(int(m.group(1)), int(m.group(2)), num_classes, drop_rate)
-    raise ValueError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHITECTURES)} or wrn-DEPTH-WIDTH")
+    raise ValueError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHITECTURES)}, wrn-DEPTH-WIDTH "
+                     "or package.module:factory for your own")

@@ -21,16 +21,20 @@ from torch import nn
 def find_head(model: nn.Module, head_name: str | None = None) -> nn.Linear:
     """The final linear classification layer of ``model`` (see module docstring)."""
     if head_name is not None:
-        layer = model.get_submodule(head_name)
+        try:
+            layer = model.get_submodule(head_name)
+        except AttributeError as exc:
+            raise ValueError(f"{type(model).__name__} has no layer {head_name!r} ({exc}); name the classification "
+                             "layer by its dotted path as in model.named_modules(), e.g. 'fc' or 'classifier.1'.") from exc
         if not isinstance(layer, nn.Linear):
-            raise TypeError(f"{head_name!r} is a {type(layer).__name__}, expected the final nn.Linear layer.")
+            raise ValueError(f"{head_name!r} is a {type(layer).__name__}, expected the final nn.Linear layer.")
         return layer
     head = getattr(model, "head", None)
     if isinstance(head, nn.Linear):
         return head
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise TypeError(
+        raise ValueError(
             f"{type(model).__name__} has no nn.Linear layer to take features from; "
             "pass head_name='...' naming the classification layer, or define forward_features()."
         )

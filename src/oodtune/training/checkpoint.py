@@ -60,19 +60,26 @@ def save_checkpoint(
     return save_atomic({"format": FORMAT_VERSION, "model": state, "meta": meta, "train_state": train_state}, path)
 
 
+def _load_tensors(path: Path, what: str, missing_fix: str, unreadable_fix: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; errors name the file and the fix."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist; {missing_fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(f"cannot read {what} {path} with torch.load(weights_only=True): {exc}. "
+                              f"{unreadable_fix}") from exc
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The raw checkpoint dict, loaded with ``weights_only=True``; clear errors for missing/foreign files."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; train one with `oodtune pretrain` or check the path.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}. Is it a complete oodtune checkpoint?") from exc
+    ckpt = _load_tensors(path, "checkpoint", "train one with `oodtune pretrain` or check the path.",
+                         "Is it a complete oodtune checkpoint?")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION or "model" not in ckpt:
         raise CheckpointError(
-            f"{path} is not an oodtune checkpoint (format {FORMAT_VERSION}); "
-            "to use your own model, wrap it in oodtune.models.FeatureModel from Python."
+            f"{path} is not an oodtune checkpoint (format {FORMAT_VERSION}); to use weights trained elsewhere, "
+            "convert them with `oodtune import-model` (or wrap the model in oodtune.models.FeatureModel in Python)."
         )
     return ckpt
 
@@ -87,3 +94,30 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit {meta['arch']} with {meta['num_classes']} classes: {exc}") from exc
     return model.eval(), meta
+
+
+def load_feature_model(path: str | os.PathLike) -> tuple[FeatureModel, dict[str, Any]]:
+    """:func:`load_model` wrapped in a :class:`FeatureModel` whose features are the input of the layer named
+    by ``meta["head"]`` (set by ``oodtune import-model --head``), else of the automatically found head."""
+    model, meta = load_model(path)
+    return FeatureModel(model, meta.get("head")), meta
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights saved elsewhere, read with ``weights_only=True``: a plain ``state_dict``, or a dict holding one
+    under ``"state_dict"`` or ``"model"`` (common training-script layouts). A ``module.`` prefix on every key
+    (``DataParallel`` / DDP saves) is removed."""
+    obj = _load_tensors(Path(path), "weights file", "check the path.",
+                        "Save the model's state_dict() (tensors only), not the pickled model object.")
+
+    def is_state(d: Any) -> bool:
+        return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+    state = next((c for c in (obj, *(obj.get(k) for k in ("state_dict", "model") if isinstance(obj, dict)))
+                  if is_state(c)), None)
+    if state is None:
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path} holds no state_dict (found {keys}); save model.state_dict() with torch.save.")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
