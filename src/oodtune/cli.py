@@ -164,9 +164,9 @@ def pretrain(**kw: Any) -> None:
               help="Built-in architecture, or package.module:factory where factory(num_classes=K) returns your nn.Module.")
 @click.option("--dataset", default="cifar10", show_default=True, help="ID dataset the model was trained on.")
 @click.option("--head", default=None, help="Dotted name of the classification layer (default: the last nn.Linear).")
-@click.option("--mean", type=(float, float, float), default=CIFAR_MEAN, show_default=True,
+@click.option("--mean", type=(float, float, float), default=CIFAR_MEAN, show_default="CIFAR-10's",
               help="Per-channel mean the model's inputs were normalised with (pixels scaled to [0, 1]).")
-@click.option("--std", type=(float, float, float), default=CIFAR_STD, show_default=True,
+@click.option("--std", type=(float, float, float), default=CIFAR_STD, show_default="CIFAR-10's",
               help="Per-channel std the model's inputs were normalised with.")
 @click.option("--resolution", type=click.IntRange(8), default=32, show_default=True, help="Input image size.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="oodtune checkpoint to write (.pt).")
