@@ -22,6 +22,7 @@ from oodtune.data.imageset import DataError
 from oodtune.losses import LossInputs, build_method_loss
 from oodtune.training.batches import Normalizer, OutlierSampler, to_device_uint8
 from oodtune.training.checkpoint import load_model, read_checkpoint
+from oodtune.training.runtime import compile_mode
 from oodtune.training.trainer import FINAL, LAST, TrainConfig, Trainer, cosine_factor
 
 pytestmark = pytest.mark.usefixtures("quiet")
@@ -267,3 +268,12 @@ def test_whole_step_traces_as_one_graph(method: str) -> None:
     batch = trainer._draw(torch.arange(32), gen, sampler)
     explained = torch._dynamo.explain(lambda *b: trainer._forward(trainer.net, *b))(*batch)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_compile_auto_means_cuda_graphs_on_cuda_and_eager_on_cpu() -> None:
+    assert compile_mode("auto", torch.device("cuda")) == "reduce-overhead"
+    assert compile_mode("auto", torch.device("cpu")) == "none"
+    assert compile_mode("max-autotune", torch.device("cpu")) == "max-autotune"  # an explicit mode is kept
+    assert TrainConfig().compile == "auto"
+    trainer = make_trainer(easy_imageset(32), build_method_loss("ce"), compile="auto")
+    assert trainer.compile == "none" and trainer.loss.check_finite  # CPU: eager, per-step finiteness check

@@ -70,8 +70,9 @@ def train_options(epochs: int, lr: float) -> Any:
             click.option("--seed", type=int, default=0, show_default=True),
             click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
                          help="auto = bf16 autocast on CUDA, fp32 on CPU."),
-            click.option("--compile", "compile_mode", default="none", show_default=True, type=click.Choice(COMPILE_MODES),
-                         help="torch.compile mode for the training step (reduce-overhead = CUDA graphs)."),
+            click.option("--compile", "compile_mode", default="auto", show_default=True, type=click.Choice(COMPILE_MODES),
+                         help="torch.compile mode for the training step (reduce-overhead = CUDA graphs; "
+                              "auto = reduce-overhead on CUDA, none on CPU)."),
             click.option("--compile-scope", default="model", show_default=True, type=click.Choice(COMPILE_SCOPES),
                          help="What --compile wraps: the model, or the whole step (crop/flip, normalisation, "
                               "forward, loss) in one graph."),

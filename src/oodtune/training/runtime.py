@@ -28,6 +28,14 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
+def compile_mode(mode: str, device: torch.device) -> str:
+    """The ``torch.compile`` mode to use: ``auto`` is ``reduce-overhead`` (CUDA graphs) on CUDA, where it trains
+    4x faster than eager on an H100 (``results/speed.md``), and ``none`` on CPU, where it gains nothing."""
+    if mode == "auto":
+        return "reduce-overhead" if device.type == "cuda" else "none"
+    return mode
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """This process's place in a data-parallel job (rank 0 of 1 when not distributed)."""

@@ -31,11 +31,11 @@ from ..progress import console, format_rate, progress_bar
 from .batches import (CropFlip, Normalizer, OutlierSampler, apply_crop_flip, draw_crop_flip, index_batches,
                       to_device_uint8)
 from .checkpoint import read_checkpoint, save_checkpoint
-from .runtime import DistInfo, autocast, init_distributed, local_device, resolve_device
+from .runtime import DistInfo, autocast, compile_mode, init_distributed, local_device, resolve_device
 
 LAST = "last.pt"
 FINAL = "model.pt"
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
 COMPILE_SCOPES = ("model", "step")
 
 #: One step's eager inputs: ID uint8 images, labels, their crop/flip draw, outlier uint8 images and their draw.
@@ -58,7 +58,7 @@ class TrainConfig:
     augment: bool = True
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool | None = None  # None = on CUDA
-    compile: str = "none"  # none | default | reduce-overhead | max-autotune
+    compile: str = "auto"  # auto (= reduce-overhead on CUDA, none on CPU) or a torch.compile mode; see COMPILE_MODES
     compile_scope: str = "model"  # model | step (augmentation + normalisation + forward + loss in one graph)
     device: str | None = None
     max_steps_per_epoch: int | None = None  # cap for smoke tests / CPU-scale runs
@@ -128,7 +128,8 @@ class Trainer:
         self.loss = loss
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN pick the fastest kernels once
-        if self.device.type == "cuda" or (config.compile != "none" and config.compile_scope == "step"):
+        self.compile = compile_mode(config.compile, self.device)
+        if self.device.type == "cuda" or (self.compile != "none" and config.compile_scope == "step"):
             # A per-step finiteness check would sync the GPU every step (and split a compiled step's graph);
             # the loop checks once per epoch instead.
             loss.check_finite = False
@@ -183,14 +184,14 @@ class Trainer:
         model: nn.Module = self.net
         if self.dist.world > 1:
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        mode = None if self.cfg.compile == "default" else self.cfg.compile
-        if self.cfg.compile != "none" and self.cfg.compile_scope == "model":
+        mode = None if self.compile == "default" else self.compile
+        if self.compile != "none" and self.cfg.compile_scope == "model":
             model = torch.compile(model, mode=mode)
 
         def step(*batch: Any) -> StepOutputs:
             return self._forward(model, *batch)
 
-        if self.cfg.compile != "none" and self.cfg.compile_scope == "step":
+        if self.compile != "none" and self.cfg.compile_scope == "step":
             return torch.compile(step, mode=mode)
         return step
 
@@ -280,7 +281,7 @@ class Trainer:
             if step >= steps:
                 break
             batch = self._draw(idx, gen, sampler)
-            if self.cfg.compile != "none":
+            if self.compile != "none":
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs are consumed
             total, parts, n_correct = step_fn(*batch)
             opt.zero_grad(set_to_none=True)
