@@ -272,6 +272,7 @@ def test_whole_step_traces_as_one_graph(method: str) -> None:
 
 def test_compile_auto_means_cuda_graphs_on_cuda_and_eager_on_cpu() -> None:
     assert compile_mode("auto", torch.device("cuda")) == "reduce-overhead"
+    assert compile_mode("auto", torch.device("cuda"), world=2) == "none"  # DDP: CUDA graphs unmeasured there
     assert compile_mode("auto", torch.device("cpu")) == "none"
     assert compile_mode("max-autotune", torch.device("cpu")) == "max-autotune"  # an explicit mode is kept
     assert TrainConfig().compile == "auto"

@@ -28,11 +28,12 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def compile_mode(mode: str, device: torch.device) -> str:
-    """The ``torch.compile`` mode to use: ``auto`` is ``reduce-overhead`` (CUDA graphs) on CUDA, where it trains
-    4x faster than eager on an H100 (``results/speed.md``), and ``none`` on CPU, where it gains nothing."""
+def compile_mode(mode: str, device: torch.device, world: int = 1) -> str:
+    """The ``torch.compile`` mode to use. ``auto`` is ``reduce-overhead`` (CUDA graphs) on a single CUDA device,
+    where it trained 4x faster than eager on an H100 (``results/speed.md``); ``none`` on CPU, where it gains
+    nothing, and in multi-process (DDP) jobs, where CUDA graphs around the gradient all-reduce are unmeasured."""
     if mode == "auto":
-        return "reduce-overhead" if device.type == "cuda" else "none"
+        return "reduce-overhead" if device.type == "cuda" and world == 1 else "none"
     return mode
 
 

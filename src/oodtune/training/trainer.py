@@ -128,7 +128,7 @@ class Trainer:
         self.loss = loss
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN pick the fastest kernels once
-        self.compile = compile_mode(config.compile, self.device)
+        self.compile = compile_mode(config.compile, self.device, self.dist.world)
         if self.device.type == "cuda" or (self.compile != "none" and config.compile_scope == "step"):
             # A per-step finiteness check would sync the GPU every step (and split a compiled step's graph);
             # the loop checks once per epoch instead.
