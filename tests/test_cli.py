@@ -90,6 +90,11 @@ def test_prior_finetune_evaluate(env, pretrained):
     assert Path(f"{out}.json").read_text() == "{}"
     ok(*args, "--overwrite")
     assert json.loads(Path(f"{out}.json").read_text())["rows"]
+    # --out with a .json suffix names the same pair of files
+    fails(*args[:-1], f"{out}.json", match="--overwrite", code=1)
+    ok(*args[:-1], tmp / "results" / "bal2.json")
+    assert (tmp / "results" / "bal2.json").exists() and (tmp / "results" / "bal2.md").exists()
+    assert not (tmp / "results" / "bal2.json.json").exists()
 
 
 def test_evaluate_config_sets_defaults(env, pretrained):

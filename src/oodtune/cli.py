@@ -283,7 +283,7 @@ def finetune(**kw: Any) -> None:
 @click.option("--positive", type=click.Choice(["in", "out"]), default=None,
               help="Which class the metrics treat as positive (default: see oodtune.metrics).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Write OUT.json and OUT.md with the table.")
+              help="Write OUT.json and OUT.md with the table (a .json or .md suffix on OUT is dropped).")
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT files.")
 def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num_ood: int | None,
              positive: str | None, out: str | None, overwrite: bool, data_root: str | None, device: str) -> None:
@@ -291,6 +291,8 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
     from .pipeline import evaluate_checkpoint
     from .report import markdown_table, write_json, write_text_atomic
 
+    if out and Path(out).suffix in (".json", ".md"):
+        out = str(Path(out).with_suffix(""))  # `--out table.json` means table.json + table.md, not table.json.json
     existing = [p for p in (f"{out}.json", f"{out}.md") if out and not overwrite and Path(p).exists()]
     if existing:  # refuse before spending the evaluation
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out.")
