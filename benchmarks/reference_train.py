@@ -28,13 +28,9 @@ import torch
 
 from _common import environment, now, print_table, save_json
 from _reference import reference_loader, reference_optimizer, reference_step
-from oodtune.data import load_dataset
-from oodtune.evaluation import compute_outputs
 from oodtune.losses import build_method_loss
-from oodtune.metrics import accuracy
-from oodtune.models import FeatureModel
-from oodtune.pipeline import normalizer_for, pretrain_setup
-from oodtune.training.checkpoint import load_model, read_checkpoint, save_checkpoint
+from oodtune.pipeline import id_test_accuracy, pretrain_setup
+from oodtune.training.checkpoint import read_checkpoint, save_checkpoint
 from oodtune.training.runtime import resolve_device
 
 LAST, FINAL = "last.pt", "model.pt"
@@ -93,9 +89,10 @@ def train(args: argparse.Namespace, device: torch.device, out: Path) -> None:
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
         t0 = now(device)
         for x, y in loader:
+            y = y.to(device, non_blocking=True)  # once: reference_step's own copy is then a no-op
             total, logits = reference_step(net, loss, opt, sched, x, y, None, device)
             loss_sum += total
-            correct += (logits.argmax(1) == y.to(device, non_blocking=True)).sum()
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         seconds = now(device) - t0
         if not torch.isfinite(loss_sum):
@@ -121,10 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t = time.perf_counter()
     if not (out / FINAL).exists():
         train(args, device, out)
-    model, meta = load_model(out / FINAL)
-    test = load_dataset(meta["dataset"], args.data_root, "test", resolution=int(meta["resolution"]))
-    logits = compute_outputs(FeatureModel(model), test, normalizer_for(meta), device=device).logits
-    acc = accuracy(logits.cpu(), test.labels)
+    meta = read_checkpoint(out / FINAL)["meta"]
+    acc = id_test_accuracy(out / FINAL, data_root=args.data_root, device=args.device)
     history = meta["history"]
     train_s = sum(h["seconds"] for h in history)
     print_table(f"reference-style loop, {meta['arch']} on {meta['dataset']}, {len(history)} epochs on {args.device}",
