@@ -49,7 +49,7 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n{title}")
     for i, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths, strict=False))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
 

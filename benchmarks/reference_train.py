@@ -29,9 +29,9 @@ import torch
 from _common import environment, now, print_table, save_json
 from _reference import reference_loader, reference_optimizer, reference_step
 from oodtune.losses import build_method_loss
+from oodtune.models.checkpoint import read_checkpoint, read_meta, save_checkpoint
 from oodtune.pipeline import id_test_accuracy, pretrain_setup
-from oodtune.training.checkpoint import read_checkpoint, save_checkpoint
-from oodtune.training.runtime import resolve_device
+from oodtune.runtime import resolve_device
 
 LAST, FINAL = "last.pt", "model.pt"
 
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(args: argparse.Namespace, device: torch.device, out: Path) -> None:
     """Run (or resume) the reference-style pretraining until ``OUT/model.pt`` exists."""
     meta, train_set, net = pretrain_setup(dataset=args.dataset, arch=args.arch, data_root=args.data_root,
-                                          num_train=args.num_train, seed=args.seed, stage="reference-pretrain")
+                                          num_train=args.num_train, seed=args.seed)
     settings = {k: getattr(args, k) for k in ("dataset", "arch", "epochs", "lr", "batch_size", "seed", "num_train")}
     net = net.to(device).train()
     loss = build_method_loss("ce", check_finite=False)  # checked once per epoch, like oodtune's GPU path
@@ -105,8 +105,8 @@ def train(args: argparse.Namespace, device: torch.device, out: Path) -> None:
                  "torch_rng": torch.get_rng_state(), "history": history, "settings": settings,
                  **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
         save_checkpoint(out / LAST, net, meta, train_state=state)
-    meta.update(train_config=settings, history=history, loop="reference-style (benchmarks/_reference.py)")
-    save_checkpoint(out / FINAL, net, meta)
+    save_checkpoint(out / FINAL, net, meta.replace(train_config=settings, history=tuple(history),
+                                                   notes={"loop": "reference-style (benchmarks/_reference.py)"}))
     (out / LAST).unlink(missing_ok=True)
 
 
@@ -118,11 +118,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t = time.perf_counter()
     if not (out / FINAL).exists():
         train(args, device, out)
-    meta = read_checkpoint(out / FINAL)["meta"]
+    meta = read_meta(out / FINAL)
     acc = id_test_accuracy(out / FINAL, data_root=args.data_root, device=args.device)
-    history = meta["history"]
+    history = list(meta.history)
     train_s = sum(h["seconds"] for h in history)
-    print_table(f"reference-style loop, {meta['arch']} on {meta['dataset']}, {len(history)} epochs on {args.device}",
+    print_table(f"reference-style loop, {meta.arch} on {meta.dataset}, {len(history)} epochs on {args.device}",
                 ["test accuracy %", "training s", "mean images/s"],
                 [[100 * acc, train_s, sum(h["images_per_s"] for h in history) / len(history)]])
     payload = {"benchmark": "reference_train", "args": vars(args), "environment": environment(device),

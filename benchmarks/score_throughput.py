@@ -25,11 +25,11 @@ import torch
 
 from _common import environment, now, print_table, save_json
 from oodtune.data.imageset import ImageSet
+from oodtune.data.tensors import Normalizer
 from oodtune.evaluation import compute_outputs
 from oodtune.metrics import ood_metrics
 from oodtune.models import FeatureModel, build_model
-from oodtune.training.batches import Normalizer
-from oodtune.training.runtime import resolve_device
+from oodtune.runtime import resolve_device
 
 
 def random_images(n: int, seed: int = 0) -> ImageSet:

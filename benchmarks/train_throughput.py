@@ -35,8 +35,9 @@ from _reference import reference_loader, reference_optimizer, reference_step
 from oodtune.data.imageset import ImageSet
 from oodtune.losses import CompositeLoss, build_method_loss
 from oodtune.models import FeatureModel, build_model
-from oodtune.training.runtime import resolve_device
-from oodtune.training.trainer import COMPILE_MODES, COMPILE_SCOPES, TrainConfig, Trainer
+from oodtune.runtime import resolve_device
+from oodtune.training.config import COMPILE_MODES, COMPILE_SCOPES, TrainConfig
+from oodtune.training.trainer import Trainer
 
 NUM_CLASSES = 10
 CIFAR_TRAIN_SHAPE = (50_000, 32, 32, 3)

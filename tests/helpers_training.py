@@ -18,8 +18,9 @@ from torch import nn
 
 from oodtune.data.imageset import ImageSet
 from oodtune.losses import CompositeLoss
-from oodtune.models import FeatureModel, build_model
-from oodtune.training.trainer import TrainConfig, Trainer
+from oodtune.models import FeatureModel, RunMeta, build_model
+from oodtune.training.config import TrainConfig
+from oodtune.training.trainer import Trainer
 
 TINY_ARCH = "wrn-10-1"
 NUM_CLASSES = 4
@@ -49,10 +50,10 @@ def easy_imageset(n: int = 256, *, size: int = RESOLUTION, seed: int = 0) -> Ima
     return ImageSet(images, labels, tuple(f"colour{i}" for i in range(NUM_CLASSES)), "easy")
 
 
-def checkpoint_meta(ds: ImageSet, arch: str = TINY_ARCH) -> dict[str, Any]:
-    """The meta dict that ``save_checkpoint`` requires, for a model of ``arch`` trained on ``ds``."""
-    return {"arch": arch, "num_classes": ds.num_classes, "classes": list(ds.classes), "mean": [0.5] * 3,
-            "std": [0.25] * 3, "resolution": ds.resolution, "dataset": ds.name}
+def checkpoint_meta(ds: ImageSet, arch: str = TINY_ARCH) -> RunMeta:
+    """The RunMeta that ``save_checkpoint`` requires, for a model of ``arch`` trained on ``ds``."""
+    return RunMeta(arch=arch, num_classes=ds.num_classes, classes=ds.classes, mean=(0.5,) * 3, std=(0.25,) * 3,
+                   resolution=ds.resolution, dataset=ds.name)
 
 
 def tiny_net(seed: int = 0, num_classes: int = NUM_CLASSES, arch: str = TINY_ARCH, *,
@@ -74,8 +75,9 @@ def make_trainer(train_set: ImageSet, loss: CompositeLoss, *, run_dir: str | Pat
                  outliers: ImageSet | None = None, net_seed: int = 0, drop_rate: float = 0.3,
                  **config: Any) -> Trainer:
     """A Trainer for a fresh ``tiny_net(net_seed, drop_rate=...)``; ``config`` goes to :func:`tiny_config`."""
-    return Trainer(tiny_net(net_seed, train_set.num_classes, drop_rate=drop_rate), train_set, loss, tiny_config(**config),
-                   outliers=outliers, run_dir=run_dir, meta=checkpoint_meta(train_set))
+    net = tiny_net(net_seed, train_set.num_classes, drop_rate=drop_rate)
+    return Trainer(net, train_set, loss, tiny_config(**config), outliers=outliers, run_dir=run_dir,
+                   meta=checkpoint_meta(train_set))
 
 
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:

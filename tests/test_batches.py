@@ -1,4 +1,4 @@
-"""Batched augmentation, normalisation and index sampling of oodtune.training.batches."""
+"""Batched augmentation and normalisation (oodtune.data.tensors) and index sampling (oodtune.training.sampling)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers_training import random_imageset
-from oodtune.training.batches import (
-    CIFAR_MEAN,
-    CIFAR_STD,
-    Normalizer,
-    OutlierSampler,
-    index_batches,
-    random_crop_flip,
-    to_device_uint8,
-)
+from oodtune.data.tensors import CIFAR_MEAN, CIFAR_STD, Normalizer, random_crop_flip, to_device_uint8
+from oodtune.training.sampling import OutlierSampler, index_batches
 
 PAD = 4
 
@@ -60,7 +53,7 @@ def test_crop_flip_output_is_a_window_of_the_padded_input() -> None:
     x = _random_uint8(64, h=8, w=6, seed=1)  # non-square, to catch row/col mix-ups
     aug = random_crop_flip(x, _gen(3), padding=PAD)
     keys = []
-    for img, out in zip(x, aug):
+    for img, out in zip(x, aug, strict=False):
         matches = _matching_windows(img, out, PAD)
         assert len(matches) == 1, f"augmented sample matches {len(matches)} reference windows"
         keys.append(matches[0])
@@ -81,7 +74,7 @@ def test_crop_flip_covers_every_offset_and_flip() -> None:
     centre_row = aug[:, 0, h // 2, h // 2].long() - 1 - h // 2   # dy - padding
     centre_col = aug[:, 1, h // 2, :].long()
     flipped = centre_col[:, 0] > centre_col[:, -1]
-    seen = set(zip(centre_row.tolist(), flipped.tolist()))
+    seen = set(zip(centre_row.tolist(), flipped.tolist(), strict=False))
     assert {r for r, _ in seen} == set(range(-2, 3))
     assert len(seen) == 10
     assert 0.45 < flipped.float().mean().item() < 0.55
@@ -90,7 +83,7 @@ def test_crop_flip_covers_every_offset_and_flip() -> None:
 def test_crop_flip_without_padding_only_flips() -> None:
     x = _random_uint8(16)
     aug = random_crop_flip(x, _gen(0), padding=0)
-    for img, out in zip(x, aug):
+    for img, out in zip(x, aug, strict=False):
         assert torch.equal(out, img) or torch.equal(out, img.flip(-1))
 
 

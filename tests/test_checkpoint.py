@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-import oodtune.training.checkpoint as ckpt_mod
+import oodtune.models.checkpoint as ckpt_mod
 from helpers_training import TINY_ARCH, assert_states_equal, checkpoint_meta, random_imageset, state_of, tiny_net
-from oodtune.models import build_model
-from oodtune.training.checkpoint import CheckpointError, load_model, read_checkpoint, save_atomic, save_checkpoint
+from oodtune.models import META_VERSION, RunMeta, build_model
+from oodtune.models.checkpoint import CheckpointError, load_model, read_checkpoint, save_atomic, save_checkpoint
 
 META = checkpoint_meta(random_imageset(4))
 
@@ -38,7 +38,8 @@ def test_roundtrip_with_train_state(tmp_path: Path) -> None:
     assert_states_equal(ck["model"], state_of(net.model))
     opt2 = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     opt2.load_state_dict(ck["train_state"]["optimizer"])
-    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    momentum = [o.state_dict()["state"][0]["momentum_buffer"] for o in (opt, opt2)]
+    assert torch.equal(*momentum)
     assert _leftovers(path.parent) == []
 
 
@@ -49,7 +50,7 @@ def test_load_model_rebuilds_the_architecture(tmp_path: Path, wrap: str) -> None
     saved: nn.Module = {"feature_model": net, "plain": net.model, "data_parallel": nn.DataParallel(net)}[wrap]
     path = save_checkpoint(tmp_path / "model.pt", saved, META)
     model, meta = load_model(path)
-    assert type(model) is type(build_model(TINY_ARCH, META["num_classes"]))
+    assert type(model) is type(build_model(TINY_ARCH, META.num_classes))
     assert meta == META and not model.training
     assert_states_equal(state_of(model), state_of(net.model))
     x = torch.randn(3, 3, 16, 16)
@@ -57,10 +58,31 @@ def test_load_model_rebuilds_the_architecture(tmp_path: Path, wrap: str) -> None
         torch.testing.assert_close(model(x), net.model.eval()(x), rtol=0, atol=0)
 
 
-def test_save_checkpoint_requires_meta(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="resolution"):
-        save_checkpoint(tmp_path / "m.pt", tiny_net(), {k: v for k, v in META.items() if k != "resolution"})
+def test_save_checkpoint_requires_complete_meta(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="lacks.*resolution"):
+        RunMeta.from_dict({k: v for k, v in META.to_dict().items() if k != "resolution"})
+    with pytest.raises(TypeError, match="RunMeta"):
+        save_checkpoint(tmp_path / "m.pt", tiny_net(), META.to_dict())  # type: ignore[arg-type]
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_meta_roundtrip_and_migration_of_old_layouts(tmp_path: Path) -> None:
+    assert RunMeta.from_dict(META.to_dict()) == META
+    # version-1 dicts (no version, no drop_rate/task; the reference loop's top-level "loop") still load
+    old = {k: v for k, v in META.to_dict().items() if k not in ("version", "drop_rate", "task", "notes")}
+    migrated = RunMeta.from_dict({**old, "loop": "reference-style"})
+    assert migrated.drop_rate == 0.3 and migrated.task == "classification" and migrated.version == META_VERSION
+    assert migrated.notes == {"loop": "reference-style"}
+    ck = {"format": 1, "model": state_of(tiny_net().model), "meta": old, "train_state": None}
+    torch.save(ck, tmp_path / "old.pt")
+    model, meta = load_model(tmp_path / "old.pt")
+    assert meta.replace(notes={}) == META
+    with pytest.raises(CheckpointError, match="unknown keys"):
+        RunMeta.from_dict({**META.to_dict(), "spilt": "test"})
+    with pytest.raises(CheckpointError, match="newer"):
+        RunMeta.from_dict({**META.to_dict(), "version": META_VERSION + 1})
+    with pytest.raises(CheckpointError, match="class names"):
+        META.replace(num_classes=5)
 
 
 def test_failed_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,6 +157,6 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
 
 
 def test_weights_that_do_not_fit(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path / "m.pt", tiny_net(), {**META, "num_classes": 7})
+    path = save_checkpoint(tmp_path / "m.pt", tiny_net(), META.replace(num_classes=7, classes=tuple("abcdefg")))
     with pytest.raises(CheckpointError, match="do not fit"):
         load_model(path)

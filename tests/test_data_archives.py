@@ -8,8 +8,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from fixtures_data import make_read_only, make_tar, make_zip, malicious_tars, write_labelled_folder
 
+from fixtures_data import make_read_only, make_tar, make_zip, malicious_tars, write_labelled_folder
 from oodtune.data import DataError
 from oodtune.data.archives import extract_cached, is_archive, safe_extract
 

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 import pytest
-from fixtures_data import write_image, write_labelled_folder, write_mnist
 
-import oodtune.data.registry as registry
+import oodtune.data.layouts as layouts
+from fixtures_data import write_image, write_labelled_folder, write_mnist
 from oodtune.data import DataError, default_cache_dir, load_dataset
 
 
@@ -17,8 +17,8 @@ def _forbid_decoding(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decoded although a cache entry exists")
 
-    monkeypatch.setattr(registry, "decode_files", boom)
-    monkeypatch.setattr(registry, "array_to_resolution", boom)
+    monkeypatch.setattr(layouts, "decode_files", boom)
+    monkeypatch.setattr(layouts, "array_to_resolution", boom)
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):

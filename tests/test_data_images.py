@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fixtures_data import write_corrupt_jpeg, write_image
 from PIL import Image
 
+from fixtures_data import write_corrupt_jpeg, write_image
 from oodtune.data import DataError
 from oodtune.data.images import array_to_resolution, decode_files, decode_image, resize_center_crop
 

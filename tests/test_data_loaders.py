@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+
 from fixtures_data import (
     CIFAR10_NAMES,
     make_tar,
@@ -20,7 +21,6 @@ from fixtures_data import (
     write_svhn,
     write_tiny_imagenet,
 )
-
 from oodtune.data import DataError, ImageSet, available_datasets, load_dataset
 
 

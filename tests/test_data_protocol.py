@@ -7,8 +7,8 @@ from importlib import resources
 
 import numpy as np
 import pytest
-from fixtures_data import write_tiny_imagenet
 
+from fixtures_data import write_tiny_imagenet
 from oodtune.data import PROTOCOLS, DataError, available_datasets, load_dataset
 from oodtune.data.protocol import build_split, read_overlap, read_split
 

@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers_training import assert_states_equal, ddp_worker, free_port
-from oodtune.training.checkpoint import read_checkpoint
-from oodtune.training.runtime import DistInfo
+from oodtune.models.checkpoint import read_checkpoint
+from oodtune.runtime import DistInfo
 from oodtune.training.trainer import FINAL, LAST
 
 WORLD = 2
@@ -30,7 +30,7 @@ def _run_ddp(tmp_path: Path, batch_size: int) -> list[dict[str, Any]]:
 def _assert_ranks_partition_global_batches(reports: list[dict[str, Any]], batch_size: int) -> None:
     steps = [r["batches"] for r in reports]
     assert len({len(s) for s in steps}) == 1 and len(steps[0]) > 0
-    for step, slices in enumerate(zip(*steps)):
+    for step, slices in enumerate(zip(*steps, strict=False)):
         sets = [set(s) for s in slices]
         assert not sets[0] & sets[1], f"step {step}: ranks overlap on {sorted(sets[0] & sets[1])[:5]}"
         assert len(sets[0]) + len(sets[1]) == batch_size

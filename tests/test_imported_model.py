@@ -13,7 +13,7 @@ import torch
 from fixtures_data import offline_env
 from helpers_cli import FAST, fails, ok
 from oodtune.models import build_model
-from oodtune.training.checkpoint import CheckpointError, load_feature_model, read_state_dict
+from oodtune.models.checkpoint import CheckpointError, load_feature_model, read_state_dict
 
 MODULE = "oodtune_test_usernets"
 USER_CODE = '''
@@ -122,15 +122,15 @@ def test_import_then_finetune_evaluate_with_named_head(env: dict[str, Path]) -> 
              "--data-root", root, "--device", "cpu")
     assert "test accuracy of the imported model" in res.output
     net, meta = load_feature_model(mine)
-    assert meta["arch"] == f"{MODULE}:make_net" and meta["head"] == "classifier.2" and meta["stage"] == "imported"
+    assert meta.arch == f"{MODULE}:make_net" and meta.head == "classifier.2" and meta.stage == "imported"
     assert all(torch.equal(net.model.state_dict()[k], v) for k, v in state.items())
     logits, feats = net(torch.zeros(3, 3, 32, 32))
     assert logits.shape == (3, 10) and feats.shape == (3, 16)  # the input of classifier.2
 
-    ok("finetune", mine, "--method", "energy-oe", "--outlier-batch-size", "16", "--data-root", root, "--out", tmp / "ft",
-       *FAST)
+    ok("finetune", mine, "--method", "energy-oe", "--outlier-batch-size", "16", "--data-root", root,
+       "--out", tmp / "ft", *FAST)
     tuned, tuned_meta = load_feature_model(tmp / "ft" / "model.pt")
-    assert tuned_meta["head"] == "classifier.2" and tuned(torch.zeros(1, 3, 32, 32))[1].shape == (1, 16)
+    assert tuned_meta.head == "classifier.2" and tuned(torch.zeros(1, 3, 32, 32))[1].shape == (1, 16)
     res = ok("evaluate", tmp / "ft" / "model.pt", "--score", "energy", "--score", "knn", "--ood", "gaussian",
              "--data-root", root, "--device", "cpu", "--out", tmp / "ft-eval.json")
     assert "knn" in res.output
@@ -150,8 +150,8 @@ def test_import_refuses_bad_input(env: dict[str, Path]) -> None:
     refused("import-model", weights, "--arch", f"{MODULE}:make_net", "--head", "classifier.2", "--out", existing,
             "--data-root", root, match="already exists")
     assert existing.read_bytes() == b"keep me"
-    for head, match in [("body.0", "expected the final nn.Linear"), ("classifier.0", "the layer that produces the logits"),
-                        ("fc", "has no layer 'fc'")]:
+    for head, match in [("body.0", "expected the final nn.Linear"),
+                        ("classifier.0", "the layer that produces the logits"), ("fc", "has no layer 'fc'")]:
         refused("import-model", weights, "--arch", f"{MODULE}:make_net", "--head", head, "--out", tmp / "y.pt",
                 "--data-root", root, match=match)
         assert not (tmp / "y.pt").exists()
@@ -162,4 +162,4 @@ def test_pretrain_your_architecture_from_scratch(env: dict[str, Path]) -> None:
     ok("pretrain", "--arch", f"{MODULE}:SmallNet", "--head", "classifier.2", "--data-root", env["root"], "--out", out,
        *FAST)
     net, meta = load_feature_model(out / "model.pt")
-    assert meta["arch"] == f"{MODULE}:SmallNet" and meta["head"] == "classifier.2" and net.num_classes == 10
+    assert meta.arch == f"{MODULE}:SmallNet" and meta.head == "classifier.2" and net.num_classes == 10

@@ -13,8 +13,16 @@ from scipy.special import logsumexp
 
 from oodtune.energy import energy
 from oodtune.losses import (
-    LOSS_OPTIONS, BalancedEnergy, CompositeLoss, CrossEntropy, EnergyHinge, LossInputs, OutlierExposure, Sparsity,
-    build_method_loss, outlier_affinity,
+    LOSS_OPTIONS,
+    BalancedEnergy,
+    CompositeLoss,
+    CrossEntropy,
+    EnergyHinge,
+    LossInputs,
+    OutlierExposure,
+    Sparsity,
+    build_method_loss,
+    outlier_affinity,
 )
 from oodtune.margins import margin_coverage, propose_margins
 
@@ -51,7 +59,8 @@ def test_outlier_exposure_hand_value():
     logits_out = torch.tensor([[0.0, LN3], [5.0, 5.0]])
     out = OutlierExposure()(inputs(logits_out=logits_out))
     assert out.item() == pytest.approx(0.5 * ((LN4 - LN3 / 2) + LN2) / 2, rel=1e-6)
-    assert OutlierExposure(weight=1.0)(inputs(logits_out=logits_out[:1])).item() == pytest.approx(LN4 - LN3 / 2, rel=1e-6)
+    one = OutlierExposure(weight=1.0)(inputs(logits_out=logits_out[:1])).item()
+    assert one == pytest.approx(LN4 - LN3 / 2, rel=1e-6)
 
 
 def test_energy_hinge_hand_value():
@@ -91,7 +100,8 @@ def balanced_outliers() -> torch.Tensor:
 
 
 def test_outlier_affinity_hand_value():
-    torch.testing.assert_close(outlier_affinity(balanced_outliers(), PRIOR), torch.tensor([0.375, 0.625], dtype=torch.float64))
+    expected = torch.tensor([0.375, 0.625], dtype=torch.float64)
+    torch.testing.assert_close(outlier_affinity(balanced_outliers(), PRIOR), expected)
 
 
 def test_balanced_energy_hand_value():
@@ -172,7 +182,8 @@ def test_gradcheck_sparsity():
     feats = (torch.rand(3, 6, dtype=torch.float64) + 0.1) * torch.tensor([1.0, -1.0] * 3, dtype=torch.float64)
     feats.requires_grad_(True)
     logits = const_logits([0.0] * 3)
-    assert torch.autograd.gradcheck(lambda f: Sparsity()(LossInputs(logits, torch.zeros(3, dtype=torch.int64), f)), (feats,))
+    labels = torch.zeros(3, dtype=torch.int64)
+    assert torch.autograd.gradcheck(lambda f: Sparsity()(LossInputs(logits, labels, f)), (feats,))
 
 
 # ------------------------------------------------------------------------------------------ properties
@@ -185,7 +196,8 @@ def test_oe_minimum_is_log_k_at_uniform_softmax(rows):
     x = torch.tensor(rows, dtype=torch.float64)
     oe = OutlierExposure(weight=1.0)(inputs(logits_out=x)).item()
     assert oe >= LN3 - 1e-12  # H(u; p) >= H(u) = ln K
-    assert OutlierExposure(weight=1.0)(inputs(logits_out=x[:, :1].expand(-1, 3))).item() == pytest.approx(LN3, abs=1e-12)
+    uniform = OutlierExposure(weight=1.0)(inputs(logits_out=x[:, :1].expand(-1, 3))).item()
+    assert uniform == pytest.approx(LN3, abs=1e-12)
 
 
 @settings(max_examples=40, deadline=None)
@@ -258,7 +270,8 @@ def test_build_method_loss_terms(method, names, outliers, features):
 def test_build_method_loss_defaults_and_overrides():
     terms = {t.name: t for t in build_method_loss("balanced-energy+sparsity", prior_gamma=torch.ones(10)).terms}
     b = terms["balanced_energy"]
-    assert (b.m_in, b.m_out, b.alpha, b.weight, b.reduction, b.detach_z) == (-23.0, -5.0, 10.0, 0.1, "normalized", False)
+    got = (b.m_in, b.m_out, b.alpha, b.weight, b.reduction, b.detach_z)
+    assert got == (-23.0, -5.0, 10.0, 0.1, "normalized", False)
     assert terms["sparsity"].weight == 1e-3
     e = build_method_loss("energy-oe").terms[1]
     assert (e.m_in, e.m_out, e.weight) == (-23.0, -5.0, 0.1)
@@ -294,13 +307,15 @@ def test_build_method_loss_errors():
 def test_propose_margins_quantiles():
     id_e, out_e = torch.arange(-20.0, -9.0), np.arange(-10.0, 1.0)  # -20..-10, -10..0
     assert propose_margins(id_e, out_e) == (pytest.approx(-19.0), pytest.approx(-1.0))
-    assert propose_margins(id_e, out_e, id_quantile=0.5, out_quantile=0.5) == (pytest.approx(-15.0), pytest.approx(-5.0))
+    medians = propose_margins(id_e, out_e, id_quantile=0.5, out_quantile=0.5)
+    assert medians == (pytest.approx(-15.0), pytest.approx(-5.0))
     m_in, m_out = propose_margins(id_e, out_e)
     assert margin_coverage(id_e, out_e, m_in, m_out) == (pytest.approx(9 / 11), pytest.approx(9 / 11))
 
 
 def test_propose_margins_widens_crossed_quantiles():
-    assert propose_margins(np.full(5, -5.0), np.full(5, -6.0), min_gap=1.0) == (pytest.approx(-6.0), pytest.approx(-5.0))
+    widened = propose_margins(np.full(5, -5.0), np.full(5, -6.0), min_gap=1.0)
+    assert widened == (pytest.approx(-6.0), pytest.approx(-5.0))
     with pytest.raises(ValueError, match="NaN"):
         propose_margins(np.array([np.nan]), np.zeros(2))
     with pytest.raises(ValueError, match="id_quantile"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -36,9 +35,9 @@ def sk_fpr_at_tpr(id_scores, ood_scores, positive, tpr=0.95):
 def sk_reference(id_scores, ood_scores, positive, tpr=0.95):
     y_in, s_in = _labelled(id_scores, ood_scores, "in")
     y_out, s_out = _labelled(id_scores, ood_scores, "out")
-    return dict(auroc=sk.roc_auc_score(y_in, s_in), aupr_in=sk.average_precision_score(y_in, s_in),
-                aupr_out=sk.average_precision_score(y_out, s_out),
-                fpr95=sk_fpr_at_tpr(id_scores, ood_scores, positive, tpr))
+    return {"auroc": sk.roc_auc_score(y_in, s_in), "aupr_in": sk.average_precision_score(y_in, s_in),
+                "aupr_out": sk.average_precision_score(y_out, s_out),
+                "fpr95": sk_fpr_at_tpr(id_scores, ood_scores, positive, tpr)}
 
 
 def assert_matches_sklearn(id_scores, ood_scores, positive, tpr=0.95):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from oodtune.errors import ModelError
 from oodtune.models import FeatureModel, build_model, find_head
 
 
@@ -98,7 +99,7 @@ def test_head_not_called_in_forward_is_reported() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.body(x)
 
-    with pytest.raises(RuntimeError, match="was not called"):
+    with pytest.raises(ModelError, match="was not called"):
         FeatureModel(Bypass())(torch.randn(2, 3, 2, 2))
 
 

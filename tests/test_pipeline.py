@@ -14,14 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-import oodtune.benchmark as bench_mod
 import oodtune.pipeline as pipe
+import oodtune.pipeline.classification as classification
+import oodtune.pipeline.source as source
 from fixtures_data import offline_env
-from oodtune.benchmark import LT_KEYS, load_benchmark_config, long_tail_accuracy, run_benchmark
+from oodtune.benchmark import load_benchmark_config, run_benchmark
 from oodtune.data import load_dataset
 from oodtune.data.longtail import longtail_counts
 from oodtune.data.protocol import read_split
-from oodtune.training.trainer import TrainConfig
+from oodtune.errors import CheckpointError
+from oodtune.metrics import LT_KEYS, long_tail_accuracy
+from oodtune.models import read_meta
+from oodtune.training.config import TrainConfig
 
 ARCH = "wrn-10-1"
 ALL_SCORES = ["msp", "maxlogit", "entropy", "energy", "odin", "mahalanobis", "knn"]
@@ -29,8 +33,9 @@ NUM_OOD = 16
 
 
 def cfg(**kw: Any) -> TrainConfig:
-    base: dict[str, Any] = dict(epochs=1, batch_size=8, outlier_batch_size=16, max_steps_per_epoch=1, lr=0.01,
-                                device="cpu", precision="fp32")
+    base: dict[str, Any] = {"epochs": 1, "batch_size": 8, "outlier_batch_size": 16, "max_steps_per_epoch": 1,
+                            "lr": 0.01,
+                                "device": "cpu", "precision": "fp32"}
     return TrainConfig(**{**base, **kw})
 
 
@@ -98,8 +103,8 @@ def test_finetune_methods_then_evaluate_all_scores(env, pretrained, prior, metho
         return  # evaluating one fine-tuned model with every score is enough
     report, emeta = pipe.evaluate_checkpoint(path, scores=ALL_SCORES, ood=["tin-near", "gaussian"],
                                              data_root=env["root"], device="cpu", num_ood=NUM_OOD)
-    assert emeta["method"] == method
-    assert 0.0 <= report.accuracy <= 1.0
+    assert emeta.method == method
+    assert 0.0 <= report.id_metrics["accuracy"] <= 100.0
     assert [(r["score"], r["dataset"]) for r in report.rows] == [(s, d) for s in ALL_SCORES
                                                                  for d in ("tin-near", "gaussian")]
     for r in report.rows:
@@ -113,19 +118,20 @@ def test_finetune_methods_then_evaluate_all_scores(env, pretrained, prior, metho
 
 def test_balanced_energy_needs_prior(env, pretrained):
     with pytest.raises(ValueError, match="prior"):
-        pipe.finetune(pretrained, env["tmp"] / "no-prior", method="balanced-energy", data_root=env["root"], config=cfg())
+        pipe.finetune(pretrained, env["tmp"] / "no-prior", method="balanced-energy", data_root=env["root"],
+                      config=cfg())
     assert not (env["tmp"] / "no-prior" / "model.pt").exists()
 
 
 def test_from_scratch_builds_fresh_model(env, pretrained, monkeypatch):
     built: list[tuple[Any, ...]] = []
-    real = pipe.build_model
+    real = classification.build_model
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         built.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipe, "build_model", spy)
+    monkeypatch.setattr(classification, "build_model", spy)
     pipe.finetune(pretrained, env["tmp"] / "ft-again", method="energy-oe", data_root=env["root"], config=cfg())
     assert built == []  # fine-tuning starts from the checkpoint's weights
     path = pipe.finetune(pretrained, env["tmp"] / "scratch", method="energy-oe", data_root=env["root"],
@@ -150,20 +156,22 @@ def test_initial_weights_depend_only_on_the_seed(env):
 
 def test_finetune_reads_only_the_id_train_split(env, pretrained, prior, monkeypatch):
     calls: list[tuple[str, str]] = []
-    real = pipe.load_dataset
+    real = source.load_dataset
 
     def spy(name: str, root: Any = None, split: str = "test", **kw: Any) -> Any:
         calls.append((name, split))
         return real(name, root, split, **kw)
 
-    monkeypatch.setattr(pipe, "load_dataset", spy)
-    # even a checkpoint whose meta names a test split must not make fine-tuning read it
+    monkeypatch.setattr(source, "load_dataset", spy)
+    # a checkpoint whose meta names a test split is refused outright: meta keys are a closed schema
     ck = _ckpt(pretrained)
     ck["meta"] = {**ck["meta"], "split": "test", "id_split": "test"}
     tampered = env["tmp"] / "tampered.pt"
     torch.save(ck, tampered)
+    with pytest.raises(CheckpointError, match="unknown keys.*id_split"):
+        pipe.finetune(tampered, env["tmp"] / "spy-tampered", method="energy-oe", data_root=env["root"], config=cfg())
     for method in ("energy-oe", "balanced-energy+sparsity"):
-        pipe.finetune(tampered, env["tmp"] / f"spy-{method}", method=method, data_root=env["root"],
+        pipe.finetune(pretrained, env["tmp"] / f"spy-{method}", method=method, data_root=env["root"],
                       prior=prior if "balanced" in method else None, config=cfg())
     id_calls = [c for c in calls if c[0] == "cifar10"]
     assert id_calls and all(split == "train" for _, split in id_calls), calls
@@ -180,10 +188,10 @@ def test_no_split_parameter_anywhere_in_finetuning():
 # ----------------------------------------------------------------------------------------- long tail
 
 def test_longtailed_meta_rebuilds_lt_counts(env, pretrained_lt):
-    meta = _ckpt(pretrained_lt)["meta"]
+    meta = read_meta(pretrained_lt)
     expected = longtail_counts(20, 10, 2)
     assert expected[0] == 20 and expected[-1] == 10
-    assert meta["imbalance_ratio"] == 2 and meta["class_counts"] == expected
+    assert meta.imbalance_ratio == 2 and list(meta.class_counts) == expected
     train = pipe.id_train_set(meta, env["root"])
     assert train.class_counts().tolist() == expected
 
@@ -192,12 +200,15 @@ def test_long_tail_accuracy_keys(env, pretrained_lt, pretrained):
     report, meta = pipe.evaluate_checkpoint(pretrained_lt, scores=["energy"], ood=["gaussian"], data_root=env["root"],
                                             device="cpu", num_ood=NUM_OOD)
     labels = load_dataset("cifar10", env["root"], "test").labels
-    out = long_tail_accuracy(report.id_logits, labels, meta)
+    out = long_tail_accuracy(report.id_logits, labels, meta.class_counts)
     assert set(out) == set(LT_KEYS)
     assert all(0.0 <= v <= 100.0 for v in out.values())
-    assert out["acc_all"] == pytest.approx(100 * report.accuracy)
-    # balanced training set: nothing to report
-    assert long_tail_accuracy(report.id_logits, labels, _ckpt(pretrained)["meta"]) == {}
+    assert out["acc_all"] == pytest.approx(report.id_metrics["accuracy"])
+    assert {k: report.id_metrics[k] for k in LT_KEYS} == out  # the pipeline reports them for long-tailed models
+    # balanced training set: no long-tail metrics
+    balanced, _ = pipe.evaluate_checkpoint(pretrained, scores=["energy"], ood=["gaussian"], data_root=env["root"],
+                                           device="cpu", num_ood=NUM_OOD)
+    assert set(balanced.id_metrics) == {"accuracy"}
 
 
 # ---------------------------------------------------------------------------------------- benchmark
@@ -265,10 +276,11 @@ def _write_config(env: dict[str, Path], name: str, out: Path, extra: str = "", p
 
 
 def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Make the named pipeline steps fail: the benchmark calls every step through ``oodtune.pipeline``."""
     def boom(*_a: Any, **_k: Any) -> None:
         raise AssertionError("must not train / recompute here")
     for n in names:
-        monkeypatch.setattr(bench_mod, n, boom)
+        monkeypatch.setattr(pipe, n, boom)
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +341,7 @@ def test_benchmark_auto_margins_are_used(bench):
 
 
 def test_benchmark_resumes_without_retraining(bench, monkeypatch):
-    _forbid(monkeypatch, "finetune", "pretrain", "estimate_prior", "pretrained_energies", "evaluate")
+    _forbid(monkeypatch, "finetune", "pretrain", "estimate_prior", "propose_margins", "evaluate_checkpoint")
     run_benchmark(load_benchmark_config(bench["config"]), command="test")
     again = json.loads((bench["out"] / "results.json").read_text())
     assert again["summary"] == bench["results"]["summary"]
@@ -337,7 +349,7 @@ def test_benchmark_resumes_without_retraining(bench, monkeypatch):
 
 def test_benchmark_report_only_lists_missing(env, bench, monkeypatch):
     path = _write_config(env, "bench-extra", bench["out"], extra=EXTRA_METHOD)
-    _forbid(monkeypatch, "finetune", "pretrain", "estimate_prior", "pretrained_energies")
+    _forbid(monkeypatch, "finetune", "pretrain", "estimate_prior", "propose_margins")
     run_benchmark(load_benchmark_config(path), command="test", report_only=True)
     md = (bench["out"] / "results.md").read_text()
     res = json.loads((bench["out"] / "results.json").read_text())
@@ -352,7 +364,7 @@ def test_benchmark_report_only_with_configured_checkpoint(env, pretrained, monke
     out = env["tmp"] / "bench-ro"
     path = _write_config(env, "bench-ro", out, pretrained=pretrained,
                          methods='[[methods]]\nlabel = "EnergyOE"\nmethod = "energy-oe"\n')
-    _forbid(monkeypatch, "finetune", "pretrain", "estimate_prior", "pretrained_energies", "evaluate")
+    _forbid(monkeypatch, "finetune", "pretrain", "estimate_prior", "propose_margins", "evaluate_checkpoint")
     run_benchmark(load_benchmark_config(path), command="test", report_only=True)
     md = (out / "results.md").read_text()
     assert "- EnergyOE seed 0" in md and "- EnergyOE seed 1" in md
@@ -363,12 +375,12 @@ def test_benchmark_report_only_with_configured_checkpoint(env, pretrained, monke
 def test_benchmark_only_runs_named_rows_and_tabulates_the_rest(env, bench, monkeypatch):
     cfg_ = load_benchmark_config(bench["config"], only=["balanced-energyoe", "MSP"])
     assert [m.label for m in cfg_.methods if cfg_.selected(m)] == ["MSP", "Balanced EnergyOE"]
-    with pytest.raises(ValueError, match=r"no method named \['sparsity'\].*energyoe-tune"):
+    with pytest.raises(ValueError, match=r"--only sparsity: .* no such row.*energyoe-tune"):
         load_benchmark_config(bench["config"], only=["sparsity"])
     # OE is in the config but not selected: it must be listed as missing, not trained; the finished rows
     # (selected or not) all stay in the table.
     path = _write_config(env, "bench-only", bench["out"], extra=EXTRA_METHOD)
-    _forbid(monkeypatch, "finetune", "pretrain", "estimate_prior", "pretrained_energies", "evaluate")
+    _forbid(monkeypatch, "finetune", "pretrain", "estimate_prior", "propose_margins", "evaluate_checkpoint")
     run_benchmark(load_benchmark_config(path, only=["msp"]), command="test")
     res = json.loads((bench["out"] / "results.json").read_text())
     assert [r["method"] for r in res["summary"]] == ["MSP", "EnergyOE (tune)", "Balanced EnergyOE"]

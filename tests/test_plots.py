@@ -52,7 +52,8 @@ def test_class_prior(tmp_path):
     prior = np.array([0.3, 0.2, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05])
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert_png(plot_class_prior(tmp_path / "prior.png", counts, prior, names))
-    assert_png(plot_class_prior(tmp_path / "prior100.png", [0] * 100, np.full(100, 0.01), [f"c{i}" for i in range(100)]))
+    names100 = [f"c{i}" for i in range(100)]
+    assert_png(plot_class_prior(tmp_path / "prior100.png", [0] * 100, np.full(100, 0.01), names100))
 
 
 def test_bad_inputs_raise_and_close(tmp_path, energies):

@@ -75,7 +75,7 @@ def test_prior_is_a_distribution_preserving_order(counts, gamma):
     assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
     assert (p >= 0).all()
     order = sorted(range(len(counts)), key=lambda i: counts[i])
-    assert all(p[a] <= p[b] + 1e-7 for a, b in zip(order, order[1:]))
+    assert all(p[a] <= p[b] + 1e-7 for a, b in zip(order, order[1:], strict=False))
 
 
 def test_outlier_prior_methods():

@@ -11,10 +11,10 @@ import torch
 
 from fixtures_data import write_cifar10
 from helpers_training import assert_states_equal
-from oodtune.training.checkpoint import load_model
+from oodtune.models.checkpoint import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import reference_train  # noqa: E402  (a script folder, not a package)
+import reference_train
 
 
 def _run(root: Path, out: Path, *extra: str) -> dict[str, Any]:
@@ -52,7 +52,8 @@ def test_reference_loop_trains_resumes_bit_exactly_and_evaluates(data_env: dict[
     a, meta = load_model(data_env["tmp"] / "whole" / "model.pt")
     b, _ = load_model(data_env["tmp"] / "split" / "model.pt")
     assert_states_equal(a.state_dict(), b.state_dict())
-    assert meta["stage"] == "reference-pretrain" and meta["train_config"]["epochs"] == 2
+    assert meta.stage == "pretrain" and meta.notes["loop"].startswith("reference-style")
+    assert meta.train_config["epochs"] == 2
     assert not (data_env["tmp"] / "split" / "last.pt").exists()
     again = _run(data_env["root"], data_env["tmp"] / "whole")  # finished: evaluates only
     assert again["test_accuracy"] == whole["test_accuracy"] and torch.equal(

@@ -45,7 +45,8 @@ def _clustered(n: int, num_classes: int = 4, dim: int = 6, seed: int = 0):
 def test_msp_maxlogit_entropy_energy_match_numpy(logits):
     f = _np(logits)
     p = softmax(f, axis=1)
-    expected = {"msp": p.max(1), "maxlogit": f.max(1), "entropy": -scipy_entropy(p, axis=1), "energy": logsumexp(f, axis=1)}
+    expected = {"msp": p.max(1), "maxlogit": f.max(1), "entropy": -scipy_entropy(p, axis=1),
+                "energy": logsumexp(f, axis=1)}
     for name, ref in expected.items():
         got = build_score(name).from_outputs(logits, _dummy_feats(len(f)))
         assert got.shape == (len(f),)

@@ -18,12 +18,14 @@ from helpers_training import (
     tiny_config,
     tiny_net,
 )
-from oodtune.data.imageset import DataError
+from oodtune.data.tensors import Normalizer, to_device_uint8
+from oodtune.errors import DataError, ResumeMismatchError
 from oodtune.losses import LossInputs, build_method_loss
-from oodtune.training.batches import Normalizer, OutlierSampler, to_device_uint8
-from oodtune.training.checkpoint import load_model, read_checkpoint
-from oodtune.training.runtime import compile_mode
-from oodtune.training.trainer import FINAL, LAST, TrainConfig, Trainer, cosine_factor
+from oodtune.models.checkpoint import load_model, read_checkpoint
+from oodtune.runtime import compile_mode
+from oodtune.training.config import TrainConfig
+from oodtune.training.sampling import OutlierSampler
+from oodtune.training.trainer import FINAL, LAST, Trainer, cosine_factor
 
 pytestmark = pytest.mark.usefixtures("quiet")
 
@@ -72,7 +74,7 @@ def test_a_tiny_run_learns_an_easy_task(tmp_path: Path) -> None:
     assert all(h["images_per_s"] > 0 for h in hist)
     # the final checkpoint is a loadable oodtune model that classifies held-out data of the same task
     model, meta = load_model(result.checkpoint)
-    assert meta["history"] == hist and meta["train_config"]["epochs"] == 3
+    assert list(meta.history) == hist and meta.train_config["epochs"] == 3
     assert not (tmp_path / LAST).exists()
     test = easy_imageset(64, seed=1)
     with torch.no_grad():  # the trainer used the default (CIFAR) normalisation
@@ -143,7 +145,7 @@ def test_resume_with_changed_settings_is_refused(tmp_path: Path, monkeypatch: py
         _crash_after_epochs(m, 1)
         with pytest.raises(Crash):
             make_trainer(ds, build_method_loss("ce"), run_dir=tmp_path).fit()
-    with pytest.raises(RuntimeError, match="different settings"):
+    with pytest.raises(ResumeMismatchError, match="other settings"):
         make_trainer(ds, build_method_loss("ce"), run_dir=tmp_path, lr=0.01).fit()
 
 
@@ -240,8 +242,8 @@ def test_compiled_path_runs_on_cpu_and_matches_eager(tmp_path: Path, scope: str)
         assert compiled.history[0][part] == pytest.approx(eager.history[0][part], rel=1e-4), part
     assert compiled.history[0]["train_acc"] == eager.history[0]["train_acc"]
     model, meta = load_model(compiled.checkpoint)
-    assert meta["train_config"]["compile"] == "reduce-overhead"
-    assert meta["train_config"]["compile_scope"] == scope
+    assert meta.train_config["compile"] == "reduce-overhead"
+    assert meta.train_config["compile_scope"] == scope
     reference = state_of(load_model(eager.checkpoint)[0])
     assert state_of(model).keys() == reference.keys()
     for key, value in state_of(model).items():

@@ -42,7 +42,7 @@ def tin_subset(src: Path, dest: Path) -> None:
 
 def dtd_png(src: Path, dest: Path) -> None:
     ds = load_dataset("dtd", src, "test")
-    for i, (img, label) in enumerate(zip(ds.images, ds.labels)):
+    for i, (img, label) in enumerate(zip(ds.images, ds.labels, strict=False)):
         folder = dest / "dtd" / "images" / ds.classes[label]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(folder / f"{i:05d}.png")

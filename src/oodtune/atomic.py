@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, overwrite: bool = True) -> Path:
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], object], *, overwrite: bool = True) -> Path:
     """Call ``write(fh)`` on a temporary file beside ``path``, fsync it and ``os.replace`` it into place.
 
     With ``overwrite=False`` an existing ``path`` raises FileExistsError instead of being replaced. On any

@@ -1,12 +1,20 @@
 """The ``oodtune`` command line: pretrain, import-model, estimate-prior, propose-margins, finetune, evaluate,
-benchmark."""
+benchmark.
+
+Choices and defaults come from the library (score names, methods, training recipes, loss-term defaults), so the
+help never disagrees with what runs. User mistakes (every :class:`~oodtune.errors.OodtuneError`, missing or
+existing files) print ``Error: message`` with the library's keywords rewritten as flags; anything else is a bug
+and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,40 +22,74 @@ import click
 
 from . import __version__
 from .data import available_datasets
+from .data.tensors import CIFAR_MEAN, CIFAR_STD
+from .errors import OodtuneError
+from .losses import METHODS, loss_option_defaults
 from .models import ARCHITECTURES
 from .progress import console
-from .training.batches import CIFAR_MEAN, CIFAR_STD
-from .training.trainer import COMPILE_MODES, COMPILE_SCOPES, TrainConfig
+from .scores import SCORE_NAMES
+from .training.config import COMPILE_MODES, COMPILE_SCOPES, FINETUNE, PRECISIONS, PRETRAIN, TrainConfig
 
-SCORE_CHOICES = ("msp", "maxlogit", "entropy", "energy", "odin", "mahalanobis", "knn")
-METHODS_HELP = "oe, energy-oe, balanced-energy, sparsity, or a '+'-composition such as balanced-energy+sparsity"
+METHODS_HELP = f"{', '.join(m for m in METHODS if m != 'ce')}, or a '+'-composition such as balanced-energy+sparsity"
+#: Library keywords in error messages -> the flag a command-line user types instead.
+CLI_WORDS = [
+    (re.compile(r"\boverwrite=True\b"), "--overwrite"),
+    (re.compile(r"\(argument root=, or env OODTUNE_DATA\)"), "(--data-root, or env OODTUNE_DATA)"),
+    (re.compile(r"\bdata_root=(\.\.\.)?"), "--data-root"),
+]
+
+
+def cli_message(message: str) -> str:
+    """``message`` with the library's parameter names replaced by this CLI's flags."""
+    for pattern, flag in CLI_WORDS:
+        message = pattern.sub(flag, message)
+    return message
+
+
+def _option_names(command: click.Command) -> dict[str, str]:
+    """Option spellings (``score``, ``compile``) -> click parameter names (``scores``, ``compile_mode``)."""
+    names = {o.lstrip("-").replace("-", "_"): str(p.name) for p in command.params if isinstance(p, click.Option)
+             for o in p.opts if o.startswith("--")}
+    names.update({str(p.name): str(p.name) for p in command.params if p.name})
+    return names
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    """``--config FILE.toml``: its keys (dashes or underscores) become this command's defaults."""
-    if value:
-        try:
-            data = tomllib.loads(Path(value).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise click.BadParameter(f"cannot read config {value}: {exc}") from exc
-        section = data.get(ctx.info_name, data)
-        # keys are option names (``score``, ``prior``, ``compile``), which may differ from the parameter names
-        # click keys its default_map by (``scores``, ``prior_path``, ``compile_mode``)
-        names = {o.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params if isinstance(p, click.Option)
-                 for o in p.opts if o.startswith("--")}
-        names.update({p.name: p.name for p in ctx.command.params if p.name})
-        keys = {k: k.replace("-", "_") for k, v in section.items() if not isinstance(v, dict)}
-        unknown = sorted(k for k, norm in keys.items() if norm not in names or names[norm] == "config")
-        if unknown and ctx.info_name in data:  # top-level keys may be meant for other commands
-            raise click.BadParameter(f"{value}: unknown key(s) {', '.join(unknown)} in [{ctx.info_name}].")
-        ctx.default_map = {names[norm]: section[k] for k, norm in keys.items() if k not in unknown}
+    """``--config FILE.toml``: its keys (dashes or underscores) become this command's defaults.
+
+    Keys in a ``[COMMAND]`` table must be options of that command; top-level keys must be options of *some*
+    oodtune command (those of other commands are ignored, so one file can serve several commands)."""
+    if not value:
+        return value
+    try:
+        data = tomllib.loads(Path(value).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"cannot read config {value}: {exc}") from exc
+    command = ctx.command
+    section = data.get(str(ctx.info_name), data)
+    if not isinstance(section, dict):
+        raise click.BadParameter(f"{value}: [{ctx.info_name}] must be a table of options, got {section!r}.")
+    names = _option_names(command)
+    keys = {k: k.replace("-", "_") for k, v in section.items() if not isinstance(v, dict)}
+    unknown = sorted(k for k, norm in keys.items() if norm not in names or names[norm] == "config")
+    if unknown and ctx.info_name in data:
+        raise click.BadParameter(f"{value}: unknown key(s) {', '.join(unknown)} in [{ctx.info_name}]; "
+                                 f"options of `oodtune {ctx.info_name}`: {', '.join(sorted(set(names) - {'config'}))}.")
+    if unknown:
+        everywhere = {n for c in main.commands.values() for n in _option_names(c)}
+        stray = [k for k in unknown if keys[k] not in everywhere]
+        if stray:
+            raise click.BadParameter(f"{value}: key(s) {', '.join(stray)} are options of no oodtune command "
+                                     "(misspelled?).")
+    ctx.default_map = {names[norm]: section[k] for k, norm in keys.items() if k not in unknown}
     return value
 
 
 def config_option(f: Any) -> Any:
     return click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config,
                         is_eager=True, expose_value=False,
-                        help="TOML file whose keys set this command's options (a [COMMAND] table or top-level keys).")(f)
+                        help="TOML file whose keys set this command's options (a [COMMAND] table or top-level "
+                             "keys).")(f)
 
 
 def common_options(f: Any) -> Any:
@@ -58,22 +100,40 @@ def common_options(f: Any) -> Any:
     return f
 
 
-def train_options(epochs: int, lr: float) -> Any:
-    """Optimisation options with per-command defaults."""
+def _finite(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not (value == value and abs(value) != float("inf")):
+        raise click.BadParameter(f"must be a finite number, got {value}", param=param)
+    return value
+
+
+def train_options(defaults: TrainConfig, *, shown: bool) -> Callable[[Any], Any]:
+    """Optimisation options. ``shown``: the defaults are ``defaults`` (pretraining); otherwise every option
+    defaults to "not given" and the checkpoint's task recipe applies (its values for classification are shown)."""
+    def default(name: str) -> Any:
+        return getattr(defaults, name) if shown else None
+
+    def note(name: str) -> str:
+        return "" if shown else f" [default: {getattr(defaults, name)} for classification]"
+
     def deco(f: Any) -> Any:
         for opt in reversed([
-            click.option("--epochs", type=click.IntRange(1), default=epochs, show_default=True),
-            click.option("--lr", type=click.FloatRange(0, min_open=True), default=lr, show_default=True,
-                         help="Initial learning rate (cosine-annealed per step)."),
-            click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True),
-            click.option("--weight-decay", type=float, default=5e-4, show_default=True),
-            click.option("--seed", type=int, default=0, show_default=True),
-            click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+            click.option("--epochs", type=click.IntRange(1), default=default("epochs"), show_default=shown,
+                         help="Training epochs." + note("epochs")),
+            click.option("--lr", type=click.FloatRange(0, min_open=True), default=default("lr"), show_default=shown,
+                         callback=_finite, help="Initial learning rate (cosine-annealed per step)." + note("lr")),
+            click.option("--batch-size", type=click.IntRange(1), default=default("batch_size"), show_default=shown,
+                         help="ID images per step." + note("batch_size")),
+            click.option("--weight-decay", type=click.FloatRange(0), default=default("weight_decay"),
+                         show_default=shown, callback=_finite, help="SGD weight decay." + note("weight_decay")),
+            click.option("--seed", type=int, default=defaults.seed, show_default=True),
+            click.option("--precision", type=click.Choice(PRECISIONS), default=defaults.precision, show_default=True,
                          help="auto = bf16 autocast on CUDA, fp32 on CPU."),
-            click.option("--compile", "compile_mode", default="auto", show_default=True, type=click.Choice(COMPILE_MODES),
+            click.option("--compile", "compile_mode", default=defaults.compile, show_default=True,
+                         type=click.Choice(COMPILE_MODES),
                          help="torch.compile mode for the training step (reduce-overhead = CUDA graphs; "
                               "auto = reduce-overhead on CUDA, none on CPU)."),
-            click.option("--compile-scope", default="model", show_default=True, type=click.Choice(COMPILE_SCOPES),
+            click.option("--compile-scope", default=defaults.compile_scope, show_default=True,
+                         type=click.Choice(COMPILE_SCOPES),
                          help="What --compile wraps: the model, or the whole step (crop/flip, normalisation, "
                               "forward, loss) in one graph."),
             click.option("--max-steps-per-epoch", type=click.IntRange(1), default=None,
@@ -84,27 +144,29 @@ def train_options(epochs: int, lr: float) -> Any:
     return deco
 
 
-def _train_config(kw: dict[str, Any], **extra: Any) -> TrainConfig:
-    return TrainConfig(
-        epochs=kw.pop("epochs"), lr=kw.pop("lr"), batch_size=kw.pop("batch_size"), weight_decay=kw.pop("weight_decay"),
-        seed=kw.pop("seed"), precision=kw.pop("precision"), compile=kw.pop("compile_mode"),
-        compile_scope=kw.pop("compile_scope"),
-        max_steps_per_epoch=kw.pop("max_steps_per_epoch"), device=kw.pop("device"), **extra,
-    )
+def _train_overrides(kw: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig fields the training options set (popped from ``kw``; None = not given)."""
+    return {"epochs": kw.pop("epochs"), "lr": kw.pop("lr"), "batch_size": kw.pop("batch_size"),
+            "weight_decay": kw.pop("weight_decay"), "seed": kw.pop("seed"), "precision": kw.pop("precision"),
+            "compile": kw.pop("compile_mode"), "compile_scope": kw.pop("compile_scope"),
+            "max_steps_per_epoch": kw.pop("max_steps_per_epoch"), "device": kw.pop("device")}
+
+
+def _command_line() -> str:
+    return "oodtune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 class _Group(click.Group):
-    """Reports the library's user-facing errors (bad data, checkpoint, method, existing outputs: all ValueError
-    or FileExistsError subclasses) as ``Error: message`` with exit status 1 instead of a traceback.
-    ``OODTUNE_DEBUG=1`` shows the traceback."""
+    """Reports user-facing errors (every OodtuneError, missing or existing files) as ``Error: message`` with exit
+    status 1 instead of a traceback; ``OODTUNE_DEBUG=1`` shows the traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        except (OodtuneError, FileExistsError, FileNotFoundError) as exc:
             if os.environ.get("OODTUNE_DEBUG", "0") != "0":
                 raise
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(cli_message(str(exc))) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -143,7 +205,7 @@ def datasets() -> None:
               help="Make the train split long-tailed with this max/min class ratio (e.g. 100).")
 @click.option("--num-train", type=click.IntRange(1), default=None, help="Use a seeded subsample of the train split.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, resume).")
-@train_options(epochs=100, lr=0.1)
+@train_options(PRETRAIN, shown=True)
 def pretrain(**kw: Any) -> None:
     """Train a classifier from scratch with cross-entropy (SGD+Nesterov, cosine, crop+flip).
 
@@ -151,7 +213,7 @@ def pretrain(**kw: Any) -> None:
     """
     from .pipeline import pretrain as run
 
-    cfg = _train_config(kw)
+    cfg = PRETRAIN.replace(**_train_overrides(kw))
     path = run(kw["out"], dataset=kw["dataset"], arch=kw["arch"], data_root=kw["data_root"], config=cfg,
                imbalance_ratio=kw["imbalance_ratio"], num_train=kw["num_train"], head=kw["head"])
     console.print(f"saved {path}")
@@ -162,7 +224,8 @@ def pretrain(**kw: Any) -> None:
 @common_options
 @click.argument("weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--arch", required=True,
-              help="Built-in architecture, or package.module:factory where factory(num_classes=K) returns your nn.Module.")
+              help="Built-in architecture, or package.module:factory where factory(num_classes=K) returns your "
+                   "nn.Module.")
 @click.option("--dataset", default="cifar10", show_default=True, help="ID dataset the model was trained on.")
 @click.option("--head", default=None, help="Dotted name of the classification layer (default: the last nn.Linear).")
 @click.option("--mean", type=(float, float, float), default=CIFAR_MEAN, show_default="CIFAR-10's",
@@ -200,22 +263,20 @@ def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: 
               help="Power applied to the prior before L1 normalisation (Balanced Energy's γ).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the prior (JSON).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also save a bar chart (PNG).")
-def estimate_prior(checkpoint: str, outliers: str, gamma: float, out: str, plot: str | None, data_root: str | None,
-                   device: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def estimate_prior(checkpoint: str, outliers: str, gamma: float, out: str, plot: str | None, overwrite: bool,
+                   data_root: str | None, device: str) -> None:
     """Balanced Energy step 1: the outlier class prior P(y|o) as predicted by the pretrained model."""
     from .pipeline import estimate_prior as run
-    from .plots import plot_class_prior
-    from .training.checkpoint import read_checkpoint
+    from .pipeline import save_prior
 
+    if Path(out).exists() and not overwrite:  # refuse before spending the forward passes
+        raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
     prior = run(checkpoint, outliers=outliers, data_root=data_root, gamma=gamma, device=device)
-    prior.save(out)
+    save_prior(prior, out, checkpoint=checkpoint, plot=plot, overwrite=overwrite)
     for name, n, p, pg in zip(prior.class_names, prior.counts, prior.probabilities().tolist(),
-                              prior.gamma_prior().tolist()):
+                              prior.gamma_prior().tolist(), strict=True):
         click.echo(f"{name:12s} {n:7d}  P={p:.4f}  P_gamma={pg:.4f}")
-    if plot:
-        meta = read_checkpoint(checkpoint)["meta"]
-        plot_class_prior(plot, meta.get("class_counts") or [0] * len(prior.counts), prior.probabilities().tolist(),
-                         prior.class_names)
     console.print(f"saved {out}")
 
 
@@ -225,16 +286,17 @@ def estimate_prior(checkpoint: str, outliers: str, gamma: float, out: str, plot:
 @click.option("--outliers", default="tin-aux", show_default=True)
 def propose_margins(checkpoint: str, outliers: str, data_root: str | None, device: str) -> None:
     """Suggest m_in / m_out from the pretrained model's energies on ID train data and outliers."""
-    from .margins import margin_coverage
-    from .margins import propose_margins as propose
-    from .pipeline import pretrained_energies
+    from .pipeline import propose_margins as run
 
-    e_in, e_out = pretrained_energies(checkpoint, outliers=outliers, data_root=data_root, device=device)
-    m_in, m_out = propose(e_in.cpu(), e_out.cpu())
-    click.echo(f"ID energy median {e_in.median():.2f}, outlier energy median {e_out.median():.2f}")
-    cov_in, cov_out = margin_coverage(e_in, e_out, m_in, m_out)
-    click.echo(f"proposed --m-in {m_in:.1f} --m-out {m_out:.1f} "
-                  f"(hinges start active on {100 * cov_in:.0f}% of ID and {100 * cov_out:.0f}% of outliers)")
+    p = run(checkpoint, outliers=outliers, data_root=data_root, device=device)
+    click.echo(f"ID energy median {p.median_in:.2f}, outlier energy median {p.median_out:.2f}")
+    click.echo(f"proposed --m-in {p.m_in:.1f} --m-out {p.m_out:.1f} (hinges start active on "
+               f"{100 * p.coverage_in:.0f}% of ID and {100 * p.coverage_out:.0f}% of outliers)")
+
+
+def _default_help(option: str) -> str:
+    values = set(loss_option_defaults(option).values())
+    return f"(default {', '.join(map(str, sorted(values)))})"
 
 
 @main.command()
@@ -246,27 +308,34 @@ def propose_margins(checkpoint: str, outliers: str, data_root: str | None, devic
 @click.option("--prior", "prior_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Outlier prior JSON from `oodtune estimate-prior` (balanced-energy).")
 @click.option("--gamma", type=click.FloatRange(0), default=None, help="Override the prior's γ.")
-@click.option("--m-in", type=float, default=None, help="In-distribution energy margin (default -23).")
-@click.option("--m-out", type=float, default=None, help="Outlier energy margin (default -5).")
-@click.option("--alpha", type=float, default=None, help="Balanced Energy margin scale α (default 10).")
-@click.option("--energy-weight", type=float, default=None, help="Weight of the energy terms (default 0.1).")
-@click.option("--oe-weight", type=float, default=None, help="OE weight λ (default 0.5).")
-@click.option("--sparsity-weight", type=float, default=None, help="Sparsity λ (paper 0.001; public code 0.02).")
-@click.option("--outlier-batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--m-in", type=float, default=None, callback=_finite,
+              help=f"In-distribution energy margin {_default_help('m_in')}.")
+@click.option("--m-out", type=float, default=None, callback=_finite,
+              help=f"Outlier energy margin {_default_help('m_out')}.")
+@click.option("--alpha", type=float, default=None, callback=_finite,
+              help=f"Balanced Energy margin scale α {_default_help('alpha')}.")
+@click.option("--energy-weight", type=float, default=None, callback=_finite,
+              help=f"Weight of the energy terms {_default_help('energy_weight')}.")
+@click.option("--oe-weight", type=float, default=None, callback=_finite,
+              help=f"OE weight λ {_default_help('oe_weight')}.")
+@click.option("--sparsity-weight", type=float, default=None, callback=_finite,
+              help=f"Sparsity λ {_default_help('sparsity_weight')}; the public code used 0.02.")
+@click.option("--outlier-batch-size", type=click.IntRange(1), default=None,
+              help=f"Outliers per step [default: {FINETUNE.outlier_batch_size} for classification].")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@train_options(epochs=10, lr=1e-3)
+@train_options(FINETUNE, shown=False)
 def finetune(**kw: Any) -> None:
     """Fine-tune a pretrained checkpoint with an OOD-aware loss (on the ID *train* split only)."""
     from .pipeline import finetune as run
+    from .pipeline import finetune_config
     from .prior import OutlierPrior
 
     prior = OutlierPrior.load(kw["prior_path"]) if kw["prior_path"] else None
     if prior is not None and kw["gamma"] is not None:
         prior = OutlierPrior(counts=prior.counts, gamma=kw["gamma"], class_names=prior.class_names)
-    names = {"m_in": "m_in", "m_out": "m_out", "alpha": "alpha", "energy_weight": "energy_weight",
-             "oe_weight": "oe_weight", "sparsity_weight": "sparsity_weight"}
-    loss_options = {k: kw[v] for k, v in names.items() if kw[v] is not None}
-    cfg = _train_config(kw, outlier_batch_size=kw["outlier_batch_size"])
+    names = ("m_in", "m_out", "alpha", "energy_weight", "oe_weight", "sparsity_weight")
+    loss_options = {k: kw[k] for k in names if kw[k] is not None}
+    cfg = finetune_config(kw["checkpoint"], **_train_overrides(kw), outlier_batch_size=kw["outlier_batch_size"])
     path = run(kw["checkpoint"], kw["out"], method=kw["method"], data_root=kw["data_root"], outliers=kw["outliers"],
                prior=prior, config=cfg, loss_options=loss_options)
     console.print(f"saved {path}")
@@ -276,7 +345,7 @@ def finetune(**kw: Any) -> None:
 @config_option
 @common_options
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--score", "scores", multiple=True, type=click.Choice(SCORE_CHOICES), default=("msp", "energy"),
+@click.option("--score", "scores", multiple=True, type=click.Choice(SCORE_NAMES), default=("msp", "energy"),
               show_default=True, help="Repeat for several scores.")
 @click.option("--ood", multiple=True, required=True, help="OOD test set; repeat for several (see `oodtune datasets`).")
 @click.option("--num-ood", type=click.IntRange(1), default=None, help="Seeded subsample of each OOD set.")
@@ -289,27 +358,20 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
              positive: str | None, out: str | None, overwrite: bool, data_root: str | None, device: str) -> None:
     """Accuracy + AUROC / AUPR-In / AUPR-Out / FPR95 for each score on each OOD set."""
     from .pipeline import evaluate_checkpoint
-    from .report import markdown_table, write_json, write_text_atomic
+    from .report import evaluation_paths, evaluation_table, id_metrics_text, write_evaluation
 
-    if out and Path(out).suffix in (".json", ".md"):
-        out = str(Path(out).with_suffix(""))  # `--out table.json` means table.json + table.md, not table.json.json
-    existing = [p for p in (f"{out}.json", f"{out}.md") if out and not overwrite and Path(p).exists()]
-    if existing:  # refuse before spending the evaluation
-        raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out.")
-    report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
-                                       num_ood=num_ood, positive=positive)
-    rows = report.rows + report.averages()
-    table = markdown_table(rows, ["score", "dataset", "auroc", "aupr_in", "aupr_out", "fpr95"])
-    command = "oodtune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    click.echo(f"ID accuracy ({meta['dataset']} test): {100 * report.accuracy:.2f}%")
-    click.echo(table)
     if out:
-        data = {"command": command, "checkpoint": checkpoint, "id_dataset": meta["dataset"],
-                "accuracy": 100 * report.accuracy, "rows": rows}
-        write_json(f"{out}.json", data, overwrite=overwrite)
-        md = f"# {Path(checkpoint).parent.name}\n\nCommand: `{command}`\n\nID accuracy: {100 * report.accuracy:.2f}%\n\n"
-        write_text_atomic(f"{out}.md", md + table, overwrite=overwrite)
-        console.print(f"wrote {out}.json and {out}.md")
+        existing = [str(p) for p in evaluation_paths(out) if p.exists() and not overwrite]
+        if existing:  # refuse before spending the evaluation
+            raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out.")
+    report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
+                                       num_ood=num_ood, positive=positive)  # type: ignore[arg-type]
+    click.echo(id_metrics_text(report, meta))
+    click.echo(evaluation_table(report))
+    if out:
+        js, md = write_evaluation(out, report, meta, checkpoint=checkpoint, command=_command_line(),
+                                  overwrite=overwrite)
+        console.print(f"wrote {js} and {md}")
 
 
 @main.command()
@@ -331,12 +393,8 @@ def benchmark(config: str, data_root: str | None, device: str | None, out: str |
     """
     from .benchmark import load_benchmark_config, run_benchmark
 
-    try:
-        cfg = load_benchmark_config(config, data_root=data_root, device=device, out=out, only=list(only))
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--only") from err
-    paths = run_benchmark(cfg, command="oodtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-                          report_only=report_only)
+    cfg = load_benchmark_config(config, data_root=data_root, device=device, out=out, only=list(only))
+    paths = run_benchmark(cfg, command=_command_line(), report_only=report_only)
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 

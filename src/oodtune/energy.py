@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ConfigError
+
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """E(x; f) = -T * log sum_j exp(f_j(x) / T), per row of ``logits`` (shape (B, K) -> (B,)).
@@ -13,6 +15,6 @@ def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     float64 logits stay float64 (for numerical gradient checks).
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
     x = logits if logits.dtype == torch.float64 else logits.float()
     return -temperature * torch.logsumexp(x / temperature, dim=1)

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data.imageset import DataError, ImageSet
+from .data.imageset import ImageSet
+from .data.tensors import Normalizer, to_device_uint8
+from .errors import DataError, DivergenceError
 from .metrics import accuracy, ood_metrics
+from .metrics.ood import Positive
 from .models import FeatureModel
 from .progress import format_rate, progress_bar
+from .runtime import autocast, resolve_device
 from .scores import Score
-from .training.batches import Normalizer, to_device_uint8
-from .training.runtime import autocast, resolve_device
 
 
 @dataclass
@@ -38,8 +40,9 @@ def _check_resolution(ds: ImageSet, resolution: int) -> None:
 
 
 @torch.no_grad()
-def compute_outputs(net: FeatureModel, ds: ImageSet, normalizer: Normalizer, *, device: torch.device | str | None = None,
-                    batch_size: int = 1024, precision: str = "fp32") -> Outputs:
+def compute_outputs(net: FeatureModel, ds: ImageSet, normalizer: Normalizer, *,
+                    device: torch.device | str | None = None, batch_size: int = 1024,
+                    precision: str = "fp32") -> Outputs:
     """Run ``net`` (eval mode) over ``ds`` in batches; logits/features come back as float32 on ``device``.
 
     Scoring defaults to full fp32 (not bf16) so that scores keep their resolution and ties stay rare.
@@ -56,11 +59,11 @@ def compute_outputs(net: FeatureModel, ds: ImageSet, normalizer: Normalizer, *, 
                 lo, fe = net(x)
             logits.append(lo.float())
             feats.append(fe.float())
-            bar.advance(0, len(x))
-            bar.update(0, rate=format_rate(start + len(x), time.perf_counter() - t0))
+            bar.advance(len(x))
+            bar.update(rate=format_rate(start + len(x), time.perf_counter() - t0))
     out = Outputs(torch.cat(logits), torch.cat(feats))
     if not torch.isfinite(out.logits).all():
-        raise FloatingPointError(f"the model produced NaN/inf logits on {ds.name}; the checkpoint may be diverged.")
+        raise DivergenceError(f"the model produced NaN/inf logits on {ds.name}; the checkpoint may be diverged.")
     return out
 
 
@@ -75,18 +78,23 @@ def score_dataset(score: Score, net: FeatureModel, ds: ImageSet, outputs: Output
     with progress_bar(f"{score.name} {ds.name}", total=len(ds)) as bar:
         for start in range(0, len(ds), batch_size):
             parts.append(score.score_inputs(net, normalizer(images[start : start + batch_size])).float().cpu())
-            bar.advance(0, min(batch_size, len(ds) - start))
+            bar.advance(min(batch_size, len(ds) - start))
     return torch.cat(parts).numpy()
 
 
 @dataclass
 class EvalReport:
-    """Accuracy on the ID test set and one metrics row per (score, OOD set)."""
+    """ID-task metrics on the ID test set and one metrics row per (score, OOD set).
 
-    accuracy: float
+    ``id_metrics`` are percentages keyed by name (``accuracy`` for classification; a task may add more, e.g.
+    long-tailed head/medium/tail accuracy). ``scores`` holds the raw per-sample scores (higher = more ID).
+    """
+
+    id_metrics: dict[str, float]
     id_logits: torch.Tensor | None = None  # (N, K) float32 CPU logits of the ID test set
     rows: list[dict[str, float | str]] = field(default_factory=list)
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # score -> dataset -> raw scores
+    seconds: float = 0.0  # wall time of the evaluation
 
     def averages(self, groups: Mapping[str, str] | None = None) -> list[dict[str, float | str]]:
         """Mean of each metric per score over all OOD sets, and per group (e.g. near/far) when given."""
@@ -109,7 +117,7 @@ METRIC_KEYS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 
 def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_sets: Mapping[str, ImageSet],
              scores: Sequence[Score], *, id_train: ImageSet | None = None, device: str | None = None,
-             batch_size: int = 1024, positive: str | None = None) -> EvalReport:
+             batch_size: int = 1024, positive: Positive | None = None) -> EvalReport:
     """Accuracy on ``id_test`` plus AUROC/AUPR-In/AUPR-Out/FPR95 for every score x OOD set (in percent).
 
     Scores with ``needs_fit`` are fitted on the outputs of ``id_train`` (required for them).
@@ -119,29 +127,35 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
         raise DataError("no OOD sets given; name at least one (e.g. --ood dtd --ood gaussian).")
     if id_test.labels is None:
         raise DataError(f"{id_test.name}: the ID test set needs labels to report accuracy.")
+    t0 = time.perf_counter()
     resolution = id_test.resolution
     for ds in ood_sets.values():
         _check_resolution(ds, resolution)
-    run = dict(normalizer=normalizer, device=device, batch_size=batch_size)
-    id_out = compute_outputs(net, id_test, **run)
+
+    def outputs(ds: ImageSet) -> Outputs:
+        return compute_outputs(net, ds, normalizer, device=device, batch_size=batch_size)
+
+    id_out = outputs(id_test)
     acc = accuracy(id_out.logits.cpu(), torch.from_numpy(id_test.labels))
     if any(s.needs_fit for s in scores):
-        if id_train is None:
-            raise DataError("Mahalanobis/kNN need ID training statistics: pass the ID train split (id_train=...).")
-        tr = compute_outputs(net, id_train, **run)
+        if id_train is None or id_train.labels is None:
+            raise DataError("Mahalanobis/kNN need ID training statistics: pass the labelled ID train split "
+                            "(id_train=...).")
+        tr = outputs(id_train)
         labels = torch.from_numpy(id_train.labels).to(tr.logits.device)
         for s in scores:
             if s.needs_fit:
                 s.fit(tr.logits, tr.features, labels)
-    ood_out = {name: compute_outputs(net, ds, **run) for name, ds in ood_sets.items()}
-    report = EvalReport(accuracy=acc, id_logits=id_out.logits.cpu())
-    kwargs = {} if positive is None else {"positive": positive}
+    ood_out = {name: outputs(ds) for name, ds in ood_sets.items()}
+    report = EvalReport(id_metrics={"accuracy": 100 * acc}, id_logits=id_out.logits.cpu())
     for s in scores:
         id_scores = score_dataset(s, net, id_test, id_out, normalizer)
         report.scores[s.name] = {"id": id_scores}
         for name, ds in ood_sets.items():
             ood_scores = score_dataset(s, net, ds, ood_out[name], normalizer)
             report.scores[s.name][name] = ood_scores
-            m = ood_metrics(id_scores, ood_scores, **kwargs).as_percent()
+            m = (ood_metrics(id_scores, ood_scores) if positive is None
+                 else ood_metrics(id_scores, ood_scores, positive=positive)).as_percent()
             report.rows.append({"score": s.name, "dataset": name, **{k: m[k] for k in METRIC_KEYS}})
+    report.seconds = time.perf_counter() - t0
     return report

@@ -21,6 +21,7 @@ in float32 (float64 is kept, for gradcheck), so bf16 logits from autocast are sa
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,13 +29,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .energy import energy
+from .errors import ConfigError, DivergenceError
 
 __all__ = [
     "LossInputs", "LossTerm", "CrossEntropy", "OutlierExposure", "EnergyHinge", "BalancedEnergy", "Sparsity",
-    "CompositeLoss", "build_method_loss", "METHODS", "LOSS_OPTIONS",
+    "CompositeLoss", "build_method_loss", "METHODS", "LOSS_OPTIONS", "loss_option_defaults",
     "as_float", "squared_hinge", "uniform_cross_entropy", "energy_in_hinge", "outlier_affinity",
 ]
 
@@ -82,37 +84,37 @@ def outlier_affinity(logits: Tensor, prior: Tensor) -> Tensor:
 
 def _require(t: Tensor | None, term: str, field: str) -> Tensor:
     if t is None:
-        raise ValueError(f"loss term {term!r} needs LossInputs.{field}, but it is None "
+        raise ConfigError(f"loss term {term!r} needs LossInputs.{field}, but it is None "
                          "(the trainer must fill it when loss.needs_outliers / loss.needs_features is true).")
     return t
 
 
 def _check_weight(weight: float, name: str) -> float:
     if not weight >= 0:  # also rejects NaN
-        raise ValueError(f"{name} weight must be >= 0, got {weight}")
+        raise ConfigError(f"{name} weight must be >= 0, got {weight}")
     return float(weight)
 
 
 def _check_margins(m_in: float, m_out: float) -> None:
     if not m_in < m_out:
-        raise ValueError(f"energy margins need m_in < m_out (ID energy is pushed below m_in, outlier energy above "
+        raise ConfigError(f"energy margins need m_in < m_out (ID energy is pushed below m_in, outlier energy above "
                          f"m_out), got m_in={m_in}, m_out={m_out}")
 
 
 # ----------------------------------------------------------------------------------------------- terms
-class LossTerm(ABC):
-    """One additive loss term. ``__call__`` returns a scalar tensor (float32, or float64 for float64 inputs)."""
+class LossTerm(nn.Module, ABC):
+    """One additive loss term, an ``nn.Module``: ``term(inp)`` returns a scalar tensor (float32, or float64 for
+    float64 inputs). Tensors a term holds (a class prior) are buffers, so ``.to(device)`` moves them once."""
 
     name: str
     needs_outliers: bool = False
     needs_features: bool = False
 
     @abstractmethod
-    def __call__(self, inp: LossInputs) -> Tensor: ...
+    def forward(self, inp: LossInputs) -> Tensor: ...
 
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")
 
 
 class CrossEntropy(LossTerm):
@@ -120,7 +122,7 @@ class CrossEntropy(LossTerm):
 
     name = "ce"
 
-    def __call__(self, inp: LossInputs) -> Tensor:
+    def forward(self, inp: LossInputs) -> Tensor:
         return F.cross_entropy(as_float(inp.logits_in), inp.labels_in)
 
 
@@ -135,9 +137,10 @@ class OutlierExposure(LossTerm):
     needs_outliers = True
 
     def __init__(self, weight: float = 0.5) -> None:
+        super().__init__()
         self.weight = _check_weight(weight, "OE")
 
-    def __call__(self, inp: LossInputs) -> Tensor:
+    def forward(self, inp: LossInputs) -> Tensor:
         logits_out = _require(inp.logits_out, self.name, "logits_out")
         return self.weight * uniform_cross_entropy(logits_out).mean()
 
@@ -156,11 +159,12 @@ class EnergyHinge(LossTerm):
     needs_outliers = True
 
     def __init__(self, m_in: float = -23.0, m_out: float = -5.0, weight: float = 0.1) -> None:
+        super().__init__()
         _check_margins(m_in, m_out)
         self.m_in, self.m_out = float(m_in), float(m_out)
         self.weight = _check_weight(weight, "energy")
 
-    def __call__(self, inp: LossInputs) -> Tensor:
+    def forward(self, inp: LossInputs) -> Tensor:
         logits_out = _require(inp.logits_out, self.name, "logits_out")
         out_hinge = squared_hinge(self.m_out - energy(logits_out)).mean()
         return self.weight * (energy_in_hinge(inp.logits_in, self.m_in) + out_hinge)
@@ -211,43 +215,43 @@ class BalancedEnergy(LossTerm):
                  reduction: Reduction = "normalized", detach_z: bool = False) -> None:
         _check_margins(m_in, m_out)
         if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
+            raise ConfigError(f"alpha must be >= 0, got {alpha}")
         if reduction not in ("normalized", "mean"):
-            raise ValueError(f"reduction must be 'normalized' (reference code) or 'mean' (slides), got {reduction!r}")
-        self.prior = self._normalized_prior(prior_gamma, "prior_gamma")
-        self.weight_prior = self.prior if weight_prior is None else self._normalized_prior(weight_prior, "weight_prior")
-        if self.weight_prior.shape != self.prior.shape:
-            raise ValueError(f"weight_prior has {self.weight_prior.numel()} classes, prior_gamma {self.prior.numel()}")
+            raise ConfigError(f"reduction must be 'normalized' (reference code) or 'mean' (slides), got {reduction!r}")
+        super().__init__()
+        prior = self._normalized_prior(prior_gamma, "prior_gamma")
+        w_prior = prior if weight_prior is None else self._normalized_prior(weight_prior, "weight_prior")
+        if w_prior.shape != prior.shape:
+            raise ConfigError(f"weight_prior has {w_prior.numel()} classes, prior_gamma {prior.numel()}")
+        # float64 buffers: .to(device) moves them once; each step casts them to the logits' dtype on the device
+        self.prior: Tensor
+        self.weight_prior: Tensor
+        self.register_buffer("prior", prior)
+        self.register_buffer("weight_prior", w_prior)
+        self._shared_prior = weight_prior is None
         self.m_in, self.m_out, self.alpha = float(m_in), float(m_out), float(alpha)
         self.weight = _check_weight(weight, "balanced energy")
         self.reduction: Reduction = reduction
         self.detach_z = bool(detach_z)
-        self._cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
 
     @staticmethod
     def _normalized_prior(prior: Tensor | Sequence[float], what: str) -> Tensor:
         p = torch.as_tensor(prior, dtype=torch.float64).detach().cpu()
         if p.ndim != 1 or p.numel() == 0:
-            raise ValueError(f"{what} must be a 1-D tensor with one entry per class, got shape {tuple(p.shape)}")
+            raise ConfigError(f"{what} must be a 1-D tensor with one entry per class, got shape {tuple(p.shape)}")
         if not torch.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
-            raise ValueError(f"{what} must be finite, non-negative and not all zero, got {p.tolist()}")
+            raise ConfigError(f"{what} must be finite, non-negative and not all zero, got {p.tolist()}")
         return p / p.sum()
-
-    def _on(self, prior: Tensor, like: Tensor) -> Tensor:
-        """``prior`` on ``like``'s device/dtype, cached (no host-to-device copy every step)."""
-        key = (id(prior), like.device, like.dtype)
-        if key not in self._cache:
-            self._cache[key] = prior.to(device=like.device, dtype=like.dtype)
-        return self._cache[key]
 
     def affinities(self, logits_out: Tensor) -> tuple[Tensor, Tensor]:
         """(Z for the margin shift, Z for the weight), per outlier, honouring ``detach_z``."""
         if logits_out.shape[1] != self.prior.numel():
-            raise ValueError(f"prior_gamma has {self.prior.numel()} classes but the logits have {logits_out.shape[1]}; "
+            raise ConfigError(f"prior_gamma has {self.prior.numel()} classes but the logits have "
+                              f"{logits_out.shape[1]}; "
                              "re-run the prior estimation with this model.")
         x = as_float(logits_out)
-        z_margin = outlier_affinity(x, self._on(self.prior, x))
-        z_weight = z_margin if self.weight_prior is self.prior else outlier_affinity(x, self._on(self.weight_prior, x))
+        z_margin = outlier_affinity(x, self.prior)
+        z_weight = z_margin if self._shared_prior else outlier_affinity(x, self.weight_prior)
         if self.detach_z:
             return z_margin.detach(), z_weight.detach()
         return z_margin, z_weight
@@ -260,7 +264,7 @@ class BalancedEnergy(LossTerm):
             return per_sample.mean()
         return per_sample.sum() / z_weight.sum().clamp_min(torch.finfo(z_weight.dtype).tiny)
 
-    def __call__(self, inp: LossInputs) -> Tensor:
+    def forward(self, inp: LossInputs) -> Tensor:
         logits_out = _require(inp.logits_out, self.name, "logits_out")
         return self.weight * (energy_in_hinge(inp.logits_in, self.m_in) + self.outlier_term(logits_out))
 
@@ -275,28 +279,33 @@ class Sparsity(LossTerm):
     needs_features = True
 
     def __init__(self, weight: float = 1e-3) -> None:
+        super().__init__()
         self.weight = _check_weight(weight, "sparsity")
 
-    def __call__(self, inp: LossInputs) -> Tensor:
+    def forward(self, inp: LossInputs) -> Tensor:
         feats = _require(inp.features_in, self.name, "features_in")
         return self.weight * as_float(feats).flatten(1).abs().sum(dim=1).mean()
 
 
 # ----------------------------------------------------------------------------------------------- composite
-class CompositeLoss:
-    """Sum of loss terms. ``loss(inp) -> (total, parts)``; ``parts[name]`` is each term's detached value.
+class CompositeLoss(nn.Module):
+    """Sum of loss terms (an ``nn.Module`` holding them). ``loss(inp) -> (total, parts)``; ``parts[name]`` is
+    each term's detached value.
 
-    ``check_finite`` (default on) raises FloatingPointError as soon as the total is NaN/inf; it costs one
-    device sync per step.
+    ``check_finite`` (default on) raises :class:`~oodtune.errors.DivergenceError` as soon as the total is
+    NaN/inf; it costs one device sync per step.
     """
 
+    terms: Sequence[LossTerm]  # an nn.ModuleList at run time
+
     def __init__(self, terms: Sequence[LossTerm], *, check_finite: bool = True) -> None:
-        self.terms = list(terms)
+        super().__init__()
+        self.terms = nn.ModuleList(terms)  # type: ignore[assignment]
         if not self.terms:
-            raise ValueError("CompositeLoss needs at least one term")
+            raise ConfigError("CompositeLoss needs at least one term")
         names = [t.name for t in self.terms]
         if len(set(names)) != len(names):
-            raise ValueError(f"duplicate loss terms: {names}")
+            raise ConfigError(f"duplicate loss terms: {names}")
         self.check_finite = check_finite
 
     @property
@@ -311,20 +320,17 @@ class CompositeLoss:
     def names(self) -> list[str]:
         return [t.name for t in self.terms]
 
-    def __call__(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, inp: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         values = {t.name: t(inp) for t in self.terms}
         total = torch.stack(list(values.values())).sum()
         parts = {k: v.detach() for k, v in values.items()}
         if self.check_finite and not bool(torch.isfinite(total)):
             bad = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-            raise FloatingPointError(
+            raise DivergenceError(
                 f"non-finite loss ({bad}). The learning rate is probably too high, or the energy margins "
                 "m_in/m_out are far from the model's energies (see `oodtune propose-margins`)."
             )
         return total, parts
-
-    def __repr__(self) -> str:
-        return f"CompositeLoss({self.terms!r})"
 
 
 # ----------------------------------------------------------------------------------------------- methods
@@ -350,11 +356,20 @@ LOSS_OPTIONS: dict[str, dict[type[LossTerm], str]] = {
 }
 
 
+def loss_option_defaults(option: str) -> dict[str, Any]:
+    """The default of ``option`` (a :data:`LOSS_OPTIONS` name) per term that takes it, read from the terms'
+    signatures (e.g. ``{"energy": -23.0, "balanced_energy": -23.0}`` for ``m_in``), for help texts."""
+    out = {}
+    for cls, arg in LOSS_OPTIONS[option].items():
+        out[cls.name] = inspect.signature(cls.__init__).parameters[arg].default
+    return out
+
+
 def _method_terms(method: str) -> list[type[LossTerm]]:
     parts = [p.strip().lower().replace("_", "-") for p in method.split("+")]
     unknown = [p for p in parts if p not in METHODS]
     if unknown or not parts:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}, or a '+' composition of them "
+        raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}, or a '+' composition of them "
                          "such as 'balanced-energy+sparsity'.")
     classes: list[type[LossTerm]] = [CrossEntropy]
     for p in parts:
@@ -378,18 +393,18 @@ def build_method_loss(method: str, *, prior_gamma: Tensor | Sequence[float] | No
     classes = _method_terms(method)
     unknown = sorted(set(overrides) - set(LOSS_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown loss option(s) {unknown}; valid: {', '.join(LOSS_OPTIONS)}")
+        raise ConfigError(f"unknown loss option(s) {unknown}; valid: {', '.join(LOSS_OPTIONS)}")
     unused = sorted(k for k in overrides if not any(c in LOSS_OPTIONS[k] for c in classes))
     if unused:
-        raise ValueError(f"loss option(s) {unused} do not apply to method {method!r} "
+        raise ConfigError(f"loss option(s) {unused} do not apply to method {method!r} "
                          f"(terms: {', '.join(c.name for c in classes)})")
     uses_prior = BalancedEnergy in classes
     if uses_prior and prior_gamma is None:
-        raise ValueError(f"method {method!r} needs the outlier class prior P_γ(y|o). Run the prior-estimation step "
+        raise ConfigError(f"method {method!r} needs the outlier class prior P_γ(y|o). Run the prior-estimation step "
                          "first (`oodtune estimate-prior CHECKPOINT --out prior.json`, Balanced Energy step 1) and "
                          "pass it (--prior prior.json / prior_gamma=OutlierPrior.load(...).gamma_prior()).")
     if not uses_prior and prior_gamma is not None:
-        raise ValueError(f"a prior was given but method {method!r} does not use it (only balanced-energy does).")
+        raise ConfigError(f"a prior was given but method {method!r} does not use it (only balanced-energy does).")
     def make(cls: type[LossTerm]) -> LossTerm:
         kwargs = _term_kwargs(cls, overrides)
         return BalancedEnergy(prior_gamma, **kwargs) if cls is BalancedEnergy else cls(**kwargs)  # type: ignore[arg-type]

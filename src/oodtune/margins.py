@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 __all__ = ["propose_margins", "margin_coverage"]
 
 
@@ -29,15 +31,15 @@ def _energies(values: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
     e = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, np.float64)
     e = e.reshape(-1).astype(np.float64)
     if e.size == 0:
-        raise ValueError(f"no {what} energies given")
+        raise ConfigError(f"no {what} energies given")
     if not np.isfinite(e).all():
-        raise ValueError(f"{what} energies contain NaN/inf; check the model and data")
+        raise ConfigError(f"{what} energies contain NaN/inf; check the model and data")
     return e
 
 
 def _check_quantile(q: float, name: str) -> None:
     if not 0.0 <= q <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {q}")
+        raise ConfigError(f"{name} must be in [0, 1], got {q}")
 
 
 def propose_margins(id_energy: torch.Tensor | np.ndarray, outlier_energy: torch.Tensor | np.ndarray, *,
@@ -50,7 +52,7 @@ def propose_margins(id_energy: torch.Tensor | np.ndarray, outlier_energy: torch.
     _check_quantile(id_quantile, "id_quantile")
     _check_quantile(out_quantile, "out_quantile")
     if not min_gap > 0:
-        raise ValueError(f"min_gap must be > 0, got {min_gap}")
+        raise ConfigError(f"min_gap must be > 0, got {min_gap}")
     m_in = float(np.quantile(_energies(id_energy, "ID"), id_quantile))
     m_out = float(np.quantile(_energies(outlier_energy, "outlier"), out_quantile))
     if m_out - m_in < min_gap:

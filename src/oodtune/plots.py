@@ -25,6 +25,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .errors import ConfigError
+
 ID_COLOR = "tab:green"
 OOD_CMAP = "Reds"
 DPI = 150
@@ -35,9 +37,9 @@ EnergySets = tuple[Any, Mapping[str, Any]]
 def _finite(values: Any, what: str) -> np.ndarray:
     a = np.asarray(values, dtype=np.float64).ravel()
     if a.size == 0:
-        raise ValueError(f"{what} is empty; nothing to plot.")
+        raise ConfigError(f"{what} is empty; nothing to plot.")
     if not np.isfinite(a).all():
-        raise ValueError(f"{what} contains NaN/inf values; drop them before plotting.")
+        raise ConfigError(f"{what} contains NaN/inf values; drop them before plotting.")
     return a
 
 
@@ -59,12 +61,12 @@ def _energy_panel(ax: Axes, id_energy: Any, ood_energies: Mapping[str, Any], tit
     """Density histograms of the energy on shared bins: ID filled green, each OOD set a red step curve."""
     e_id = _finite(id_energy, "id_energy")
     if not ood_energies:
-        raise ValueError("ood_energies is empty; pass at least one OOD set, e.g. {'svhn': energies}.")
+        raise ConfigError("ood_energies is empty; pass at least one OOD set, e.g. {'svhn': energies}.")
     e_ood = {name: _finite(v, f"ood_energies[{name!r}]") for name, v in ood_energies.items()}
-    bins = np.histogram_bin_edges(np.concatenate([e_id, *e_ood.values()]), bins=80)
+    bins = np.histogram_bin_edges(np.concatenate([e_id, *e_ood.values()]), bins=80).tolist()
     ax.hist(e_id, bins=bins, density=True, color=ID_COLOR, alpha=0.35, label="ID")
     ax.hist(e_id, bins=bins, density=True, color=ID_COLOR, histtype="step", linewidth=1.5)
-    for (name, e), color in zip(e_ood.items(), _ood_colors(len(e_ood))):
+    for (name, e), color in zip(e_ood.items(), _ood_colors(len(e_ood)), strict=False):
         ax.hist(e, bins=bins, density=True, color=color, histtype="step", linewidth=1.5, label=f"OOD: {name}")
     ax.set_xlabel("energy E(x)  (lower = more in-distribution)")
     ax.set_ylabel("density")
@@ -79,7 +81,7 @@ def plot_energy_histograms(path: str | Path, id_energy: Any, ood_energies: Mappi
     panels = [("before fine-tuning", *before), ("after fine-tuning", id_energy, ood_energies)] if before \
         else [("", id_energy, ood_energies)]
     fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
-    for ax, (label, e_id, e_ood) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    for ax, (label, e_id, e_ood) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=False):
         _energy_panel(ax, e_id, e_ood, label)
     fig.suptitle(title)
     return _save(fig, path)
@@ -89,13 +91,13 @@ def plot_roc_curves(path: str | Path, curves: Mapping[str, tuple[Any, Any]], tit
     """ROC curves, one per label (``curves[label] = (fpr, tpr)`` as from ``oodtune.metrics.roc_curve``);
     the legend shows each curve's AUROC = integral of TPR d(FPR) (trapezoidal). Returns the path."""
     if not curves:
-        raise ValueError("curves is empty; pass {label: (fpr, tpr)} for at least one model.")
+        raise ConfigError("curves is empty; pass {label: (fpr, tpr)} for at least one model.")
     fig = Figure(figsize=(5, 5), layout="constrained")
     ax = fig.subplots()
     for label, (fpr, tpr) in curves.items():
         f, t = _finite(fpr, f"fpr of {label!r}"), _finite(tpr, f"tpr of {label!r}")
         if f.shape != t.shape:
-            raise ValueError(f"{label!r}: fpr has {f.size} points but tpr has {t.size}; pass matching arrays.")
+            raise ConfigError(f"{label!r}: fpr has {f.size} points but tpr has {t.size}; pass matching arrays.")
         area = float(np.sum(np.diff(f) * (t[1:] + t[:-1]) / 2))
         ax.plot(f, t, linewidth=1.8, label=f"{label} (AUROC {100 * area:.2f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="chance")
@@ -113,10 +115,10 @@ def plot_class_prior(path: str | Path, id_counts: Sequence[float], outlier_prior
     prior = np.asarray(outlier_prior, dtype=np.float64).ravel()
     names = [str(n) for n in class_names]
     if not (counts.size == prior.size == len(names)) or not names:
-        raise ValueError(f"id_counts ({counts.size}), outlier_prior ({prior.size}) and class_names ({len(names)}) "
+        raise ConfigError(f"id_counts ({counts.size}), outlier_prior ({prior.size}) and class_names ({len(names)}) "
                          "must have one non-empty entry per class.")
     if not (np.isfinite(counts).all() and np.isfinite(prior).all()):
-        raise ValueError("id_counts and outlier_prior must be finite.")
+        raise ConfigError("id_counts and outlier_prior must be finite.")
     x = np.arange(len(names))
     fig = Figure(figsize=(max(8.0, 0.5 * len(names)), 4.0), layout="constrained")
     ax_counts, ax_prior = fig.subplots(1, 2)

@@ -23,15 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import write_text_atomic
+from .errors import ConfigError, PriorError
 
 __all__ = ["PriorError", "count_outlier_predictions", "prior_from_counts", "OutlierPrior"]
 
 FORMAT = "oodtune-outlier-prior"
 VERSION = 1
-
-
-class PriorError(ValueError):
-    """An outlier-prior file or value is invalid; the message names the file/problem and the fix."""
 
 
 def _logits_of(output: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -47,7 +44,7 @@ def count_outlier_predictions(net: Callable[[Tensor], Tensor | tuple[Tensor, Ten
     its previous mode afterwards. Batches are fed to ``net`` as they are (move/normalise them beforehand).
     """
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     was_training = isinstance(net, nn.Module) and net.training
     if isinstance(net, nn.Module):
         net.eval()
@@ -57,11 +54,11 @@ def count_outlier_predictions(net: Callable[[Tensor], Tensor | tuple[Tensor, Ten
             for batch in batches:
                 logits = _logits_of(net(batch))
                 if logits.ndim != 2 or logits.shape[1] != num_classes:
-                    raise ValueError(f"expected logits of shape (B, {num_classes}), got {tuple(logits.shape)}")
+                    raise ConfigError(f"expected logits of shape (B, {num_classes}), got {tuple(logits.shape)}")
                 counts += torch.bincount(logits.argmax(dim=1).cpu(), minlength=num_classes)
     finally:
         if was_training:
-            net.train()  # type: ignore[union-attr]
+            net.train()  # type: ignore[attr-defined]
     return counts
 
 

@@ -6,12 +6,14 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -26,12 +28,29 @@ def progress_enabled() -> bool:
     return os.environ.get("OODTUNE_PROGRESS", "1") != "0"
 
 
-@contextmanager
-def progress_bar(description: str, total: int, unit: str = "img") -> Iterator[Progress]:
-    """A started rich ``Progress`` with one task (id 0): bar, count, rate in ``unit``/s, elapsed and ETA.
+class Bar:
+    """One progress bar: ``advance(n)`` steps, ``update(rate=..., description=...)`` its fields, ``console`` to print
+    above it."""
 
-    Callers use ``bar.advance(0, n)`` and ``bar.update(0, description=...)``. Disabled (but still usable)
-    when ``progress_enabled()`` is false.
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self._progress, self._task = progress, task
+
+    def advance(self, n: float = 1) -> None:
+        self._progress.advance(self._task, n)
+
+    def update(self, **fields: Any) -> None:
+        self._progress.update(self._task, **fields)
+
+    @property
+    def console(self) -> Console:
+        return self._progress.console
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None, unit: str = "img") -> Iterator[Bar]:
+    """A started progress bar (rich): bar, count, rate in ``unit``/s, elapsed and ETA; ``total=None`` when unknown.
+
+    Disabled (but still usable) when ``progress_enabled()`` is false.
     """
     columns = [
         TextColumn("[bold]{task.description}"),
@@ -45,9 +64,9 @@ def progress_bar(description: str, total: int, unit: str = "img") -> Iterator[Pr
     ]
     bar = Progress(*columns, console=console, disable=not progress_enabled(), refresh_per_second=4,
                    transient=not sys.stderr.isatty())
-    bar.add_task(description, total=total, rate="")
+    task = bar.add_task(description, total=total, rate="")
     with bar:
-        yield bar
+        yield Bar(bar, task)
 
 
 def format_rate(count: float, seconds: float, unit: str = "img") -> str:

@@ -38,12 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from .energy import energy
+from .errors import ConfigError, ScoreError
 from .models.features import FeatureModel
-
-
-class ScoreError(ValueError):
-    """Bad inputs to a score (shapes, non-finite values, missing ``fit``)."""
-
 
 # ----------------------------------------------------------------------------- validation helpers
 
@@ -154,7 +150,7 @@ class Energy(_LogitScore):
 
     def __init__(self, temperature: float = 1.0) -> None:
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
 
     def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -179,14 +175,14 @@ class ODIN(Score):
     def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014,
                  std: Sequence[float] | torch.Tensor | None = None) -> None:
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
         if epsilon < 0:
-            raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+            raise ConfigError(f"epsilon must be >= 0, got {epsilon}")
         self.temperature = float(temperature)
         self.epsilon = float(epsilon)
         self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32).flatten()
         if self.std is not None and (self.std.numel() == 0 or (self.std <= 0).any()):
-            raise ValueError(f"std must be positive per-channel values, got {self.std.tolist()}")
+            raise ConfigError(f"std must be positive per-channel values, got {self.std.tolist()}")
 
     def from_outputs(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Temperature-scaled MSP of unperturbed outputs (ODIN with eps = 0)."""
@@ -270,6 +266,8 @@ class Mahalanobis(_FittedScore):
         dim = self._require_fit()
         feats = _check_features(features, _check_logits(logits).shape[0], dim)
         dev = _f64_device(feats)
+        if self._white is None or self._means_w is None:
+            raise ScoreError(f"{self.name} has no fitted statistics; call .fit() first.")
         white, means_w = self._white.to(dev), self._means_w.to(dev)
         out = []
         for chunk in feats.split(self.batch_size):
@@ -291,7 +289,7 @@ class KNN(_FittedScore):
 
     def __init__(self, k: int = 50, max_block_bytes: int = 256 * 2**20) -> None:
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise ConfigError(f"k must be >= 1, got {k}")
         self.k = int(k)
         self.max_block_bytes = int(max_block_bytes)
         self._bank: torch.Tensor | None = None  # (N, D) normalised ID train features
@@ -308,6 +306,8 @@ class KNN(_FittedScore):
     def from_outputs(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         dim = self._require_fit()
         queries = F.normalize(_check_features(features, _check_logits(logits).shape[0], dim).float(), dim=1)
+        if self._bank is None:
+            raise ScoreError(f"{self.name} has no fitted statistics; call .fit() first.")
         bank = self._bank.to(queries.device)
         rows = max(1, self.max_block_bytes // (4 * bank.shape[0]))
         out = []
@@ -327,8 +327,8 @@ def build_score(name: str, **kwargs: Any) -> Score:
     """A fresh score by name (one of ``SCORE_NAMES``); ``kwargs`` go to its constructor (e.g. ``temperature``)."""
     key = name.strip().lower()
     if key not in _REGISTRY:
-        raise ValueError(f"unknown score {name!r}; choose one of {', '.join(SCORE_NAMES)}.")
+        raise ConfigError(f"unknown score {name!r}; choose one of {', '.join(SCORE_NAMES)}.")
     try:
         return _REGISTRY[key](**kwargs)
     except TypeError as err:
-        raise ValueError(f"bad options for score {key!r}: {err}") from None
+        raise ConfigError(f"bad options for score {key!r}: {err}") from None

@@ -7,9 +7,10 @@ data root (:func:`default_data_root`), decoded once and cached as uint8 ``.npz``
 """
 
 from oodtune.data.cache import default_cache_dir
-from oodtune.data.imageset import DataError, ImageSet
+from oodtune.data.imageset import ImageSet
 from oodtune.data.protocol import PROTOCOLS
 from oodtune.data.registry import available_datasets, default_data_root, load_dataset
+from oodtune.errors import DataError
 
 __all__ = [
     "PROTOCOLS",

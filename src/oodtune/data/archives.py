@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 from oodtune.data.cache import file_fingerprint
-from oodtune.data.imageset import DataError
+from oodtune.errors import DataError
 
 #: Suffixes recognised as archives (case-insensitive).
 ARCHIVE_SUFFIXES: tuple[str, ...] = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
@@ -110,7 +110,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
                 if hasattr(tarfile, "data_filter"):
                     tf.extractall(dest, members=members, filter="data")
                 else:  # pragma: no cover - old Python without extraction filters; our checks above apply
-                    tf.extractall(dest, members=members)
+                    tf.extractall(dest, members=members)  # noqa: S202 - every member validated above
     except DataError:
         raise
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, UnicodeError) as exc:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from oodtune.data.imageset import DataError, ImageSet
+from oodtune.data.imageset import ImageSet
+from oodtune.errors import DataError
 
 #: Bump when decoding rules change so old cache entries are ignored.
 CACHE_VERSION = 1
@@ -87,7 +88,7 @@ def save_cached(path: Path, data: ImageSet) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from oodtune.data.imageset import DataError
+from oodtune.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,10 @@ def download(remote: Remote, root: Path, timeout: float = 60.0) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(remote.url, timeout=timeout) as resp, open(tmp, "wb") as out:  # noqa: S310
             total = int(resp.headers.get("Content-Length") or 0)
-            with progress_bar(f"download {remote.filename}", total=total or None, unit="B") as bar:  # type: ignore[arg-type]
+            with progress_bar(f"download {remote.filename}", total=total or None, unit="B") as bar:
                 while block := resp.read(1 << 20):
                     out.write(block)
-                    bar.advance(0, len(block))
+                    bar.advance(len(block))
         got = md5sum(tmp)
         if got != remote.md5:
             raise DataError(f"{remote.url}: downloaded file has md5 {got}, expected {remote.md5}. {manual}")

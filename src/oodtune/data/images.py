@@ -11,17 +11,17 @@ Corrupt images are never skipped: :class:`DataError` names the file and the fix.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from collections.abc import Sequence
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from oodtune.data.imageset import DataError
+from oodtune.errors import DataError
 
 #: File extensions treated as images (compared case-insensitively).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -145,7 +145,8 @@ def decode_files(
         def _done(offset: int, arr: np.ndarray) -> int:
             out[offset : offset + len(arr)] = arr
             done = offset + len(arr)
-            bar.update(0, advance=len(arr), rate=format_rate(done, time.perf_counter() - start))
+            bar.advance(len(arr))
+            bar.update(rate=format_rate(done, time.perf_counter() - start))
             return done
 
         offset = 0

@@ -6,9 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """A dataset is missing, corrupt or malformed. The message names the file/problem and the fix."""
+from ..errors import DataError
 
 
 @dataclass(frozen=True)

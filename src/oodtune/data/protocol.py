@@ -15,15 +15,18 @@ auxiliary half and the last 100 the near-OOD half; overlapping WNIDs are then re
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from collections.abc import Iterable
+from dataclasses import replace
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
 import numpy as np
 
-from oodtune.data.imageset import DataError, ImageSet
+from oodtune.data.imageset import ImageSet
+from oodtune.data.layouts import TINY_IMAGENET, Request, find_tree, load_tiny_imagenet
+from oodtune.data.sources import read_wnids
+from oodtune.errors import DataError
 
 OVERLAP_FILE = "tin_cifar10_overlap.txt"
 SPLIT_FILE = "tin_split.json"
@@ -83,15 +86,11 @@ def read_split() -> dict[str, list[str]]:
     return {k: list(data[k]) for k in ("auxiliary", "near_ood", "removed_overlap")}
 
 
-def _check_wnids(req: Any) -> None:
+def _check_wnids(req: Request) -> None:
     """The Tiny ImageNet found under the root must be the 200-class release the split was made for."""
-    from oodtune.data.registry import TINY_IMAGENET, find_tree
-
     src = find_tree(req, TINY_IMAGENET)
     if src is None or not src.is_dir():
         return  # an archive is validated through scan_tiny_imagenet's WNID check
-    from oodtune.data.sources import read_wnids
-
     split = read_split()
     expected = set().union(*split.values())
     found = set(read_wnids(src))
@@ -102,9 +101,7 @@ def _check_wnids(req: Any) -> None:
         )
 
 
-def _load_half(req: Any, tin_split: str, key: str) -> ImageSet:
-    from oodtune.data.registry import load_tiny_imagenet
-
+def _load_half(req: Request, tin_split: str, key: str) -> ImageSet:
     # tin-aux is training data (split 'train' or the default accepted); tin-near is test-only
     allowed = ("test", "train", "all") if tin_split == "train" else ("test", "all")
     if req.split not in allowed:
@@ -114,11 +111,11 @@ def _load_half(req: Any, tin_split: str, key: str) -> ImageSet:
     return load_tiny_imagenet(req, tin_split, keep=read_split()[key], labelled=False)
 
 
-def load_tin_aux(req: Any) -> ImageSet:
+def load_tin_aux(req: Request) -> ImageSet:
     """Auxiliary outliers: Tiny ImageNet train images of the auxiliary half (unlabelled)."""
     return _load_half(req, "train", "auxiliary")
 
 
-def load_tin_near(req: Any) -> ImageSet:
+def load_tin_near(req: Request) -> ImageSet:
     """Near-OOD test set: Tiny ImageNet val images of the near-OOD half (unlabelled)."""
     return _load_half(req, "val", "near_ood")

@@ -9,36 +9,43 @@ extracted (safely) into the cache, never next to the source, and the decoded uin
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from oodtune.data.archives import ARCHIVE_SUFFIXES, archive_stem, extract_cached, is_archive
-from oodtune.data.cache import (
-    cache_file,
-    file_fingerprint,
-    files_fingerprint,
-    load_cached,
-    resolve_cache_dir,
-    save_cached,
-)
+from oodtune.data.archives import archive_stem, extract_cached, is_archive
+from oodtune.data.cache import file_fingerprint, files_fingerprint, resolve_cache_dir
 from oodtune.data.download import OFFICIAL, download
-from oodtune.data.images import array_to_resolution, decode_files
-from oodtune.data.imageset import DataError, ImageSet
+from oodtune.data.imageset import ImageSet
+from oodtune.data.layouts import (
+    Request,
+    TreeLayout,
+    archive_patterns,
+    cached,
+    check_split,
+    decode_listing,
+    default_data_root,
+    find_tree,
+    first_match,
+    from_arrays,
+    load_tiny_imagenet,
+    load_tree,
+    not_found,
+)
+from oodtune.data.protocol import load_tin_aux, load_tin_near
 from oodtune.data.sources import (
     CIFAR_LAYOUTS,
-    ArraySet,
-    FileListing,
     read_cifar,
     read_idx_pair,
     read_svhn_mat,
     scan_labelled,
-    scan_tiny_imagenet,
     scan_unlabelled,
 )
 from oodtune.data.synthetic import GENERATORS, make_synthetic
+from oodtune.errors import DataError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MNIST_CLASSES = tuple("0123456789")
@@ -47,140 +54,17 @@ FASHION_MNIST_CLASSES = (
 )
 
 
-def default_data_root() -> Path:
-    """``$OODTUNE_DATA`` if set, else ``./data`` (relative to the current directory)."""
-    env = os.environ.get("OODTUNE_DATA")
-    return Path(env).expanduser() if env else Path.cwd() / "data"
-
-
-@dataclass(frozen=True)
-class Request:
-    """One ``load_dataset`` call, normalised."""
-
-    name: str
-    root: Path
-    split: str
-    resolution: int
-    cache_dir: Path
-    download: bool
-
-    @property
-    def display_name(self) -> str:
-        """Name stored in the ImageSet: ``name`` for the test/only split, else ``name-split``."""
-        return self.name if self.split in ("test", "all") else f"{self.name}-{self.split}"
-
-
-# ------------------------------------------------------------------------------------------ helpers
-
-def _cached(req: Request, fingerprint: str, build: Callable[[], ImageSet]) -> ImageSet:
-    """Return the cache entry for (req, fingerprint) or build, store and return it."""
-    path = cache_file(req.cache_dir, req.name, req.split, req.resolution, fingerprint)
-    hit = load_cached(path)
-    if hit is not None:
-        return hit
-    data = build()
-    save_cached(path, data)
-    return data
-
-
-def _from_arrays(req: Request, fingerprint: str, read: Callable[[], ArraySet]) -> ImageSet:
-    """Cached ImageSet from an in-memory reader (pickle / IDX / .mat)."""
-    def build() -> ImageSet:
-        a = read()
-        imgs = array_to_resolution(a.images, req.resolution, source=req.display_name)
-        return ImageSet(imgs, a.labels, a.classes, req.display_name)
-    return _cached(req, fingerprint, build)
-
-
-def _decode_listing(req: Request, listing: FileListing) -> ImageSet:
-    imgs = decode_files(listing.files, req.resolution, description=f"decoding {req.display_name}")
-    return ImageSet(imgs, listing.labels, listing.classes, req.display_name)
-
-
-def _first(base: Path, patterns: Sequence[str], want_dir: bool) -> Path | None:
-    """First match (sorted per pattern, patterns in order) that is a folder (``want_dir``) or a file."""
-    for pat in patterns:
-        for m in sorted(base.glob(pat)):
-            if (m.is_dir() if want_dir else m.is_file()):
-                return m
-    return None
-
-
-def archive_patterns(*stems: str) -> tuple[str, ...]:
-    """Glob patterns for every archive suffix of each stem (``"LSUN"`` -> ``LSUN.tar.gz``, ``LSUN.zip`` ...)."""
-    return tuple(f"{stem}{suf}" for stem in stems for suf in ARCHIVE_SUFFIXES)
-
-
-@dataclass(frozen=True)
-class TreeLayout:
-    """Where an image tree may live: ``dirs`` globs (relative to the root, and to an extracted archive)
-    and ``archives`` globs (relative to the root). ``{split}`` in a glob is replaced by the split."""
-
-    dirs: tuple[str, ...]
-    archives: tuple[str, ...]
-
-    def for_split(self, split: str) -> TreeLayout:
-        return TreeLayout(tuple(d.format(split=split) for d in self.dirs),
-                          tuple(a.format(split=split) for a in self.archives))
-
-    def describe(self, root: Path) -> str:
-        return ", ".join(str(root / p) for p in (*self.dirs, *self.archives))
-
-
-def find_tree(req: Request, layout: TreeLayout) -> Path | None:
-    """The folder or archive under ``req.root`` holding ``layout`` (None when absent)."""
-    layout = layout.for_split(req.split)
-    return _first(req.root, layout.dirs, True) or _first(req.root, layout.archives, False)
-
-
-def load_tree(req: Request, layout: TreeLayout, scan: Callable[[Path], FileListing]) -> ImageSet:
-    """Load an image tree found by ``layout`` (folder, or archive extracted into the cache), then ``scan``
-    it and decode every listed file. Raises a DataError listing the places looked at when absent."""
-    layout = layout.for_split(req.split)
-    src = find_tree(req, layout)
-    if src is None:
-        raise _not_found(req, layout.describe(req.root))
-    if src.is_dir():
-        listing = scan(src)
-        return _cached(req, files_fingerprint(listing.files), lambda: _decode_listing(req, listing))
-
-    def build() -> ImageSet:
-        extracted = extract_cached(src, req.cache_dir)
-        inner = _first(extracted, layout.dirs, True)
-        if inner is None:
-            raise DataError(
-                f"{src}: the archive does not contain the expected layout ({', '.join(layout.dirs)}). "
-                "Use the official archive or the documented mirror archive."
-            )
-        return _decode_listing(req, scan(inner))
-
-    return _cached(req, file_fingerprint(src), build)
-
-
-def _not_found(req: Request, looked: str, extra: str = "") -> DataError:
-    return DataError(
-        f"{req.name} ({req.split}): no data found under {req.root}. Looked for: {looked}. "
-        f"Fix: place the dataset there (official layout or archive){extra}, or pass another root "
-        "(argument root=, or env OODTUNE_DATA)."
-    )
-
-
-def _check_split(req: Request, allowed: Collection[str]) -> None:
-    if req.split not in allowed:
-        raise DataError(f"{req.name}: unknown split {req.split!r}; choose one of {sorted(allowed)}.")
-
-
 # ------------------------------------------------------------------------------------------ loaders
 
 def _load_cifar(req: Request, variant: str) -> ImageSet:
-    _check_split(req, ("train", "test"))
+    check_split(req, ("train", "test"))
     layout = CIFAR_LAYOUTS[variant]
     folder, remote = str(layout["folder"]), OFFICIAL[variant]
     files = [str(layout["meta"]), *layout[req.split]]  # type: ignore[misc]
-    batch_dir = _first(req.root, (folder,), True)
+    batch_dir = first_match(req.root, (folder,), True)
     if batch_dir is not None:
         fp = files_fingerprint(batch_dir / f for f in files if (batch_dir / f).exists())
-        return _from_arrays(req, fp, lambda: read_cifar(batch_dir, variant, req.split))
+        return from_arrays(req, fp, lambda: read_cifar(batch_dir, variant, req.split))
     official = req.root / remote.filename
     mirror = TreeLayout(dirs=(f"{variant}-jpg/{{split}}", f"{variant}/{{split}}"),
                         archives=archive_patterns(f"{variant}-jpg"))
@@ -190,15 +74,15 @@ def _load_cifar(req: Request, variant: str) -> ImageSet:
     if not official.is_file() and req.download:
         official = download(remote, req.root)
     if official.is_file():
-        return _from_arrays(req, file_fingerprint(official), lambda: read_cifar(official, variant, req.split))
-    raise _not_found(
+        return from_arrays(req, file_fingerprint(official), lambda: read_cifar(official, variant, req.split))
+    raise not_found(
         req, f"{req.root / folder}, {official}, {mirror.for_split(req.split).describe(req.root)}",
         f" - e.g. {remote.url} - or pass download=True",
     )
 
 
 def _load_idx(req: Request, folders: Sequence[str], classes: tuple[str, ...]) -> ImageSet:
-    _check_split(req, ("train", "test"))
+    check_split(req, ("train", "test"))
     prefix = "t10k" if req.split == "test" else "train"
     looked = []
     for folder in folders:
@@ -210,39 +94,23 @@ def _load_idx(req: Request, folders: Sequence[str], classes: tuple[str, ...]) ->
             if imgs.is_file() or labs.is_file():
                 if not (imgs.is_file() and labs.is_file()):
                     raise DataError(f"{base}: found only one of {imgs.name} / {labs.name}; place both files there.")
-                return _from_arrays(req, files_fingerprint([imgs, labs]),
-                                    lambda i=imgs, l=labs: read_idx_pair(i, l, classes))
-    raise _not_found(req, ", ".join(looked), " (the IDX files, e.g. t10k-images-idx3-ubyte.gz + labels)")
+                return from_arrays(req, files_fingerprint([imgs, labs]), partial(read_idx_pair, imgs, labs, classes))
+    raise not_found(req, ", ".join(looked), " (the IDX files, e.g. t10k-images-idx3-ubyte.gz + labels)")
 
 
 def _load_svhn(req: Request) -> ImageSet:
-    _check_split(req, ("train", "test", "extra"))
+    check_split(req, ("train", "test", "extra"))
     fname = f"{req.split}_32x32.mat"
     cands = [req.root / d / fname for d in ("svhn", "SVHN", ".")]
     for path in cands:
         if path.is_file():
-            return _from_arrays(req, file_fingerprint(path), lambda p=path: read_svhn_mat(p))
-    raise _not_found(req, ", ".join(map(str, cands)),
+            return from_arrays(req, file_fingerprint(path), partial(read_svhn_mat, path))
+    raise not_found(req, ", ".join(map(str, cands)),
                      f" - http://ufldl.stanford.edu/housenumbers/{fname} (format 2, cropped digits)")
 
 
-TINY_IMAGENET = TreeLayout(dirs=("tiny-imagenet-200",), archives=archive_patterns("tiny-imagenet-200*"))
-
-
-def load_tiny_imagenet(req: Request, split: str, keep: Collection[str] | None = None,
-                       labelled: bool = True) -> ImageSet:
-    """Tiny ImageNet ``split`` (train/val/test) restricted to WNIDs ``keep``; unlabelled when not ``labelled``.
-
-    Shared by ``tiny-imagenet`` and the protocol sets ``tin-aux`` / ``tin-near`` (``req.name`` keys the cache).
-    """
-    def scan(d: Path) -> FileListing:
-        listing = scan_tiny_imagenet(d, split, keep)
-        return listing if labelled else FileListing(listing.files, None, ())
-    return load_tree(req, TINY_IMAGENET, scan)
-
-
 def _load_tiny(req: Request) -> ImageSet:
-    _check_split(req, ("train", "val", "test"))
+    check_split(req, ("train", "val", "test"))
     return load_tiny_imagenet(req, req.split)
 
 
@@ -253,7 +121,7 @@ SINGLE_SPLIT = ("test", "train", "all")
 def _tree_loader(layout: TreeLayout, labelled: bool) -> Callable[[Request], ImageSet]:
     """Loader for an image tree without official splits (OOD sets): any of SINGLE_SPLIT gives every image."""
     def load(req: Request) -> ImageSet:
-        _check_split(req, SINGLE_SPLIT)
+        check_split(req, SINGLE_SPLIT)
         return load_tree(replace(req, split="test"), layout, scan_labelled if labelled else scan_unlabelled)
     return load
 
@@ -287,26 +155,19 @@ def _load_path(req: Request, spec: str, labelled: bool) -> ImageSet:
 
     if path.is_dir():
         listing = scan(pick(path))
-        return _cached(req, files_fingerprint(listing.files), lambda: _decode_listing(req, listing))
+        return cached(req, files_fingerprint(listing.files), lambda: decode_listing(req, listing))
     if not is_archive(path):
         raise DataError(f"{path}: not a folder or a .tar/.tar.gz/.tgz/.zip archive.")
 
     def build() -> ImageSet:
-        return _decode_listing(req, scan(pick(_descend(extract_cached(path, req.cache_dir)))))
-    return _cached(req, file_fingerprint(path), build)
+        return decode_listing(req, scan(pick(_descend(extract_cached(path, req.cache_dir)))))
+    return cached(req, file_fingerprint(path), build)
 
 
 def _synthetic_loader(kind: str) -> Callable[..., ImageSet]:
     def load(req: Request, num_images: int | None, seed: int) -> ImageSet:
-        _check_split(req, SINGLE_SPLIT)
+        check_split(req, SINGLE_SPLIT)
         return make_synthetic(kind, num_images, req.resolution, seed, train=req.split == "train")
-    return load
-
-
-def _protocol(fn_name: str) -> Callable[[Request], ImageSet]:
-    def load(req: Request) -> ImageSet:
-        from oodtune.data import protocol
-        return getattr(protocol, fn_name)(req)
     return load
 
 
@@ -336,9 +197,9 @@ _LOADERS: dict[str, tuple[Callable[[Request], ImageSet], str]] = {
     "omniglot": (_tree_loader(TreeLayout(("omniglot*", "images_background*"),
                                          archive_patterns("omniglot*", "images_background*")), False),
                  "Omniglot: omniglot*/images_background*/ALPHABET/CHARACTER/*.png (1-bit -> RGB), unlabelled"),
-    "tin-aux": (_protocol("load_tin_aux"),
+    "tin-aux": (load_tin_aux,
                 "cifar10-offline protocol: Tiny ImageNet train, auxiliary half minus CIFAR-10 overlaps, unlabelled"),
-    "tin-near": (_protocol("load_tin_near"),
+    "tin-near": (load_tin_near,
                  "cifar10-offline protocol: Tiny ImageNet val, other half minus CIFAR-10 overlaps (near-OOD)"),
 }
 
@@ -419,7 +280,4 @@ def load_dataset(
     return subsample(data, num_images, seed)
 
 
-__all__ = [
-    "Request", "TreeLayout", "available_datasets", "canonical_name", "default_data_root", "find_tree",
-    "load_dataset", "load_tiny_imagenet", "load_tree", "subsample",
-]
+__all__ = ["available_datasets", "canonical_name", "default_data_root", "load_dataset", "subsample"]

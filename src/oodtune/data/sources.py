@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from oodtune.data.images import is_image_file
-from oodtune.data.imageset import DataError
+from oodtune.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("__builtin__", "object"),
     }
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle API
+    def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
@@ -122,7 +122,8 @@ def _cifar_files(source: Path, folder: str, names: list[str]) -> dict[str, tuple
                 parts = [q for q in member.name.replace("\\", "/").split("/") if q not in ("", ".")]
                 if member.isfile() and len(parts) == 2 and parts[0] == folder and parts[1] in names:
                     f = tf.extractfile(member)
-                    assert f is not None
+                    if f is None:
+                        raise DataError(f"{source}: member {member.name} cannot be read; not the official archive.")
                     out[parts[1]] = (f.read(), f"{source}!{member.name}")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DataError(f"{source}: cannot read archive ({exc}); download it again.") from None
@@ -143,7 +144,7 @@ def read_cifar(source: Path, variant: str, split: str) -> ArraySet:
     names_key = str(layout["names_key"])
     if names_key not in meta:
         raise DataError(f"{meta_where}: no '{names_key}' entry; this is not the official {variant} meta file.")
-    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key])  # type: ignore[union-attr]
+    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key])  # type: ignore[attr-defined]
     images, labels = [], []
     for batch in batches:
         data_bytes, where = files[batch]

@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from oodtune.data.imageset import DataError, ImageSet
+from oodtune.data.imageset import ImageSet
+from oodtune.errors import DataError
 
 #: Default number of synthetic images (as in OE's evaluation).
 DEFAULT_COUNT = 10_000

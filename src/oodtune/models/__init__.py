@@ -1,38 +1,23 @@
-"""Model zoo (WRN-d-k, CIFAR ResNet-18), user architectures by import path, and the logits+features
-interface for any classifier."""
+"""Models: the architecture zoo, the logits+features interface for any classifier, the metadata that travels
+with a model, and checkpoints."""
 
-from __future__ import annotations
-
-import re
-
-from torch import nn
-
+from .checkpoint import (
+                         load_feature_model,
+                         load_model,
+                         read_checkpoint,
+                         read_meta,
+                         read_state_dict,
+                         save_atomic,
+                         save_checkpoint,
+)
 from .features import FeatureModel, find_head
-from .imported import build_imported, is_import_path
+from .meta import META_VERSION, RunMeta
 from .resnet import ResNet18
 from .wrn import WideResNet
+from .zoo import ARCHITECTURES, DEFAULT_DROP_RATE, build_model
 
-__all__ = ["FeatureModel", "find_head", "build_model", "ARCHITECTURES", "ResNet18", "WideResNet"]
-
-ARCHITECTURES = ("wrn-40-2", "wrn-16-2", "wrn-28-10", "resnet18")
-_WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
-
-
-def build_model(arch: str, num_classes: int, *, drop_rate: float = 0.3) -> nn.Module:
-    """A freshly initialised classifier. ``arch`` is ``resnet18``, ``wrn-DEPTH-WIDTH`` (e.g. ``wrn-40-2``) or
-    the import path ``package.module:factory`` of your own (see :mod:`oodtune.models.imported`).
-
-    ``drop_rate`` is the WRN dropout (0.3 as in the OE/Energy papers); ResNet-18 and imported models ignore it.
-    """
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if is_import_path(arch):
-        return build_imported(arch, num_classes)
-    name = arch.lower()
-    if name == "resnet18":
-        return ResNet18(num_classes)
-    m = _WRN.match(name)
-    if m:
-        return WideResNet(int(m.group(1)), int(m.group(2)), num_classes, drop_rate)
-    raise ValueError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHITECTURES)}, wrn-DEPTH-WIDTH "
-                     "or package.module:factory for your own")
+__all__ = [
+    "ARCHITECTURES", "DEFAULT_DROP_RATE", "META_VERSION", "FeatureModel", "ResNet18", "RunMeta", "WideResNet",
+    "build_model", "find_head", "load_feature_model", "load_model", "read_checkpoint", "read_meta",
+    "read_state_dict", "save_atomic", "save_checkpoint",
+]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ModelError
+
 
 def find_head(model: nn.Module, head_name: str | None = None) -> nn.Linear:
     """The final linear classification layer of ``model`` (see module docstring)."""
@@ -24,17 +26,18 @@ def find_head(model: nn.Module, head_name: str | None = None) -> nn.Linear:
         try:
             layer = model.get_submodule(head_name)
         except AttributeError as exc:
-            raise ValueError(f"{type(model).__name__} has no layer {head_name!r} ({exc}); name the classification "
-                             "layer by its dotted path as in model.named_modules(), e.g. 'fc' or 'classifier.1'.") from exc
+            raise ModelError(f"{type(model).__name__} has no layer {head_name!r} ({exc}); name the classification "
+                             "layer by its dotted path as in model.named_modules(), e.g. 'fc' or "
+                             "'classifier.1'.") from exc
         if not isinstance(layer, nn.Linear):
-            raise ValueError(f"{head_name!r} is a {type(layer).__name__}, expected the final nn.Linear layer.")
+            raise ModelError(f"{head_name!r} is a {type(layer).__name__}, expected the final nn.Linear layer.")
         return layer
     head = getattr(model, "head", None)
     if isinstance(head, nn.Linear):
         return head
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(
+        raise ModelError(
             f"{type(model).__name__} has no nn.Linear layer to take features from; "
             "pass head_name='...' naming the classification layer, or define forward_features()."
         )
@@ -60,7 +63,7 @@ class FeatureModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._direct:
-            feats = self.model.forward_features(x)
+            feats = self.model.forward_features(x)  # type: ignore[operator]
             return self.head(feats), feats
         # The hook lives only for this call, so the user's model is left exactly as it was given.
         handle = self.head.register_forward_pre_hook(self._capture)
@@ -70,7 +73,7 @@ class FeatureModel(nn.Module):
             handle.remove()
         feats, self._captured = self._captured, None
         if feats is None:
-            raise RuntimeError(
+            raise ModelError(
                 f"the classification layer of {type(self.model).__name__} was not called in forward(); "
                 "pass head_name= naming the layer that produces the logits."
             )

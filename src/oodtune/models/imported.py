@@ -15,6 +15,8 @@ import re
 
 from torch import nn
 
+from ..errors import ModelError
+
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
@@ -26,25 +28,25 @@ def is_import_path(arch: str) -> bool:
 def build_imported(spec: str, num_classes: int) -> nn.Module:
     """``factory(num_classes=num_classes)`` for ``spec`` = ``package.module:factory`` (see module docstring)."""
     if not _IMPORT_PATH.match(spec):
-        raise ValueError(f"--arch {spec!r} is not an import path of the form package.module:factory")
+        raise ModelError(f"--arch {spec!r} is not an import path of the form package.module:factory")
     module_name, attr = spec.split(":")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"--arch {spec}: cannot import {module_name!r} ({exc}); install it or add its folder "
+        raise ModelError(f"--arch {spec}: cannot import {module_name!r} ({exc}); install it or add its folder "
                          "to PYTHONPATH.") from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"--arch {spec}: {module_name} has no attribute {attr!r}")
+            raise ModelError(f"--arch {spec}: {module_name} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not (inspect.isfunction(obj) or (inspect.isclass(obj) and issubclass(obj, nn.Module))):
-        raise ValueError(f"--arch {spec}: {attr} is a {type(obj).__name__}, not an nn.Module class or a Python "
+        raise ModelError(f"--arch {spec}: {attr} is a {type(obj).__name__}, not an nn.Module class or a Python "
                          "function returning one.")
     try:
         model = obj(num_classes=num_classes)
     except TypeError as exc:
-        raise ValueError(f"--arch {spec}: calling {attr}(num_classes={num_classes}) failed ({exc}); the factory "
+        raise ModelError(f"--arch {spec}: calling {attr}(num_classes={num_classes}) failed ({exc}); the factory "
                          "must take the number of classes as the keyword argument num_classes.") from exc
     if not isinstance(model, nn.Module):
-        raise ValueError(f"--arch {spec}: {attr}(num_classes=...) returned a {type(model).__name__}, not an nn.Module")
+        raise ModelError(f"--arch {spec}: {attr}(num_classes=...) returned a {type(model).__name__}, not an nn.Module")
     return model

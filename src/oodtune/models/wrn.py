@@ -7,8 +7,10 @@ the two convolutions of each block (0.3 in the OE/Energy WRN-40-2 experiments).
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelError
 
 
 class _Block(nn.Module):
@@ -35,13 +37,18 @@ class _Block(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(pre))
 
 
+#: Dropout between the two convolutions of a block, as in the OE / Energy WRN-40-2 experiments.
+DEFAULT_DROP_RATE = 0.3
+
+
 class WideResNet(nn.Module):
     """WRN-depth-widen for 32x32 inputs; ``forward_features`` returns the 64k-dim pooled features."""
 
-    def __init__(self, depth: int = 40, widen_factor: int = 2, num_classes: int = 10, drop_rate: float = 0.3) -> None:
+    def __init__(self, depth: int = 40, widen_factor: int = 2, num_classes: int = 10,
+                 drop_rate: float = DEFAULT_DROP_RATE) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:
-            raise ValueError(f"WRN depth must be 6n+4 (e.g. 16, 28, 40), got {depth}")
+            raise ModelError(f"WRN depth must be 6n+4 (e.g. 16, 28, 40), got {depth}")
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)

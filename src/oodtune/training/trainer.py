@@ -21,54 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.imageset import DataError, ImageSet
+from ..data.imageset import ImageSet
+from ..data.tensors import CropFlip, Normalizer, apply_crop_flip, draw_crop_flip, to_device_uint8
+from ..errors import DataError, DivergenceError, ResumeMismatchError
 from ..losses import CompositeLoss, LossInputs
-from ..models import FeatureModel
-from ..progress import console, format_rate, progress_bar
-from .batches import (CropFlip, Normalizer, OutlierSampler, apply_crop_flip, draw_crop_flip, index_batches,
-                      to_device_uint8)
-from .checkpoint import read_checkpoint, save_checkpoint
-from .runtime import DistInfo, autocast, compile_mode, init_distributed, local_device, resolve_device
+from ..models import FeatureModel, RunMeta, read_checkpoint, save_checkpoint
+from ..progress import Bar, console, format_rate, progress_bar
+from ..runtime import DistInfo, autocast, compile_mode, init_distributed, local_device, resolve_device
+from .config import TrainConfig
+from .sampling import OutlierSampler, index_batches
 
 LAST = "last.pt"
 FINAL = "model.pt"
-COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
-COMPILE_SCOPES = ("model", "step")
 
 #: One step's eager inputs: ID uint8 images, labels, their crop/flip draw, outlier uint8 images and their draw.
 StepBatch = tuple[torch.Tensor, torch.Tensor, CropFlip | None, torch.Tensor | None, CropFlip | None]
 StepOutputs = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings; defaults are the OE/Energy-paper WRN pretraining recipe."""
-
-    epochs: int = 100
-    lr: float = 0.1
-    batch_size: int = 128
-    outlier_batch_size: int = 256
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    seed: int = 0
-    augment: bool = True
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
-    channels_last: bool | None = None  # None = on CUDA
-    compile: str = "auto"  # auto (= reduce-overhead on CUDA, none on CPU) or a torch.compile mode; see COMPILE_MODES
-    compile_scope: str = "model"  # model | step (augmentation + normalisation + forward + loss in one graph)
-    device: str | None = None
-    max_steps_per_epoch: int | None = None  # cap for smoke tests / CPU-scale runs
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"epochs, batch_size and lr must be positive: {self}")
-        if self.compile not in COMPILE_MODES or self.compile_scope not in COMPILE_SCOPES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES} and compile_scope one of {COMPILE_SCOPES}, "
-                             f"got {self.compile!r} / {self.compile_scope!r}")
 
 
 @dataclass
@@ -99,7 +69,7 @@ class Trainer:
         outliers: ImageSet | None = None,
         normalizer: Normalizer | None = None,
         run_dir: str | Path | None = None,
-        meta: dict[str, Any] | None = None,
+        meta: RunMeta | None = None,
     ) -> None:
         if train_set.labels is None:
             raise DataError(f"{train_set.name}: training needs labels, but this set is unlabelled.")
@@ -136,13 +106,15 @@ class Trainer:
         self.normalizer.stats(self.device)  # build the mean/std tensors now, not inside a compiled graph
         self.net = net.to(self.device)
         if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.train_x = to_device_uint8(train_set, self.device)
         self.train_y = torch.from_numpy(train_set.labels).to(self.device)
         self.use_outliers = loss.needs_outliers
         self.out_x = to_device_uint8(outliers, self.device) if (outliers is not None and self.use_outliers) else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.meta = dict(meta or {})
+        if self.run_dir is not None and meta is None:
+            raise TypeError("a Trainer that writes checkpoints (run_dir) needs the run's RunMeta (meta=)")
+        self.meta = meta
         self.train_name = train_set.name
 
     # -- pieces of a step -------------------------------------------------------------------------
@@ -154,7 +126,7 @@ class Trainer:
         x_in = self.train_x[idx]
         aug_in = draw_crop_flip(len(x_in), gen) if augment else None
         x_out = aug_out = None
-        if sampler is not None:
+        if sampler is not None and self.out_x is not None:
             x_out = self.out_x[sampler.next()]
             aug_out = draw_crop_flip(len(x_out), gen) if augment else None
         return x_in, self.train_y[idx], aug_in, x_out, aug_out
@@ -162,7 +134,7 @@ class Trainer:
     def _prepare(self, images: torch.Tensor, aug: CropFlip | None) -> torch.Tensor:
         return self.normalizer(images if aug is None else apply_crop_flip(images, aug))
 
-    def _forward(self, model: nn.Module, x_in: torch.Tensor, y_in: torch.Tensor, aug_in: CropFlip | None,
+    def _forward(self, model: Callable[..., Any], x_in: torch.Tensor, y_in: torch.Tensor, aug_in: CropFlip | None,
                  x_out: torch.Tensor | None, aug_out: CropFlip | None) -> StepOutputs:
         """(total loss, its detached parts, number of correct ID predictions) for one batch."""
         x = self._prepare(x_in, aug_in)
@@ -181,9 +153,10 @@ class Trainer:
 
     def _step_function(self) -> Callable[..., StepOutputs]:
         """``_forward`` bound to the (DDP-wrapped) model, compiled as ``--compile`` / ``--compile-scope`` say."""
-        model: nn.Module = self.net
+        model: Callable[..., Any] = self.net
         if self.dist.world > 1:
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(self.net, device_ids=ids)
         mode = None if self.compile == "default" else self.compile
         if self.compile != "none" and self.cfg.compile_scope == "model":
             model = torch.compile(model, mode=mode)
@@ -213,14 +186,20 @@ class Trainer:
     # -- resume -----------------------------------------------------------------------------------
     def _restore(self, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
                  gen: torch.Generator, sampler: OutlierSampler | None) -> tuple[int, list[dict[str, float]]]:
-        if self.run_dir is None or not (self.run_dir / LAST).exists():
+        if self.run_dir is None or self.meta is None or not (self.run_dir / LAST).exists():
             return 0, []
         ckpt = read_checkpoint(self.run_dir / LAST)
         state = ckpt["train_state"]
-        if state is None or state.get("config") != asdict(self.cfg):
-            raise RuntimeError(
-                f"{self.run_dir / LAST} was written with different settings; use a new --out folder "
-                "or delete it to start over."
+        if state is None:
+            raise ResumeMismatchError(f"{self.run_dir / LAST} holds no training state; delete it to start over.")
+        stored = {**ckpt["meta"].to_dict(), **{f"train.{k}": v for k, v in state.get("config", {}).items()}}
+        wanted = {**self.meta.to_dict(), **{f"train.{k}": v for k, v in asdict(self.cfg).items()}}
+        changed = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+        if changed:
+            diff = "; ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:6])
+            raise ResumeMismatchError(
+                f"{self.run_dir / LAST} is an unfinished run with other settings ({diff}); resuming it would mix two "
+                "runs. Use a new --out folder, or delete that folder to start over."
             )
         self.net.model.load_state_dict(ckpt["model"])  # checkpoints hold the plain classifier's weights
         opt.load_state_dict(state["optimizer"])
@@ -257,20 +236,20 @@ class Trainer:
         step_fn = self._step_function()
         t_start = time.perf_counter()
         with progress_bar(f"train {self.train_name}", total=total, unit="step") as bar:
-            bar.advance(0, steps * start_epoch)
+            bar.advance(steps * start_epoch)
             for epoch in range(start_epoch, cfg.epochs):
                 history.append(self._epoch(step_fn, opt, sched, gen, sampler, steps, epoch, bar))
                 self._save_state(epoch + 1, opt, sched, gen, history, sampler)
         result = TrainResult(history=history, seconds=time.perf_counter() - t_start)
-        if self.run_dir is not None and self.dist.is_main:
-            self.meta.update(train_config=asdict(cfg), history=history)
-            result.checkpoint = save_checkpoint(self.run_dir / FINAL, self.net, self.meta)
+        if self.run_dir is not None and self.meta is not None and self.dist.is_main:
+            meta = self.meta.replace(train_config=asdict(cfg), history=tuple(history))
+            result.checkpoint = save_checkpoint(self.run_dir / FINAL, self.net, meta)
             (self.run_dir / LAST).unlink(missing_ok=True)
         return result
 
     def _epoch(self, step_fn: Callable[..., StepOutputs], opt: torch.optim.Optimizer,
                sched: torch.optim.lr_scheduler.LambdaLR, gen: torch.Generator, sampler: OutlierSampler | None,
-               steps: int, epoch: int, bar: Any) -> dict[str, float]:
+               steps: int, epoch: int, bar: Bar) -> dict[str, float]:
         self.net.train()
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
@@ -293,11 +272,11 @@ class Trainer:
             correct += n_correct
             seen += len(idx)
             processed += (len(idx) + (0 if batch[3] is None else len(batch[3]))) * self.dist.world
-            bar.advance(0, 1)
+            bar.advance(1)
             if step % 20 == 0:
-                bar.update(0, rate=format_rate(processed, time.perf_counter() - t0))
-        if not torch.isfinite(sum(sums.values())):
-            raise FloatingPointError(f"non-finite loss in epoch {epoch + 1}; lower the learning rate or check margins.")
+                bar.update(rate=format_rate(processed, time.perf_counter() - t0))
+        if not torch.isfinite(torch.stack(list(sums.values())).sum()):
+            raise DivergenceError(f"non-finite loss in epoch {epoch + 1}; lower the learning rate or check margins.")
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "seconds": seconds}
         row.update({k: float(v) / steps for k, v in sums.items()})
@@ -310,8 +289,9 @@ class Trainer:
         return row
 
     def _save_state(self, epoch: int, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
-                    gen: torch.Generator, history: list[dict[str, float]], sampler: OutlierSampler | None = None) -> None:
-        if self.run_dir is None or not self.dist.is_main:
+                    gen: torch.Generator, history: list[dict[str, float]],
+                    sampler: OutlierSampler | None = None) -> None:
+        if self.run_dir is None or self.meta is None or not self.dist.is_main:
             return
         state = {
             "epoch": epoch,

@@ -1,19 +1,20 @@
-"""Device-resident uint8 image tensors, batched augmentation and normalisation.
+"""Images as device tensors: uint8 NCHW transfer, per-channel normalisation, batched crop/flip augmentation.
 
-The same code runs on CPU and CUDA: images are decoded once, moved to the training device as uint8 NCHW
-(4x smaller than float), and each batch is augmented there (random crop with zero padding + horizontal
-flip, the standard CIFAR recipe) and normalised with per-channel mean/std. No per-image Python work
-happens in the training loop, which is what makes the GPU path fast.
+Shared by training and evaluation (which must not depend on each other). The same code runs on CPU and CUDA:
+images are decoded once, moved to the device as uint8 NCHW (4x smaller than float), and each batch is
+augmented there (random crop with zero padding + horizontal flip, the standard CIFAR recipe) and normalised
+with per-channel mean/std. No per-image Python work happens in a loop over batches, which is what makes the
+GPU path fast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.imageset import ImageSet
+from ..errors import ConfigError
+from .imageset import ImageSet
 
 CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
@@ -34,7 +35,7 @@ class Normalizer:
     def __init__(self, mean: tuple[float, ...] = CIFAR_MEAN, std: tuple[float, ...] = CIFAR_STD,
                  channels_last: bool = False) -> None:
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean/std must have 3 entries and std > 0, got mean={mean} std={std}")
+            raise ConfigError(f"mean/std must have 3 entries and std > 0, got mean={mean} std={std}")
         self.mean, self.std, self.channels_last = tuple(mean), tuple(std), channels_last
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -87,52 +88,3 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int =
     ``x.device``) so a seed reproduces the same augmentation.
     """
     return apply_crop_flip(x, draw_crop_flip(x.shape[0], generator, padding), padding)
-
-
-def index_batches(
-    n: int, batch_size: int, generator: torch.Generator, *, drop_last: bool = True, rank: int = 0, world: int = 1
-) -> Iterator[torch.Tensor]:
-    """One epoch of shuffled index batches (without replacement) over ``range(n)``.
-
-    With ``world`` > 1 (data parallel), every rank draws the same permutation and takes the
-    ``rank``-th slice of each global batch, so the global batch is ``batch_size`` and ranks never overlap.
-    """
-    if n <= 0:
-        raise ValueError("cannot batch an empty dataset")
-    perm = torch.randperm(n, generator=generator, device=generator.device)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for start in range(0, stop, batch_size):
-        batch = perm[start : start + batch_size]
-        yield batch[rank::world] if world > 1 else batch
-
-
-class OutlierSampler:
-    """Endless outlier batches drawn without replacement from the *whole* auxiliary set.
-
-    Consumes a fresh random permutation chunk by chunk; when fewer than ``batch_size`` indices are left a
-    new permutation begins, so every auxiliary image is used once before any is repeated.
-    """
-
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1) -> None:
-        if n < batch_size:
-            raise ValueError(f"the auxiliary outlier set has {n} images, fewer than one batch of {batch_size}")
-        self.n, self.batch_size, self.generator = n, batch_size, generator
-        self.rank, self.world = rank, world
-        self._perm = torch.empty(0, dtype=torch.long)
-        self._pos = 0
-
-    def next(self) -> torch.Tensor:
-        if self._pos + self.batch_size > len(self._perm):
-            self._perm = torch.randperm(self.n, generator=self.generator, device=self.generator.device)
-            self._pos = 0
-        batch = self._perm[self._pos : self._pos + self.batch_size]
-        self._pos += self.batch_size
-        return batch[self.rank :: self.world] if self.world > 1 else batch
-
-    def state_dict(self) -> dict[str, torch.Tensor | int]:
-        """Position in the current permutation, so a resumed run continues it (checkpoint-safe types)."""
-        return {"perm": self._perm.cpu(), "pos": self._pos}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
-        self._perm = torch.as_tensor(state["perm"]).to(self.generator.device)
-        self._pos = int(state["pos"])

@@ -17,14 +17,12 @@ import torch
 from torch import nn
 
 from ..atomic import write_atomic
-from ..models import FeatureModel, build_model
+from ..errors import CheckpointError
+from .features import FeatureModel
+from .meta import RunMeta
+from .zoo import build_model
 
 FORMAT_VERSION = 1
-REQUIRED_META = ("arch", "num_classes", "classes", "mean", "std", "resolution")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or not an oodtune checkpoint."""
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
@@ -42,7 +40,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
+            model = model._orig_mod  # type: ignore[assignment]
         elif isinstance(model, FeatureModel):
             model = model.model
         else:
@@ -50,14 +48,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: nn.Module, meta: dict[str, Any], train_state: dict[str, Any] | None = None
+    path: str | os.PathLike, model: nn.Module, meta: RunMeta, train_state: dict[str, Any] | None = None
 ) -> Path:
     """Write model weights + ``meta`` (+ optimizer/scheduler/RNG ``train_state`` for resuming) atomically."""
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ValueError(f"checkpoint meta lacks {missing}")
+    if not isinstance(meta, RunMeta):
+        raise TypeError(f"meta must be a RunMeta, got {type(meta).__name__}")
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-    return save_atomic({"format": FORMAT_VERSION, "model": state, "meta": meta, "train_state": train_state}, path)
+    return save_atomic({"format": FORMAT_VERSION, "model": state, "meta": meta.to_dict(), "train_state": train_state},
+                       path)
 
 
 def _load_tensors(path: Path, what: str, missing_fix: str, unreadable_fix: str) -> Any:
@@ -66,13 +64,14 @@ def _load_tensors(path: Path, what: str, missing_fix: str, unreadable_fix: str) 
         raise CheckpointError(f"{what} {path} does not exist; {missing_fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+    except Exception as exc:
         raise CheckpointError(f"cannot read {what} {path} with torch.load(weights_only=True): {exc}. "
                               f"{unreadable_fix}") from exc
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw checkpoint dict, loaded with ``weights_only=True``; clear errors for missing/foreign files."""
+    """The checkpoint dict, loaded with ``weights_only=True``, its ``"meta"`` as a :class:`RunMeta` (older
+    layouts migrated); clear errors for missing/foreign files."""
     path = Path(path)
     ckpt = _load_tensors(path, "checkpoint", "train one with `oodtune pretrain` or check the path.",
                          "Is it a complete oodtune checkpoint?")
@@ -81,26 +80,36 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not an oodtune checkpoint (format {FORMAT_VERSION}); to use weights trained elsewhere, "
             "convert them with `oodtune import-model` (or wrap the model in oodtune.models.FeatureModel in Python)."
         )
+    try:
+        ckpt["meta"] = RunMeta.from_dict(ckpt.get("meta"))  # type: ignore[arg-type]  # validated inside
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     return ckpt
 
 
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+def read_meta(path: str | os.PathLike) -> RunMeta:
+    """Only the :class:`RunMeta` of a checkpoint."""
+    meta: RunMeta = read_checkpoint(path)["meta"]
+    return meta
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, RunMeta]:
     """Rebuild the model stored in an oodtune checkpoint; returns ``(model_in_eval_mode, meta)``."""
     ckpt = read_checkpoint(path)
-    meta = ckpt["meta"]
-    model = build_model(meta["arch"], int(meta["num_classes"]), drop_rate=float(meta.get("drop_rate", 0.3)))
+    meta: RunMeta = ckpt["meta"]
+    model = build_model(meta.arch, meta.num_classes, drop_rate=meta.drop_rate)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {meta['arch']} with {meta['num_classes']} classes: {exc}") from exc
+        raise CheckpointError(f"{path}: weights do not fit {meta.arch} with {meta.num_classes} classes: {exc}") from exc
     return model.eval(), meta
 
 
-def load_feature_model(path: str | os.PathLike) -> tuple[FeatureModel, dict[str, Any]]:
+def load_feature_model(path: str | os.PathLike) -> tuple[FeatureModel, RunMeta]:
     """:func:`load_model` wrapped in a :class:`FeatureModel` whose features are the input of the layer named
-    by ``meta["head"]`` (set by ``oodtune import-model --head``), else of the automatically found head."""
+    by ``meta.head`` (set by ``oodtune import-model --head``), else of the automatically found head."""
     model, meta = load_model(path)
-    return FeatureModel(model, meta.get("head")), meta
+    return FeatureModel(model, meta.head), meta
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

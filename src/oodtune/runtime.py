@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError, DeviceUnavailableError
+
 
 def resolve_device(device: str | None = None) -> torch.device:
     """``device`` as given, else CUDA when present, else CPU."""
@@ -16,14 +18,14 @@ def resolve_device(device: str | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        raise DeviceUnavailableError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     return dev
 
 
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """bf16 autocast when ``precision`` is 'bf16' (or 'auto' on CUDA); otherwise full fp32."""
     if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
@@ -52,7 +54,7 @@ class DistInfo:
         """A global batch must split evenly over the processes: uneven slices would draw different amounts of
         augmentation randomness from the shared generator and the ranks' shuffles would drift apart."""
         if batch_size % self.world:
-            raise ValueError(f"{what} {batch_size} is not a multiple of the {self.world} data-parallel processes; "
+            raise ConfigError(f"{what} {batch_size} is not a multiple of the {self.world} data-parallel processes; "
                              f"use a multiple of {self.world} (the batch size is global, split across processes).")
 
 

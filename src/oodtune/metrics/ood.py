@@ -52,6 +52,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..errors import ConfigError
+
 Positive = Literal["in", "out"]
 DEFAULT_POSITIVE: Positive = "out"
 POSITIVES: tuple[str, ...] = ("in", "out")
@@ -88,29 +90,29 @@ def _as_array(x: Any) -> np.ndarray:
 def _check_scores(x: Any, what: str) -> np.ndarray:
     a = _as_array(x)
     if a.ndim != 1:
-        raise ValueError(f"{what} must be a 1-D array of per-sample scores, got shape {a.shape}; "
+        raise ConfigError(f"{what} must be a 1-D array of per-sample scores, got shape {a.shape}; "
                          "flatten it (e.g. scores.ravel()) or pass one score per sample.")
     if a.size == 0:
-        raise ValueError(f"{what} is empty; metrics need at least one ID and one OOD score.")
+        raise ConfigError(f"{what} is empty; metrics need at least one ID and one OOD score.")
     if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
-        raise ValueError(f"{what} must hold real numbers, got dtype {a.dtype}.")
+        raise ConfigError(f"{what} must hold real numbers, got dtype {a.dtype}.")
     a = a.astype(np.float64, copy=False)
     bad = ~np.isfinite(a)
     if bad.any():
-        raise ValueError(f"{what} has {int(bad.sum())} NaN/inf value(s) (first at index {int(np.argmax(bad))}); "
+        raise ConfigError(f"{what} has {int(bad.sum())} NaN/inf value(s) (first at index {int(np.argmax(bad))}); "
                          "the model or score produced non-finite outputs — fix or drop those samples first.")
     return a
 
 
 def _check_positive(positive: str) -> None:
     if positive not in POSITIVES:
-        raise ValueError(f"positive must be 'in' (ID is the positive class) or 'out' (OOD is positive), "
+        raise ConfigError(f"positive must be 'in' (ID is the positive class) or 'out' (OOD is positive), "
                          f"got {positive!r}.")
 
 
 def _check_tpr(tpr: float) -> None:
     if not 0.0 <= tpr <= 1.0:
-        raise ValueError(f"tpr must be in [0, 1] (e.g. 0.95 for FPR95), got {tpr}.")
+        raise ConfigError(f"tpr must be in [0, 1] (e.g. 0.95 for FPR95), got {tpr}.")
 
 
 # ----------------------------------------------------------------------------- the shared sort
@@ -228,16 +230,16 @@ def accuracy(logits_or_preds: Any, labels: Any) -> float:
     out = _as_array(logits_or_preds)
     y = _as_array(labels)
     if y.ndim != 1 or y.size == 0:
-        raise ValueError(f"labels must be a non-empty 1-D array of class indices, got shape {y.shape}.")
+        raise ConfigError(f"labels must be a non-empty 1-D array of class indices, got shape {y.shape}.")
     if out.ndim == 2:
         if not np.isfinite(out).all():
-            raise ValueError("logits contain NaN/inf; the model produced non-finite outputs.")
+            raise ConfigError("logits contain NaN/inf; the model produced non-finite outputs.")
         preds = out.argmax(axis=1)
     elif out.ndim == 1:
         preds = out
     else:
-        raise ValueError(f"expected (N, K) logits or (N,) predictions, got shape {out.shape}.")
+        raise ConfigError(f"expected (N, K) logits or (N,) predictions, got shape {out.shape}.")
     if preds.shape[0] != y.shape[0]:
-        raise ValueError(f"{preds.shape[0]} predictions but {y.shape[0]} labels; pass one label per sample "
+        raise ConfigError(f"{preds.shape[0]} predictions but {y.shape[0]} labels; pass one label per sample "
                          "(same order as the logits).")
     return float(np.mean(preds == y))

@@ -1,0 +1,13 @@
+"""A reproducible grid over the pipeline: one pretrained checkpoint -> post-hoc baselines + fine-tuning methods x
+seeds x OOD sets, resumable, tabulated as mean ± std over seeds.
+
+:mod:`.config` reads and validates the TOML file, :mod:`.grid` runs the missing pieces (each a
+:mod:`oodtune.pipeline` call), :mod:`.tables` writes results.json / results.md.
+"""
+
+from .config import POSTHOC, BenchmarkConfig, MethodSpec, load_benchmark_config
+from .grid import Benchmark, run_benchmark
+from .tables import mean_std, summarize, write_results
+
+__all__ = ["POSTHOC", "Benchmark", "BenchmarkConfig", "MethodSpec", "load_benchmark_config", "mean_std",
+           "run_benchmark", "summarize", "write_results"]

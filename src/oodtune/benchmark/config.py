@@ -1,0 +1,279 @@
+"""The benchmark TOML file: one schema, checked completely before any work starts.
+
+Sections (``configs/*.toml`` are documented examples):
+
+* ``[benchmark]`` — ``name``, ``protocol`` (fills ``id_dataset``/``outliers``/``ood_near``/``ood_far`` from
+  :data:`oodtune.data.PROTOCOLS`; keys given here override it), ``id_dataset``, ``arch``, ``outliers``,
+  ``ood_near``, ``ood_far``, ``num_ood``, ``seeds``, ``out``, ``data_root``, ``device``, ``pretrained`` (an
+  existing checkpoint instead of pretraining one).
+* ``[pretrain]`` — training options (:class:`~oodtune.training.config.TrainConfig` fields) plus ``num_train``
+  and ``imbalance_ratio``.
+* ``[finetune]`` — training options applied to every fine-tuning row.
+* ``[[methods]]`` — one row each: ``label`` and ``method`` (a post-hoc score name, or a fine-tuning method such
+  as ``balanced-energy+sparsity``), optionally ``score`` (the score a fine-tuned row is measured with, default
+  ``energy``), ``gamma`` (the prior's γ), ``scratch`` (train from random initialisation with the ``[pretrain]``
+  schedule), loss options (``m_in``, ``m_out`` — a number or ``"auto"`` —, ``alpha``, ``energy_weight``, ...)
+  and training options overriding ``[finetune]`` for this row.
+
+An unknown key, a value of the wrong type, an unknown method/score/dataset/protocol or a loss option the method
+does not use is an error naming the file, the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data import PROTOCOLS, available_datasets
+from ..data.registry import canonical_name
+from ..errors import ConfigError
+from ..losses import build_method_loss
+from ..scores import SCORE_NAMES
+from ..training.config import FINETUNE, PRETRAIN, TRAIN_KEYS, TrainConfig
+
+__all__ = ["BenchmarkConfig", "MethodSpec", "load_benchmark_config", "POSTHOC"]
+
+POSTHOC = frozenset(SCORE_NAMES)
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+#: TrainConfig field -> accepted Python types (from its annotations).
+TRAIN_TYPES: dict[str, tuple[type, ...]] = {
+    f.name: tuple(_TYPES[t.strip()] for t in str(f.type).split("|")) for f in dataclasses.fields(TrainConfig)
+}
+BENCHMARK_KEYS: dict[str, tuple[type, ...]] = {
+    "name": (str,), "protocol": (str,), "id_dataset": (str,), "arch": (str,), "outliers": (str,), "ood_near": (list,),
+    "ood_far": (list,), "num_ood": (int,), "seeds": (list,), "out": (str,), "data_root": (str,), "device": (str,),
+    "pretrained": (str,),
+}
+PRETRAIN_EXTRA: dict[str, tuple[type, ...]] = {"num_train": (int,), "imbalance_ratio": (float,)}
+LOSS_TYPES: dict[str, tuple[type, ...]] = {
+    "m_in": (float, str), "m_out": (float, str), "energy_weight": (float,), "alpha": (float,), "oe_weight": (float,),
+    "sparsity_weight": (float,), "balanced_reduction": (str,), "detach_z": (bool,),
+}
+METHOD_KEYS: dict[str, tuple[type, ...]] = {
+    "label": (str,), "method": (str,), "score": (str,), "gamma": (float,), "scratch": (bool,), **LOSS_TYPES,
+    **{k: v for k, v in TRAIN_TYPES.items() if k not in ("seed", "device")},
+}
+SECTIONS = ("benchmark", "pretrain", "finetune", "methods")
+
+
+@dataclass
+class MethodSpec:
+    """One row of the benchmark: a post-hoc score on the pretrained model, or a fine-tuning method."""
+
+    label: str
+    method: str
+    score: str = "energy"
+    gamma: float | None = None
+    scratch: bool = False  # train from random init with the [pretrain] schedule instead of fine-tuning
+    loss_options: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def posthoc(self) -> bool:
+        return self.method in POSTHOC
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
+
+    @property
+    def balanced(self) -> bool:
+        return "balanced" in self.method
+
+
+@dataclass
+class BenchmarkConfig:
+    """A parsed, validated benchmark TOML (see the module docstring)."""
+
+    name: str
+    out: Path
+    data_root: str | None
+    device: str | None
+    seeds: list[int]
+    id_dataset: str
+    arch: str
+    pretrain: dict[str, Any]
+    finetune: dict[str, Any]
+    outliers: str
+    ood_near: list[str]
+    ood_far: list[str]
+    num_ood: int | None
+    methods: list[MethodSpec]
+    pretrained: str | None = None
+    protocol: str | None = None
+    only: list[str] = field(default_factory=list)  # labels/slugs of the rows to run; empty = all
+
+    def selected(self, spec: MethodSpec) -> bool:
+        """Whether this invocation may train/evaluate ``spec`` (the others are only tabulated)."""
+        return not self.only or spec.label in self.only or spec.slug in self.only
+
+    @property
+    def groups(self) -> dict[str, str]:
+        return {**dict.fromkeys(self.ood_near, "near"), **dict.fromkeys(self.ood_far, "far")}
+
+    def train_config(self, stage: str, spec: MethodSpec | None, seed: int) -> TrainConfig:
+        """The TrainConfig of pretraining (``stage="pretrain"``) or of one row's training (``"finetune"``).
+
+        Pretraining: the :data:`PRETRAIN` recipe with ``[pretrain]``. A fine-tuning row: :data:`FINETUNE` with
+        ``[finetune]``, then the row's options. A ``scratch`` row: :data:`PRETRAIN` with ``[finetune]``, then
+        ``[pretrain]`` (its schedule wins), then the row's options."""
+        if stage == "pretrain":
+            base, layers = PRETRAIN, [self.pretrain]
+        elif spec is not None and spec.scratch:
+            base, layers = PRETRAIN, [self.finetune, self.pretrain, spec.train]
+        else:
+            base, layers = FINETUNE, [self.finetune, spec.train if spec else {}]
+        options = {k: v for layer in layers for k, v in layer.items() if k in TRAIN_KEYS}
+        return base.replace(**{**options, "seed": seed, "device": self.device})
+
+
+class _Checker:
+    """Type and name checks that collect the file name into every message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, where: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {where}: {msg}")
+
+    def table(self, value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(where, f"must be a table ([{where}]), got {type(value).__name__}")
+        return value
+
+    def keys(self, table: dict[str, Any], allowed: dict[str, tuple[type, ...]], where: str) -> None:
+        for key, value in table.items():
+            if key not in allowed:
+                raise self.fail(where, f"unknown key {key!r}; allowed: {', '.join(sorted(allowed))}")
+            self.value(value, allowed[key], f"{where}.{key}")
+
+    def value(self, value: Any, types: tuple[type, ...], where: str) -> None:
+        ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool))
+                 or (t is float and isinstance(value, int) and not isinstance(value, bool)) for t in types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types)
+            raise self.fail(where, f"expected {names}, got {type(value).__name__} {value!r}")
+
+    def names(self, values: list[Any], known: set[str], where: str, what: str) -> list[str]:
+        out = []
+        for v in values:
+            if not isinstance(v, str):
+                raise self.fail(where, f"expected a list of {what} names, got {v!r}")
+            if canonical_name(v) not in known and not canonical_name(v).startswith(("folder:", "images:")):
+                raise self.fail(where, f"unknown {what} {v!r}; known: {', '.join(sorted(known))}")
+            out.append(v)
+        return out
+
+
+def _method_spec(chk: _Checker, raw: Any, index: int) -> MethodSpec:
+    where = f"[[methods]] #{index + 1}"
+    m = dict(chk.table(raw, where))
+    chk.keys(m, METHOD_KEYS, where)
+    for key in ("label", "method"):
+        if key not in m:
+            raise chk.fail(where, f"missing required key {key!r}")
+    label, method = m.pop("label"), m.pop("method")
+    where = f"[[methods]] {label!r}"
+    score = m.pop("score", "energy")
+    if score not in POSTHOC:
+        raise chk.fail(where, f"score {score!r} is not a score; choose one of {', '.join(SCORE_NAMES)}")
+    spec = MethodSpec(label=label, method=method, score=score, gamma=m.pop("gamma", None),
+                      scratch=bool(m.pop("scratch", False)), train={k: m.pop(k) for k in list(m) if k in TRAIN_KEYS})
+    spec.loss_options = m
+    if spec.posthoc:
+        extra = sorted(k for k in (*spec.loss_options, *spec.train) if k)
+        if extra or spec.gamma is not None or spec.scratch:
+            raise chk.fail(where, f"{method!r} is a post-hoc score of the pretrained model; it takes no training or "
+                                  f"loss options (got {extra or 'gamma/scratch'})")
+        return spec
+    for k in ("m_in", "m_out"):
+        if isinstance(spec.loss_options.get(k), str) and spec.loss_options[k] != "auto":
+            raise chk.fail(where, f"{k} must be a number or \"auto\", got {spec.loss_options[k]!r}")
+    try:  # the method name and which options it takes, checked now rather than after pretraining
+        probe = {k: v for k, v in spec.loss_options.items() if v != "auto"}
+        for k in ("m_in", "m_out"):
+            if spec.loss_options.get(k) == "auto":
+                probe[k] = -30.0 if k == "m_in" else 0.0
+        build_method_loss(method, prior_gamma=[1.0, 1.0] if "balanced" in method else None, **probe)
+    except ConfigError as exc:
+        raise chk.fail(where, str(exc)) from None
+    if spec.gamma is not None and not spec.balanced:
+        raise chk.fail(where, f"gamma is the outlier prior's γ, used only by balanced-energy methods, not {method!r}")
+    return spec
+
+
+def load_benchmark_config(path: str | Path, *, data_root: str | None = None, device: str | None = None,
+                          out: str | None = None, only: list[str] | None = None) -> BenchmarkConfig:
+    """Read and validate a benchmark TOML (module docstring); command-line overrides win over the file.
+
+    ``only``: run just these rows, named by label or slug (e.g. to spend a short GPU session on the rows a
+    previous one did not finish); the other rows are tabulated from their finished runs, as with
+    ``report_only``. An unknown name is an error that lists the valid ones.
+    """
+    path = Path(path)
+    chk = _Checker(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read benchmark config {path}: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise chk.fail("top level", f"unknown section(s) {unknown}; allowed: {', '.join(SECTIONS)}")
+    b = chk.table(raw.get("benchmark", {}), "benchmark")
+    chk.keys(b, BENCHMARK_KEYS, "[benchmark]")
+    pre = chk.table(raw.get("pretrain", {}), "pretrain")
+    chk.keys(pre, {**{k: v for k, v in TRAIN_TYPES.items() if k != "device"}, **PRETRAIN_EXTRA}, "[pretrain]")
+    fine = chk.table(raw.get("finetune", {}), "finetune")
+    chk.keys(fine, {k: v for k, v in TRAIN_TYPES.items() if k not in ("seed", "device")}, "[finetune]")
+    methods_raw = raw.get("methods", [])
+    if not isinstance(methods_raw, list) or not methods_raw:
+        raise chk.fail("[[methods]]", "no [[methods]] entries; add at least one row (label + method)")
+    methods = [_method_spec(chk, m, i) for i, m in enumerate(methods_raw)]
+    labels = [m.label for m in methods]
+    slugs = [m.slug for m in methods]
+    if len(set(slugs)) != len(slugs):
+        raise chk.fail("[[methods]]", f"labels must be distinct (also after lower-casing): {labels}")
+    protocol: dict[str, Any] = {}
+    if "protocol" in b:
+        if b["protocol"] not in PROTOCOLS:
+            raise chk.fail("[benchmark].protocol", f"unknown protocol {b['protocol']!r}; known: {', '.join(PROTOCOLS)}")
+        protocol = PROTOCOLS[b["protocol"]]
+    known = {canonical_name(n) for n in available_datasets()}
+    ood_near = chk.names(b.get("ood_near", protocol.get("near", [])), known, "[benchmark].ood_near", "dataset")
+    ood_far = chk.names(b.get("ood_far", protocol.get("far", [])), known, "[benchmark].ood_far", "dataset")
+    if not ood_near and not ood_far:
+        raise chk.fail("[benchmark]", "no OOD sets: give ood_near and/or ood_far (or a protocol)")
+    id_dataset = chk.names([b.get("id_dataset", protocol.get("id", "cifar10"))], known, "[benchmark].id_dataset",
+                           "dataset")[0]
+    outliers = chk.names([b.get("outliers", protocol.get("aux", "tin-aux"))], known, "[benchmark].outliers",
+                         "dataset")[0]
+    seeds = b.get("seeds", [0])
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise chk.fail("[benchmark].seeds", f"expected a non-empty list of integers, got {seeds!r}")
+    if only:
+        names = {n for m in methods for n in (m.label, m.slug)}
+        missing = [n for n in only if n not in names]
+        if missing:
+            raise ConfigError(f"--only {', '.join(missing)}: {path} has no such row; choose from the slugs "
+                              f"{slugs} (or the labels).")
+    cfg = BenchmarkConfig(
+        name=b.get("name", path.stem), out=Path(out or b.get("out", f"runs/{path.stem}")),
+        data_root=data_root or b.get("data_root"), device=device or b.get("device"), seeds=list(seeds),
+        id_dataset=id_dataset, arch=b.get("arch", "wrn-40-2"), pretrain=dict(pre), finetune=dict(fine),
+        outliers=outliers, ood_near=ood_near, ood_far=ood_far, num_ood=b.get("num_ood"), methods=methods,
+        pretrained=b.get("pretrained"), protocol=b.get("protocol"), only=list(only or []),
+    )
+    try:  # every training configuration is built once now, so a bad value fails before any work
+        cfg.train_config("pretrain", None, 0)
+        for spec in methods:
+            if not spec.posthoc:
+                cfg.train_config("finetune", spec, 0)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg

@@ -1,0 +1,162 @@
+"""Running a benchmark: one pretrained checkpoint -> post-hoc rows + fine-tuning rows x seeds, every step a
+pipeline call.
+
+Every finished piece is stored under the output folder (pretrained checkpoint, prior, margins, fine-tuned
+checkpoints, one evaluation record per run), so an interrupted benchmark picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import pipeline
+from ..metrics import roc_curve
+from ..plots import plot_energy_histograms, plot_roc_curves
+from ..prior import OutlierPrior
+from ..progress import console
+from ..report import write_json
+from ..training.trainer import FINAL
+from .config import BenchmarkConfig, MethodSpec
+from .tables import write_results
+
+__all__ = ["Benchmark", "run_benchmark"]
+
+
+class Benchmark:
+    """Runs a :class:`BenchmarkConfig`; see the module docstring."""
+
+    def __init__(self, cfg: BenchmarkConfig) -> None:
+        self.cfg = cfg
+        self.out = cfg.out
+        self.source = pipeline.DataSource(cfg.data_root)
+
+    def pretrained_checkpoint(self) -> Path:
+        """The configured checkpoint, or the one this benchmark pretrains (once) under OUT/pretrain."""
+        if self.cfg.pretrained:
+            return Path(self.cfg.pretrained)
+        path = self.out / "pretrain" / FINAL
+        if not path.exists():
+            p = self.cfg.pretrain
+            pipeline.pretrain(self.out / "pretrain", dataset=self.cfg.id_dataset, arch=self.cfg.arch,
+                              data_root=self.source,
+                              config=self.cfg.train_config("pretrain", None, int(p.get("seed", 0))),
+                              num_train=p.get("num_train"), imbalance_ratio=p.get("imbalance_ratio"))
+        return path
+
+    def run_dir(self, spec: MethodSpec, seed: int) -> Path:
+        """Where one fine-tuning run (``spec`` x ``seed``) keeps its checkpoints and ``eval.json``."""
+        return self.out / "runs" / f"{spec.slug}-s{seed}"
+
+    def prior(self, ckpt: Path, gamma: float | None) -> OutlierPrior:
+        """The outlier prior of the pretrained model (estimated once, OUT/prior.json + prior.png) at ``gamma``."""
+        path = self.out / "prior.json"
+        if path.exists():
+            prior = OutlierPrior.load(path)
+        else:
+            prior = pipeline.estimate_prior(ckpt, outliers=self.cfg.outliers, data_root=self.source,
+                                            device=self.cfg.device)
+            pipeline.save_prior(prior, path, checkpoint=ckpt, plot=self.out / "prior.png")
+        return OutlierPrior(counts=prior.counts, gamma=1.0 if gamma is None else gamma, class_names=prior.class_names)
+
+    def margins(self, ckpt: Path, options: dict[str, Any]) -> dict[str, float]:
+        """Resolve ``m_in``/``m_out = "auto"`` with :func:`oodtune.pipeline.propose_margins` (ID *train* data and
+        auxiliary outliers, never OOD test sets); cached in OUT/margins.json."""
+        path = self.out / "margins.json"
+        if path.exists():
+            proposed = json.loads(path.read_text())
+        else:
+            proposed = pipeline.propose_margins(ckpt, outliers=self.cfg.outliers, data_root=self.source,
+                                                device=self.cfg.device).as_options()
+            write_json(path, proposed)
+        return {k: proposed[k] for k in ("m_in", "m_out") if options.get(k) == "auto"}
+
+    def evaluate(self, ckpt: Path, score: str, cache: Path, *, trained: bool) -> dict[str, Any]:
+        """Evaluate ``ckpt`` with ``score`` (and energy, for the plots); the record is cached in ``cache``."""
+        if cache.exists():
+            return dict(json.loads(cache.read_text()))
+        scores = [score] + (["energy"] if score != "energy" else [])
+        report, meta = pipeline.evaluate_checkpoint(ckpt, scores=scores, ood=self.cfg.ood_near + self.cfg.ood_far,
+                                                    data_root=self.source, device=self.cfg.device,
+                                                    num_ood=self.cfg.num_ood)
+        record = {
+            "checkpoint": str(ckpt), "score": score, **report.id_metrics,
+            "train_seconds": meta.seconds_trained if trained else None, "eval_seconds": report.seconds,
+            "rows": [r for r in report.rows if r["score"] == score],
+            "energy": {k: (-v).tolist() for k, v in report.scores["energy"].items()},
+        }
+        write_json(cache, record)
+        return record
+
+    def run(self, command: str, *, report_only: bool = False) -> list[Path]:
+        """Run every missing piece, then write the tables. ``report_only`` trains and evaluates nothing:
+        it tabulates the runs already finished (e.g. when a GPU session ran out) and lists the rest; rows left
+        out by ``cfg.only`` are treated the same way."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if report_only:  # never train: the configured checkpoint, or the one this benchmark pretrained
+            ckpt = Path(cfg.pretrained) if cfg.pretrained else self.out / "pretrain" / FINAL
+        else:
+            ckpt = self.pretrained_checkpoint()
+        results: dict[str, list[dict[str, Any]]] = {}
+        missing: list[str] = []
+        base_cache = self.out / "evals" / "pretrained-energy.json"
+        base_energy = (None if report_only and not base_cache.exists()
+                       else self.evaluate(ckpt, "energy", base_cache, trained=False)["energy"])
+        for spec in cfg.methods:
+            tabulate_only = report_only or not cfg.selected(spec)
+            if spec.posthoc:
+                cache = self.out / "evals" / f"pretrained-{spec.method}.json"
+                if tabulate_only and not cache.exists():
+                    missing.append(f"{spec.label} (post-hoc, pretrained model)")
+                else:
+                    results[spec.label] = [self.evaluate(ckpt, spec.method, cache, trained=False)]
+                continue
+            if tabulate_only:
+                caches = [self.run_dir(spec, seed) / "eval.json" for seed in cfg.seeds]
+                missing += [f"{spec.label} seed {seed}" for seed, c in zip(cfg.seeds, caches, strict=True)
+                            if not c.exists()]
+                runs = [json.loads(c.read_text()) for c in caches if c.exists()]
+                if runs:
+                    results[spec.label] = runs
+                    if base_energy is not None:
+                        self._plots(spec, base_energy, runs[0]["energy"])
+                continue
+            results[spec.label] = [self._train_and_evaluate(ckpt, spec, seed) for seed in cfg.seeds]
+            if base_energy is not None:
+                self._plots(spec, base_energy, results[spec.label][0]["energy"])
+        return write_results(cfg, results, command, missing)
+
+    def _train_and_evaluate(self, ckpt: Path, spec: MethodSpec, seed: int) -> dict[str, Any]:
+        run_dir = self.run_dir(spec, seed)
+        if not (run_dir / FINAL).exists() and not (run_dir / "eval.json").exists():
+            console.rule(f"{spec.label} seed {seed}")
+            prior = self.prior(ckpt, spec.gamma) if spec.balanced else None
+            options = dict(spec.loss_options)
+            if "auto" in (options.get("m_in"), options.get("m_out")):
+                options.update(self.margins(ckpt, options))
+            pipeline.finetune(ckpt, run_dir, method=spec.method, data_root=self.source, outliers=self.cfg.outliers,
+                              prior=prior, loss_options=options, from_scratch=spec.scratch,
+                              config=self.cfg.train_config("finetune", spec, seed))
+        return self.evaluate(run_dir / FINAL, spec.score, run_dir / "eval.json", trained=True)
+
+    def _plots(self, spec: MethodSpec, before: dict[str, list[float]], after: dict[str, list[float]]) -> None:
+        def pooled(e: dict[str, list[float]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            return np.asarray(e["id"]), {k: np.asarray(v) for k, v in e.items() if k != "id"}
+
+        (b_id, b_ood), (a_id, a_ood) = pooled(before), pooled(after)
+        plot_energy_histograms(self.out / f"energy-{spec.slug}.png", a_id, a_ood,
+                               title=f"{spec.label} (seed {self.cfg.seeds[0]})", before=(b_id, b_ood))
+        curves = {}
+        for tag, (e_id, e_ood) in {"pretrained": (b_id, b_ood), spec.label: (a_id, a_ood)}.items():
+            ood_all = np.concatenate(list(e_ood.values()))
+            curves[tag] = roc_curve(-e_id, -ood_all)
+        plot_roc_curves(self.out / f"roc-{spec.slug}.png", curves, title=f"ROC, all OOD sets pooled: {spec.label}")
+
+
+def run_benchmark(cfg: BenchmarkConfig, command: str, *, report_only: bool = False) -> list[Path]:
+    """Run (or resume) the benchmark; returns the written result files."""
+    return Benchmark(cfg).run(command, report_only=report_only)

@@ -1,0 +1,73 @@
+"""Training settings: one dataclass, and the defaults of pretraining and fine-tuning defined once.
+
+Every entry point (CLI options and their help, benchmark TOML files, the Python API) takes its defaults from
+:data:`PRETRAIN` and :data:`FINETUNE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "PRECISIONS", "TrainConfig", "PRETRAIN", "FINETUNE", "TRAIN_KEYS"]
+
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
+COMPILE_SCOPES = ("model", "step")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; defaults are the OE/Energy-paper WRN pretraining recipe."""
+
+    epochs: int = 100
+    lr: float = 0.1
+    batch_size: int = 128
+    outlier_batch_size: int = 256
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    seed: int = 0
+    augment: bool = True
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool | None = None  # None = on CUDA
+    compile: str = "auto"  # auto (= reduce-overhead on CUDA, none on CPU) or a torch.compile mode; see COMPILE_MODES
+    compile_scope: str = "model"  # model | step (augmentation + normalisation + forward + loss in one graph)
+    device: str | None = None
+    max_steps_per_epoch: int | None = None  # cap for smoke tests / CPU-scale runs
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.outlier_batch_size < 1:
+            raise ConfigError(f"epochs, batch_size and outlier_batch_size must be >= 1: {self}")
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.compile not in COMPILE_MODES or self.compile_scope not in COMPILE_SCOPES:
+            raise ConfigError(f"compile must be one of {COMPILE_MODES} and compile_scope one of {COMPILE_SCOPES}, "
+                              f"got {self.compile!r} / {self.compile_scope!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ConfigError(f"max_steps_per_epoch must be >= 1, got {self.max_steps_per_epoch}")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (``None`` values are ignored: "not given")."""
+        unknown = sorted(set(changes) - TRAIN_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; valid: {', '.join(sorted(TRAIN_KEYS))}")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+#: Pretraining from scratch: the OE / Energy papers' WRN recipe (100 epochs, SGD+Nesterov, lr 0.1, cosine).
+PRETRAIN = TrainConfig()
+#: Fine-tuning: the Energy paper's CIFAR recipe (10 epochs, lr 1e-3, batch 128 ID + 256 outliers).
+FINETUNE = TrainConfig(epochs=10, lr=1e-3)
