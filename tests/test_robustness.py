@@ -42,7 +42,7 @@ from oodtune.lock import LOCK_NAME, output_lock
 from oodtune.models import META_VERSION, RunMeta, read_checkpoint, read_meta, save_checkpoint
 from oodtune.runtime import resolve_device
 from oodtune.training.config import TrainConfig
-from oodtune.training.trainer import LAST, Trainer
+from oodtune.training.trainer import LAST, Trainer, check_run_dir
 
 ARCH = "wrn-10-1"
 
@@ -259,6 +259,20 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path: Path) -> None:
     write_text_atomic(tmp_path / "results.md", "hello\n")  # any later write into the folder cleans up
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other_host.name, "results.md"])
     assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_the_next_run_removes_leftovers_even_when_it_writes_nothing(folders: dict[str, Path]) -> None:
+    """A cache hit and the start of a run clean what killed processes left (465 MB in one probe)."""
+    load_dataset("folder:A", folders["root"], "train")
+    stale = folders["tmp"] / "cache" / "images" / f".folder-A-train.npz.tmp-{atomic._HOST}-{_dead_pid()}-0a1b"
+    stale.write_bytes(b"x" * 1000)
+    load_dataset("folder:A", folders["root"], "train")  # served from the cache
+    assert not stale.exists()
+    run = folders["tmp"] / "run"
+    run.mkdir()
+    (run / f".last.pt.tmp-{atomic._HOST}-{_dead_pid()}-0a1b").write_bytes(b"x")
+    check_run_dir(run)
+    assert list(run.iterdir()) == []
 
 
 def test_temporaries_carry_host_and_pid(tmp_path: Path) -> None:

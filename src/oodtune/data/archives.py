@@ -231,7 +231,6 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, limits: Ex
         raise DataError(f"{dest} is not empty; extract {archive.name} into a new folder.")
     fix = "set OODTUNE_CACHE to a writable folder with enough space"
     ensure_folder(dest.parent, fix)
-    remove_stale_temporaries(dest.parent)
     tmp = temporary_path(dest)
     try:
         tmp.mkdir()
@@ -267,6 +266,7 @@ def extract_cached(archive: str | os.PathLike, cache_dir: str | os.PathLike) -> 
     if not archive.is_file():
         raise DataError(f"{archive}: archive not found. Place the file there or point the data root elsewhere.")
     final = Path(cache_dir) / "extracted" / f"{archive_stem(archive)}-{file_fingerprint(archive)[:16]}"
+    remove_stale_temporaries(final.parent)  # half-extracted trees of killed processes
     if final.is_dir():
         return final
     return safe_extract(archive, final)

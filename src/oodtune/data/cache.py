@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodtune.atomic import write_atomic
+from oodtune.atomic import remove_stale_temporaries, write_atomic
 from oodtune.data.imageset import ImageSet
 from oodtune.errors import DataError
 
@@ -70,7 +70,9 @@ def cache_file(cache_dir: Path, name: str, split: str, resolution: int, fingerpr
 
 
 def load_cached(path: Path) -> ImageSet | None:
-    """The cached ImageSet at ``path``, or None when absent. A damaged entry is deleted and ignored."""
+    """The cached ImageSet at ``path``, or None when absent. A damaged entry is deleted and ignored, and so are
+    temporaries that killed writers left beside it."""
+    remove_stale_temporaries(path.parent)
     if not path.is_file():
         return None
     try:

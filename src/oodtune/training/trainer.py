@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..atomic import check_writable
+from ..atomic import check_writable, remove_stale_temporaries
 from ..data.imageset import ImageSet
 from ..data.tensors import CropFlip, Normalizer, apply_crop_flip, draw_crop_flip, to_device_uint8
 from ..errors import DataError, DivergenceError, ResumeMismatchError
@@ -62,11 +62,14 @@ def _short(value: Any) -> str:
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
-    """Refuse a finished run folder (FileExistsError) and an unwritable one (StorageError), before any work."""
+    """Refuse a finished run folder (FileExistsError) and an unwritable one (StorageError), before any work; remove
+    the temporaries a killed run left there."""
     run_dir = Path(run_dir)
     if (run_dir / FINAL).exists():
         raise FileExistsError(f"{run_dir / FINAL} already exists: this run is finished. Choose a new --out folder.")
-    return check_writable(run_dir, "choose another --out folder")
+    check_writable(run_dir, "choose another --out folder")
+    remove_stale_temporaries(run_dir)
+    return run_dir
 
 
 def cosine_factor(step: int, total: int, lr: float, lr_min: float = 1e-6) -> float:
