@@ -12,7 +12,6 @@ data, the trainer again around training) and is taken by rank 0 only in a data-p
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shlex
 import socket
@@ -24,6 +23,11 @@ from pathlib import Path
 
 from .atomic import ensure_folder, storage_errors
 from .errors import OutputInUseError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no locking, see _acquire
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["LOCK_NAME", "output_lock"]
 
@@ -37,7 +41,11 @@ def _holder_label() -> str:
 
 
 def _acquire(path: Path) -> int | None:
-    """An open descriptor of ``path`` holding its lock; None when this file system cannot lock (warned)."""
+    """An open descriptor of ``path`` holding its lock; None when this system cannot lock (warned)."""
+    if fcntl is None:
+        warnings.warn(f"no file locking on this system; make sure no other oodtune process writes into {path.parent}.",
+                      stacklevel=4)
+        return None
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:

@@ -36,10 +36,8 @@ from ..prior import OutlierPrior
 from ..training.config import TrainConfig
 from ..training.trainer import check_run_dir
 from .classification import (
-    check_classes,
     fresh_model,
     id_test_accuracy,
-    id_test_set,
     id_train_set,
     import_model,
     normalizer_for,
@@ -50,9 +48,8 @@ from .source import DataSource, as_source
 from .task import Task, register_task, task_of
 
 __all__ = [
-    "DataSource", "MarginProposal", "Task", "as_source", "check_classes", "estimate_prior", "evaluate_checkpoint",
-    "finetune", "finetune_config", "fresh_model", "id_test_accuracy", "id_test_set", "id_train_set", "import_model",
-    "normalizer_for",
+    "DataSource", "MarginProposal", "Task", "as_source", "estimate_prior", "evaluate_checkpoint", "finetune",
+    "finetune_config", "fresh_model", "id_test_accuracy", "id_train_set", "import_model", "normalizer_for",
     "pretrain", "pretrain_setup", "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
 ]
 
