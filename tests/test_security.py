@@ -55,7 +55,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
 
 
 @pytest.fixture
-def evil_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+def evil_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Path]]:
     """A downloaded folder holding ``model.pt`` whose architecture is ``oodtune_probe_evilnets:make`` and that module
     beside it; the current directory is that folder and, as under ``python -m``, first on sys.path."""
     folder = tmp_path / "downloaded"
