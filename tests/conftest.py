@@ -1,4 +1,5 @@
-"""Fixtures that pytest injects by name into every test module."""
+"""Fixtures that pytest injects by name into every test module, and the ``slow`` marker: slow tests are skipped
+unless a marker expression is given (``pytest -m slow`` runs them; ``scripts/test.sh`` runs both sets)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,12 @@ def data_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]
     monkeypatch.setenv("OODTUNE_PROGRESS", "0")
     monkeypatch.delenv("OODTUNE_DATA", raising=False)
     return {"root": root, "cache": cache, "tmp": tmp_path}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow probe: run with `pytest -m slow` (scripts/test.sh and CI do)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

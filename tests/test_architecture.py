@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "oodtune"
 
 #: component (first path element below oodtune) -> layer, bottom (0) to top; kept in sync with the doc.
 LAYERS: dict[str, int] = {
-    "__init__": 0, "errors": 0, "atomic": 0, "progress": 0, "runtime": 0,
+    "__init__": 0, "errors": 0, "atomic": 0, "lock": 0, "progress": 0, "runtime": 0,
     "data": 1,
     "models": 2,
     "energy": 3, "margins": 3, "prior": 3, "losses": 3, "scores": 3, "metrics": 3,

@@ -121,18 +121,19 @@ def test_import_then_finetune_evaluate_with_named_head(env: dict[str, Path]) -> 
     res = ok("import-model", weights, "--arch", f"{MODULE}:make_net", "--head", "classifier.2", "--out", mine,
              "--data-root", root, "--device", "cpu")
     assert "test accuracy of the imported model" in res.output
-    net, meta = load_feature_model(mine)
+    net, meta = load_feature_model(mine, trust_arch=[f"{MODULE}:make_net"])
     assert meta.arch == f"{MODULE}:make_net" and meta.head == "classifier.2" and meta.stage == "imported"
     assert all(torch.equal(net.model.state_dict()[k], v) for k, v in state.items())
     logits, feats = net(torch.zeros(3, 3, 32, 32))
     assert logits.shape == (3, 10) and feats.shape == (3, 16)  # the input of classifier.2
 
+    trust = ["--trust-arch", f"{MODULE}:make_net"]
     ok("finetune", mine, "--method", "energy-oe", "--outlier-batch-size", "16", "--data-root", root,
-       "--out", tmp / "ft", *FAST)
-    tuned, tuned_meta = load_feature_model(tmp / "ft" / "model.pt")
+       "--out", tmp / "ft", *FAST, *trust)
+    tuned, tuned_meta = load_feature_model(tmp / "ft" / "model.pt", trust_arch=[f"{MODULE}:make_net"])
     assert tuned_meta.head == "classifier.2" and tuned(torch.zeros(1, 3, 32, 32))[1].shape == (1, 16)
     res = ok("evaluate", tmp / "ft" / "model.pt", "--score", "energy", "--score", "knn", "--ood", "gaussian",
-             "--data-root", root, "--device", "cpu", "--out", tmp / "ft-eval.json")
+             "--data-root", root, "--device", "cpu", "--out", tmp / "ft-eval.json", *trust)
     assert "knn" in res.output
 
 
@@ -161,5 +162,5 @@ def test_pretrain_your_architecture_from_scratch(env: dict[str, Path]) -> None:
     out = env["tmp"] / "pre-mine"
     ok("pretrain", "--arch", f"{MODULE}:SmallNet", "--head", "classifier.2", "--data-root", env["root"], "--out", out,
        *FAST)
-    net, meta = load_feature_model(out / "model.pt")
+    net, meta = load_feature_model(out / "model.pt", trust_arch=[f"{MODULE}:SmallNet"])
     assert meta.arch == f"{MODULE}:SmallNet" and meta.head == "classifier.2" and net.num_classes == 10

@@ -9,6 +9,7 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -21,12 +22,15 @@ from typing import Any
 import click
 
 from . import __version__
+from .atomic import check_writable
 from .data import available_datasets
 from .data.tensors import CIFAR_MEAN, CIFAR_STD
 from .errors import OodtuneError
 from .losses import METHODS, loss_option_defaults
-from .models import ARCHITECTURES
+from .models import ARCHITECTURES, trusted_archs
+from .models.imported import is_import_path
 from .progress import console
+from .runtime import resolve_device
 from .scores import SCORE_NAMES
 from .training.config import COMPILE_MODES, COMPILE_SCOPES, FINETUNE, PRECISIONS, PRETRAIN, TrainConfig
 
@@ -81,6 +85,10 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         if stray:
             raise click.BadParameter(f"{value}: key(s) {', '.join(stray)} are options of no oodtune command "
                                      "(misspelled?).")
+    for k, norm in keys.items():  # a file never makes oodtune import code (see oodtune.models.imported)
+        if norm == "trust_arch" or (norm == "arch" and isinstance(section[k], str) and is_import_path(section[k])):
+            raise click.BadParameter(f"{value}: {k} = {section[k]!r} must be given on the command line, not in a "
+                                     "file: a file never makes oodtune import code.")
     ctx.default_map = {names[norm]: section[k] for k, norm in keys.items() if k not in unknown}
     return value
 
@@ -92,12 +100,46 @@ def config_option(f: Any) -> Any:
                              "keys).")(f)
 
 
+def _device(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--device``: an unknown name or a device this machine lacks is refused before any work."""
+    try:
+        resolve_device(value)
+    except OodtuneError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+    return value
+
+
 def common_options(f: Any) -> Any:
     """Options every data-reading command shares."""
     f = click.option("--data-root", envvar="OODTUNE_DATA", type=click.Path(file_okay=False),
                      help="Folder holding the datasets (official files or archives). Env: OODTUNE_DATA.")(f)
-    f = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
+    f = click.option("--device", default="auto", show_default=True, callback=_device,
+                     help="auto, cpu, cuda or cuda:N.")(f)
     return f
+
+
+def trust_option(f: Any) -> Any:
+    """``--trust-arch MODULE:FACTORY`` (repeatable): the command runs inside ``trusted_archs(...)``."""
+    @functools.wraps(f)
+    def run(*args: Any, trust_arch: tuple[str, ...] = (), **kw: Any) -> Any:
+        try:
+            scope = trusted_archs(*trust_arch)
+        except OodtuneError as exc:
+            raise click.BadParameter(str(exc), param_hint="--trust-arch") from None
+        with scope:
+            return f(*args, **kw)
+
+    return click.option("--trust-arch", multiple=True, metavar="MODULE:FACTORY",
+                        help="Your own architecture: allow a checkpoint (or benchmark config) naming this import path "
+                             "to import and run it. Repeatable. oodtune never imports code because a file names "
+                             "it.")(run)
+
+
+def check_output_file(path: str | Path, overwrite: bool = False) -> None:
+    """Before any work: an existing ``path`` (unless ``overwrite``) and an unwritable folder are refused."""
+    if Path(path).exists() and not overwrite:
+        raise click.ClickException(f"{path} exists; pass --overwrite or choose another --out.")
+    check_writable(Path(path).parent, "choose another --out")
 
 
 def _finite(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -250,13 +292,15 @@ def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: 
                std=std, head=head)
     console.print(f"saved {path}")
     if check_accuracy:
-        acc = id_test_accuracy(path, data_root=data_root, device=device)
+        with trusted_archs(*([arch] if is_import_path(arch) else [])):  # the user named it with --arch
+            acc = id_test_accuracy(path, data_root=data_root, device=device)
         console.print(f"{dataset} test accuracy of the imported model: {100 * acc:.2f}%")
 
 
 @main.command("estimate-prior")
 @config_option
 @common_options
+@trust_option
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--outliers", default="tin-aux", show_default=True, help="Auxiliary outlier dataset.")
 @click.option("--gamma", type=click.FloatRange(0), default=1.0, show_default=True,
@@ -270,8 +314,9 @@ def estimate_prior(checkpoint: str, outliers: str, gamma: float, out: str, plot:
     from .pipeline import estimate_prior as run
     from .pipeline import save_prior
 
-    if Path(out).exists() and not overwrite:  # refuse before spending the forward passes
-        raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
+    check_output_file(out, overwrite)  # before spending the forward passes
+    if plot:
+        check_output_file(plot, overwrite=True)
     prior = run(checkpoint, outliers=outliers, data_root=data_root, gamma=gamma, device=device)
     save_prior(prior, out, checkpoint=checkpoint, plot=plot, overwrite=overwrite)
     for name, n, p, pg in zip(prior.class_names, prior.counts, prior.probabilities().tolist(),
@@ -282,6 +327,7 @@ def estimate_prior(checkpoint: str, outliers: str, gamma: float, out: str, plot:
 
 @main.command("propose-margins")
 @common_options
+@trust_option
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--outliers", default="tin-aux", show_default=True)
 def propose_margins(checkpoint: str, outliers: str, data_root: str | None, device: str) -> None:
@@ -302,6 +348,7 @@ def _default_help(option: str) -> str:
 @main.command()
 @config_option
 @common_options
+@trust_option
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--method", required=True, help=METHODS_HELP)
 @click.option("--outliers", default="tin-aux", show_default=True, help="Auxiliary outlier dataset (train split).")
@@ -344,6 +391,7 @@ def finetune(**kw: Any) -> None:
 @main.command()
 @config_option
 @common_options
+@trust_option
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--score", "scores", multiple=True, type=click.Choice(SCORE_NAMES), default=("msp", "energy"),
               show_default=True, help="Repeat for several scores.")
@@ -364,6 +412,7 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
         existing = [str(p) for p in evaluation_paths(out) if p.exists() and not overwrite]
         if existing:  # refuse before spending the evaluation
             raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out.")
+        check_writable(evaluation_paths(out)[0].parent, "choose another --out")
     report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
                                        num_ood=num_ood, positive=positive)  # type: ignore[arg-type]
     click.echo(id_metrics_text(report, meta))
@@ -375,10 +424,11 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
 
 
 @main.command()
+@trust_option
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--data-root", envvar="OODTUNE_DATA", type=click.Path(file_okay=False), default=None,
               help="Overrides the config's data_root.")
-@click.option("--device", default=None, help="Overrides the config's device.")
+@click.option("--device", default=None, callback=_device, help="Overrides the config's device.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Overrides the config's out folder.")
 @click.option("--only", multiple=True, metavar="METHOD",
               help="Run only this row of the config (label or slug, e.g. 'energyoe'); repeatable. The other "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 __all__ = [
     "OodtuneError", "ConfigError", "DataError", "ModelError", "CheckpointError", "PriorError", "ScoreError",
-    "ResumeMismatchError", "DeviceUnavailableError", "DivergenceError",
+    "ResumeMismatchError", "DeviceUnavailableError", "DivergenceError", "StorageError", "OutputInUseError",
 ]
 
 
@@ -57,3 +57,12 @@ class DeviceUnavailableError(OodtuneError, RuntimeError):
 
 class DivergenceError(OodtuneError, FloatingPointError):
     """A loss or a model output became NaN/inf (diverged training, or a diverged checkpoint)."""
+
+
+class StorageError(OodtuneError, OSError):
+    """An output or cache file cannot be written: no space left, a read-only folder, a file where a folder should be.
+    Whatever was there before is left unchanged."""
+
+
+class OutputInUseError(OodtuneError, RuntimeError):
+    """Another process is writing into the same output folder (see :func:`oodtune.lock.output_lock`)."""

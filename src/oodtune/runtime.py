@@ -11,14 +11,30 @@ import torch.distributed as dist
 
 from .errors import ConfigError, DeviceUnavailableError
 
+#: Device types oodtune runs on.
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
 
 def resolve_device(device: str | None = None) -> torch.device:
-    """``device`` as given, else CUDA when present, else CPU."""
+    """``device`` as given, else CUDA when present, else CPU. An unknown name or a device this machine does not
+    have is a clear error (:class:`ConfigError` / :class:`DeviceUnavailableError`), not torch's."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailableError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DeviceUnavailableError(f"device {device!r} requested but this machine has {count} CUDA device(s): "
+                                         f"use cuda:0 .. cuda:{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailableError(f"device {device!r} requested but MPS is not available; use --device cpu")
     return dev
 
 

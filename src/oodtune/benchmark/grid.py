@@ -8,17 +8,21 @@ checkpoints, one evaluation record per run), so an interrupted benchmark picks u
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import pipeline
+from ..lock import output_lock
 from ..metrics import roc_curve
+from ..models.imported import check_trusted, trusted_archs
 from ..plots import plot_energy_histograms, plot_roc_curves
 from ..prior import OutlierPrior
 from ..progress import console
 from ..report import write_json
+from ..runtime import resolve_device
 from ..training.trainer import FINAL
 from .config import BenchmarkConfig, MethodSpec
 from .tables import write_results
@@ -157,6 +161,16 @@ class Benchmark:
         plot_roc_curves(self.out / f"roc-{spec.slug}.png", curves, title=f"ROC, all OOD sets pooled: {spec.label}")
 
 
-def run_benchmark(cfg: BenchmarkConfig, command: str, *, report_only: bool = False) -> list[Path]:
-    """Run (or resume) the benchmark; returns the written result files."""
-    return Benchmark(cfg).run(command, report_only=report_only)
+def run_benchmark(cfg: BenchmarkConfig, command: str, *, report_only: bool = False,
+                  trust_arch: Sequence[str] = ()) -> list[Path]:
+    """Run (or resume) the benchmark; returns the written result files.
+
+    The output folder is locked against a second writer for the whole run and the device is checked first. An
+    architecture given as an import path (the config's ``arch``, or that of its ``pretrained`` checkpoint) is
+    built only if it is in ``trust_arch`` (the command line's ``--trust-arch``): a file never makes oodtune import
+    code."""
+    with output_lock(cfg.out), trusted_archs(*trust_arch):
+        resolve_device(cfg.device)
+        if not cfg.pretrained:
+            check_trusted(cfg.arch, "the benchmark config")
+        return Benchmark(cfg).run(command, report_only=report_only)

@@ -2,7 +2,8 @@
 
 Location: ``cache_dir`` argument, else ``$OODTUNE_CACHE``, else ``~/.cache/oodtune``. Entries are keyed by
 dataset name, split, resolution and a fingerprint of the source (paths, sizes, mtimes), so editing or
-replacing the source re-decodes it. Files are written atomically (temporary file + ``os.replace``).
+replacing the source re-decodes it. Files are written atomically (temporary file + ``os.replace``); a cache that
+cannot be written (read-only, full) only costs a re-decode next time, with a warning.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from oodtune.atomic import remove_stale_temporaries, write_atomic
 from oodtune.data.imageset import ImageSet
 from oodtune.errors import DataError
 
@@ -31,8 +33,15 @@ def default_cache_dir() -> Path:
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    """The cache folder to use for an explicit ``cache_dir`` or the default."""
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    """The cache folder to use for an explicit ``cache_dir`` or the default; a file in its place is an error."""
+    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"the cache folder {path} (env OODTUNE_CACHE, or cache_dir=) cannot be created: {existing} is "
+                        "a file. Point OODTUNE_CACHE at a folder (the default is ~/.cache/oodtune).")
+    return path
 
 
 def _stat_token(path: Path) -> str:
@@ -61,7 +70,9 @@ def cache_file(cache_dir: Path, name: str, split: str, resolution: int, fingerpr
 
 
 def load_cached(path: Path) -> ImageSet | None:
-    """The cached ImageSet at ``path``, or None when absent. A damaged entry is deleted and ignored."""
+    """The cached ImageSet at ``path``, or None when absent. A damaged entry is deleted and ignored, and so are
+    temporaries that killed writers left beside it."""
+    remove_stale_temporaries(path.parent)
     if not path.is_file():
         return None
     try:
@@ -84,13 +95,8 @@ def save_cached(path: Path, data: ImageSet) -> None:
     }
     if data.labels is not None:
         arrays["labels"] = data.labels
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
+        write_atomic(path, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         warnings.warn(f"could not write the data cache {path} ({exc}); data will be decoded again next time. "
                       "Set OODTUNE_CACHE or cache_dir= to a writable folder.", stacklevel=3)

@@ -8,6 +8,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from oodtune.atomic import remove_stale_temporaries, temporary_path
 from oodtune.errors import DataError
 
 
@@ -50,9 +51,10 @@ def download(remote: Remote, root: Path, timeout: float = 60.0) -> Path:
     manual = f"Download {remote.url} yourself (md5 {remote.md5}) and place it at {dest}."
     if dest.is_file() and md5sum(dest) == remote.md5:
         return dest
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+    tmp = temporary_path(dest)
     try:
         root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(root)
         with urllib.request.urlopen(remote.url, timeout=timeout) as resp, open(tmp, "wb") as out:  # noqa: S310
             total = int(resp.headers.get("Content-Length") or 0)
             with progress_bar(f"download {remote.filename}", total=total or None, unit="B") as bar:

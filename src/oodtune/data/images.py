@@ -6,13 +6,18 @@ Geometry rule used for every source: the *shorter* side is resized to ``resoluti
 already ``resolution x resolution`` are left untouched (bit-exact). Grey, 1-bit, palette, RGBA and
 16-bit images are converted to 3-channel RGB (alpha is dropped; grey is repeated on all channels).
 
-Corrupt images are never skipped: :class:`DataError` names the file and the fix.
+Corrupt images are never skipped: :class:`DataError` names the file and the fix. So are images whose decoded or
+resized size would exceed :data:`MAX_PIXELS` (a small file can declare a huge image, and a 1×10⁶-pixel line
+resized to 32 px on its shorter side would need 32×32·10⁶ pixels): their size is checked from the header before
+anything is decoded. Files that are not regular files (a FIFO named ``x.jpg`` would block forever) are refused.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import stat
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +33,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 
 #: Resampling filter for every resize (documented in the module docstring).
 RESAMPLE = Image.Resampling.BILINEAR
+
+#: Largest image (width x height) decoded or produced by a resize: 2**26 pixels, about 200 MB as RGB.
+MAX_PIXELS = 2**26
 
 _CHUNK = 1024  # files per worker task
 _MIN_FILES_FOR_POOL = 4096  # below this, a process pool costs more than it saves
@@ -51,30 +59,67 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
+def _resized_size(w: int, h: int, resolution: int) -> tuple[int, int]:
+    scale = resolution / min(w, h)
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+
+
+def check_size(w: int, h: int, resolution: int, source: str) -> None:
+    """Refuse an image whose own size or whose size after :func:`resize_center_crop` exceeds :data:`MAX_PIXELS`."""
+    if w < 1 or h < 1:
+        raise DataError(f"{source}: image has no pixels ({w}x{h}); remove the file.")
+    nw, nh = _resized_size(w, h, resolution)
+    if w * h > MAX_PIXELS or nw * nh > MAX_PIXELS:
+        raise DataError(
+            f"{source}: image of {w}x{h} pixels would need {max(w * h, nw * nh):,} pixels in memory to be brought to "
+            f"{resolution}x{resolution} (limit {MAX_PIXELS:,}: extremely large or thin images are refused). "
+            "Remove it from the dataset or crop it first."
+        )
+
+
+def resize_center_crop(img: Image.Image, resolution: int, source: str = "image") -> Image.Image:
     """Resize the shorter side to ``resolution`` (bilinear) and crop the centre square."""
     w, h = img.size
     if (w, h) == (resolution, resolution):
         return img
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    check_size(w, h, resolution, source)
+    nw, nh = _resized_size(w, h, resolution)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), RESAMPLE)
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
     return img.crop((left, top, left + resolution, top + resolution))
 
 
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Refuse FIFOs, devices, sockets and folders named like images (reading a FIFO would block forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror}); restore the file or remove it.") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (a FIFO, device, socket or folder named like an image); "
+                        "remove it from the dataset folder.")
+
+
 def decode_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
     """Decode one image file to a ``(resolution, resolution, 3)`` uint8 RGB array.
 
-    Raises :class:`DataError` naming the file when it cannot be read or decoded.
+    Raises :class:`DataError` naming the file when it cannot be read or decoded, is too large (see the module
+    docstring) or is not a regular file.
     """
+    check_regular_file(path)
     try:
         with Image.open(path) as img:
+            check_size(*img.size, resolution, str(path))  # from the header, before decoding
             img.load()
-            out = resize_center_crop(to_rgb(img), resolution)
+            out = resize_center_crop(to_rgb(img), resolution, str(path))
             arr = np.asarray(out, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: image too large to decode ({exc}); remove it from the dataset or shrink it.") \
+            from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(
             f"{path}: cannot decode image ({type(exc).__name__}: {exc}). The file is corrupt or truncated: "
             "replace it with a good copy (re-download / re-extract the dataset) or delete it."
@@ -102,7 +147,7 @@ def array_to_resolution(images: np.ndarray, resolution: int, source: str = "arra
         mode = "L" if c == 1 else "RGB"
         for i in range(n):
             img = Image.fromarray(arr[i, ..., 0] if c == 1 else arr[i], mode=mode)
-            res = np.asarray(resize_center_crop(img, resolution), dtype=np.uint8)
+            res = np.asarray(resize_center_crop(img, resolution, f"{source}[{i}]"), dtype=np.uint8)
             out[i] = res[..., None] if c == 1 else res
         arr = out
     if arr.shape[-1] == 1:
@@ -116,6 +161,17 @@ def _decode_chunk(args: tuple[list[str], int]) -> np.ndarray:
     for i, p in enumerate(paths):
         out[i] = decode_image(p, resolution)
     return out
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool-worker initializer: end this worker as soon as its parent is gone. A parent killed with ``kill -9``
+    never shuts its pool down, and the workers would otherwise run on (each holding its decoded images)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="oodtune-exit-with-parent", daemon=True).start()
 
 
 def default_workers() -> int:
@@ -154,7 +210,8 @@ def decode_files(
             # fork (where available) so that unguarded user scripts are not re-imported by the workers
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 for arr in pool.map(_decode_chunk, [(c, resolution) for c in chunks]):
                     offset = _done(offset, arr)
         else:

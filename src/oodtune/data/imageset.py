@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +58,16 @@ class ImageSet:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the content: image shape and pixels, labels and class names (not the display name). Two sets
+        with the same fingerprint hold the same images with the same labels in the same order."""
+        h = hashlib.sha256(json.dumps([list(self.images.shape), list(self.classes)]).encode())
+        h.update(np.ascontiguousarray(self.images).data)
+        if self.labels is not None:
+            h.update(b"labels")
+            h.update(np.ascontiguousarray(self.labels, dtype=np.int64).data)
+        return h.hexdigest()
 
     def subset(self, indices: np.ndarray, name: str | None = None) -> ImageSet:
         """A new ImageSet holding ``images[indices]`` (and labels) under ``name`` (default: same name)."""

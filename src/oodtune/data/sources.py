@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodtune.data.images import is_image_file
+from oodtune.data.images import check_regular_file, is_image_file
 from oodtune.errors import DataError
 
 
@@ -228,13 +228,17 @@ def read_svhn_mat(path: Path) -> ArraySet:
 # --------------------------------------------------------------------------------------- image folders
 
 def scan_images(folder: Path) -> list[Path]:
-    """All image files under ``folder`` (recursive, case-insensitive extensions), sorted by relative path."""
+    """All image files under ``folder`` (recursive, case-insensitive extensions), sorted by relative path.
+
+    A FIFO, device or socket named like an image is an error (reading it would block), not skipped."""
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found.")
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(f))
+    for path in found:
+        check_regular_file(path)
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 

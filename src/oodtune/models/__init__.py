@@ -2,6 +2,7 @@
 with a model, and checkpoints."""
 
 from .checkpoint import (
+                         file_sha256,
                          load_feature_model,
                          load_model,
                          read_checkpoint,
@@ -11,6 +12,7 @@ from .checkpoint import (
                          save_checkpoint,
 )
 from .features import FeatureModel, find_head
+from .imported import trusted_archs
 from .meta import META_VERSION, RunMeta
 from .resnet import ResNet18
 from .wrn import WideResNet
@@ -18,6 +20,6 @@ from .zoo import ARCHITECTURES, DEFAULT_DROP_RATE, build_model
 
 __all__ = [
     "ARCHITECTURES", "DEFAULT_DROP_RATE", "META_VERSION", "FeatureModel", "ResNet18", "RunMeta", "WideResNet",
-    "build_model", "find_head", "load_feature_model", "load_model", "read_checkpoint", "read_meta",
-    "read_state_dict", "save_atomic", "save_checkpoint",
+    "build_model", "file_sha256", "find_head", "load_feature_model", "load_model", "read_checkpoint", "read_meta",
+    "read_state_dict", "save_atomic", "save_checkpoint", "trusted_archs",
 ]

@@ -4,12 +4,16 @@ A checkpoint is a plain dict of tensors and JSON-like values:
 ``{"format": 1, "model": state_dict, "meta": {...}, "train_state": {...} | None}``. ``meta`` says how to
 rebuild and feed the model (arch, num_classes, classes, mean, std, resolution) and what produced it.
 Files are written to a temporary sibling, fsync'ed and moved into place with ``os.replace``, so a crash
-never leaves a truncated checkpoint; they are read back with ``torch.load(weights_only=True)``.
+never leaves a truncated checkpoint; they are read back with ``torch.load(weights_only=True)``. Rebuilding the
+model of a checkpoint whose architecture is an import path needs the user's explicit trust
+(:mod:`oodtune.models.imported`): a checkpoint never makes oodtune import code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +23,17 @@ from torch import nn
 from ..atomic import write_atomic
 from ..errors import CheckpointError
 from .features import FeatureModel
+from .imported import check_trusted, trusted_archs
 from .meta import RunMeta
 from .zoo import build_model
 
 FORMAT_VERSION = 1
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically (temporary file in the same folder + fsync + os.replace)."""
-    return write_atomic(path, lambda fh: torch.save(obj, fh))
+def save_atomic(obj: Any, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """``torch.save`` to ``path`` atomically (temporary file in the same folder + fsync + os.replace); with
+    ``overwrite=False`` an existing ``path`` is never replaced (see :func:`oodtune.atomic.write_atomic`)."""
+    return write_atomic(path, lambda fh: torch.save(obj, fh), overwrite=overwrite)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -48,14 +54,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: nn.Module, meta: RunMeta, train_state: dict[str, Any] | None = None
+    path: str | os.PathLike, model: nn.Module, meta: RunMeta, train_state: dict[str, Any] | None = None, *,
+    overwrite: bool = True,
 ) -> Path:
     """Write model weights + ``meta`` (+ optimizer/scheduler/RNG ``train_state`` for resuming) atomically."""
     if not isinstance(meta, RunMeta):
         raise TypeError(f"meta must be a RunMeta, got {type(meta).__name__}")
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
     return save_atomic({"format": FORMAT_VERSION, "model": state, "meta": meta.to_dict(), "train_state": train_state},
-                       path)
+                       path, overwrite=overwrite)
 
 
 def _load_tensors(path: Path, what: str, missing_fix: str, unreadable_fix: str) -> Any:
@@ -93,10 +100,24 @@ def read_meta(path: str | os.PathLike) -> RunMeta:
     return meta
 
 
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, RunMeta]:
-    """Rebuild the model stored in an oodtune checkpoint; returns ``(model_in_eval_mode, meta)``."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(path: str | os.PathLike, *, trust_arch: Collection[str] = ()) -> tuple[nn.Module, RunMeta]:
+    """Rebuild the model stored in an oodtune checkpoint; returns ``(model_in_eval_mode, meta)``.
+
+    A checkpoint whose architecture is an import path (``package.module:factory``) is refused unless that path is
+    in ``trust_arch`` or trusted by an enclosing :func:`~oodtune.models.trusted_archs` block."""
     ckpt = read_checkpoint(path)
     meta: RunMeta = ckpt["meta"]
+    with trusted_archs(*trust_arch):
+        check_trusted(meta.arch, f"checkpoint {path}")
     model = build_model(meta.arch, meta.num_classes, drop_rate=meta.drop_rate)
     try:
         model.load_state_dict(ckpt["model"])
@@ -105,10 +126,10 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, RunMeta]:
     return model.eval(), meta
 
 
-def load_feature_model(path: str | os.PathLike) -> tuple[FeatureModel, RunMeta]:
+def load_feature_model(path: str | os.PathLike, *, trust_arch: Collection[str] = ()) -> tuple[FeatureModel, RunMeta]:
     """:func:`load_model` wrapped in a :class:`FeatureModel` whose features are the input of the layer named
     by ``meta.head`` (set by ``oodtune import-model --head``), else of the automatically found head."""
-    model, meta = load_model(path)
+    model, meta = load_model(path, trust_arch=trust_arch)
     return FeatureModel(model, meta.head), meta
 
 

@@ -6,8 +6,14 @@ dataset and its training subset, stage, method, loss options, prior, history, tr
 it is a plain dict of JSON-like values (``to_dict``), so checkpoints still load with
 ``torch.load(weights_only=True)``; ``from_dict`` validates such a dict and migrates older layouts.
 
+What defines a run is recorded so that resuming it with anything else can be refused: besides the names (dataset,
+method, loss options, base checkpoint, architecture) the *content* of the training data
+(``dataset_fingerprint``, ``outliers_fingerprint``: :meth:`oodtune.data.ImageSet.fingerprint`) and of the
+checkpoint a fine-tuning started from (``pretrained_sha256``).
+
 Versions: 1 = the untyped dicts written before this record existed (no ``version`` key; ``drop_rate`` and
-``task`` absent in the oldest); 2 = this record.
+``task`` absent in the oldest); 2 = the typed record; 3 = plus the content fingerprints (absent, i.e. None,
+when reading versions 1 and 2).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from .wrn import DEFAULT_DROP_RATE
 
 __all__ = ["META_VERSION", "STAGES", "TASKS", "RunMeta"]
 
-META_VERSION = 2
+META_VERSION = 3
 TASKS = ("classification",)
 STAGES = ("pretrain", "imported", "finetune", "scratch")
 
@@ -55,7 +61,10 @@ class RunMeta:
     class_counts: tuple[int, ...] = ()  # training images per class
     method: str | None = None  # fine-tuning method
     pretrained: str | None = None  # checkpoint a fine-tuning started from
+    pretrained_sha256: str | None = None  # ... and the SHA-256 of that file
     outliers: str | None = None  # auxiliary outlier dataset used in training
+    dataset_fingerprint: str | None = None  # content of the ID training split trained on (ImageSet.fingerprint)
+    outliers_fingerprint: str | None = None  # content of the auxiliary outliers trained on
     loss_options: Mapping[str, Any] = field(default_factory=dict)
     prior: Mapping[str, Any] | None = None  # OutlierPrior.to_dict() of Balanced Energy
     weights: str | None = None  # source file of an imported model

@@ -7,6 +7,11 @@ Steps: :func:`pretrain` and :func:`import_model` (a model enters), :func:`estima
 passes, the training loop, detection metrics) is delegated to the checkpoint's :class:`~.task.Task`; the steps
 themselves are the same for every task. Datasets come from a :class:`DataSource` (a data root, memoised), so
 a caller that runs many steps (the benchmark) decodes and loads each set once.
+
+A checkpoint whose architecture is an import path is loaded only inside a
+``with oodtune.models.trusted_archs("package.module:factory"):`` block (the command line's ``--trust-arch``): a
+checkpoint never makes oodtune import code. Run folders are locked against a second writer and checked (finished?
+writable?) before any data is loaded.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ import torch
 
 from ..errors import ConfigError
 from ..evaluation import EvalReport
+from ..lock import output_lock
 from ..losses import build_method_loss
 from ..margins import margin_coverage
 from ..margins import propose_margins as _propose
 from ..metrics.ood import Positive
-from ..models import FeatureModel, RunMeta, load_feature_model, load_model, read_meta
+from ..models import FeatureModel, RunMeta, file_sha256, load_feature_model, load_model, read_meta
 from ..plots import plot_class_prior
 from ..prior import OutlierPrior
 from ..training.config import TrainConfig
+from ..training.trainer import check_run_dir
 from .classification import (
     fresh_model,
     id_test_accuracy,
@@ -115,24 +122,28 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
     10 epochs, lr 1e-3, cosine, batch 128 ID + 256 outliers). Balanced Energy needs ``prior`` (from
     :func:`estimate_prior`). ``from_scratch`` trains a freshly initialised network of the checkpoint's
     architecture on the same ID data instead (the papers' "scratch" baselines; give it a pretraining-length
-    ``config``).
+    ``config``). ``out`` is locked against other writers and checked before any data is loaded; the run records the
+    SHA-256 of ``checkpoint`` so that it resumes only from the same base weights.
     """
     model, meta = load_model(checkpoint)
     task = task_of(meta)
     config = config or task.finetune_defaults
-    if from_scratch:
-        model = task.fresh_model(meta, config.seed)
     gamma_prior = None if prior is None else prior.gamma_prior()
     options = dict(loss_options or {})
     loss = build_method_loss(method, prior_gamma=gamma_prior, **options)
     if loss.needs_outliers and not outliers:
         raise ConfigError(f"method {method!r} needs auxiliary outliers; pass --outliers NAME.")
-    used_outliers = outliers if loss.needs_outliers else None
-    meta = meta.replace(stage="scratch" if from_scratch else "finetune", method=method, pretrained=str(checkpoint),
-                        outliers=used_outliers, loss_options=options,
-                        prior=None if prior is None else prior.to_dict(), history=(), train_config=None)
-    net = FeatureModel(model.train(), meta.head)
-    return task.train(net, meta, loss, config, outliers=used_outliers, source=as_source(data_root), run_dir=Path(out))
+    with output_lock(out):
+        check_run_dir(out)
+        if from_scratch:
+            model = task.fresh_model(meta, config.seed)
+        used_outliers = outliers if loss.needs_outliers else None
+        meta = meta.replace(stage="scratch" if from_scratch else "finetune", method=method, pretrained=str(checkpoint),
+                            pretrained_sha256=file_sha256(checkpoint), outliers=used_outliers, loss_options=options,
+                            prior=None if prior is None else prior.to_dict(), history=(), train_config=None)
+        net = FeatureModel(model.train(), meta.head)
+        return task.train(net, meta, loss, config, outliers=used_outliers, source=as_source(data_root),
+                          run_dir=Path(out))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: Sequence[str], data_root: Root = None,

@@ -3,7 +3,9 @@
 A checkpoint records the ID data it was trained on (dataset name, long-tail ratio, seeded subsample), so later
 steps rebuild exactly that *training* split. Fine-tuning can only ever see the ID **train** split:
 :func:`id_train_set` is the single place that loads ID training data and it has no split argument (a public
-implementation fine-tuned on the test split).
+implementation fine-tuned on the test split). Every ID split loaded for a checkpoint must have the checkpoint's
+class names in the same order (:func:`check_classes`): a renamed or added class folder would otherwise permute the
+labels silently.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import check_writable
 from ..data import ImageSet
 from ..data.longtail import make_longtailed
 from ..data.tensors import CIFAR_MEAN, CIFAR_STD, Normalizer
 from ..energy import energy
-from ..errors import CheckpointError, ModelError
+from ..errors import CheckpointError, DataError, ModelError
 from ..evaluation import EvalReport, compute_outputs, evaluate
+from ..lock import output_lock
 from ..losses import CompositeLoss, build_method_loss
 from ..metrics import accuracy, long_tail_accuracy
 from ..metrics.ood import Positive
@@ -35,12 +39,12 @@ from ..models import (
 from ..prior import count_outlier_predictions
 from ..scores import build_score
 from ..training.config import FINETUNE, PRETRAIN, TrainConfig
-from ..training.trainer import FINAL, Trainer
+from ..training.trainer import FINAL, Trainer, check_run_dir
 from .source import DataSource, as_source
 from .task import Task, register_task
 
-__all__ = ["ClassificationTask", "fresh_model", "id_test_accuracy", "id_train_set", "import_model",
-           "normalizer_for", "pretrain", "pretrain_setup"]
+__all__ = ["ClassificationTask", "check_classes", "fresh_model", "id_test_accuracy", "id_test_set", "id_train_set",
+           "import_model", "normalizer_for", "pretrain", "pretrain_setup"]
 
 
 def _train_split(source: DataSource, dataset: str, resolution: int, imbalance_ratio: float | None,
@@ -54,10 +58,31 @@ def _train_split(source: DataSource, dataset: str, resolution: int, imbalance_ra
     return ds
 
 
+def check_classes(meta: RunMeta, data: ImageSet) -> ImageSet:
+    """``data`` if its class names and their order are the checkpoint's, else a DataError naming the change."""
+    want, got = tuple(meta.classes), tuple(data.classes)
+    if want == got:
+        return data
+    if len(want) != len(got):
+        detail = (f"the checkpoint has {len(want)} classes, the data {len(got)} (missing: "
+                  f"{[c for c in want if c not in got][:5]}, new: {[c for c in got if c not in want][:5]})")
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b)
+        detail = f"class {i} is {want[i]!r} in the checkpoint but {got[i]!r} in the data"
+    raise DataError(f"{data.name}: the classes are not those the checkpoint was trained on: {detail}. The labels "
+                    "would silently mean other classes. Restore the dataset's classes (folder names and order) or "
+                    "train/import a model on the data as it is now.")
+
+
 def id_train_set(meta: RunMeta, data_root: DataSource | str | Path | None) -> ImageSet:
     """The ID training split recorded in ``meta`` (dataset, resolution, long-tail ratio, subsample)."""
-    return _train_split(as_source(data_root), meta.dataset, meta.resolution, meta.imbalance_ratio, meta.num_train,
-                        meta.data_seed)
+    return check_classes(meta, _train_split(as_source(data_root), meta.dataset, meta.resolution, meta.imbalance_ratio,
+                                            meta.num_train, meta.data_seed))
+
+
+def id_test_set(meta: RunMeta, data_root: DataSource | str | Path | None) -> ImageSet:
+    """The test split of the checkpoint's ID dataset."""
+    return check_classes(meta, as_source(data_root).load(meta.dataset, "test", meta.resolution))
 
 
 def normalizer_for(meta: RunMeta) -> Normalizer:
@@ -95,12 +120,15 @@ def pretrain(out: str | Path, *, dataset: str = "cifar10", arch: str = "wrn-40-2
              resolution: int = 32, imbalance_ratio: float | None = None, num_train: int | None = None,
              data_seed: int = 0, head: str | None = None) -> Path:
     """Standard cross-entropy training from scratch (:data:`~oodtune.training.config.PRETRAIN` recipe by
-    default); returns the path of ``OUT/model.pt``."""
+    default); returns the path of ``OUT/model.pt``. ``OUT`` is locked against other writers from the start."""
     config = config or PRETRAIN
-    meta, train, net = pretrain_setup(dataset=dataset, arch=arch, data_root=data_root, resolution=resolution,
-                                      imbalance_ratio=imbalance_ratio, num_train=num_train, data_seed=data_seed,
-                                      seed=config.seed, head=head)
-    Trainer(net, train, build_method_loss("ce"), config, normalizer=normalizer_for(meta), run_dir=out, meta=meta).fit()
+    with output_lock(out):
+        check_run_dir(out)
+        meta, train, net = pretrain_setup(dataset=dataset, arch=arch, data_root=data_root, resolution=resolution,
+                                          imbalance_ratio=imbalance_ratio, num_train=num_train, data_seed=data_seed,
+                                          seed=config.seed, head=head)
+        Trainer(net, train, build_method_loss("ce"), config, normalizer=normalizer_for(meta), run_dir=out,
+                meta=meta).fit()
     return Path(out) / FINAL
 
 
@@ -118,6 +146,7 @@ def import_model(weights: str | Path, out: str | Path, *, arch: str, dataset: st
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another --out (nothing is overwritten).")
+    check_writable(out.parent, "choose another --out")
     meta, _, net = pretrain_setup(dataset=dataset, arch=arch, data_root=data_root, resolution=resolution,
                                   stage="imported", mean=mean, std=std, head=head)
     classes = meta.num_classes
@@ -136,14 +165,14 @@ def import_model(weights: str | Path, out: str | Path, *, arch: str, dataset: st
         raise ModelError(f"the model gives {tuple(logits.shape[1:])} logits per image from a head with "
                          f"{net.num_classes} outputs, but {dataset} has {classes} classes; use --head to name the "
                          "layer that produces the logits, or weights trained on this dataset.")
-    return save_checkpoint(out, net, meta.replace(weights=str(weights)))
+    return save_checkpoint(out, net, meta.replace(weights=str(weights)), overwrite=False)
 
 
 def id_test_accuracy(checkpoint: str | Path, *, data_root: DataSource | str | Path | None = None,
                      device: str | None = None) -> float:
     """Top-1 accuracy of ``checkpoint`` on the test split of its ID dataset (a sanity check after import)."""
     net, meta = load_feature_model(checkpoint)
-    test = as_source(data_root).load(meta.dataset, "test", meta.resolution)
+    test = id_test_set(meta, data_root)
     logits = compute_outputs(net, test, normalizer_for(meta), device=device).logits
     return accuracy(logits.cpu(), test.labels)
 
@@ -185,7 +214,7 @@ class ClassificationTask(Task):
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
                  positive: Positive | None) -> EvalReport:
         built = [build_score(s) for s in scores]
-        id_test = source.load(meta.dataset, "test", meta.resolution)
+        id_test = id_test_set(meta, source)
         id_train = self.train_set(meta, source) if any(s.needs_fit for s in built) else None
         ood_sets = {name: source.load(name, "test", meta.resolution, num_ood) for name in ood}
         report = evaluate(net, normalizer_for(meta), id_test, ood_sets, built, id_train=id_train, device=device,

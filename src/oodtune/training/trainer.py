@@ -4,7 +4,10 @@ Each step draws an ID batch (and, when the loss needs them, an auxiliary-outlier
 the training device, runs ONE forward pass over their concatenation (as the OE / Energy reference code
 does, so BatchNorm sees both), splits the outputs and hands them to a ``CompositeLoss``. SGD with Nesterov
 momentum and a per-step cosine schedule (OE/Energy code: lr_t = lr·[r + (1−r)·½(1+cos(πt/T))], r = 1e-6/lr).
-State is checkpointed atomically after every epoch so an interrupted run resumes where it stopped.
+State is checkpointed atomically after every epoch so an interrupted run resumes where it stopped — but only with
+the same settings: the run's RunMeta (dataset and the fingerprint of its content, method, loss options, base
+checkpoint and its hash, architecture, ...) and TrainConfig (seed, schedule, ...) must equal the stored ones. While
+training, the run folder is locked (:func:`oodtune.lock.output_lock`) against a second writer.
 
 ``compile`` wraps either the model (``compile_scope="model"``) or the whole deterministic part of a step —
 crop/flip with pre-drawn offsets, normalisation, forward, loss — (``"step"``) in ``torch.compile``; with
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +27,11 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..atomic import check_writable, remove_stale_temporaries
 from ..data.imageset import ImageSet
 from ..data.tensors import CropFlip, Normalizer, apply_crop_flip, draw_crop_flip, to_device_uint8
 from ..errors import DataError, DivergenceError, ResumeMismatchError
+from ..lock import output_lock
 from ..losses import CompositeLoss, LossInputs
 from ..models import FeatureModel, RunMeta, read_checkpoint, save_checkpoint
 from ..progress import Bar, console, format_rate, progress_bar
@@ -48,6 +54,22 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     checkpoint: Path | None = None
     seconds: float = 0.0
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:36] + "...'"
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """Refuse a finished run folder (FileExistsError) and an unwritable one (StorageError), before any work; remove
+    the temporaries a killed run left there."""
+    run_dir = Path(run_dir)
+    if (run_dir / FINAL).exists():
+        raise FileExistsError(f"{run_dir / FINAL} already exists: this run is finished. Choose a new --out folder.")
+    check_writable(run_dir, "choose another --out folder")
+    remove_stale_temporaries(run_dir)
+    return run_dir
 
 
 def cosine_factor(step: int, total: int, lr: float, lr_min: float = 1e-6) -> float:
@@ -114,7 +136,9 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if self.run_dir is not None and meta is None:
             raise TypeError("a Trainer that writes checkpoints (run_dir) needs the run's RunMeta (meta=)")
-        self.meta = meta
+        self.meta = None if meta is None else meta.replace(
+            dataset_fingerprint=train_set.fingerprint(),
+            outliers_fingerprint=outliers.fingerprint() if self.out_x is not None and outliers is not None else None)
         self.train_name = train_set.name
 
     # -- pieces of a step -------------------------------------------------------------------------
@@ -196,7 +220,7 @@ class Trainer:
         wanted = {**self.meta.to_dict(), **{f"train.{k}": v for k, v in asdict(self.cfg).items()}}
         changed = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
         if changed:
-            diff = "; ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:6])
+            diff = "; ".join(f"{k}: {_short(stored.get(k))} -> {_short(wanted.get(k))}" for k in changed[:6])
             raise ResumeMismatchError(
                 f"{self.run_dir / LAST} is an unfinished run with other settings ({diff}); resuming it would mix two "
                 "runs. Use a new --out folder, or delete that folder to start over."
@@ -217,11 +241,13 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Run (or resume) training; returns the history and the path of the final checkpoint."""
+        with output_lock(self.run_dir) if self.run_dir is not None else nullcontext():
+            if self.run_dir is not None:
+                check_run_dir(self.run_dir)
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
-        if self.run_dir is not None and (self.run_dir / FINAL).exists():
-            raise FileExistsError(
-                f"{self.run_dir / FINAL} already exists: this run is finished. Choose a new --out folder."
-            )
         torch.manual_seed(cfg.seed)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         opt = self._optimizer()
