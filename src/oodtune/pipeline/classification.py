@@ -8,8 +8,9 @@ implementation fine-tuned on the test split).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -148,11 +149,19 @@ def id_test_accuracy(checkpoint: str | Path, *, data_root: DataSource | str | Pa
     return accuracy(logits.cpu(), test.labels)
 
 
-class ClassificationTask(Task):
+class ClassificationTask(Task[FeatureModel]):
     """Images in, class logits out; scores and metrics per image (see the module docstring)."""
 
     name = "classification"
     finetune_defaults = FINETUNE
+    default_outliers = "tin-aux"
+
+    def wrap(self, model: nn.Module, meta: RunMeta) -> FeatureModel:
+        return FeatureModel(model, meta.head)
+
+    def build_loss(self, method: str, meta: RunMeta, prior_gamma: torch.Tensor | None,
+                   options: Mapping[str, Any]) -> CompositeLoss:
+        return build_method_loss(method, prior_gamma=prior_gamma, **options)
 
     def train_set(self, meta: RunMeta, source: DataSource) -> ImageSet:
         return id_train_set(meta, source)
@@ -183,9 +192,9 @@ class ClassificationTask(Task):
 
     def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None) -> EvalReport:
+                 positive: Positive | None, id_split: str = "test") -> EvalReport:
         built = [build_score(s) for s in scores]
-        id_test = source.load(meta.dataset, "test", meta.resolution)
+        id_test = source.load(meta.dataset, id_split, meta.resolution)
         id_train = self.train_set(meta, source) if any(s.needs_fit for s in built) else None
         ood_sets = {name: source.load(name, "test", meta.resolution, num_ood) for name in ood}
         report = evaluate(net, normalizer_for(meta), id_test, ood_sets, built, id_train=id_train, device=device,
