@@ -12,8 +12,9 @@ holds an anomaly and an inlier pixel with *different* scores, and otherwise off 
     |ΔAUROC| ≤ ½ · Σ_b n_in(b) · n_out(b) / (N_in · N_out)     (``auroc_bound``, reported with every result)
 
 With the default 24 bits a key spans a relative score range of 2⁻¹⁵ (e.g. 3e-4 at energy −10). Memory: two int64
-counters per key (2·2²⁴·8 B = 256 MiB) plus a buffer of at most ``buffer_pixels`` float32 keys, whatever the data
-set's size. Tests compare with scikit-learn.
+counters per key (2·2²⁴·8 B = 256 MiB, twice that while merging) plus a buffer of at most ``buffer_pixels`` uint32
+keys (64 MiB), whatever the data set's size; until a set has more than 1/16 as many pixels as there are counters,
+the counts are kept sparse (sorted occupied keys), so small sets cost little. Tests compare with scikit-learn.
 
 **Segmentation** (:class:`ConfusionCounter`): the confusion matrix of labelled pixels (void ignored) against the
 argmax over *all* output channels, so a prediction of an extra channel (void / abstention) on a labelled pixel is
@@ -74,7 +75,8 @@ class PixelDetectionCounter:
             raise ConfigError(f"bits must be in [8, 28], got {bits}")
         self.bits = bits
         self.buffer_pixels = int(buffer_pixels)
-        self._counts: np.ndarray | None = None  # (2 ** (bits + 1),) int64: key * 2 + is_anomaly
+        self._counts: np.ndarray | None = None  # dense (2 ** (bits + 1),) int64, index key * 2 + is_anomaly
+        self._sparse: tuple[np.ndarray, np.ndarray] | None = None  # (occupied indices, counts) while small
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
 
@@ -101,13 +103,31 @@ class PixelDetectionCounter:
         if not self._buffer:
             return
         size = 2 ** (self.bits + 1)
-        counts = np.bincount(np.concatenate(self._buffer), minlength=size)
-        self._counts = counts if self._counts is None else self._counts + counts
+        packed = np.concatenate(self._buffer)
         self._buffer, self._buffered = [], 0
+        if self._counts is None:
+            keys, counts = np.unique(packed, return_counts=True)
+            if self._sparse is not None:
+                keys, inverse = np.unique(np.concatenate([self._sparse[0], keys]), return_inverse=True)
+                counts = np.bincount(inverse, weights=np.concatenate([self._sparse[1], counts])).astype(np.int64)
+            self._sparse = (keys, counts)
+            if keys.size * 16 <= size:
+                return
+            packed, self._sparse = np.repeat(keys, counts), None  # grown large: switch to dense counters
+        counts = np.bincount(packed, minlength=size)
+        self._counts = counts if self._counts is None else self._counts + counts
 
     def counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(keys, inlier count, anomaly count) of the occupied keys, in *decreasing* score order."""
         self._flush()
+        if self._sparse is not None:
+            index, counts = self._sparse
+            keys = np.unique(index >> 1)[::-1]
+            n_in, n_out = np.zeros(keys.size, np.int64), np.zeros(keys.size, np.int64)
+            pos = keys.size - 1 - np.searchsorted(keys[::-1], index >> 1)
+            np.add.at(n_in, pos[(index & 1) == 0], counts[(index & 1) == 0])
+            np.add.at(n_out, pos[(index & 1) == 1], counts[(index & 1) == 1])
+            return keys, n_in, n_out
         if self._counts is None:
             raise ConfigError("no pixels were counted; evaluate at least one frame with labelled pixels.")
         pairs = self._counts.reshape(-1, 2)

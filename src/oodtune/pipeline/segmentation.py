@@ -28,7 +28,7 @@ from ..data.objects import paste_object
 from ..data.segmentation import Size
 from ..data.tensors import Normalizer
 from ..energy import energy
-from ..errors import CheckpointError, ConfigError, DataError, ModelError
+from ..errors import CheckpointError, ConfigError, ModelError
 from ..evaluation import EvalReport
 from ..losses import CompositeLoss
 from ..metrics.ood import Positive
@@ -247,19 +247,19 @@ def id_test_miou(checkpoint: str | Path, *, data_root: DataSource | str | Path |
                                 device=device)
 
 
-def anomaly_examples(checkpoint: str | Path, dataset: str, indices: Sequence[int], *,
+def anomaly_examples(checkpoint: str | Path, dataset: str, count: int = 4, *,
                      data_root: DataSource | str | Path | None = None, device: str | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(frames (n, H, W, 3), labels (n, H, W), energy maps E = -logsumexp over the K classes (n, H, W)) of the
-    frames ``indices`` of the anomaly set ``dataset`` under ``checkpoint`` (for the before/after figures)."""
+    """(frames (n, H, W, 3), labels (n, H, W), energy maps E = -logsumexp over the K classes (n, H, W)) of ``count``
+    frames spread evenly over the anomaly set ``dataset`` (its first and last included), under ``checkpoint``
+    (for the before/after figures)."""
     from . import load_task_model
 
+    if count < 1:
+        raise ConfigError(f"count must be >= 1, got {count}")
     net, meta, _ = load_task_model(checkpoint)
     data = as_source(data_root).segmentation(dataset, "test", height=_input_size(meta)[1])
-    bad = [i for i in indices if not 0 <= i < len(data)]
-    if bad:
-        raise DataError(f"{dataset} has {len(data)} frames; no frame {bad[0]}.")
-    subset = data.subset(list(indices))
+    subset = data.subset(np.unique(np.linspace(0, len(data) - 1, count).round().astype(int)))
     maps = [-score_map(build_score("energy"), logits, meta.num_classes).cpu().numpy()
             for logits, _ in forward_maps(net, subset, normalizer_for(meta), device=device)]
     return subset.images, subset.labels, np.concatenate(maps)
