@@ -144,6 +144,8 @@ class Benchmark:
                     results[spec.label] = runs
                     if base_energy is not None:
                         self._plots(spec, base_energy, runs[0]["energy"])
+                    if cfg.task == "segmentation":
+                        self._anomaly_maps(ckpt, spec)
                 continue
             results[spec.label] = [self._train_and_evaluate(ckpt, spec, seed) for seed in cfg.seeds]
             if base_energy is not None:
