@@ -45,11 +45,11 @@ def _finite(values: Any, what: str) -> np.ndarray:
     return a
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attach the Agg renderer to this figure only
-    fig.savefig(out, format="png", dpi=DPI, bbox_inches="tight")
+    fig.savefig(out, format="png", dpi=dpi, bbox_inches="tight")
     return out
 
 
@@ -150,7 +150,7 @@ def plot_anomaly_maps(path: str | Path, frames: Any, labels: Any, before: Any, a
     gt[labs == 0] = (0.55, 0.55, 0.55)
     gt[labs == 1] = (0.9, 0.1, 0.1)
     aspect = imgs.shape[2] / imgs.shape[1]
-    fig = Figure(figsize=(4 * 2.6 * aspect / 1.5, 2.6 * n / 1.5 + 0.6), layout="constrained")
+    fig = Figure(figsize=(4 * 1.5 * aspect, 1.5 * n + 0.4), layout="constrained")
     axes = fig.subplots(n, 4, squeeze=False)
     for i in range(n):
         lo = float(min(_finite(e_before[i], "before").min(), _finite(e_after[i], "after").min()))
@@ -163,4 +163,4 @@ def plot_anomaly_maps(path: str | Path, frames: Any, labels: Any, before: Any, a
             if i == 0:
                 ax.set_title(name, fontsize="small")
     fig.suptitle(title, fontsize="medium")
-    return _save(fig, path)
+    return _save(fig, path, dpi=100)

@@ -13,8 +13,8 @@ holds an anomaly and an inlier pixel with *different* scores, and otherwise off 
 
 With the default 24 bits a key spans a relative score range of 2⁻¹⁵ (e.g. 3e-4 at energy −10). Memory: two int64
 counters per key (2·2²⁴·8 B = 256 MiB, twice that while merging) plus a buffer of at most ``buffer_pixels`` uint32
-keys (64 MiB), whatever the data set's size; until a set has more than 1/16 as many pixels as there are counters,
-the counts are kept sparse (sorted occupied keys), so small sets cost little. Tests compare with scikit-learn.
+keys (64 MiB), whatever the data set's size; while a set's pixels are fewer than 1/16 of the counters, only the
+occupied keys are kept (sorted), so small sets cost little. Tests compare with scikit-learn.
 
 **Segmentation** (:class:`ConfusionCounter`): the confusion matrix of labelled pixels (void ignored) against the
 argmax over *all* output channels, so a prediction of an extra channel (void / abstention) on a labelled pixel is
@@ -105,17 +105,25 @@ class PixelDetectionCounter:
         size = 2 ** (self.bits + 1)
         packed = np.concatenate(self._buffer)
         self._buffer, self._buffered = [], 0
-        if self._counts is None:
+        if self._counts is None and packed.size * 16 <= size:  # a few pixels: count the occupied keys only
             keys, counts = np.unique(packed, return_counts=True)
             if self._sparse is not None:
                 keys, inverse = np.unique(np.concatenate([self._sparse[0], keys]), return_inverse=True)
                 counts = np.bincount(inverse, weights=np.concatenate([self._sparse[1], counts])).astype(np.int64)
             self._sparse = (keys, counts)
-            if keys.size * 16 <= size:
-                return
-            packed, self._sparse = np.repeat(keys, counts), None  # grown large: switch to dense counters
-        counts = np.bincount(packed, minlength=size)
-        self._counts = counts if self._counts is None else self._counts + counts
+            if keys.size * 16 > size:  # grown large: switch to dense counters
+                self._densify(size)
+            return
+        if self._counts is None:
+            self._densify(size)
+        self._counts += np.bincount(packed, minlength=size)  # type: ignore[operator]
+
+    def _densify(self, size: int) -> None:
+        """Dense counters (holding the sparse counts so far)."""
+        self._counts = np.zeros(size, dtype=np.int64)
+        if self._sparse is not None:
+            self._counts[self._sparse[0]] = self._sparse[1]
+            self._sparse = None
 
     def counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(keys, inlier count, anomaly count) of the occupied keys, in *decreasing* score order."""
