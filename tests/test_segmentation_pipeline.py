@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures_segmentation import FixedSegmenter, write_espnet_weights, write_segmentation_root
+from fixtures_segmentation import FixedSegmenter, TinySegmenter, write_espnet_weights, write_segmentation_root
 from helpers_cli import fails, ok
 from oodtune import pipeline
 from oodtune.benchmark import load_benchmark_config, run_benchmark
@@ -83,6 +83,23 @@ def test_prior_margins_finetune_and_evaluate(seg_root: dict[str, Path]) -> None:
         pipeline.evaluate_checkpoint(out, scores=["knn"], ood=["road-anomaly"], data_root=source)
 
 
+def test_a_user_segmenter_fine_tunes_its_named_head(seg_root: dict[str, Path]) -> None:
+    weights = seg_root["tmp"] / "tiny.pth"
+    torch.save(TinySegmenter(12).state_dict(), weights)
+    ckpt = pipeline.import_segmenter(weights, seg_root["tmp"] / "tiny.pt", arch="fixtures_segmentation:TinySegmenter",
+                                     dataset="camvid", data_root=seg_root["root"], extra_channels=1,
+                                     trainable=("head",))
+    meta = read_meta(ckpt)
+    assert (meta.channel_order, meta.trainable, meta.extra_channels) == ("rgb", ("head",), 1)
+    out = pipeline.finetune(ckpt, seg_root["tmp"] / "tiny-run", method="pebal", data_root=seg_root["root"],
+                            outliers="coco-objects", config=FAST)
+    before, after = load_model(ckpt)[0].state_dict(), load_model(out)[0].state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert changed == {"head.weight", "head.bias"}  # the body, its BatchNorm statistics included, is frozen
+    report, _ = pipeline.evaluate_checkpoint(out, scores=["energy"], ood=["road-anomaly"], data_root=seg_root["root"])
+    assert report.rows and "miou" in report.id_metrics
+
+
 def test_pebal_needs_an_abstention_channel(seg_root: dict[str, Path]) -> None:
     weights = write_espnet_weights(seg_root["tmp"] / "k11.pth", outputs=11)
     ckpt = pipeline.import_segmenter(weights, seg_root["tmp"] / "k11.pt", arch="espnet-camvid", dataset="camvid",
@@ -148,6 +165,9 @@ def test_command_line_import_and_evaluate(seg_root: dict[str, Path]) -> None:
     res = ok("evaluate", tmp / "cli.pt", "--score", "energy", "--ood", "road-anomaly", "--data-root", root,
              "--device", "cpu")
     assert "ID mIoU (camvid test)" in res.output and "sIoU" in res.output
+    blurred = ok("evaluate", tmp / "cli.pt", "--score", "energy", "--ood", "road-anomaly", "--blur", "--data-root",
+                 root, "--device", "cpu")
+    assert blurred.output != res.output
     fails("import-model", seg_root["weights"], "--arch", "espnet-camvid", "--dataset", "camvid", "--input-size",
           "12x12", "--data-root", root, "--out", tmp / "odd.pt", match="divisible by 8")
     fails("finetune", tmp / "cli.pt", "--method", "oe", "--data-root", root, "--out", tmp / "r",

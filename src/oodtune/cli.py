@@ -392,9 +392,12 @@ def finetune(**kw: Any) -> None:
               help="Which class the metrics treat as positive (default: see oodtune.metrics).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write OUT.json and OUT.md with the table (a .json or .md suffix on OUT is dropped).")
+@click.option("--blur", is_flag=True,
+              help="Segmentation: Gaussian-blur the per-pixel score maps (kernel 7, sigma 1) before the metrics.")
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT files.")
 def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num_ood: int | None,
-             positive: str | None, out: str | None, overwrite: bool, data_root: str | None, device: str) -> None:
+             positive: str | None, blur: bool, out: str | None, overwrite: bool, data_root: str | None,
+             device: str) -> None:
     """Accuracy + AUROC / AUPR-In / AUPR-Out / FPR95 for each score on each OOD set."""
     from .pipeline import evaluate_checkpoint
     from .report import evaluation_paths, evaluation_table, id_metrics_text, write_evaluation
@@ -404,7 +407,7 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
         if existing:  # refuse before spending the evaluation
             raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out.")
     report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
-                                       num_ood=num_ood, positive=positive)  # type: ignore[arg-type]
+                                       num_ood=num_ood, positive=positive, blur=blur)  # type: ignore[arg-type]
     click.echo(id_metrics_text(report, meta))
     click.echo(evaluation_table(report))
     if out:

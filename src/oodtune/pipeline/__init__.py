@@ -156,10 +156,12 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
 
 def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: Sequence[str], data_root: Root = None,
                         device: str | None = None, num_ood: int | None = None, batch_size: int = 1024,
-                        positive: Positive | None = None, id_split: str = "test") -> tuple[EvalReport, RunMeta]:
+                        positive: Positive | None = None, id_split: str = "test",
+                        blur: bool = False) -> tuple[EvalReport, RunMeta]:
     """Evaluate a checkpoint with the named scores on the named OOD sets; returns (report, meta). The ID-task
-    metrics come from the ID ``id_split`` split (``val`` when choosing hyper-parameters without the test split)."""
+    metrics come from the ID ``id_split`` split (``val`` when choosing hyper-parameters without the test split);
+    ``blur`` Gaussian-blurs segmentation score maps (kernel 7, σ 1) as PEBAL's test code can."""
     net, meta, task = load_task_model(checkpoint)
     report = task.evaluate(net, meta, scores, ood, source=as_source(data_root), device=device, num_ood=num_ood,
-                           batch_size=batch_size, positive=positive, id_split=id_split)
+                           batch_size=batch_size, positive=positive, id_split=id_split, blur=blur)
     return report, meta

@@ -19,7 +19,7 @@ from ..data import ImageSet
 from ..data.longtail import make_longtailed
 from ..data.tensors import CIFAR_MEAN, CIFAR_STD, Normalizer
 from ..energy import energy
-from ..errors import CheckpointError, ModelError
+from ..errors import CheckpointError, ConfigError, ModelError
 from ..evaluation import EvalReport, compute_outputs, evaluate
 from ..losses import CompositeLoss, build_method_loss
 from ..metrics import accuracy, long_tail_accuracy
@@ -192,7 +192,9 @@ class ClassificationTask(Task[FeatureModel]):
 
     def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None, id_split: str = "test") -> EvalReport:
+                 positive: Positive | None, id_split: str = "test", blur: bool = False) -> EvalReport:
+        if blur:
+            raise ConfigError("blur smooths per-pixel score maps; it applies to segmentation checkpoints only.")
         built = [build_score(s) for s in scores]
         id_test = source.load(meta.dataset, id_split, meta.resolution)
         id_train = self.train_set(meta, source) if any(s.needs_fit for s in built) else None

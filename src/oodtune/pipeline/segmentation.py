@@ -163,7 +163,7 @@ class SegmentationTask(Task[SegmentationModel]):
 
     def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None, id_split: str = "test") -> EvalReport:
+                 positive: Positive | None, id_split: str = "test", blur: bool = False) -> EvalReport:
         unknown = [s for s in scores if s not in PIXEL_SCORE_NAMES]
         if unknown:
             raise ConfigError(f"score(s) {unknown} do not apply to segmentation; choose from "
@@ -172,7 +172,7 @@ class SegmentationTask(Task[SegmentationModel]):
         sets = {name: source.segmentation(name, "test", height=height, num_images=num_ood) for name in ood}
         return evaluate_segmentation(net, normalizer_for(meta), _id_set(meta, source, id_split), sets,
                                      [build_score(s) for s in scores], device=device,
-                                     batch_size=min(batch_size, 8), positive=positive)
+                                     batch_size=min(batch_size, 8), positive=positive, blur=blur)
 
 
 register_task(SegmentationTask())

@@ -75,9 +75,10 @@ class Task(ABC, Generic[Net]):
     @abstractmethod
     def evaluate(self, net: Net, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None, id_split: str = "test") -> EvalReport:
+                 positive: Positive | None, id_split: str = "test", blur: bool = False) -> EvalReport:
         """ID-task metrics on the ID ``id_split`` split (the test split; ``val`` when choosing hyper-parameters)
-        and detection metrics of each score on each OOD set."""
+        and detection metrics of each score on each OOD set (``blur``: Gaussian-blurred pixel score maps, for
+        pixel-wise tasks)."""
 
 
 TASK_REGISTRY: dict[str, Task[Any]] = {}
