@@ -24,17 +24,21 @@ import click
 from . import __version__
 from .atomic import check_writable
 from .data import available_datasets
+from .data.segmentation import parse_size
 from .data.tensors import CIFAR_MEAN, CIFAR_STD
 from .errors import OodtuneError
 from .losses import METHODS, loss_option_defaults
 from .models import ARCHITECTURES, trusted_archs
 from .models.imported import is_import_path
+from .pixel_losses import PIXEL_METHODS
 from .progress import console
 from .runtime import resolve_device
 from .scores import SCORE_NAMES
 from .training.config import COMPILE_MODES, COMPILE_SCOPES, FINETUNE, PRECISIONS, PRETRAIN, TrainConfig
 
-METHODS_HELP = f"{', '.join(m for m in METHODS if m != 'ce')}, or a '+'-composition such as balanced-energy+sparsity"
+METHODS_HELP = (f"classification: {', '.join(m for m in METHODS if m != 'ce')}, or a '+'-composition such as "
+                f"balanced-energy+sparsity; segmentation: {', '.join(PIXEL_METHODS)}")
+OUTLIERS_HELP = "Auxiliary outlier dataset [default: tin-aux for classification, coco-objects for segmentation]."
 #: Library keywords in error messages -> the flag a command-line user types instead.
 CLI_WORDS = [
     (re.compile(r"\boverwrite=True\b"), "--overwrite"),
@@ -224,7 +228,9 @@ def main() -> None:
       oodtune evaluate runs/bal/model.pt --score energy --ood tin-near --ood dtd --out results/bal
       oodtune benchmark configs/cifar10-offline.toml
     Your own model: `oodtune import-model WEIGHTS.pt --arch mypkg.nets:make_net --out mine.pt`,
-    then use mine.pt wherever runs/pre/model.pt appears above.
+    then use mine.pt wherever runs/pre/model.pt appears above. A segmenter (pixel-wise OOD):
+    `oodtune import-model espnet_p_2_q_8_camvid.pth --arch espnet-camvid --dataset camvid --out seg.pt`,
+    then --method pebal / balanced-pebal / energy-oe / balanced-energy and --ood road-anomaly.
     Scores are "higher = more in-distribution" everywhere.
     """
 
@@ -268,28 +274,54 @@ def pretrain(**kw: Any) -> None:
 @click.option("--arch", required=True,
               help="Built-in architecture, or package.module:factory where factory(num_classes=K) returns your "
                    "nn.Module.")
-@click.option("--dataset", default="cifar10", show_default=True, help="ID dataset the model was trained on.")
+@click.option("--dataset", default="cifar10", show_default=True,
+              help="ID dataset the model was trained on (a [segmentation] set such as camvid imports a segmenter).")
 @click.option("--head", default=None, help="Dotted name of the classification layer (default: the last nn.Linear).")
-@click.option("--mean", type=(float, float, float), default=CIFAR_MEAN, show_default="CIFAR-10's",
-              help="Per-channel mean the model's inputs were normalised with (pixels scaled to [0, 1]).")
-@click.option("--std", type=(float, float, float), default=CIFAR_STD, show_default="CIFAR-10's",
-              help="Per-channel std the model's inputs were normalised with.")
+@click.option("--mean", type=(float, float, float), default=None,
+              help="Per-channel mean the model's inputs were normalised with (pixels scaled to [0, 1]) [default: "
+                   "CIFAR-10's; segmentation: the published ESPNet preprocessing, else ImageNet's].")
+@click.option("--std", type=(float, float, float), default=None,
+              help="Per-channel std the model's inputs were normalised with [default: as --mean].")
 @click.option("--resolution", type=click.IntRange(8), default=32, show_default=True, help="Input image size.")
+@click.option("--input-size", default=None, metavar="WxH",
+              help="Segmentation: the frame size the model is fed at, e.g. 480x360 [default: the data set's].")
+@click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default=None,
+              help="Segmentation: the model's input channel order [default: bgr for ESPNet, else rgb].")
+@click.option("--extra-channels", type=click.IntRange(0), default=None,
+              help="Segmentation: outputs after the K class logits (void / PEBAL's abstention channel, the last) "
+                   "[default: read from ESPNet weights, else 0].")
+@click.option("--trainable", multiple=True, metavar="MODULE",
+              help="Segmentation: module fine-tuning trains, repeatable [default: ESPNet's last decoder block "
+                   "(conv, classifier); else the whole model].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="oodtune checkpoint to write (.pt).")
 @click.option("--check-accuracy/--no-check-accuracy", default=True, show_default=True,
-              help="Report the ID test accuracy after import (a wrong --mean/--std or --head shows up here).")
-def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: tuple[float, float, float],
-                 std: tuple[float, float, float], resolution: int, out: str, check_accuracy: bool,
-                 data_root: str | None, device: str) -> None:
-    """Wrap a classifier trained elsewhere (its saved state_dict) as an oodtune checkpoint.
+              help="Report the ID test accuracy (segmentation: mIoU) after import (a wrong --mean/--std or --head "
+                   "shows up here).")
+def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: tuple[float, float, float] | None,
+                 std: tuple[float, float, float] | None, resolution: int, input_size: str | None,
+                 channel_order: str | None, extra_channels: int | None, trainable: tuple[str, ...], out: str,
+                 check_accuracy: bool, data_root: str | None, device: str) -> None:
+    """Wrap a classifier or segmenter trained elsewhere (its saved state_dict) as an oodtune checkpoint.
 
     Every other command then works on it: estimate-prior, propose-margins, finetune, evaluate, benchmark.
     """
-    from .pipeline import id_test_accuracy
+    from .data import is_segmentation_set
+    from .pipeline import id_test_accuracy, id_test_miou, import_segmenter
     from .pipeline import import_model as run
 
-    path = run(weights, out, arch=arch, dataset=dataset, data_root=data_root, resolution=resolution, mean=mean,
-               std=std, head=head)
+    if is_segmentation_set(dataset):
+        path = import_segmenter(weights, out, arch=arch, dataset=dataset, data_root=data_root,
+                                input_size=parse_size(input_size) if input_size else None, mean=mean, std=std,
+                                channel_order=channel_order, extra_channels=extra_channels,
+                                trainable=trainable or None)
+        console.print(f"saved {path}")
+        if check_accuracy:
+            m = id_test_miou(path, data_root=data_root, device=device)
+            console.print(f"{dataset} test mIoU of the imported model: {m['miou']:.2f}% "
+                          f"(pixel accuracy {m['pixel_accuracy']:.2f}%)")
+        return
+    path = run(weights, out, arch=arch, dataset=dataset, data_root=data_root, resolution=resolution,
+               mean=mean or CIFAR_MEAN, std=std or CIFAR_STD, head=head)
     console.print(f"saved {path}")
     if check_accuracy:
         with trusted_archs(*([arch] if is_import_path(arch) else [])):  # the user named it with --arch
@@ -302,18 +334,20 @@ def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: 
 @common_options
 @trust_option
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--outliers", default="tin-aux", show_default=True, help="Auxiliary outlier dataset.")
+@click.option("--outliers", default=None, help=OUTLIERS_HELP)
 @click.option("--gamma", type=click.FloatRange(0), default=1.0, show_default=True,
               help="Power applied to the prior before L1 normalisation (Balanced Energy's γ).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the prior (JSON).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also save a bar chart (PNG).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-def estimate_prior(checkpoint: str, outliers: str, gamma: float, out: str, plot: str | None, overwrite: bool,
+def estimate_prior(checkpoint: str, outliers: str | None, gamma: float, out: str, plot: str | None, overwrite: bool,
                    data_root: str | None, device: str) -> None:
-    """Balanced Energy step 1: the outlier class prior P(y|o) as predicted by the pretrained model."""
+    """Balanced Energy step 1: the outlier class prior P(y|o) as predicted by the pretrained model (segmentation:
+    over the pixels of objects pasted into the ID train frames)."""
+    from .pipeline import default_outliers, save_prior
     from .pipeline import estimate_prior as run
-    from .pipeline import save_prior
 
+    outliers = outliers or default_outliers(checkpoint)
     check_output_file(out, overwrite)  # before spending the forward passes
     if plot:
         check_output_file(plot, overwrite=True)
@@ -329,11 +363,14 @@ def estimate_prior(checkpoint: str, outliers: str, gamma: float, out: str, plot:
 @common_options
 @trust_option
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--outliers", default="tin-aux", show_default=True)
-def propose_margins(checkpoint: str, outliers: str, data_root: str | None, device: str) -> None:
-    """Suggest m_in / m_out from the pretrained model's energies on ID train data and outliers."""
+@click.option("--outliers", default=None, help=OUTLIERS_HELP)
+def propose_margins(checkpoint: str, outliers: str | None, data_root: str | None, device: str) -> None:
+    """Suggest m_in / m_out from the pretrained model's energies on ID train data and outliers (segmentation: on
+    pixels of the train frames and of objects pasted into them)."""
+    from .pipeline import default_outliers
     from .pipeline import propose_margins as run
 
+    outliers = outliers or default_outliers(checkpoint)
     p = run(checkpoint, outliers=outliers, data_root=data_root, device=device)
     click.echo(f"ID energy median {p.median_in:.2f}, outlier energy median {p.median_out:.2f}")
     click.echo(f"proposed --m-in {p.m_in:.1f} --m-out {p.m_out:.1f} (hinges start active on "
@@ -351,7 +388,7 @@ def _default_help(option: str) -> str:
 @trust_option
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--method", required=True, help=METHODS_HELP)
-@click.option("--outliers", default="tin-aux", show_default=True, help="Auxiliary outlier dataset (train split).")
+@click.option("--outliers", default=None, help=OUTLIERS_HELP + " Its train split is used.")
 @click.option("--prior", "prior_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Outlier prior JSON from `oodtune estimate-prior` (balanced-energy).")
 @click.option("--gamma", type=click.FloatRange(0), default=None, help="Override the prior's γ.")
@@ -368,13 +405,14 @@ def _default_help(option: str) -> str:
 @click.option("--sparsity-weight", type=float, default=None, callback=_finite,
               help=f"Sparsity λ {_default_help('sparsity_weight')}; the public code used 0.02.")
 @click.option("--outlier-batch-size", type=click.IntRange(1), default=None,
-              help=f"Outliers per step [default: {FINETUNE.outlier_batch_size} for classification].")
+              help=f"Outliers per step [default: {FINETUNE.outlier_batch_size} for classification; segmentation: "
+                   "frames of each batch that get a pasted object, default 1].")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @train_options(FINETUNE, shown=False)
 def finetune(**kw: Any) -> None:
     """Fine-tune a pretrained checkpoint with an OOD-aware loss (on the ID *train* split only)."""
+    from .pipeline import default_outliers, finetune_config
     from .pipeline import finetune as run
-    from .pipeline import finetune_config
     from .prior import OutlierPrior
 
     prior = OutlierPrior.load(kw["prior_path"]) if kw["prior_path"] else None
@@ -383,7 +421,8 @@ def finetune(**kw: Any) -> None:
     names = ("m_in", "m_out", "alpha", "energy_weight", "oe_weight", "sparsity_weight")
     loss_options = {k: kw[k] for k in names if kw[k] is not None}
     cfg = finetune_config(kw["checkpoint"], **_train_overrides(kw), outlier_batch_size=kw["outlier_batch_size"])
-    path = run(kw["checkpoint"], kw["out"], method=kw["method"], data_root=kw["data_root"], outliers=kw["outliers"],
+    outliers = kw["outliers"] or default_outliers(kw["checkpoint"])
+    path = run(kw["checkpoint"], kw["out"], method=kw["method"], data_root=kw["data_root"], outliers=outliers,
                prior=prior, config=cfg, loss_options=loss_options)
     console.print(f"saved {path}")
 
@@ -401,9 +440,12 @@ def finetune(**kw: Any) -> None:
               help="Which class the metrics treat as positive (default: see oodtune.metrics).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write OUT.json and OUT.md with the table (a .json or .md suffix on OUT is dropped).")
+@click.option("--blur", is_flag=True,
+              help="Segmentation: Gaussian-blur the per-pixel score maps (kernel 7, sigma 1) before the metrics.")
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT files.")
 def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num_ood: int | None,
-             positive: str | None, out: str | None, overwrite: bool, data_root: str | None, device: str) -> None:
+             positive: str | None, blur: bool, out: str | None, overwrite: bool, data_root: str | None,
+             device: str) -> None:
     """Accuracy + AUROC / AUPR-In / AUPR-Out / FPR95 for each score on each OOD set."""
     from .pipeline import evaluate_checkpoint
     from .report import evaluation_paths, evaluation_table, id_metrics_text, write_evaluation
@@ -414,7 +456,7 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
             raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out.")
         check_writable(evaluation_paths(out)[0].parent, "choose another --out")
     report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
-                                       num_ood=num_ood, positive=positive)  # type: ignore[arg-type]
+                                       num_ood=num_ood, positive=positive, blur=blur)  # type: ignore[arg-type]
     click.echo(id_metrics_text(report, meta))
     click.echo(evaluation_table(report))
     if out:

@@ -37,7 +37,8 @@ from .errors import ConfigError, DivergenceError
 __all__ = [
     "LossInputs", "LossTerm", "CrossEntropy", "OutlierExposure", "EnergyHinge", "BalancedEnergy", "Sparsity",
     "CompositeLoss", "build_method_loss", "METHODS", "LOSS_OPTIONS", "loss_option_defaults",
-    "as_float", "squared_hinge", "uniform_cross_entropy", "energy_in_hinge", "outlier_affinity",
+    "as_float", "require_input", "squared_hinge", "mean_or_zero", "uniform_cross_entropy", "energy_in_hinge",
+    "outlier_affinity",
 ]
 
 
@@ -49,6 +50,9 @@ class LossInputs:
     labels_in: Tensor  # (B_in,) int64
     features_in: Tensor | None = None  # (B_in, D) penultimate features g(x), for Sparsity
     logits_out: Tensor | None = None  # (B_out, K) auxiliary outliers; None when the method uses none
+    # segmentation (oodtune.pixel_losses): the rows above are pixels; the maps keep the spatial layout
+    logits_map: Tensor | None = None  # (B, C, H, W) every output channel (C = K + void/abstention channels)
+    labels_map: Tensor | None = None  # (B, H, W) int64: class, the ignore value, or the outlier label
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -60,6 +64,11 @@ def as_float(t: Tensor) -> Tensor:
 def squared_hinge(x: Tensor) -> Tensor:
     """max(0, x)²."""
     return F.relu(x).square()
+
+
+def mean_or_zero(x: Tensor) -> Tensor:
+    """``x.mean()``, or 0 for an empty ``x`` (a segmentation batch may hold no outlier pixel)."""
+    return x.mean() if x.numel() else x.sum()
 
 
 def uniform_cross_entropy(logits: Tensor) -> Tensor:
@@ -82,7 +91,7 @@ def outlier_affinity(logits: Tensor, prior: Tensor) -> Tensor:
     return torch.softmax(x, dim=1) @ prior.to(device=x.device, dtype=x.dtype)
 
 
-def _require(t: Tensor | None, term: str, field: str) -> Tensor:
+def require_input(t: Tensor | None, term: str, field: str) -> Tensor:
     if t is None:
         raise ConfigError(f"loss term {term!r} needs LossInputs.{field}, but it is None "
                          "(the trainer must fill it when loss.needs_outliers / loss.needs_features is true).")
@@ -141,7 +150,7 @@ class OutlierExposure(LossTerm):
         self.weight = _check_weight(weight, "OE")
 
     def forward(self, inp: LossInputs) -> Tensor:
-        logits_out = _require(inp.logits_out, self.name, "logits_out")
+        logits_out = require_input(inp.logits_out, self.name, "logits_out")
         return self.weight * uniform_cross_entropy(logits_out).mean()
 
 
@@ -165,8 +174,8 @@ class EnergyHinge(LossTerm):
         self.weight = _check_weight(weight, "energy")
 
     def forward(self, inp: LossInputs) -> Tensor:
-        logits_out = _require(inp.logits_out, self.name, "logits_out")
-        out_hinge = squared_hinge(self.m_out - energy(logits_out)).mean()
+        logits_out = require_input(inp.logits_out, self.name, "logits_out")
+        out_hinge = mean_or_zero(squared_hinge(self.m_out - energy(logits_out)))
         return self.weight * (energy_in_hinge(inp.logits_in, self.m_in) + out_hinge)
 
 
@@ -261,11 +270,11 @@ class BalancedEnergy(LossTerm):
         z_margin, z_weight = self.affinities(logits_out)
         per_sample = squared_hinge(self.m_out + self.alpha * z_margin - energy(logits_out)) * z_weight
         if self.reduction == "mean":
-            return per_sample.mean()
+            return mean_or_zero(per_sample)
         return per_sample.sum() / z_weight.sum().clamp_min(torch.finfo(z_weight.dtype).tiny)
 
     def forward(self, inp: LossInputs) -> Tensor:
-        logits_out = _require(inp.logits_out, self.name, "logits_out")
+        logits_out = require_input(inp.logits_out, self.name, "logits_out")
         return self.weight * (energy_in_hinge(inp.logits_in, self.m_in) + self.outlier_term(logits_out))
 
 
@@ -283,7 +292,7 @@ class Sparsity(LossTerm):
         self.weight = _check_weight(weight, "sparsity")
 
     def forward(self, inp: LossInputs) -> Tensor:
-        feats = _require(inp.features_in, self.name, "features_in")
+        feats = require_input(inp.features_in, self.name, "features_in")
         return self.weight * as_float(feats).flatten(1).abs().sum(dim=1).mean()
 
 

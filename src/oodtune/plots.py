@@ -7,6 +7,8 @@
   (blue) and fine-tuned (orange); better detectors bend towards the upper-left corner.
 * ``plot_class_prior`` — Balanced Energy: ID class counts next to the outlier class prior
   P(y|o) = (1/|O|) sum_{o in O} [argmax_c f_c(o) = y] estimated by the pre-trained model.
+* ``plot_anomaly_maps`` — anomaly segmentation: per frame, the image | its ground truth (anomaly red, void black)
+  | the energy map before | after fine-tuning (one colour scale per frame, bright = high energy = anomalous).
 
 Figures are ``matplotlib.figure.Figure`` objects drawn by an explicit Agg canvas: headless, the global
 backend is never switched, nothing registers with pyplot and no figure stays open after a call (safe in
@@ -43,11 +45,11 @@ def _finite(values: Any, what: str) -> np.ndarray:
     return a
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attach the Agg renderer to this figure only
-    fig.savefig(out, format="png", dpi=DPI, bbox_inches="tight")
+    fig.savefig(out, format="png", dpi=dpi, bbox_inches="tight")
     return out
 
 
@@ -132,3 +134,33 @@ def plot_class_prior(path: str | Path, id_counts: Sequence[float], outlier_prior
         ax.set_xticks(x, names, rotation=45 if len(names) <= 20 else 90, ha="right" if len(names) <= 20 else "center",
                       fontsize="small" if len(names) <= 20 else 5)
     return _save(fig, path)
+
+
+def plot_anomaly_maps(path: str | Path, frames: Any, labels: Any, before: Any, after: Any, *,
+                      title: str = "anomaly maps") -> Path:
+    """Rows of image | ground truth | energy before | energy after for (n, H, W, 3) uint8 ``frames``, (n, H, W)
+    ``labels`` (0 = in-distribution, 1 = anomaly, 255 = void) and (n, H, W) energy maps. Returns the path."""
+    imgs, labs = np.asarray(frames), np.asarray(labels)
+    e_before, e_after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    n = len(imgs)
+    if not (n and imgs.ndim == 4 and labs.shape == imgs.shape[:3] == e_before.shape == e_after.shape):
+        raise ConfigError(f"frames {imgs.shape}, labels {labs.shape} and energy maps {e_before.shape} / "
+                          f"{e_after.shape} must describe the same n >= 1 frames.")
+    gt = np.zeros((*labs.shape, 3))
+    gt[labs == 0] = (0.55, 0.55, 0.55)
+    gt[labs == 1] = (0.9, 0.1, 0.1)
+    aspect = imgs.shape[2] / imgs.shape[1]
+    fig = Figure(figsize=(4 * 1.5 * aspect, 1.5 * n + 0.4), layout="constrained")
+    axes = fig.subplots(n, 4, squeeze=False)
+    for i in range(n):
+        lo = float(min(_finite(e_before[i], "before").min(), _finite(e_after[i], "after").min()))
+        hi = float(max(e_before[i].max(), e_after[i].max()))
+        panels = [(imgs[i], "image", None), (gt[i], "ground truth", None), (e_before[i], "energy before", "magma"),
+                  (e_after[i], "energy after", "magma")]
+        for ax, (img, name, cmap) in zip(axes[i], panels, strict=True):
+            ax.imshow(img, cmap=cmap, vmin=lo if cmap else None, vmax=hi if cmap else None)
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(name, fontsize="small")
+    fig.suptitle(title, fontsize="medium")
+    return _save(fig, path, dpi=100)

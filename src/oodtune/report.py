@@ -55,14 +55,21 @@ def evaluation_rows(report: EvalReport) -> list[dict[str, Any]]:
     return [*report.rows, *report.averages()]
 
 
+#: Secondary per-set metrics of segmentation rows (SegmentMeIfYouCan components) -> column header.
+COMPONENT_LABELS = {"siou": "sIoU↑", "ppv": "PPV↑", "mean_f1": "mean F1↑"}
+
+
 def evaluation_table(report: EvalReport) -> str:
-    """The Markdown table of :func:`evaluation_rows`."""
-    return markdown_table(evaluation_rows(report), ["score", "dataset", *METRIC_KEYS])
+    """The Markdown table of :func:`evaluation_rows` (with the component metrics when the rows have them)."""
+    extra = [k for k in COMPONENT_LABELS if report.rows and all(k in r for r in report.rows)]
+    columns = ["score", "dataset", *METRIC_KEYS, *extra]
+    return markdown_table(evaluation_rows(report), columns,
+                          [METRIC_LABELS.get(c, COMPONENT_LABELS.get(c, c)) for c in columns])
 
 
 def id_metrics_text(report: EvalReport, meta: RunMeta) -> str:
     """'ID accuracy (cifar10 test): 91.53%' style line(s) for the ID-task metrics."""
-    names = {"accuracy": "ID accuracy"}
+    names = {"accuracy": "ID accuracy", "miou": "ID mIoU", "pixel_accuracy": "ID pixel accuracy"}
     return "\n".join(f"{names.get(k, k)} ({meta.dataset} test): {v:.2f}%" for k, v in report.id_metrics.items())
 
 

@@ -317,6 +317,28 @@ class KNN(_FittedScore):
         return torch.cat(out)
 
 
+# ----------------------------------------------------------------------------- pixel scores
+
+#: Scores that read only the logits, and so apply to every pixel of a segmentation map.
+PIXEL_SCORE_NAMES: tuple[str, ...] = ("msp", "maxlogit", "entropy", "energy")
+
+
+def score_map(score: Score, logits: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Per-pixel scores (B, H, W), higher = more in-distribution, of segmentation logits (B, C, H, W): the score's
+    formula applied to each pixel's class logits ``logits[:, :num_classes]`` (channels after them, such as a void
+    or abstention output, are left out; default: all channels)."""
+    if not isinstance(score, _LogitScore):
+        raise ConfigError(f"score {score.name!r} is not a pixel score; segmentation supports "
+                          f"{', '.join(PIXEL_SCORE_NAMES)}.")
+    if logits.ndim != 4:
+        raise ScoreError(f"segmentation logits must have shape (batch, channels, height, width), got "
+                         f"{tuple(logits.shape)}.")
+    b, _, h, w = logits.shape
+    k = logits.shape[1] if num_classes is None else num_classes
+    flat = logits[:, :k].permute(0, 2, 3, 1).reshape(-1, k)
+    return score.from_outputs(flat, flat).reshape(b, h, w)
+
+
 # ----------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, type[Score]] = {cls.name: cls for cls in (MSP, MaxLogit, Entropy, Energy, ODIN, Mahalanobis, KNN)}

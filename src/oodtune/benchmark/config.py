@@ -5,7 +5,13 @@ Sections (``configs/*.toml`` are documented examples):
 * ``[benchmark]`` — ``name``, ``protocol`` (fills ``id_dataset``/``outliers``/``ood_near``/``ood_far`` from
   :data:`oodtune.data.PROTOCOLS`; keys given here override it), ``id_dataset``, ``arch``, ``outliers``,
   ``ood_near``, ``ood_far``, ``num_ood``, ``seeds``, ``out``, ``data_root``, ``device``, ``pretrained`` (an
-  existing checkpoint instead of pretraining one).
+  existing checkpoint instead of pretraining one), ``id_split`` (the ID split the ID-task metrics are measured
+  on, default ``test``; ``val`` for a validation grid).
+
+A segmentation ``id_dataset`` (e.g. ``camvid``) makes it a segmentation benchmark: ``pretrained`` is then required
+(segmenters are imported, not pretrained: ``oodtune import-model``), the methods are the pixel methods of
+:mod:`oodtune.pixel_losses`, the post-hoc rows the pixel scores, and fine-tuning starts from the segmentation
+recipe.
 * ``[pretrain]`` — training options (:class:`~oodtune.training.config.TrainConfig` fields) plus ``num_train``
   and ``imbalance_ratio``.
 * ``[finetune]`` — training options applied to every fine-tuning row.
@@ -29,11 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from ..data import PROTOCOLS, available_datasets
-from ..data.registry import canonical_name
+from ..data.registry import canonical_name, is_segmentation_set
 from ..errors import ConfigError
 from ..losses import build_method_loss
-from ..scores import SCORE_NAMES
-from ..training.config import FINETUNE, PRETRAIN, TRAIN_KEYS, TrainConfig
+from ..pipeline.task import TASK_REGISTRY
+from ..pixel_losses import build_pixel_loss
+from ..scores import PIXEL_SCORE_NAMES, SCORE_NAMES
+from ..training.config import PRETRAIN, TRAIN_KEYS, TrainConfig
 
 __all__ = ["BenchmarkConfig", "MethodSpec", "load_benchmark_config", "POSTHOC"]
 
@@ -46,7 +54,7 @@ TRAIN_TYPES: dict[str, tuple[type, ...]] = {
 BENCHMARK_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,), "protocol": (str,), "id_dataset": (str,), "arch": (str,), "outliers": (str,), "ood_near": (list,),
     "ood_far": (list,), "num_ood": (int,), "seeds": (list,), "out": (str,), "data_root": (str,), "device": (str,),
-    "pretrained": (str,),
+    "pretrained": (str,), "id_split": (str,),
 }
 PRETRAIN_EXTRA: dict[str, tuple[type, ...]] = {"num_train": (int,), "imbalance_ratio": (float,)}
 LOSS_TYPES: dict[str, tuple[type, ...]] = {
@@ -106,6 +114,8 @@ class BenchmarkConfig:
     pretrained: str | None = None
     protocol: str | None = None
     only: list[str] = field(default_factory=list)  # labels/slugs of the rows to run; empty = all
+    task: str = "classification"
+    id_split: str = "test"
 
     def selected(self, spec: MethodSpec) -> bool:
         """Whether this invocation may train/evaluate ``spec`` (the others are only tabulated)."""
@@ -118,15 +128,16 @@ class BenchmarkConfig:
     def train_config(self, stage: str, spec: MethodSpec | None, seed: int) -> TrainConfig:
         """The TrainConfig of pretraining (``stage="pretrain"``) or of one row's training (``"finetune"``).
 
-        Pretraining: the :data:`PRETRAIN` recipe with ``[pretrain]``. A fine-tuning row: :data:`FINETUNE` with
-        ``[finetune]``, then the row's options. A ``scratch`` row: :data:`PRETRAIN` with ``[finetune]``, then
+        Pretraining: the :data:`PRETRAIN` recipe with ``[pretrain]``. A fine-tuning row: the task's fine-tuning
+        recipe (classification: :data:`~oodtune.training.config.FINETUNE`) with ``[finetune]``, then the row's
+        options. A ``scratch`` row: :data:`PRETRAIN` with ``[finetune]``, then
         ``[pretrain]`` (its schedule wins), then the row's options."""
         if stage == "pretrain":
             base, layers = PRETRAIN, [self.pretrain]
         elif spec is not None and spec.scratch:
             base, layers = PRETRAIN, [self.finetune, self.pretrain, spec.train]
         else:
-            base, layers = FINETUNE, [self.finetune, spec.train if spec else {}]
+            base, layers = TASK_REGISTRY[self.task].finetune_defaults, [self.finetune, spec.train if spec else {}]
         options = {k: v for layer in layers for k, v in layer.items() if k in TRAIN_KEYS}
         return base.replace(**{**options, "seed": seed, "device": self.device})
 
@@ -169,7 +180,7 @@ class _Checker:
         return out
 
 
-def _method_spec(chk: _Checker, raw: Any, index: int) -> MethodSpec:
+def _method_spec(chk: _Checker, raw: Any, index: int, segmentation: bool) -> MethodSpec:
     where = f"[[methods]] #{index + 1}"
     m = dict(chk.table(raw, where))
     chk.keys(m, METHOD_KEYS, where)
@@ -179,12 +190,16 @@ def _method_spec(chk: _Checker, raw: Any, index: int) -> MethodSpec:
     label, method = m.pop("label"), m.pop("method")
     where = f"[[methods]] {label!r}"
     score = m.pop("score", "energy")
-    if score not in POSTHOC:
-        raise chk.fail(where, f"score {score!r} is not a score; choose one of {', '.join(SCORE_NAMES)}")
+    scores = PIXEL_SCORE_NAMES if segmentation else SCORE_NAMES
+    if score not in scores:
+        raise chk.fail(where, f"score {score!r} is not a score; choose one of {', '.join(scores)}")
     spec = MethodSpec(label=label, method=method, score=score, gamma=m.pop("gamma", None),
                       scratch=bool(m.pop("scratch", False)), train={k: m.pop(k) for k in list(m) if k in TRAIN_KEYS})
     spec.loss_options = m
     if spec.posthoc:
+        if segmentation and method not in PIXEL_SCORE_NAMES:
+            raise chk.fail(where, f"{method!r} is not a pixel score; segmentation post-hoc rows use one of "
+                                  f"{', '.join(PIXEL_SCORE_NAMES)}")
         extra = sorted(k for k in (*spec.loss_options, *spec.train) if k)
         if extra or spec.gamma is not None or spec.scratch:
             raise chk.fail(where, f"{method!r} is a post-hoc score of the pretrained model; it takes no training or "
@@ -198,7 +213,11 @@ def _method_spec(chk: _Checker, raw: Any, index: int) -> MethodSpec:
         for k in ("m_in", "m_out"):
             if spec.loss_options.get(k) == "auto":
                 probe[k] = -30.0 if k == "m_in" else 0.0
-        build_method_loss(method, prior_gamma=[1.0, 1.0] if "balanced" in method else None, **probe)
+        prior = [1.0, 1.0] if "balanced" in method else None
+        if segmentation:
+            build_pixel_loss(method, num_classes=2, ignore_index=None, prior_gamma=prior, **probe)
+        else:
+            build_method_loss(method, prior_gamma=prior, **probe)
     except ConfigError as exc:
         raise chk.fail(where, str(exc)) from None
     if spec.gamma is not None and not spec.balanced:
@@ -234,7 +253,13 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
     methods_raw = raw.get("methods", [])
     if not isinstance(methods_raw, list) or not methods_raw:
         raise chk.fail("[[methods]]", "no [[methods]] entries; add at least one row (label + method)")
-    methods = [_method_spec(chk, m, i) for i, m in enumerate(methods_raw)]
+    protocol_id = PROTOCOLS.get(b.get("protocol", ""), {}).get("id", "cifar10")
+    segmentation = is_segmentation_set(str(b.get("id_dataset", protocol_id)))
+    if segmentation and "pretrained" not in b:
+        raise chk.fail("[benchmark]", "a segmentation benchmark needs pretrained = \"CHECKPOINT\" (segmenters are "
+                                      "imported: oodtune import-model WEIGHTS --arch ... --dataset ... --out "
+                                      "CHECKPOINT)")
+    methods = [_method_spec(chk, m, i, segmentation) for i, m in enumerate(methods_raw)]
     labels = [m.label for m in methods]
     slugs = [m.slug for m in methods]
     if len(set(slugs)) != len(slugs):
@@ -251,7 +276,8 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
         raise chk.fail("[benchmark]", "no OOD sets: give ood_near and/or ood_far (or a protocol)")
     id_dataset = chk.names([b.get("id_dataset", protocol.get("id", "cifar10"))], known, "[benchmark].id_dataset",
                            "dataset")[0]
-    outliers = chk.names([b.get("outliers", protocol.get("aux", "tin-aux"))], known, "[benchmark].outliers",
+    default_aux = TASK_REGISTRY["segmentation" if segmentation else "classification"].default_outliers
+    outliers = chk.names([b.get("outliers", protocol.get("aux", default_aux))], known, "[benchmark].outliers",
                          "dataset")[0]
     seeds = b.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -265,9 +291,11 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
     cfg = BenchmarkConfig(
         name=b.get("name", path.stem), out=Path(out or b.get("out", f"runs/{path.stem}")),
         data_root=data_root or b.get("data_root"), device=device or b.get("device"), seeds=list(seeds),
-        id_dataset=id_dataset, arch=b.get("arch", "wrn-40-2"), pretrain=dict(pre), finetune=dict(fine),
+        id_dataset=id_dataset, pretrain=dict(pre), finetune=dict(fine),
+        arch=b.get("arch", f"checkpoint {b.get('pretrained')}" if segmentation else "wrn-40-2"),
         outliers=outliers, ood_near=ood_near, ood_far=ood_far, num_ood=b.get("num_ood"), methods=methods,
         pretrained=b.get("pretrained"), protocol=b.get("protocol"), only=list(only or []),
+        task="segmentation" if segmentation else "classification", id_split=b.get("id_split", "test"),
     )
     try:  # every training configuration is built once now, so a bad value fails before any work
         cfg.train_config("pretrain", None, 0)

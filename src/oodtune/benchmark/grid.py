@@ -18,7 +18,7 @@ from .. import pipeline
 from ..lock import output_lock
 from ..metrics import roc_curve
 from ..models.imported import check_trusted, trusted_archs
-from ..plots import plot_energy_histograms, plot_roc_curves
+from ..plots import plot_anomaly_maps, plot_energy_histograms, plot_roc_curves
 from ..prior import OutlierPrior
 from ..progress import console
 from ..report import write_json
@@ -28,6 +28,9 @@ from .config import BenchmarkConfig, MethodSpec
 from .tables import write_results
 
 __all__ = ["Benchmark", "run_benchmark"]
+
+#: How many frames of the first OOD set the before/after anomaly-map figures of segmentation benchmarks show.
+MAP_FRAMES = 4
 
 
 class Benchmark:
@@ -82,18 +85,28 @@ class Benchmark:
         """Evaluate ``ckpt`` with ``score`` (and energy, for the plots); the record is cached in ``cache``."""
         if cache.exists():
             return dict(json.loads(cache.read_text()))
-        scores = [score] + (["energy"] if score != "energy" else [])
+        return self._evaluate_scores(ckpt, {score: cache}, trained=trained)[score]
+
+    def _evaluate_scores(self, ckpt: Path, caches: dict[str, Path], *, trained: bool) -> dict[str, dict[str, Any]]:
+        """One evaluation of ``ckpt`` with every score of ``caches`` (and energy): one forward pass per data set
+        serves them all; each score's record is written to its cache."""
+        scores = list(dict.fromkeys([*caches, "energy"]))
         report, meta = pipeline.evaluate_checkpoint(ckpt, scores=scores, ood=self.cfg.ood_near + self.cfg.ood_far,
                                                     data_root=self.source, device=self.cfg.device,
-                                                    num_ood=self.cfg.num_ood)
-        record = {
-            "checkpoint": str(ckpt), "score": score, **report.id_metrics,
-            "train_seconds": meta.seconds_trained if trained else None, "eval_seconds": report.seconds,
-            "rows": [r for r in report.rows if r["score"] == score],
-            "energy": {k: (-v).tolist() for k, v in report.scores["energy"].items()},
-        }
-        write_json(cache, record)
-        return record
+                                                    num_ood=self.cfg.num_ood, id_split=self.cfg.id_split)
+        records = {}
+        for score, cache in caches.items():
+            records[score] = {
+                "checkpoint": str(ckpt), "score": score, **report.id_metrics,
+                "train_seconds": meta.seconds_trained if trained else None, "eval_seconds": report.seconds,
+                "rows": [r for r in report.rows if r["score"] == score],
+                "energy": {k: (-v).tolist() for k, v in report.scores["energy"].items()},
+            }
+            write_json(cache, records[score])
+        return records
+
+    def _posthoc_cache(self, spec: MethodSpec) -> Path:
+        return self.out / "evals" / f"pretrained-{spec.method}.json"
 
     def run(self, command: str, *, report_only: bool = False) -> list[Path]:
         """Run every missing piece, then write the tables. ``report_only`` trains and evaluates nothing:
@@ -108,12 +121,19 @@ class Benchmark:
         results: dict[str, list[dict[str, Any]]] = {}
         missing: list[str] = []
         base_cache = self.out / "evals" / "pretrained-energy.json"
+        if not report_only:  # the post-hoc rows still to run share one evaluation of the pretrained model
+            todo = {s.method: self._posthoc_cache(s) for s in cfg.methods
+                    if s.posthoc and cfg.selected(s) and not self._posthoc_cache(s).exists()}
+            if todo and not base_cache.exists():
+                todo["energy"] = base_cache
+            if todo:
+                self._evaluate_scores(ckpt, todo, trained=False)
         base_energy = (None if report_only and not base_cache.exists()
                        else self.evaluate(ckpt, "energy", base_cache, trained=False)["energy"])
         for spec in cfg.methods:
             tabulate_only = report_only or not cfg.selected(spec)
             if spec.posthoc:
-                cache = self.out / "evals" / f"pretrained-{spec.method}.json"
+                cache = self._posthoc_cache(spec)
                 if tabulate_only and not cache.exists():
                     missing.append(f"{spec.label} (post-hoc, pretrained model)")
                 else:
@@ -128,10 +148,14 @@ class Benchmark:
                     results[spec.label] = runs
                     if base_energy is not None:
                         self._plots(spec, base_energy, runs[0]["energy"])
+                    if cfg.task == "segmentation":
+                        self._anomaly_maps(ckpt, spec)
                 continue
             results[spec.label] = [self._train_and_evaluate(ckpt, spec, seed) for seed in cfg.seeds]
             if base_energy is not None:
                 self._plots(spec, base_energy, results[spec.label][0]["energy"])
+            if cfg.task == "segmentation":
+                self._anomaly_maps(ckpt, spec)
         return write_results(cfg, results, command, missing)
 
     def _train_and_evaluate(self, ckpt: Path, spec: MethodSpec, seed: int) -> dict[str, Any]:
@@ -146,6 +170,21 @@ class Benchmark:
                               prior=prior, loss_options=options, from_scratch=spec.scratch,
                               config=self.cfg.train_config("finetune", spec, seed))
         return self.evaluate(run_dir / FINAL, spec.score, run_dir / "eval.json", trained=True)
+
+    def _anomaly_maps(self, ckpt: Path, spec: MethodSpec) -> None:
+        """Frame | ground truth | energy map before | after fine-tuning (seed ``seeds[0]``) for a few frames of the
+        first OOD set (OUT/maps-SLUG.png)."""
+        path = self.out / f"maps-{spec.slug}.png"
+        after = self.run_dir(spec, self.cfg.seeds[0]) / FINAL
+        if path.exists() or not after.exists():
+            return
+        dataset = (self.cfg.ood_near + self.cfg.ood_far)[0]
+        frames, labels, before = pipeline.anomaly_examples(ckpt, dataset, MAP_FRAMES, data_root=self.source,
+                                                           device=self.cfg.device)
+        _, _, tuned = pipeline.anomaly_examples(after, dataset, MAP_FRAMES, data_root=self.source,
+                                                device=self.cfg.device)
+        plot_anomaly_maps(path, frames, labels, before, tuned,
+                          title=f"{dataset}: energy before | after {spec.label} (seed {self.cfg.seeds[0]})")
 
     def _plots(self, spec: MethodSpec, before: dict[str, list[float]], after: dict[str, list[float]]) -> None:
         def pooled(e: dict[str, list[float]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -18,10 +18,12 @@ from ..metrics import LT_KEYS
 from ..report import markdown_table, write_json, write_text_atomic
 from .config import BenchmarkConfig
 
-__all__ = ["ID_METRICS", "mean_std", "summarize", "write_results"]
+__all__ = ["ID_METRICS", "SET_METRICS", "mean_std", "summarize", "write_results"]
 
 #: ID-task metrics a record may carry -> column header.
-ID_METRICS = {"accuracy": "ID acc"}
+ID_METRICS = {"accuracy": "ID acc", "miou": "mIoU", "pixel_accuracy": "pixel acc"}
+#: Secondary per-set metrics a row may carry (segmentation: SegmentMeIfYouCan components) -> column header.
+SET_METRICS = {"siou": "sIoU↑", "ppv": "PPV↑", "mean_f1": "mean F1↑"}
 METRIC_HEADERS = ["AUROC↑", "AUPR-In↑", "AUPR-Out↑", "FPR95↓"]
 
 
@@ -52,8 +54,9 @@ def summarize(results: dict[str, list[dict[str, Any]]], groups: dict[str, str]
                     row[f"{m}_{bucket}"] = mean_std(per_run)  # type: ignore[arg-type]
         summary.append(row)
         for name in groups:
-            vals = {m: mean_std([next(x[m] for x in r["rows"] if x["dataset"] == name) for r in runs])
-                    for m in METRIC_KEYS}
+            rows = [next(x for x in r["rows"] if x["dataset"] == name) for r in runs]
+            keys = [*METRIC_KEYS, *(m for m in SET_METRICS if all(m in x for x in rows))]
+            vals = {m: mean_std([x[m] for x in rows]) for m in keys}
             per_set.append({"method": label, "dataset": name, "group": groups[name], **vals})
     return summary, per_set
 
@@ -70,7 +73,8 @@ def write_results(cfg: BenchmarkConfig, results: dict[str, list[dict[str, Any]]]
     md = [f"# {cfg.name}\n", f"Command: `{command}`\n",
           f"ID: {cfg.id_dataset}, {cfg.arch}; seeds {cfg.seeds}. Fine-tuned rows: mean ± sample "
           "std over `runs` seeds; post-hoc rows score the single pretrained model. Metrics in %; `fine-tune s` "
-          "is training wall time, torch.compile warm-up included where used.\n"]
+          "is training wall time, torch.compile warm-up included where used."
+          + ("" if cfg.id_split == "test" else f" ID metrics on the {cfg.id_split} split.") + "\n"]
     id_cols = [k for k in ID_METRICS if summary and k in summary[0]]
     for bucket in ("all", "near", "far"):
         cols = ["method", "runs", *id_cols, *[f"{m}_{bucket}" for m in METRIC_KEYS], "train_seconds"]
@@ -83,6 +87,11 @@ def write_results(cfg: BenchmarkConfig, results: dict[str, list[dict[str, Any]]]
         md.append(markdown_table(summary, ["method", *LT_KEYS]))
     md.append("\n## Per OOD set\n\n")
     md.append(markdown_table(per_set, ["method", "dataset", "group", *METRIC_KEYS]))
+    set_cols = [m for m in SET_METRICS if per_set and all(m in r for r in per_set)]
+    if set_cols:
+        md.append("\n## Component-level metrics per OOD set (SegmentMeIfYouCan; threshold of best pixel F1)\n\n")
+        md.append(markdown_table(per_set, ["method", "dataset", *set_cols],
+                                 ["method", "dataset", *[SET_METRICS[m] for m in set_cols]]))
     if missing:
         md.append("\n## Not run yet\n\n" + "".join(f"- {m}\n" for m in missing))
     return [js, write_text_atomic(cfg.out / "results.md", "".join(md), overwrite=True)]

@@ -8,16 +8,30 @@ data root (:func:`default_data_root`), decoded once and cached as uint8 ``.npz``
 
 from oodtune.data.cache import default_cache_dir
 from oodtune.data.imageset import ImageSet
+from oodtune.data.objects import ObjectBank
 from oodtune.data.protocol import PROTOCOLS
-from oodtune.data.registry import available_datasets, default_data_root, load_dataset
+from oodtune.data.registry import (
+    available_datasets,
+    default_data_root,
+    is_segmentation_set,
+    load_dataset,
+    load_objects,
+    load_segmentation,
+)
+from oodtune.data.segmentation import SegmentationSet
 from oodtune.errors import DataError
 
 __all__ = [
     "PROTOCOLS",
     "DataError",
     "ImageSet",
+    "ObjectBank",
+    "SegmentationSet",
     "available_datasets",
     "default_cache_dir",
     "default_data_root",
+    "is_segmentation_set",
     "load_dataset",
+    "load_objects",
+    "load_segmentation",
 ]

@@ -35,7 +35,16 @@ from oodtune.data.layouts import (
     load_tree,
     not_found,
 )
+from oodtune.data.objects import ObjectBank, load_object_bank, pasted_anomaly_set
 from oodtune.data.protocol import load_tin_aux, load_tin_near
+from oodtune.data.segmentation import (
+    SEGMENTATION_SETS,
+    SegmentationSet,
+    Size,
+    anomaly_size,
+    load_segmentation_set,
+    native_size,
+)
 from oodtune.data.sources import (
     CIFAR_LAYOUTS,
     read_cifar,
@@ -221,12 +230,79 @@ def canonical_name(name: str) -> str:
 
 
 def available_datasets() -> dict[str, str]:
-    """Dataset name -> one-line description (for ``oodtune datasets``)."""
+    """Dataset name -> one-line description (for ``oodtune datasets``); segmentation sets and the object bank
+    are marked ``[segmentation]``."""
     out = {name: desc for name, (_, desc) in _LOADERS.items()}
     out.update({name: desc for name, (_, desc) in GENERATORS.items()})
     out["folder:PATH"] = "labelled image folder PATH/CLASS/*.jpg|png (or PATH/{split}/CLASS), or a tar/zip of one"
     out["images:PATH"] = "unlabelled images found recursively under PATH, or in a tar/zip archive"
+    out.update({name: f"[segmentation] {desc}" for name, (_, desc) in SEGMENTATION_SETS.items()})
+    out.update({name: f"[segmentation] {desc}" for name, (_, _, desc) in PASTED_SETS.items()})
+    out[OBJECT_BANK] = ("[segmentation] COCO objects with instance masks for copy-paste outlier exposure (splits "
+                        "train / val = held-out fifth of train2017 / test = val2017): coco-mini-objects/ or its "
+                        "archive, or PEBAL's coco/annotations/ood_seg_*2017")
     return out
+
+
+# ------------------------------------------------------------------------------------------ segmentation
+
+OBJECT_BANK = "coco-objects"
+#: pasted anomaly set -> (ID set split its frames come from, object-bank split pasted into them, description)
+PASTED_SETS = {
+    "camvid-pasted": ("test", "test", "CamVid test frames with one held-out val2017 COCO object pasted each "
+                                      "(seed 0; 0 = ID, 1 = object, 255 = void), cached"),
+    "camvid-pasted-val": ("val", "val", "CamVid val frames with one held-out train2017 object pasted each "
+                                        "(seed 0): the validation anomaly set for choosing margins / gamma / alpha"),
+}
+PASTE_SEED = 0
+
+
+def is_segmentation_set(name: str) -> bool:
+    """Whether ``name`` is a segmentation set (frames + label maps) or the object bank."""
+    canon = canonical_name(name)
+    return canon in SEGMENTATION_SETS or canon in PASTED_SETS or canon == OBJECT_BANK
+
+
+def load_segmentation(name: str, root: str | os.PathLike | None = None, split: str = "test", *,
+                      size: Size | None = None, height: int | None = None,
+                      cache_dir: str | os.PathLike | None = None, num_images: int | None = None,
+                      seed: int = 0) -> SegmentationSet:
+    """Segmentation set ``name`` (ID sets, anomaly sets, pasted anomaly sets; see ``available_datasets``) at
+    ``size`` = (width, height), or at ``height`` pixels with its native aspect ratio (anomaly sets), or native.
+
+    ``num_images`` keeps a seeded subset of the frames (in order)."""
+    canon = canonical_name(name)
+    base = Path(root).expanduser() if root is not None else default_data_root()
+    cache = resolve_cache_dir(cache_dir)
+    if canon in PASTED_SETS:
+        frames_split, objects_split, _ = PASTED_SETS[canon]
+        if split not in ("test", "all"):
+            raise DataError(f"{canon}: a pasted anomaly set has one split, 'test' (got {split!r}).")
+        frames = load_segmentation("camvid", base, frames_split, size=size, height=height, cache_dir=cache)
+        bank = load_object_bank(base, objects_split, cache)
+        data = pasted_anomaly_set(frames, bank, PASTE_SEED, canon, cache)
+    elif canon in SEGMENTATION_SETS:
+        if height is not None and size is None:
+            size = anomaly_size(native_size(canon, base, split, cache), height)
+        data = load_segmentation_set(canon, base, split, size, cache)
+    else:
+        raise DataError(f"unknown segmentation set {name!r}. Known: "
+                        f"{', '.join([*SEGMENTATION_SETS, *PASTED_SETS])}.")
+    if num_images is None or num_images >= len(data):
+        return data
+    if num_images <= 0:
+        raise DataError(f"{data.name}: num_images must be positive, got {num_images}.")
+    return data.subset(np.sort(np.random.default_rng(seed).choice(len(data), size=num_images, replace=False)))
+
+
+def load_objects(name: str, root: str | os.PathLike | None = None, split: str = "train", *,
+                 cache_dir: str | os.PathLike | None = None) -> ObjectBank:
+    """The object bank ``coco-objects`` (split train / val / test) for pasting outliers."""
+    if canonical_name(name) != OBJECT_BANK:
+        raise DataError(f"{name!r} is not an object bank; segmentation fine-tuning pastes objects from "
+                        f"{OBJECT_BANK!r} (--outliers {OBJECT_BANK}).")
+    base = Path(root).expanduser() if root is not None else default_data_root()
+    return load_object_bank(base, split, resolve_cache_dir(cache_dir))
 
 
 def subsample(data: ImageSet, num_images: int | None, seed: int) -> ImageSet:
@@ -271,6 +347,9 @@ def load_dataset(
     )
     if canon in GENERATORS:
         return _synthetic_loader(canon)(req, num_images, seed)
+    if is_segmentation_set(canon):
+        raise DataError(f"{canon} is a segmentation set (frames with label maps), not an image-classification set; "
+                        "use it with a segmentation checkpoint (oodtune.data.load_segmentation).")
     if canon.startswith(("folder:", "images:")):
         data = _load_path(req, canon.split(":", 1)[1], labelled=canon.startswith("folder:"))
     elif canon in _LOADERS:
@@ -280,4 +359,5 @@ def load_dataset(
     return subsample(data, num_images, seed)
 
 
-__all__ = ["available_datasets", "canonical_name", "default_data_root", "load_dataset", "subsample"]
+__all__ = ["OBJECT_BANK", "PASTED_SETS", "available_datasets", "canonical_name", "default_data_root",
+           "is_segmentation_set", "load_dataset", "load_objects", "load_segmentation", "subsample"]

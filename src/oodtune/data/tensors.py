@@ -26,17 +26,18 @@ def to_device_uint8(ds: ImageSet, device: torch.device | str) -> torch.Tensor:
 
 
 class Normalizer:
-    """x_float = (x_uint8 / 255 - mean) / std, per channel; optionally channels_last memory format.
+    """x_float = (x_uint8 / 255 - mean) / std, per channel; optionally channels_last memory format, optionally
+    in BGR order (``bgr``: the RGB input's channels are reversed first; ``mean``/``std`` are then in BGR order).
 
     The mean/std tensors are built once per device: creating them from Python lists on every batch would
     force a host-to-device copy (and a stream sync) in the hot loop.
     """
 
     def __init__(self, mean: tuple[float, ...] = CIFAR_MEAN, std: tuple[float, ...] = CIFAR_STD,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, bgr: bool = False) -> None:
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ConfigError(f"mean/std must have 3 entries and std > 0, got mean={mean} std={std}")
-        self.mean, self.std, self.channels_last = tuple(mean), tuple(std), channels_last
+        self.mean, self.std, self.channels_last, self.bgr = tuple(mean), tuple(std), channels_last, bgr
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +50,8 @@ class Normalizer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mean, std = self.stats(x.device)
+        if self.bgr:
+            x = x.flip(1)
         out = (x.float() / 255.0 - mean) / std
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 

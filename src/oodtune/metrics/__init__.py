@@ -18,12 +18,13 @@ from .ood import (
                   aupr,
                   auroc,
                   fpr_at_tpr,
+                  metrics_from_counts,
                   ood_metrics,
                   roc_curve,
 )
 
 __all__ = [
     "DEFAULT_POSITIVE", "LT_KEYS", "POSITIVES", "SPLITS", "OODMetrics", "Positive", "accuracy", "adjust_logits",
-    "aupr", "auroc", "class_splits", "fpr_at_tpr", "long_tail_accuracy", "ood_metrics", "roc_curve",
-    "split_accuracy",
+    "aupr", "auroc", "class_splits", "fpr_at_tpr", "long_tail_accuracy", "metrics_from_counts", "ood_metrics",
+    "roc_curve", "split_accuracy",
 ]

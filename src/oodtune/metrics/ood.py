@@ -185,6 +185,11 @@ class _Ranked:
 # ----------------------------------------------------------------------------- public API
 
 
+def _metrics(r: _Ranked, positive: Positive, tpr: float) -> OODMetrics:
+    return OODMetrics(auroc=r.auroc(), aupr_in=r.average_precision("in"), aupr_out=r.average_precision("out"),
+                      fpr95=r.fpr_at_tpr(positive, tpr), positive=positive, tpr=tpr)
+
+
 def ood_metrics(id_scores: Any, ood_scores: Any, *, positive: Positive = DEFAULT_POSITIVE,
                 tpr: float = 0.95) -> OODMetrics:
     """AUROC, AUPR-In, AUPR-Out and FPR at ``tpr`` TPR of ``positive`` (see the module docstring).
@@ -193,9 +198,22 @@ def ood_metrics(id_scores: Any, ood_scores: Any, *, positive: Positive = DEFAULT
     """
     _check_positive(positive)
     _check_tpr(tpr)
-    r = _Ranked.build(id_scores, ood_scores)
-    return OODMetrics(auroc=r.auroc(), aupr_in=r.average_precision("in"), aupr_out=r.average_precision("out"),
-                      fpr95=r.fpr_at_tpr(positive, tpr), positive=positive, tpr=tpr)
+    return _metrics(_Ranked.build(id_scores, ood_scores), positive, tpr)
+
+
+def metrics_from_counts(n_id: Any, n_ood: Any, *, positive: Positive = DEFAULT_POSITIVE,
+                        tpr: float = 0.95) -> OODMetrics:
+    """:func:`ood_metrics` from tie-group counts: ``n_id[g]`` ID and ``n_ood[g]`` OOD samples share the g-th
+    distinct score, groups in *decreasing* score order (how a streaming histogram hands over its counts)."""
+    _check_positive(positive)
+    _check_tpr(tpr)
+    a, b = np.asarray(n_id, dtype=np.int64), np.asarray(n_ood, dtype=np.int64)
+    if a.shape != b.shape or a.ndim != 1 or (a < 0).any() or (b < 0).any() or ((a + b) == 0).any():
+        raise ConfigError("tie-group counts must be two 1-D arrays of the same length, non-negative, and every group "
+                          "non-empty.")
+    if a.sum() == 0 or b.sum() == 0:
+        raise ConfigError("metrics need at least one ID and one OOD sample.")
+    return _metrics(_Ranked(a, b), positive, tpr)
 
 
 def auroc(id_scores: Any, ood_scores: Any, positive: Positive = DEFAULT_POSITIVE) -> float:

@@ -1,5 +1,5 @@
-"""Models: the architecture zoo, the logits+features interface for any classifier, the metadata that travels
-with a model, and checkpoints."""
+"""Models: the architecture zoo, the logits+features interface for any classifier, the segmentation wrapper,
+the metadata that travels with a model, and checkpoints."""
 
 from .checkpoint import (
                          file_sha256,
@@ -10,16 +10,20 @@ from .checkpoint import (
                          read_state_dict,
                          save_atomic,
                          save_checkpoint,
+                         unwrap_model,
 )
+from .espnet import ESPNET_ARCHS, ESPNET_PREPROCESSING, ESPNet
 from .features import FeatureModel, find_head
 from .imported import trusted_archs
 from .meta import META_VERSION, RunMeta
 from .resnet import ResNet18
+from .segmentation import SegmentationModel
 from .wrn import WideResNet
 from .zoo import ARCHITECTURES, DEFAULT_DROP_RATE, build_model
 
 __all__ = [
-    "ARCHITECTURES", "DEFAULT_DROP_RATE", "META_VERSION", "FeatureModel", "ResNet18", "RunMeta", "WideResNet",
-    "build_model", "file_sha256", "find_head", "load_feature_model", "load_model", "read_checkpoint", "read_meta",
-    "read_state_dict", "save_atomic", "save_checkpoint", "trusted_archs",
+    "ARCHITECTURES", "DEFAULT_DROP_RATE", "ESPNET_ARCHS", "ESPNET_PREPROCESSING", "ESPNet", "META_VERSION",
+    "FeatureModel", "ResNet18", "RunMeta", "SegmentationModel", "WideResNet", "build_model", "file_sha256",
+    "find_head", "load_feature_model", "load_model", "read_checkpoint", "read_meta", "read_state_dict",
+    "save_atomic", "save_checkpoint", "trusted_archs", "unwrap_model",
 ]

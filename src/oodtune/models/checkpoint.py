@@ -25,6 +25,7 @@ from ..errors import CheckpointError
 from .features import FeatureModel
 from .imported import check_trusted, trusted_archs
 from .meta import RunMeta
+from .segmentation import SegmentationModel
 from .zoo import build_model
 
 FORMAT_VERSION = 1
@@ -36,8 +37,8 @@ def save_atomic(obj: Any, path: str | os.PathLike, *, overwrite: bool = True) ->
     return write_atomic(path, lambda fh: torch.save(obj, fh), overwrite=overwrite)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain classifier inside DDP / torch.compile / FeatureModel wrappers.
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain network inside DDP / torch.compile / FeatureModel / SegmentationModel wrappers.
 
     Checkpoints store the classifier's own state_dict (keys as in ``build_model(arch)``), so that
     :func:`load_model` can rebuild it; a FeatureModel's state_dict would carry ``model.``/``head.`` prefixes.
@@ -47,7 +48,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
             model = model._orig_mod  # type: ignore[assignment]
-        elif isinstance(model, FeatureModel):
+        elif isinstance(model, (FeatureModel, SegmentationModel)):
             model = model.model
         else:
             return model
@@ -60,7 +61,7 @@ def save_checkpoint(
     """Write model weights + ``meta`` (+ optimizer/scheduler/RNG ``train_state`` for resuming) atomically."""
     if not isinstance(meta, RunMeta):
         raise TypeError(f"meta must be a RunMeta, got {type(meta).__name__}")
-    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
     return save_atomic({"format": FORMAT_VERSION, "model": state, "meta": meta.to_dict(), "train_state": train_state},
                        path, overwrite=overwrite)
 
@@ -118,11 +119,12 @@ def load_model(path: str | os.PathLike, *, trust_arch: Collection[str] = ()) -> 
     meta: RunMeta = ckpt["meta"]
     with trusted_archs(*trust_arch):
         check_trusted(meta.arch, f"checkpoint {path}")
-    model = build_model(meta.arch, meta.num_classes, drop_rate=meta.drop_rate)
+    outputs = meta.num_classes + meta.extra_channels
+    model = build_model(meta.arch, outputs, drop_rate=meta.drop_rate)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {meta.arch} with {meta.num_classes} classes: {exc}") from exc
+        raise CheckpointError(f"{path}: weights do not fit {meta.arch} with {outputs} outputs: {exc}") from exc
     return model.eval(), meta
 
 

@@ -12,8 +12,14 @@ method, loss options, base checkpoint, architecture) the *content* of the traini
 checkpoint a fine-tuning started from (``pretrained_sha256``).
 
 Versions: 1 = the untyped dicts written before this record existed (no ``version`` key; ``drop_rate`` and
-``task`` absent in the oldest); 2 = the typed record; 3 = plus the content fingerprints (absent, i.e. None,
-when reading versions 1 and 2).
+``task`` absent in the oldest); 2 = the typed record; 3 = plus the content fingerprints and the segmentation
+fields (absent from versions 1 and 2: fingerprints None, segmentation fields their defaults).
+
+Segmentation checkpoints (``task="segmentation"``) have ``classes`` = the K classes the energy is computed over
+and ``num_classes`` = K; the network outputs K + ``extra_channels`` maps (extra: a trained void class and/or
+PEBAL's abstention channel, the last one), ``ignore_index`` is the void label of the ID data, ``channel_order``
+says whether the network takes RGB or BGR input, ``input_size`` is its (width, height), ``resolution`` its height,
+and ``trainable`` names the modules fine-tuning trains (the last block; the rest stays frozen).
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ from typing import Any
 from ..errors import CheckpointError
 from .wrn import DEFAULT_DROP_RATE
 
-__all__ = ["META_VERSION", "STAGES", "TASKS", "RunMeta"]
+__all__ = ["CHANNEL_ORDERS", "META_VERSION", "STAGES", "TASKS", "RunMeta"]
 
 META_VERSION = 3
-TASKS = ("classification",)
+TASKS = ("classification", "segmentation")
+CHANNEL_ORDERS = ("rgb", "bgr")
 STAGES = ("pretrain", "imported", "finetune", "scratch")
 
 
@@ -71,6 +78,12 @@ class RunMeta:
     train_config: Mapping[str, Any] | None = None  # TrainConfig as a dict, once training finished
     history: tuple[Mapping[str, float], ...] = ()  # one row per finished epoch
     notes: Mapping[str, str] = field(default_factory=dict)  # free-form provenance, e.g. which training loop
+    # segmentation (see the module docstring)
+    extra_channels: int = 0  # outputs after the K class logits (void / abstention; the last one abstains)
+    ignore_index: int | None = None  # void label of the ID data
+    channel_order: str = "rgb"  # the network's input channel order
+    input_size: tuple[int, int] | None = None  # (width, height) of the network's input
+    trainable: tuple[str, ...] = ()  # modules fine-tuning trains (empty: all)
     version: int = META_VERSION
 
     def __post_init__(self) -> None:
@@ -80,8 +93,17 @@ class RunMeta:
             raise CheckpointError(f"unknown stage {self.stage!r} in checkpoint meta; expected one of {STAGES}.")
         if self.num_classes != len(self.classes):
             raise CheckpointError(f"meta says {self.num_classes} classes but lists {len(self.classes)} class names.")
-        for name in ("classes", "class_counts", "history"):
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise CheckpointError(f"unknown channel order {self.channel_order!r}; expected one of {CHANNEL_ORDERS}.")
+        if self.extra_channels < 0:
+            raise CheckpointError(f"extra_channels must be >= 0, got {self.extra_channels}.")
+        for name in ("classes", "class_counts", "history", "trainable"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.input_size is not None:
+            size = tuple(int(v) for v in self.input_size)
+            if len(size) != 2 or min(size) < 1:
+                raise CheckpointError(f"input_size must be (width, height), got {list(self.input_size)}.")
+            object.__setattr__(self, "input_size", size)
         object.__setattr__(self, "mean", _floats3(self.mean, "mean"))
         object.__setattr__(self, "std", _floats3(self.std, "std"))
 
@@ -97,8 +119,9 @@ class RunMeta:
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of JSON-like values (lists, not tuples), as stored in a checkpoint."""
         out = dataclasses.asdict(self)
-        for name in ("classes", "mean", "std", "class_counts", "history"):
+        for name in ("classes", "mean", "std", "class_counts", "history", "trainable"):
             out[name] = list(out[name])
+        out["input_size"] = None if self.input_size is None else list(self.input_size)
         out["loss_options"] = dict(self.loss_options)
         out["notes"] = dict(self.notes)
         return out

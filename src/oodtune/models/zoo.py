@@ -1,4 +1,5 @@
-"""Architectures by name: the built-in zoo (WRN-d-k, CIFAR ResNet-18) and user architectures by import path."""
+"""Architectures by name: the built-in zoo (WRN-d-k, CIFAR ResNet-18; the segmenters ESPNet / ESPNet-CamVid) and
+user architectures by import path."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import re
 from torch import nn
 
 from ..errors import ModelError
+from .espnet import ESPNET_ARCHS, build_espnet
 from .imported import build_imported, is_import_path
 from .resnet import ResNet18
 from .wrn import DEFAULT_DROP_RATE, WideResNet
 
 __all__ = ["ARCHITECTURES", "DEFAULT_DROP_RATE", "MAX_PARAMETERS", "build_model", "wrn_parameters"]
 
-ARCHITECTURES = ("wrn-40-2", "wrn-16-2", "wrn-28-10", "resnet18")
+ARCHITECTURES = ("wrn-40-2", "wrn-16-2", "wrn-28-10", "resnet18", *ESPNET_ARCHS)
 _WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
 #: Largest network built by name: 2**30 parameters (4 GiB of fp32 weights; WRN-28-10 has 36.5 M).
 MAX_PARAMETERS = 2**30
@@ -35,8 +37,9 @@ def wrn_parameters(depth: int, width: int, num_classes: int) -> int:
 
 
 def build_model(arch: str, num_classes: int, *, drop_rate: float = DEFAULT_DROP_RATE) -> nn.Module:
-    """A freshly initialised classifier. ``arch`` is ``resnet18``, ``wrn-DEPTH-WIDTH`` (e.g. ``wrn-40-2``) or
-    the import path ``package.module:factory`` of your own (see :mod:`oodtune.models.imported`).
+    """A freshly initialised network. ``arch`` is ``resnet18``, ``wrn-DEPTH-WIDTH`` (e.g. ``wrn-40-2``), a
+    segmenter (``espnet``, ``espnet-camvid``; ``num_classes`` = its output channels) or the import path
+    ``package.module:factory`` of your own (see :mod:`oodtune.models.imported`).
 
     ``drop_rate`` is the WRN dropout (0.3 as in the OE/Energy papers); ResNet-18 and imported models ignore it.
     """
@@ -47,6 +50,8 @@ def build_model(arch: str, num_classes: int, *, drop_rate: float = DEFAULT_DROP_
     name = arch.lower()
     if name == "resnet18":
         return ResNet18(num_classes)
+    if name in ESPNET_ARCHS:
+        return build_espnet(name, num_classes)
     m = _WRN.match(name)
     if m:
         depth, width = int(m.group(1)), int(m.group(2))

@@ -1,9 +1,10 @@
 """The application layer: every end-to-end step the CLI and the benchmark run, each reading and writing oodtune
 checkpoints.
 
-Steps: :func:`pretrain` and :func:`import_model` (a model enters), :func:`estimate_prior` / :func:`save_prior`
-(Balanced Energy step 1), :func:`propose_margins` (energy margins from the pretrained model), :func:`finetune`
-(any method, on the ID *train* split only) and :func:`evaluate_checkpoint`. Task-specific work (data, forward
+Steps: :func:`pretrain`, :func:`import_model` and :func:`import_segmenter` (a model enters),
+:func:`estimate_prior` / :func:`save_prior` (Balanced Energy step 1), :func:`propose_margins` (energy margins
+from the pretrained model), :func:`finetune` (any method, on the ID *train* split only) and
+:func:`evaluate_checkpoint`. Task-specific work (data, forward
 passes, the training loop, detection metrics) is delegated to the checkpoint's :class:`~.task.Task`; the steps
 themselves are the same for every task. Datasets come from a :class:`DataSource` (a data root, memoised), so
 a caller that runs many steps (the benchmark) decodes and loads each set once.
@@ -26,11 +27,10 @@ import torch
 from ..errors import ConfigError
 from ..evaluation import EvalReport
 from ..lock import output_lock
-from ..losses import build_method_loss
 from ..margins import margin_coverage
 from ..margins import propose_margins as _propose
 from ..metrics.ood import Positive
-from ..models import FeatureModel, RunMeta, file_sha256, load_feature_model, load_model, read_meta
+from ..models import RunMeta, file_sha256, load_model, read_meta
 from ..plots import plot_class_prior
 from ..prior import OutlierPrior
 from ..training.config import TrainConfig
@@ -44,23 +44,33 @@ from .classification import (
     pretrain,
     pretrain_setup,
 )
+from .segmentation import anomaly_examples, id_test_miou, import_segmenter
 from .source import DataSource, as_source
 from .task import Task, register_task, task_of
 
 __all__ = [
-    "DataSource", "MarginProposal", "Task", "as_source", "estimate_prior", "evaluate_checkpoint", "finetune",
-    "finetune_config", "fresh_model", "id_test_accuracy", "id_train_set", "import_model", "normalizer_for",
-    "pretrain", "pretrain_setup", "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
+    "DataSource", "MarginProposal", "Task", "anomaly_examples", "as_source", "default_outliers", "estimate_prior",
+    "evaluate_checkpoint",
+    "finetune", "finetune_config", "fresh_model", "id_test_accuracy", "id_test_miou", "id_train_set",
+    "import_model", "import_segmenter", "load_task_model", "normalizer_for", "pretrain", "pretrain_setup",
+    "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
 ]
 
 Root = DataSource | str | Path | None
 
 
+def load_task_model(checkpoint: str | Path) -> tuple[Any, RunMeta, Task[Any]]:
+    """(the checkpoint's network in its task's wrapper, in eval mode; its meta; its task)."""
+    model, meta = load_model(checkpoint)
+    task = task_of(meta)
+    return task.wrap(model, meta), meta, task
+
+
 def estimate_prior(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: Root = None, gamma: float = 1.0,
                    device: str | None = None) -> OutlierPrior:
     """Balanced Energy step 1: P(y=i|o) from the pretrained model's argmax predictions on the outlier set."""
-    net, meta = load_feature_model(checkpoint)
-    counts = task_of(meta).prior_counts(net, meta, outliers, as_source(data_root), device)
+    net, meta, task = load_task_model(checkpoint)
+    counts = task.prior_counts(net, meta, outliers, as_source(data_root), device)
     return OutlierPrior(counts=counts.tolist(), gamma=gamma, class_names=list(meta.classes))
 
 
@@ -77,9 +87,10 @@ def save_prior(prior: OutlierPrior, out: str | Path, *, checkpoint: str | Path |
 
 def pretrained_energies(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: Root = None,
                         device: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Energies E(x) of the pretrained model on its ID *train* split and on the auxiliary outliers (CPU)."""
-    net, meta = load_feature_model(checkpoint)
-    return task_of(meta).energies(net, meta, outliers, as_source(data_root), device)
+    """Energies E(x) of the pretrained model on its ID *train* split and on the auxiliary outliers (CPU); for
+    segmentation, of a seeded sample of pixels (labelled ID pixels and pasted-object pixels of the train frames)."""
+    net, meta, task = load_task_model(checkpoint)
+    return task.energies(net, meta, outliers, as_source(data_root), device)
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,12 @@ def propose_margins(checkpoint: str | Path, *, outliers: str = "tin-aux", data_r
     return MarginProposal(m_in, m_out, cov_in, cov_out, float(e_in.median()), float(e_out.median()))
 
 
+def default_outliers(checkpoint: str | Path) -> str:
+    """The auxiliary outlier set of ``checkpoint``'s task protocol (classification: tin-aux; segmentation: the
+    coco-objects bank)."""
+    return task_of(read_meta(checkpoint)).default_outliers
+
+
 def finetune_config(checkpoint: str | Path, **overrides: Any) -> TrainConfig:
     """The fine-tuning settings for ``checkpoint``: its task's reference recipe with ``overrides`` applied
     (``None`` means "not given")."""
@@ -116,10 +133,12 @@ def finetune_config(checkpoint: str | Path, **overrides: Any) -> TrainConfig:
 def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root: Root = None,
              outliers: str | None = "tin-aux", prior: OutlierPrior | None = None, config: TrainConfig | None = None,
              loss_options: Mapping[str, Any] | None = None, from_scratch: bool = False) -> Path:
-    """Fine-tune a pretrained checkpoint with ``method`` (oe, energy-oe, balanced-energy, sparsity, a+b, ...).
+    """Fine-tune a pretrained checkpoint with ``method`` (classification: oe, energy-oe, balanced-energy, sparsity,
+    a+b, ...; segmentation: energy-oe, balanced-energy, pebal, balanced-pebal, ce).
 
     ``config`` defaults to the task's reference recipe (classification: the Energy paper's CIFAR fine-tuning,
-    10 epochs, lr 1e-3, cosine, batch 128 ID + 256 outliers). Balanced Energy needs ``prior`` (from
+    10 epochs, lr 1e-3, cosine, batch 128 ID + 256 outliers; segmentation: PEBAL's, see
+    :mod:`oodtune.pipeline.segmentation`). Balanced Energy needs ``prior`` (from
     :func:`estimate_prior`). ``from_scratch`` trains a freshly initialised network of the checkpoint's
     architecture on the same ID data instead (the papers' "scratch" baselines; give it a pretraining-length
     ``config``). ``out`` is locked against other writers and checked before any data is loaded; the run records the
@@ -130,7 +149,7 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
     config = config or task.finetune_defaults
     gamma_prior = None if prior is None else prior.gamma_prior()
     options = dict(loss_options or {})
-    loss = build_method_loss(method, prior_gamma=gamma_prior, **options)
+    loss = task.build_loss(method, meta, gamma_prior, options)
     if loss.needs_outliers and not outliers:
         raise ConfigError(f"method {method!r} needs auxiliary outliers; pass --outliers NAME.")
     with output_lock(out):
@@ -141,16 +160,19 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
         meta = meta.replace(stage="scratch" if from_scratch else "finetune", method=method, pretrained=str(checkpoint),
                             pretrained_sha256=file_sha256(checkpoint), outliers=used_outliers, loss_options=options,
                             prior=None if prior is None else prior.to_dict(), history=(), train_config=None)
-        net = FeatureModel(model.train(), meta.head)
+        net = task.wrap(model.train(), meta)
         return task.train(net, meta, loss, config, outliers=used_outliers, source=as_source(data_root),
                           run_dir=Path(out))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: Sequence[str], data_root: Root = None,
                         device: str | None = None, num_ood: int | None = None, batch_size: int = 1024,
-                        positive: Positive | None = None) -> tuple[EvalReport, RunMeta]:
-    """Evaluate a checkpoint with the named scores on the named OOD sets; returns (report, meta)."""
-    net, meta = load_feature_model(checkpoint)
-    report = task_of(meta).evaluate(net, meta, scores, ood, source=as_source(data_root), device=device,
-                                    num_ood=num_ood, batch_size=batch_size, positive=positive)
+                        positive: Positive | None = None, id_split: str = "test",
+                        blur: bool = False) -> tuple[EvalReport, RunMeta]:
+    """Evaluate a checkpoint with the named scores on the named OOD sets; returns (report, meta). The ID-task
+    metrics come from the ID ``id_split`` split (``val`` when choosing hyper-parameters without the test split);
+    ``blur`` Gaussian-blurs segmentation score maps (kernel 7, σ 1) as PEBAL's test code can."""
+    net, meta, task = load_task_model(checkpoint)
+    report = task.evaluate(net, meta, scores, ood, source=as_source(data_root), device=device, num_ood=num_ood,
+                           batch_size=batch_size, positive=positive, id_split=id_split, blur=blur)
     return report, meta

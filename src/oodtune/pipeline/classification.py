@@ -10,8 +10,9 @@ labels silently.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from ..data import ImageSet
 from ..data.longtail import make_longtailed
 from ..data.tensors import CIFAR_MEAN, CIFAR_STD, Normalizer
 from ..energy import energy
-from ..errors import CheckpointError, DataError, ModelError
+from ..errors import CheckpointError, ConfigError, DataError, ModelError
 from ..evaluation import EvalReport, compute_outputs, evaluate
 from ..lock import output_lock
 from ..losses import CompositeLoss, build_method_loss
@@ -80,9 +81,9 @@ def id_train_set(meta: RunMeta, data_root: DataSource | str | Path | None) -> Im
                                             meta.num_train, meta.data_seed))
 
 
-def id_test_set(meta: RunMeta, data_root: DataSource | str | Path | None) -> ImageSet:
-    """The test split of the checkpoint's ID dataset."""
-    return check_classes(meta, as_source(data_root).load(meta.dataset, "test", meta.resolution))
+def id_test_set(meta: RunMeta, data_root: DataSource | str | Path | None, split: str = "test") -> ImageSet:
+    """A held-out split of the checkpoint's ID dataset: ``test``, or ``val`` when choosing hyper-parameters."""
+    return check_classes(meta, as_source(data_root).load(meta.dataset, split, meta.resolution))
 
 
 def normalizer_for(meta: RunMeta) -> Normalizer:
@@ -177,11 +178,19 @@ def id_test_accuracy(checkpoint: str | Path, *, data_root: DataSource | str | Pa
     return accuracy(logits.cpu(), test.labels)
 
 
-class ClassificationTask(Task):
+class ClassificationTask(Task[FeatureModel]):
     """Images in, class logits out; scores and metrics per image (see the module docstring)."""
 
     name = "classification"
     finetune_defaults = FINETUNE
+    default_outliers = "tin-aux"
+
+    def wrap(self, model: nn.Module, meta: RunMeta) -> FeatureModel:
+        return FeatureModel(model, meta.head)
+
+    def build_loss(self, method: str, meta: RunMeta, prior_gamma: torch.Tensor | None,
+                   options: Mapping[str, Any]) -> CompositeLoss:
+        return build_method_loss(method, prior_gamma=prior_gamma, **options)
 
     def train_set(self, meta: RunMeta, source: DataSource) -> ImageSet:
         return id_train_set(meta, source)
@@ -212,9 +221,11 @@ class ClassificationTask(Task):
 
     def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None) -> EvalReport:
+                 positive: Positive | None, id_split: str = "test", blur: bool = False) -> EvalReport:
+        if blur:
+            raise ConfigError("blur smooths per-pixel score maps; it applies to segmentation checkpoints only.")
         built = [build_score(s) for s in scores]
-        id_test = id_test_set(meta, source)
+        id_test = id_test_set(meta, source, id_split)
         id_train = self.train_set(meta, source) if any(s.needs_fit for s in built) else None
         ood_sets = {name: source.load(name, "test", meta.resolution, num_ood) for name in ood}
         report = evaluate(net, normalizer_for(meta), id_test, ood_sets, built, id_train=id_train, device=device,

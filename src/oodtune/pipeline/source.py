@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from pathlib import Path
+from typing import Any, TypeVar
 
-from ..data import ImageSet, default_data_root, load_dataset
+from ..data import (
+    ImageSet,
+    ObjectBank,
+    SegmentationSet,
+    default_data_root,
+    load_dataset,
+    load_objects,
+    load_segmentation,
+)
+from ..data.segmentation import Size
 
 __all__ = ["DataSource", "as_source"]
+
+T = TypeVar("T")
 
 
 class DataSource:
@@ -15,14 +28,29 @@ class DataSource:
 
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_data_root()
-        self._memo: dict[tuple[str, str, int, int | None], ImageSet] = {}
+        self._memo: dict[Hashable, Any] = {}
+
+    def memo(self, key: Hashable, build: Callable[[], T]) -> T:
+        """``build()`` once per ``key`` for the life of this source (datasets, and results derived from them)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def load(self, name: str, split: str, resolution: int, num_images: int | None = None) -> ImageSet:
         """``load_dataset(name, root, split, resolution=..., num_images=...)``, memoised."""
-        key = (name, split, resolution, num_images)
-        if key not in self._memo:
-            self._memo[key] = load_dataset(name, self.root, split, resolution=resolution, num_images=num_images)
-        return self._memo[key]
+        return self.memo(("images", name, split, resolution, num_images),
+                         lambda: load_dataset(name, self.root, split, resolution=resolution, num_images=num_images))
+
+    def segmentation(self, name: str, split: str, *, size: Size | None = None, height: int | None = None,
+                     num_images: int | None = None) -> SegmentationSet:
+        """``load_segmentation(name, root, split, ...)``, memoised."""
+        return self.memo(("segmentation", name, split, size, height, num_images),
+                         lambda: load_segmentation(name, self.root, split, size=size, height=height,
+                                                   num_images=num_images))
+
+    def objects(self, name: str, split: str) -> ObjectBank:
+        """``load_objects(name, root, split)``, memoised."""
+        return self.memo(("objects", name, split), lambda: load_objects(name, self.root, split))
 
     def __repr__(self) -> str:
         return f"DataSource({str(self.root)!r})"

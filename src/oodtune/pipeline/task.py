@@ -2,17 +2,17 @@
 works unchanged for each.
 
 A :class:`Task` knows its data (the ID training split a checkpoint records, auxiliary outliers, OOD test sets),
-how to run its model over them (class logits of images; for pixel-wise tasks, B×K×H×W logits), its training
-loop, and how its detection is measured. The steps in :mod:`oodtune.pipeline` read a checkpoint's
+how to wrap and run its model (class logits of images; for pixel-wise tasks, B×C×H×W logits), its losses, its
+training loop, and how its detection is measured. The steps in :mod:`oodtune.pipeline` read a checkpoint's
 ``RunMeta.task`` and hand the work to the registered task; classification is :mod:`.classification`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -21,19 +21,33 @@ from ..errors import CheckpointError
 from ..evaluation import EvalReport
 from ..losses import CompositeLoss
 from ..metrics.ood import Positive
-from ..models import FeatureModel, RunMeta
+from ..models import RunMeta
 from ..training.config import TrainConfig
 from .source import DataSource
 
 __all__ = ["Task", "register_task", "task_of", "TASK_REGISTRY"]
 
+#: The wrapper a task runs its networks in (classification: FeatureModel; segmentation: SegmentationModel).
+Net = TypeVar("Net", bound=nn.Module)
 
-class Task(ABC):
+
+class Task(ABC, Generic[Net]):
     """One kind of model and data (see the module docstring). Implementations are stateless."""
 
     name: str
     #: Fine-tuning settings when the user gives none (the reference recipe of the task's papers).
     finetune_defaults: TrainConfig
+    #: The auxiliary outlier set of the task's reference protocol (the command line's default --outliers).
+    default_outliers: str
+
+    @abstractmethod
+    def wrap(self, model: nn.Module, meta: RunMeta) -> Net:
+        """``model`` (as rebuilt from a checkpoint) in the wrapper this task's steps run it in."""
+
+    @abstractmethod
+    def build_loss(self, method: str, meta: RunMeta, prior_gamma: torch.Tensor | None,
+                   options: Mapping[str, Any]) -> CompositeLoss:
+        """The fine-tuning loss of ``method`` for ``meta``'s model, ``options`` overriding the defaults."""
 
     @abstractmethod
     def train_set(self, meta: RunMeta, source: DataSource) -> Any:
@@ -44,37 +58,39 @@ class Task(ABC):
         """A newly initialised model of ``meta``'s architecture whose weights depend only on ``seed``."""
 
     @abstractmethod
-    def prior_counts(self, net: FeatureModel, meta: RunMeta, outliers: str, source: DataSource,
+    def prior_counts(self, net: Net, meta: RunMeta, outliers: str, source: DataSource,
                      device: str | None) -> torch.Tensor:
         """N_i: how often the pretrained ``net`` predicts class i (argmax) on the auxiliary outliers; (K,) int64."""
 
     @abstractmethod
-    def energies(self, net: FeatureModel, meta: RunMeta, outliers: str, source: DataSource,
+    def energies(self, net: Net, meta: RunMeta, outliers: str, source: DataSource,
                  device: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Energies E = -logsumexp f of ``net`` on the ID training split and on the auxiliary outliers (CPU)."""
 
     @abstractmethod
-    def train(self, net: FeatureModel, meta: RunMeta, loss: CompositeLoss, config: TrainConfig, *,
+    def train(self, net: Net, meta: RunMeta, loss: CompositeLoss, config: TrainConfig, *,
               outliers: str | None, source: DataSource, run_dir: Path) -> Path:
         """Train ``net`` with ``loss`` on the ID training split (and ``outliers``); returns the final checkpoint."""
 
     @abstractmethod
-    def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
+    def evaluate(self, net: Net, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None) -> EvalReport:
-        """ID-task metrics on the ID test split and detection metrics of each score on each OOD set."""
+                 positive: Positive | None, id_split: str = "test", blur: bool = False) -> EvalReport:
+        """ID-task metrics on the ID ``id_split`` split (the test split; ``val`` when choosing hyper-parameters)
+        and detection metrics of each score on each OOD set (``blur``: Gaussian-blurred pixel score maps, for
+        pixel-wise tasks)."""
 
 
-TASK_REGISTRY: dict[str, Task] = {}
+TASK_REGISTRY: dict[str, Task[Any]] = {}
 
 
-def register_task(task: Task) -> Task:
+def register_task(task: Task[Any]) -> Task[Any]:
     """Make ``task`` available to every pipeline step under ``task.name``."""
     TASK_REGISTRY[task.name] = task
     return task
 
 
-def task_of(meta: RunMeta) -> Task:
+def task_of(meta: RunMeta) -> Task[Any]:
     """The registered task of a checkpoint."""
     try:
         return TASK_REGISTRY[meta.task]

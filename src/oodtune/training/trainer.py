@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import check_writable, remove_stale_temporaries
-from ..data.imageset import ImageSet
 from ..data.tensors import CropFlip, Normalizer, apply_crop_flip, draw_crop_flip, to_device_uint8
 from ..errors import DataError, DivergenceError, ResumeMismatchError
 from ..lock import output_lock
 from ..losses import CompositeLoss, LossInputs
-from ..models import FeatureModel, RunMeta, read_checkpoint, save_checkpoint
+from ..models import RunMeta, read_checkpoint, save_checkpoint, unwrap_model
 from ..progress import Bar, console, format_rate, progress_bar
 from ..runtime import DistInfo, autocast, compile_mode, init_distributed, local_device, resolve_device
 from .config import TrainConfig
@@ -79,34 +79,24 @@ def cosine_factor(step: int, total: int, lr: float, lr_min: float = 1e-6) -> flo
 
 
 class Trainer:
-    """Trains ``net`` (a FeatureModel) on ``train_set`` with ``loss``; see module docstring."""
+    """Trains ``net`` (a FeatureModel) on ``train_set`` with ``loss``; see module docstring. Tasks whose samples
+    are not labelled images subclass it (:mod:`.segmentation`), overriding the data hooks and the step pieces."""
 
     def __init__(
         self,
-        net: FeatureModel,
-        train_set: ImageSet,
+        net: nn.Module,
+        train_set: Any,
         loss: CompositeLoss,
         config: TrainConfig,
         *,
-        outliers: ImageSet | None = None,
+        outliers: Any = None,
         normalizer: Normalizer | None = None,
         run_dir: str | Path | None = None,
         meta: RunMeta | None = None,
     ) -> None:
-        if train_set.labels is None:
-            raise DataError(f"{train_set.name}: training needs labels, but this set is unlabelled.")
         if loss.needs_outliers and outliers is None:
             raise DataError("this method needs auxiliary outliers (--outliers); none were given.")
-        if train_set.num_classes and train_set.num_classes != net.num_classes:
-            raise DataError(
-                f"{train_set.name} has {train_set.num_classes} classes but the model outputs {net.num_classes}; "
-                "use a checkpoint trained on the same classes."
-            )
-        if outliers is not None and outliers.images.shape[1:] != train_set.images.shape[1:]:
-            raise DataError(
-                f"outlier images are {outliers.images.shape[1:3]} but ID images are {train_set.images.shape[1:3]}; "
-                "load both at the same --resolution."
-            )
+        self._check_data(net, train_set, outliers)
         self.cfg = config
         device = resolve_device(config.device)
         self.device = local_device(device)
@@ -116,7 +106,7 @@ class Trainer:
             self.dist.check_batch(config.outlier_batch_size, "--outlier-batch-size")
         self.channels_last = self.device.type == "cuda" if config.channels_last is None else config.channels_last
         norm = normalizer or Normalizer()
-        self.normalizer = Normalizer(norm.mean, norm.std, self.channels_last)
+        self.normalizer = Normalizer(norm.mean, norm.std, self.channels_last, norm.bgr)
         self.loss = loss
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # static shapes: let cuDNN pick the fastest kernels once
@@ -129,10 +119,8 @@ class Trainer:
         self.net = net.to(self.device)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.train_x = to_device_uint8(train_set, self.device)
-        self.train_y = torch.from_numpy(train_set.labels).to(self.device)
         self.use_outliers = loss.needs_outliers
-        self.out_x = to_device_uint8(outliers, self.device) if (outliers is not None and self.use_outliers) else None
+        self._load_data(train_set, outliers if self.use_outliers else None)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if self.run_dir is not None and meta is None:
             raise TypeError("a Trainer that writes checkpoints (run_dir) needs the run's RunMeta (meta=)")
@@ -140,6 +128,29 @@ class Trainer:
             dataset_fingerprint=train_set.fingerprint(),
             outliers_fingerprint=outliers.fingerprint() if self.out_x is not None and outliers is not None else None)
         self.train_name = train_set.name
+
+    # -- the data (overridden by tasks whose samples are not labelled images) ---------------------
+    def _check_data(self, net: nn.Module, train_set: Any, outliers: Any) -> None:
+        """Refuse data that does not fit the model, before anything is moved to the device."""
+        if train_set.labels is None:
+            raise DataError(f"{train_set.name}: training needs labels, but this set is unlabelled.")
+        num_classes = getattr(net, "num_classes", 0)
+        if train_set.num_classes and train_set.num_classes != num_classes:
+            raise DataError(
+                f"{train_set.name} has {train_set.num_classes} classes but the model outputs {num_classes}; "
+                "use a checkpoint trained on the same classes."
+            )
+        if outliers is not None and outliers.images.shape[1:] != train_set.images.shape[1:]:
+            raise DataError(
+                f"outlier images are {outliers.images.shape[1:3]} but ID images are {train_set.images.shape[1:3]}; "
+                "load both at the same --resolution."
+            )
+
+    def _load_data(self, train_set: Any, outliers: Any) -> None:
+        """``train_x`` / ``train_y`` / ``out_x``: the training data on the device."""
+        self.train_x = to_device_uint8(train_set, self.device)
+        self.train_y = torch.from_numpy(train_set.labels).to(self.device)
+        self.out_x: Any = to_device_uint8(outliers, self.device) if outliers is not None else None
 
     # -- pieces of a step -------------------------------------------------------------------------
     # A step is split where randomness ends: ``_draw`` (eager) gathers the batch and draws its augmentation
@@ -225,7 +236,7 @@ class Trainer:
                 f"{self.run_dir / LAST} is an unfinished run with other settings ({diff}); resuming it would mix two "
                 "runs. Use a new --out folder, or delete that folder to start over."
             )
-        self.net.model.load_state_dict(ckpt["model"])  # checkpoints hold the plain classifier's weights
+        unwrap_model(self.net).load_state_dict(ckpt["model"])  # checkpoints hold the plain network's weights
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])

@@ -1,0 +1,70 @@
+"""One interface for segmentation networks: ``SegmentationModel(model, ...)(x)`` gives (B, C, H, W) logits, C = the
+K class logits followed by ``extra_channels`` (void / abstention), and only the named ``trainable`` modules train.
+
+Frozen modules stay in eval mode whatever ``train()`` is called with: their BatchNorm layers normalise with the
+pretrained running statistics and never update them, so the frozen part computes exactly the pretrained function
+(the PEBAL reference code leaves the whole network in train mode, so its frozen BatchNorm layers normalise with
+batch statistics and their running statistics drift; we do not). The trainable block follows ``train()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+__all__ = ["SegmentationModel"]
+
+
+class SegmentationModel(nn.Module):
+    """Wraps a segmentation network (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, num_classes: int, extra_channels: int = 0,
+                 trainable: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = int(num_classes)
+        self.extra_channels = int(extra_channels)
+        self.trainable = tuple(trainable)
+        blocks = []
+        for name in self.trainable:
+            try:
+                blocks.append(model.get_submodule(name))
+            except AttributeError as exc:
+                raise ModelError(f"{type(model).__name__} has no module {name!r} to fine-tune ({exc}); name the last "
+                                 "block by its dotted path as in model.named_modules() (--trainable NAME).") from exc
+        self._blocks = blocks or [model]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for block in self._blocks:
+            for p in block.parameters():
+                p.requires_grad_(True)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.num_classes + self.extra_channels
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters fine-tuning updates (those of the trainable blocks)."""
+        return (p for p in self.model.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True) -> SegmentationModel:
+        self.training = mode
+        self.model.eval()
+        for block in self._blocks:
+            block.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[1] != self.num_outputs \
+                or out.shape[-2:] != x.shape[-2:]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelError(f"a segmentation model must return logits of shape (B, {self.num_outputs}, H, W) for "
+                             f"(B, 3, H, W) input ({self.num_classes} classes + {self.extra_channels} extra), got "
+                             f"{shape} for {tuple(x.shape)}; check --dataset / --extra-channels, or upsample the "
+                             "output to the input size in the model.")
+        return out

@@ -1,0 +1,144 @@
+"""Evaluate a segmentation network: mIoU on the ID test split, and pixel-wise anomaly detection on anomaly sets.
+
+Each frame goes through the network once per data set (eval mode, fp32, batches of ``batch_size`` frames); its
+logits are turned into per-pixel scores (:func:`oodtune.scores.score_map`: the score's formula on each pixel's
+K class logits, higher = more in-distribution), optionally Gaussian-blurred (kernel 7, σ 1, as PEBAL's test code
+can), and streamed into :class:`~oodtune.metrics.pixel.PixelDetectionCounter` with the void pixels left out; so
+memory does not grow with the number of pixels, except for the SegmentMeIfYouCan component metrics, which keep
+each frame's score map as float16 (2 bytes per pixel) until the threshold is known (``components=False`` skips
+them). The report's ``scores`` keep a seeded sample of pixel scores per set (``sample`` inlier and ``sample``
+anomaly pixels, spread evenly over the frames) for histograms and ROC plots.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .data.segmentation import ANOMALY, VOID, SegmentationSet
+from .data.tensors import Normalizer
+from .errors import DataError, DivergenceError
+from .evaluation import METRIC_KEYS, EvalReport
+from .metrics.ood import DEFAULT_POSITIVE, Positive
+from .metrics.pixel import ConfusionCounter, PixelDetectionCounter, component_metrics
+from .models import SegmentationModel
+from .pixel_losses import gaussian_blur
+from .progress import format_rate, progress_bar
+from .runtime import resolve_device
+from .scores import Score, score_map
+
+__all__ = ["evaluate_segmentation", "forward_maps", "segmentation_metrics"]
+
+#: SegmentMeIfYouCan's anomaly-track component size limits (pixels at 2048x1024), scaled to the evaluated size.
+SMIYC_MIN_GT, SMIYC_MIN_PRED, SMIYC_PIXELS = 100, 500, 2048 * 1024
+
+
+@torch.no_grad()
+def forward_maps(net: SegmentationModel, data: SegmentationSet, normalizer: Normalizer, *,
+                 device: str | torch.device | None = None, batch_size: int = 8
+                 ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """(logits (b, C, H, W) float32 on the device, label maps (b, H, W) uint8) for each batch of ``data``."""
+    dev = resolve_device(device if isinstance(device, str) or device is None else str(device))
+    net = net.to(dev).eval()
+    with progress_bar(f"forward {data.name}", total=len(data)) as bar:
+        t0 = time.perf_counter()
+        for start in range(0, len(data), batch_size):
+            frames = torch.from_numpy(data.images[start : start + batch_size]).permute(0, 3, 1, 2).to(dev)
+            logits = net(normalizer(frames)).float()
+            if not torch.isfinite(logits).all():
+                raise DivergenceError(f"the model produced NaN/inf logits on {data.name}; the checkpoint may be "
+                                      "diverged.")
+            yield logits, data.labels[start : start + batch_size]
+            bar.advance(len(frames))
+            bar.update(rate=format_rate(start + len(frames), time.perf_counter() - t0))
+
+
+def segmentation_metrics(net: SegmentationModel, normalizer: Normalizer, data: SegmentationSet, *,
+                         device: str | None = None, batch_size: int = 8) -> dict[str, float]:
+    """mIoU and pixel accuracy (%) of ``net`` on the ID set ``data`` (argmax over every output channel; void
+    labels ignored; see :class:`~oodtune.metrics.pixel.ConfusionCounter`)."""
+    if data.num_classes != net.num_classes:
+        raise DataError(f"{data.name} has {data.num_classes} classes but the model {net.num_classes}.")
+    conf = ConfusionCounter(net.num_classes, net.num_outputs, data.ignore_index)
+    for logits, labels in forward_maps(net, data, normalizer, device=device, batch_size=batch_size):
+        conf.update(logits.argmax(1).cpu().numpy(), labels)
+    return {"miou": 100 * conf.miou(), "pixel_accuracy": 100 * conf.pixel_accuracy()}
+
+
+class _SetScorer:
+    """Everything one (score, anomaly set) pair accumulates."""
+
+    def __init__(self, frames: int, sample: int, seed: int, components: bool) -> None:
+        self.counter = PixelDetectionCounter()
+        self.rng = np.random.default_rng(seed)
+        self.per_frame = max(1, math.ceil(sample / max(frames, 1)))
+        self.sample_in: list[np.ndarray] = []
+        self.sample_out: list[np.ndarray] = []
+        self.maps: list[tuple[np.ndarray, np.ndarray]] | None = [] if components else None
+
+    def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        valid = labels != VOID
+        anomaly = labels == ANOMALY
+        self.counter.update(scores, anomaly, valid)
+        for i in range(len(scores)):
+            for want, out in ((valid[i] & ~anomaly[i], self.sample_in), (anomaly[i], self.sample_out)):
+                vals = scores[i][want]
+                if vals.size:
+                    out.append(self.rng.choice(vals, size=min(self.per_frame, vals.size), replace=False))
+            if self.maps is not None:
+                self.maps.append((scores[i].astype(np.float16), labels[i]))
+
+
+def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_test: SegmentationSet,
+                          anomaly_sets: Mapping[str, SegmentationSet], scores: Sequence[Score], *,
+                          device: str | None = None, batch_size: int = 8, positive: Positive | None = None,
+                          blur: bool = False, components: bool = True, sample: int = 20000,
+                          seed: int = 0) -> EvalReport:
+    """mIoU / pixel accuracy on ``id_test`` plus, per score and anomaly set, AUROC / AUPR-In / AUPR-Out (= AP) /
+    FPR95 over all non-void pixels (anomaly pixels positive by default), the AUROC error bound of the streaming
+    counts, and the SegmentMeIfYouCan sIoU / PPV / mean F1 (all in %); see the module docstring."""
+    if not anomaly_sets:
+        raise DataError("no anomaly sets given; name at least one (e.g. --ood road-anomaly).")
+    for name, ds in anomaly_sets.items():
+        if not ds.is_anomaly_set:
+            raise DataError(f"{name} is not an anomaly set (labels 0 = in-distribution, 1 = anomaly, 255 = void).")
+    t0 = time.perf_counter()
+    report = EvalReport(id_metrics=segmentation_metrics(net, normalizer, id_test, device=device,
+                                                       batch_size=batch_size))
+    pos: Positive = positive or DEFAULT_POSITIVE
+    pooled_in: dict[str, list[np.ndarray]] = {s.name: [] for s in scores}
+    for name, ds in anomaly_sets.items():
+        scorers = {s.name: _SetScorer(len(ds), sample, seed, components) for s in scores}
+        for logits, labels in forward_maps(net, ds, normalizer, device=device, batch_size=batch_size):
+            for s in scores:
+                smap = score_map(s, logits, net.num_classes)
+                if blur:
+                    smap = gaussian_blur(smap)
+                scorers[s.name].add(smap.cpu().numpy(), labels)
+        for s in scores:
+            sc = scorers[s.name]
+            res = sc.counter.result(positive=pos)
+            row: dict[str, float | str] = {"score": s.name, "dataset": name,
+                                           **{k: v for k, v in res.metrics.as_percent().items() if k in METRIC_KEYS},
+                                           "auroc_bound": 100 * res.auroc_bound,
+                                           "anomaly_pixels": 100 * res.n_anomaly / (res.n_anomaly + res.n_inlier)}
+            if sc.maps is not None:
+                h, w = ds.size[1], ds.size[0]
+                scale = h * w / SMIYC_PIXELS
+                comp = component_metrics(sc.maps, res.best_f1_threshold,
+                                         min_gt_size=max(1, round(SMIYC_MIN_GT * scale)),
+                                         min_pred_size=max(1, round(SMIYC_MIN_PRED * scale)))
+                row.update({"siou": 100 * comp.siou, "ppv": 100 * comp.ppv, "mean_f1": 100 * comp.mean_f1})
+            report.rows.append(row)
+            report.scores.setdefault(s.name, {})[name] = np.concatenate(sc.sample_out) if sc.sample_out \
+                else np.zeros(0, np.float32)
+            pooled_in[s.name] += sc.sample_in
+    for s in scores:
+        report.scores[s.name]["id"] = np.concatenate(pooled_in[s.name]) if pooled_in[s.name] \
+            else np.zeros(0, np.float32)
+    report.seconds = time.perf_counter() - t0
+    return report

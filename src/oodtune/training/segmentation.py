@@ -1,0 +1,104 @@
+"""Fine-tuning a segmentation network with pasted outlier objects (PEBAL's protocol), on the shared training loop.
+
+Each step draws ``batch_size`` frames of the ID training split; when the loss uses outliers, one object of the
+object bank is pasted into each of the first ``outlier_batch_size`` frames (random scale, flip and position,
+:func:`oodtune.data.objects.paste_object`; its pixels get :data:`~oodtune.pixel_losses.OUTLIER_LABEL`); every
+frame is flipped horizontally with probability 0.5. All draws come from the run's seeded generator, so a seed
+reproduces the batches and a resumed run continues them. One forward pass over the batch; the loss sees the
+labelled pixels and the outlier pixels as rows and the whole batch as maps (:mod:`oodtune.pixel_losses`).
+
+Only the checkpoint's ``trainable`` modules are optimised (the others are frozen, BatchNorm included: see
+:class:`~oodtune.models.SegmentationModel`), with Adam as in the reference (PEBAL: Adam, lr 1e-5, poly decay;
+here the loop's per-step cosine decay) and ``weight_decay`` as Adam's L2 term.
+
+Reference protocol vs this loop: PEBAL builds each epoch from all Cityscapes frames plus 10% as many frames with
+a COCO object pasted (so about one sample in eleven carries an outlier, and a batch may carry none) and rescales
+and crops the whole mixed frame; here a fixed number of frames per batch carry an object (``outlier_batch_size``)
+and the object alone is rescaled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.objects import ObjectBank, paste_object
+from ..data.segmentation import SegmentationSet
+from ..errors import ConfigError, DataError
+from ..losses import LossInputs
+from ..models import SegmentationModel
+from ..pixel_losses import OUTLIER_LABEL
+from ..runtime import autocast
+from .sampling import OutlierSampler
+from .trainer import StepBatch, StepOutputs, Trainer
+
+__all__ = ["SegmentationTrainer"]
+
+
+class SegmentationTrainer(Trainer):
+    """:class:`~oodtune.training.trainer.Trainer` for a :class:`SegmentationModel` on a :class:`SegmentationSet`
+    with an :class:`ObjectBank` of outliers (module docstring)."""
+
+    net: SegmentationModel
+
+    def _check_data(self, net: nn.Module, train_set: Any, outliers: Any) -> None:
+        if not isinstance(net, SegmentationModel):
+            raise TypeError("SegmentationTrainer trains a SegmentationModel")
+        if not isinstance(train_set, SegmentationSet) or train_set.is_anomaly_set:
+            raise DataError(f"{getattr(train_set, 'name', train_set)}: segmentation fine-tuning needs an ID "
+                            "segmentation set (frames with class label maps).")
+        if train_set.num_classes != net.num_classes:
+            raise DataError(f"{train_set.name} has {train_set.num_classes} classes but the model has "
+                            f"{net.num_classes} class outputs; fine-tune on the data set the checkpoint was made for.")
+        if outliers is not None and not isinstance(outliers, ObjectBank):
+            raise DataError("segmentation fine-tuning pastes objects from an object bank (--outliers coco-objects).")
+
+    def _load_data(self, train_set: Any, outliers: Any) -> None:
+        # Frames stay on the CPU (objects are pasted there); each batch is moved to the device.
+        self.train_x = torch.from_numpy(np.ascontiguousarray(train_set.images))  # (N, H, W, 3) uint8
+        self.train_y = torch.from_numpy(np.ascontiguousarray(train_set.labels))  # (N, H, W) uint8
+        self.out_x = outliers
+        self.ignore_index = train_set.ignore_index
+        if outliers is not None and self.cfg.outlier_batch_size > self.cfg.batch_size:
+            raise ConfigError(f"outlier_batch_size {self.cfg.outlier_batch_size} is the number of frames per batch "
+                              f"that get a pasted object; it cannot exceed batch_size {self.cfg.batch_size}.")
+
+    def _draw(self, idx: torch.Tensor, gen: torch.Generator, sampler: OutlierSampler | None) -> StepBatch:
+        rows = idx.cpu()
+        frames = self.train_x[rows].numpy().copy()
+        labels = self.train_y[rows].numpy().copy()
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))
+        if sampler is not None and isinstance(self.out_x, ObjectBank):
+            for i, k in enumerate(sampler.next().cpu().tolist()):
+                paste_object(frames[i], labels[i], self.out_x.images[k], self.out_x.masks[k], rng, OUTLIER_LABEL)
+        flip = rng.random(len(frames)) < 0.5
+        frames[flip] = frames[flip, :, ::-1]
+        labels[flip] = labels[flip, :, ::-1]
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous().to(self.device)
+        y = torch.from_numpy(labels).to(self.device, torch.int64)
+        return x, y, None, None, None
+
+    def _forward(self, model: Callable[..., Any], x_in: torch.Tensor, y_in: torch.Tensor, aug_in: Any,
+                 x_out: Any, aug_out: Any) -> StepOutputs:
+        """(total loss, its parts, batch size × pixel accuracy on labelled pixels)."""
+        with autocast(self.device, self.cfg.precision):
+            logits = model(self.normalizer(x_in))
+        k = self.net.num_classes
+        pixels = logits[:, :k].permute(0, 2, 3, 1)
+        outlier = y_in == OUTLIER_LABEL
+        labelled = ~outlier if self.ignore_index is None else ~outlier & (y_in != self.ignore_index)
+        total, parts = self.loss(LossInputs(
+            logits_in=pixels[labelled], labels_in=y_in[labelled],
+            logits_out=pixels[outlier] if self.use_outliers else None,
+            logits_map=logits, labels_map=y_in,
+        ))
+        accuracy = (logits.argmax(1) == y_in)[labelled].float().mean()
+        return total, parts, accuracy * x_in.shape[0]
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(list(self.net.trainable_parameters()), lr=self.cfg.lr,
+                                weight_decay=self.cfg.weight_decay)

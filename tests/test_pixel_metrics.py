@@ -1,0 +1,171 @@
+"""Pixel metrics: the streaming counter against scikit-learn (exact without key collisions, within its reported
+bound otherwise), chunking invariance, void handling; mIoU against a hand count; SegmentMeIfYouCan components on
+hand-made frames; pixel scores against the per-image scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from oodtune.metrics.pixel import ConfusionCounter, PixelDetectionCounter, component_metrics, score_keys
+from oodtune.scores import build_score, score_map
+
+
+def _sklearn(scores: np.ndarray, anomaly: np.ndarray) -> tuple[float, float, float]:
+    """(AUROC, AP, FPR95) with anomaly positive and -score as the anomaly score."""
+    fpr, tpr, _ = roc_curve(anomaly, -scores, drop_intermediate=False)
+    return roc_auc_score(anomaly, -scores), average_precision_score(anomaly, -scores), fpr[np.searchsorted(tpr, 0.95)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_with_ties_against_sklearn(seed: int) -> None:
+    """Scores on a coarse grid: many exact ties, no two different scores share a key -> exact."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-40, 40, size=(3, 30, 20)).astype(np.float32) / 4
+    anomaly = rng.random((3, 30, 20)) < 0.2
+    scores[anomaly] -= 2.0
+    counter = PixelDetectionCounter()
+    for i in range(3):
+        counter.update(scores[i], anomaly[i])
+    res = counter.result()
+    auroc, ap, fpr = _sklearn(scores.ravel(), anomaly.ravel())
+    assert res.auroc_bound >= 0
+    assert res.metrics.auroc == pytest.approx(auroc, abs=1e-12)
+    assert res.metrics.aupr_out == pytest.approx(ap, abs=1e-12)
+    assert res.metrics.fpr95 == pytest.approx(fpr, abs=1e-12)
+    assert res.n_anomaly == anomaly.sum() and res.n_inlier == (~anomaly).sum()
+
+
+def test_continuous_scores_within_the_reported_bound() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=200_000).astype(np.float32)
+    anomaly = rng.random(200_000) < 0.1
+    scores[anomaly] -= 1.0
+    coarse = PixelDetectionCounter(bits=14)
+    coarse.update(scores, anomaly)
+    res = coarse.result()
+    auroc, _, _ = _sklearn(scores, anomaly)
+    assert res.auroc_bound > 0
+    assert abs(res.metrics.auroc - auroc) <= res.auroc_bound + 1e-12
+    fine = PixelDetectionCounter()  # the default resolution
+    fine.update(scores, anomaly)
+    fine_res = fine.result()
+    assert abs(fine_res.metrics.auroc - auroc) <= fine_res.auroc_bound + 1e-12
+    assert fine_res.auroc_bound < 1e-4
+
+
+def test_chunking_buffering_and_void_do_not_change_the_result() -> None:
+    rng = np.random.default_rng(4)
+    scores = rng.normal(size=(4, 50, 50)).astype(np.float32)
+    anomaly = rng.random((4, 50, 50)) < 0.15
+    void = rng.random((4, 50, 50)) < 0.1
+    whole = PixelDetectionCounter(bits=20)
+    whole.update(scores, anomaly, ~void)
+    pieces = PixelDetectionCounter(bits=20, buffer_pixels=100)
+    for i in range(4):
+        pieces.update(scores[i], anomaly[i], ~void[i])
+    a, b = whole.result(), pieces.result()
+    assert a.metrics == b.metrics
+    auroc, ap, _ = _sklearn(scores[~void], anomaly[~void])
+    assert a.metrics.auroc == pytest.approx(auroc, abs=a.auroc_bound + 1e-12)
+    assert a.metrics.aupr_out == pytest.approx(ap, abs=1e-3)
+
+
+def test_best_f1_threshold_selects_the_best_pixels() -> None:
+    scores = np.array([-3.0, -2.5, -2.0, 1.0, 2.0, 3.0], dtype=np.float32)
+    anomaly = np.array([1, 1, 0, 0, 0, 0], dtype=bool)
+    counter = PixelDetectionCounter()
+    counter.update(scores, anomaly)
+    res = counter.result()
+    assert res.best_f1 == pytest.approx(1.0)
+    assert -2.5 <= res.best_f1_threshold < -2.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=2, max_size=50))
+def test_score_keys_preserve_order(values: list[float]) -> None:
+    a = np.asarray(values, dtype=np.float32)
+    keys = score_keys(a, 32 - 4)
+    order = np.argsort(a, kind="stable")
+    assert (np.diff(keys[order].astype(np.int64)) >= 0).all()
+    assert score_keys(np.float32([-0.0]))[0] == score_keys(np.float32([0.0]))[0]
+
+
+def test_non_finite_scores_and_empty_classes_are_refused() -> None:
+    counter = PixelDetectionCounter()
+    with pytest.raises(ValueError, match="NaN"):
+        counter.update(np.array([np.nan, 1.0]), np.array([True, False]))
+    counter.update(np.array([1.0, 2.0]), np.array([False, False]))
+    with pytest.raises(ValueError, match="0 anomaly pixels"):
+        counter.result()
+
+
+def test_miou_counts_void_predictions_as_errors() -> None:
+    labels = np.array([[0, 0, 1, 1], [2, 2, 9, 9]])  # 9 = void
+    pred = np.array([[0, 3, 1, 0], [2, 2, 1, 2]])  # 3 = the extra (void) output
+    conf = ConfusionCounter(3, 4, ignore_index=9)
+    conf.update(pred, labels)
+    # class 0: TP 1, FN 1 (predicted 3), FP 1 (a 1 predicted 0) -> 1/3; class 1: TP 1, FN 1 -> 1/2; class 2: 2/2
+    np.testing.assert_allclose(conf.iou(), [1 / 3, 1 / 2, 1.0])
+    assert conf.miou() == pytest.approx((1 / 3 + 1 / 2 + 1) / 3)
+    assert conf.pixel_accuracy() == pytest.approx(4 / 6)
+
+
+def test_component_metrics_on_hand_made_frames() -> None:
+    labels = np.zeros((20, 20), np.uint8)
+    labels[2:8, 2:8] = 1
+    labels[12:18, 12:18] = 1
+    scores = np.ones((20, 20), np.float32)
+    scores[2:8, 2:8] = -1  # exactly the first object
+    scores[0:2, 15:20] = -1  # a false component
+    res = component_metrics([(scores, labels)], threshold=0.0, min_gt_size=1, min_pred_size=1)
+    assert (res.num_gt, res.num_pred) == (2, 2)
+    assert res.siou == pytest.approx(0.5)  # 1 for the found object, 0 for the missed one
+    assert res.ppv == pytest.approx(0.5)  # the true component 1, the false one 0
+    # every threshold: TP 1, FN 1, FP 1 -> F1 = 2 / 4
+    assert res.mean_f1 == pytest.approx(0.5)
+
+
+def test_component_adjustment_ignores_other_objects() -> None:
+    """A prediction covering two objects: each object's sIoU excludes the other object's pixels."""
+    labels = np.zeros((10, 30), np.uint8)
+    labels[2:8, 2:8] = 1
+    labels[2:8, 12:18] = 1
+    scores = np.ones((10, 30), np.float32)
+    scores[2:8, 2:18] = -1
+    res = component_metrics([(scores, labels)], threshold=0.0, min_gt_size=1, min_pred_size=1)
+    assert res.siou == pytest.approx(36 / (96 - 36))  # |k| / (|pred| - |other object|)
+    assert res.ppv == pytest.approx(72 / 96)
+
+
+@pytest.mark.parametrize("name", ["msp", "maxlogit", "entropy", "energy"])
+def test_pixel_scores_equal_the_per_image_scores_on_each_pixel(name: str) -> None:
+    logits = torch.randn(2, 5, 3, 4)
+    score = build_score(name)
+    got = score_map(score, logits, num_classes=4)
+    want = score.from_outputs(logits[:, :4].permute(0, 2, 3, 1).reshape(-1, 4), torch.zeros(1)).reshape(2, 3, 4)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="not a pixel score"):
+        score_map(build_score("knn"), logits)
+
+
+def test_sparse_and_dense_counts_agree() -> None:
+    """Small sets are counted sparsely, larger ones densely; switching midway changes nothing."""
+    rng = np.random.default_rng(5)
+    scores = (rng.normal(size=20_000) * 10.0 ** rng.integers(-12, 12, size=20_000)).astype(np.float32)
+    anomaly = rng.random(20_000) < 0.3
+    switching = PixelDetectionCounter(bits=10, buffer_pixels=500)
+    for i in range(0, 20_000, 500):
+        switching.update(scores[i : i + 500], anomaly[i : i + 500])
+    sparse = PixelDetectionCounter(bits=20)
+    sparse.update(scores, anomaly)
+    exact = PixelDetectionCounter(bits=10)
+    exact.update(scores, anomaly)
+    assert switching.result().metrics == exact.result().metrics
+    assert switching._counts is not None and sparse.result() and sparse._sparse is not None
+    auroc, ap, _ = _sklearn(scores, anomaly)
+    assert sparse.result().metrics.auroc == pytest.approx(auroc, abs=sparse.result().auroc_bound + 1e-12)

@@ -1,0 +1,176 @@
+"""Segmentation through the same verbs as classification, on tiny fixtures in the published layouts: import a
+(random-weight) ESPNet, estimate the prior, propose margins, fine-tune the last block with PEBAL, evaluate mIoU and
+pixel metrics; the benchmark grid and the command line on top."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures_segmentation import FixedSegmenter, TinySegmenter, write_espnet_weights, write_segmentation_root
+from helpers_cli import fails, ok
+from oodtune import pipeline
+from oodtune.benchmark import load_benchmark_config, run_benchmark
+from oodtune.errors import CheckpointError, ConfigError, ModelError
+from oodtune.models import RunMeta, load_model, read_meta, trusted_archs
+from oodtune.training.config import TrainConfig
+
+FAST = TrainConfig(epochs=1, batch_size=2, outlier_batch_size=1, lr=1e-2, max_steps_per_epoch=2, device="cpu")
+
+
+@pytest.fixture
+def seg_root(data_env: dict[str, Path]) -> dict[str, Path]:
+    write_segmentation_root(data_env["root"])
+    weights = write_espnet_weights(data_env["tmp"] / "espnet.pth")
+    ckpt = pipeline.import_segmenter(weights, data_env["tmp"] / "seg.pt", arch="espnet-camvid", dataset="camvid",
+                                     data_root=data_env["root"])
+    return {**data_env, "weights": weights, "ckpt": ckpt}
+
+
+def test_import_records_the_segmentation_meta(seg_root: dict[str, Path]) -> None:
+    meta = read_meta(seg_root["ckpt"])
+    assert (meta.task, meta.num_classes, meta.extra_channels, meta.ignore_index) == ("segmentation", 11, 1, 11)
+    assert meta.input_size == (32, 24) and meta.channel_order == "bgr" and meta.trainable == ("conv", "classifier")
+    assert RunMeta.from_dict(meta.to_dict()) == meta
+    old = {k: v for k, v in meta.to_dict().items() if k not in ("extra_channels", "input_size", "trainable")}
+    assert RunMeta.from_dict({**old, "task": "classification"}).extra_channels == 0  # older dicts still load
+
+
+def test_import_refuses_weights_that_do_not_fit(seg_root: dict[str, Path]) -> None:
+    other = write_espnet_weights(seg_root["tmp"] / "city.pth", outputs=20, arch="espnet")
+    with pytest.raises(CheckpointError, match="does not fit --arch espnet-camvid"):
+        pipeline.import_segmenter(other, seg_root["tmp"] / "x.pt", arch="espnet-camvid", dataset="camvid",
+                                  data_root=seg_root["root"])
+    with pytest.raises(ConfigError, match="not a segmentation data set"):
+        pipeline.import_segmenter(seg_root["weights"], seg_root["tmp"] / "y.pt", arch="espnet-camvid",
+                                  dataset="cifar10", data_root=seg_root["root"])
+    with pytest.raises(CheckpointError, match="2 extra outputs"):
+        pipeline.import_segmenter(seg_root["weights"], seg_root["tmp"] / "z.pt", arch="espnet-camvid",
+                                  dataset="camvid", data_root=seg_root["root"], extra_channels=2)
+    user = seg_root["tmp"] / "user.pth"
+    torch.save(FixedSegmenter(12).state_dict(), user)
+    with pytest.raises(ModelError, match=r"\(B, 11, H, W\).*got \(1, 5, 24, 32\)"):  # outputs vs the classes
+        pipeline.import_segmenter(user, seg_root["tmp"] / "u.pt", arch="fixtures_segmentation:FixedSegmenter",
+                                  dataset="camvid", data_root=seg_root["root"])
+    assert not (seg_root["tmp"] / "z.pt").exists() and not (seg_root["tmp"] / "u.pt").exists()
+
+
+def test_prior_margins_finetune_and_evaluate(seg_root: dict[str, Path]) -> None:
+    root, ckpt = seg_root["root"], seg_root["ckpt"]
+    source = pipeline.DataSource(root)
+    prior = pipeline.estimate_prior(ckpt, outliers="coco-objects", data_root=source, gamma=3.0)
+    assert len(prior.counts) == 11 and sum(prior.counts) > 0
+    margins = pipeline.propose_margins(ckpt, outliers="coco-objects", data_root=source)
+    assert margins.m_in < margins.m_out
+    out = pipeline.finetune(ckpt, seg_root["tmp"] / "run", method="balanced-pebal", data_root=source,
+                            outliers="coco-objects", prior=prior, config=FAST, loss_options=margins.as_options())
+    before, _ = load_model(ckpt)
+    after, meta = load_model(out)
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])}
+    assert changed and all(k.startswith(("conv.", "classifier.")) for k in changed)  # frozen BN stats too
+    assert meta.method == "balanced-pebal" and meta.history[0]["gambler"] > 0
+    report, _ = pipeline.evaluate_checkpoint(out, scores=["energy", "msp"], ood=["road-anomaly", "camvid-pasted"],
+                                             data_root=source)
+    assert set(report.id_metrics) == {"miou", "pixel_accuracy"}
+    rows = {(r["score"], r["dataset"]): r for r in report.rows}
+    assert set(rows) == {(s, d) for s in ("energy", "msp") for d in ("road-anomaly", "camvid-pasted")}
+    assert all(0 <= r["auroc"] <= 100 and "siou" in r for r in rows.values())
+    assert report.scores["energy"]["id"].size and report.scores["energy"]["road-anomaly"].size
+    with pytest.raises(ConfigError, match="do not apply to segmentation"):
+        pipeline.evaluate_checkpoint(out, scores=["knn"], ood=["road-anomaly"], data_root=source)
+
+
+def test_a_user_segmenter_fine_tunes_its_named_head(seg_root: dict[str, Path]) -> None:
+    weights = seg_root["tmp"] / "tiny.pth"
+    torch.save(TinySegmenter(12).state_dict(), weights)
+    ckpt = pipeline.import_segmenter(weights, seg_root["tmp"] / "tiny.pt", arch="fixtures_segmentation:TinySegmenter",
+                                     dataset="camvid", data_root=seg_root["root"], extra_channels=1,
+                                     trainable=("head",))
+    meta = read_meta(ckpt)
+    assert (meta.channel_order, meta.trainable, meta.extra_channels) == ("rgb", ("head",), 1)
+    with trusted_archs("fixtures_segmentation:TinySegmenter"):  # the user names their own architecture again
+        out = pipeline.finetune(ckpt, seg_root["tmp"] / "tiny-run", method="pebal", data_root=seg_root["root"],
+                                outliers="coco-objects", config=FAST)
+        before, after = load_model(ckpt)[0].state_dict(), load_model(out)[0].state_dict()
+        changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+        assert changed == {"head.weight", "head.bias"}  # the body, its BatchNorm statistics included, is frozen
+        report, _ = pipeline.evaluate_checkpoint(out, scores=["energy"], ood=["road-anomaly"],
+                                                 data_root=seg_root["root"])
+    assert report.rows and "miou" in report.id_metrics
+
+
+def test_pebal_needs_an_abstention_channel(seg_root: dict[str, Path]) -> None:
+    weights = write_espnet_weights(seg_root["tmp"] / "k11.pth", outputs=11)
+    ckpt = pipeline.import_segmenter(weights, seg_root["tmp"] / "k11.pt", arch="espnet-camvid", dataset="camvid",
+                                     data_root=seg_root["root"])
+    with pytest.raises(ConfigError, match="abstention"):
+        pipeline.finetune(ckpt, seg_root["tmp"] / "r", method="pebal", data_root=seg_root["root"],
+                          outliers="coco-objects", config=FAST)
+
+
+def test_benchmark_grid_and_command_line(seg_root: dict[str, Path]) -> None:
+    tmp = seg_root["tmp"]
+    config = tmp / "seg.toml"
+    config.write_text(f"""
+[benchmark]
+id_dataset = "camvid"
+pretrained = "{seg_root['ckpt']}"
+ood_far = ["road-anomaly"]
+seeds = [0]
+out = "{tmp / 'bench'}"
+device = "cpu"
+[finetune]
+epochs = 1
+max_steps_per_epoch = 1
+batch_size = 2
+outlier_batch_size = 1
+[[methods]]
+label = "Energy"
+method = "energy"
+[[methods]]
+label = "MSP"
+method = "msp"
+[[methods]]
+label = "PEBAL"
+method = "pebal"
+m_in = "auto"
+m_out = "auto"
+""")
+    cfg = load_benchmark_config(config, data_root=str(seg_root["root"]))
+    assert cfg.task == "segmentation" and cfg.outliers == "coco-objects"
+    assert cfg.train_config("finetune", cfg.methods[2], 0).lr == 1e-5  # the segmentation recipe underneath
+    run_benchmark(cfg, "test")
+    results = json.loads((tmp / "bench" / "results.json").read_text())
+    rows = {r["method"]: r for r in results["summary"]}
+    assert set(rows) == {"Energy", "MSP", "PEBAL"} and "miou" in rows["PEBAL"]
+    assert "mIoU" in (tmp / "bench" / "results.md").read_text()
+    assert (tmp / "bench" / "maps-pebal.png").exists() and (tmp / "bench" / "roc-pebal.png").exists()
+    bad = tmp / "bad.toml"
+    bad.write_text(config.read_text().replace('method = "msp"', 'method = "knn"'))
+    with pytest.raises(ConfigError, match="not a pixel score"):
+        load_benchmark_config(bad)
+    nopre = tmp / "nopre.toml"
+    nopre.write_text("\n".join(ln for ln in config.read_text().splitlines() if not ln.startswith("pretrained")))
+    with pytest.raises(ConfigError, match="needs pretrained"):
+        load_benchmark_config(nopre)
+
+
+def test_command_line_import_and_evaluate(seg_root: dict[str, Path]) -> None:
+    root, tmp = seg_root["root"], seg_root["tmp"]
+    res = ok("import-model", seg_root["weights"], "--arch", "espnet-camvid", "--dataset", "camvid", "--input-size",
+             "16x16", "--data-root", root, "--out", tmp / "cli.pt", "--device", "cpu")
+    assert "test mIoU of the imported model" in res.output
+    assert read_meta(tmp / "cli.pt").input_size == (16, 16)
+    res = ok("evaluate", tmp / "cli.pt", "--score", "energy", "--ood", "road-anomaly", "--data-root", root,
+             "--device", "cpu")
+    assert "ID mIoU (camvid test)" in res.output and "sIoU" in res.output
+    blurred = ok("evaluate", tmp / "cli.pt", "--score", "energy", "--ood", "road-anomaly", "--blur", "--data-root",
+                 root, "--device", "cpu")
+    assert blurred.output != res.output
+    fails("import-model", seg_root["weights"], "--arch", "espnet-camvid", "--dataset", "camvid", "--input-size",
+          "12x12", "--data-root", root, "--out", tmp / "odd.pt", match="divisible by 8")
+    fails("finetune", tmp / "cli.pt", "--method", "oe", "--data-root", root, "--out", tmp / "r",
+          match="unknown segmentation method")
