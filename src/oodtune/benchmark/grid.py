@@ -153,7 +153,8 @@ class Benchmark:
         curves = {}
         for tag, (e_id, e_ood) in {"pretrained": (b_id, b_ood), spec.label: (a_id, a_ood)}.items():
             ood_all = np.concatenate(list(e_ood.values()))
-            curves[tag] = roc_curve(-e_id, -ood_all)
+            fpr, tpr, _ = roc_curve(-e_id, -ood_all)
+            curves[tag] = (fpr, tpr)
         plot_roc_curves(self.out / f"roc-{spec.slug}.png", curves, title=f"ROC, all OOD sets pooled: {spec.label}")
 
 
