@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], object], *, overwrite: bool = True) -> Path:
@@ -35,3 +37,19 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], object], 
 def write_text_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
     """UTF-8 ``text`` to ``path`` atomically (see ``write_atomic``)."""
     return write_atomic(path, lambda fh: fh.write(text.encode("utf-8")), overwrite=overwrite)
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """``rows`` as CSV text with a header: ``columns``, or every key in the order it first appears."""
+    cols = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
+              overwrite: bool = True) -> Path:
+    """:func:`csv_text` of ``rows`` to ``path`` atomically (see ``write_atomic``)."""
+    return write_text_atomic(path, csv_text(rows, columns), overwrite=overwrite)

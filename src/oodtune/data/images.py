@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -64,11 +65,13 @@ def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-def decode_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
-    """Decode one image file to a ``(resolution, resolution, 3)`` uint8 RGB array.
+def decode_image(path: str | os.PathLike | BinaryIO, resolution: int, *, name: str | None = None) -> np.ndarray:
+    """Decode one image file -- a path, or an open binary file (e.g. ``io.BytesIO``) that errors call ``name`` --
+    to a ``(resolution, resolution, 3)`` uint8 RGB array.
 
     Raises :class:`DataError` naming the file when it cannot be read or decoded.
     """
+    shown = name if name is not None else path
     try:
         with Image.open(path) as img:
             img.load()
@@ -76,11 +79,11 @@ def decode_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
             arr = np.asarray(out, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(
-            f"{path}: cannot decode image ({type(exc).__name__}: {exc}). The file is corrupt or truncated: "
+            f"{shown}: cannot decode image ({type(exc).__name__}: {exc}). The file is corrupt or truncated: "
             "replace it with a good copy (re-download / re-extract the dataset) or delete it."
         ) from None
     if arr.shape != (resolution, resolution, 3):  # pragma: no cover - defensive
-        raise DataError(f"{path}: decoded to shape {arr.shape}, expected {(resolution, resolution, 3)}.")
+        raise DataError(f"{shown}: decoded to shape {arr.shape}, expected {(resolution, resolution, 3)}.")
     return arr
 
 

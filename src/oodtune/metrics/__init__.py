@@ -19,6 +19,7 @@ from .ood import (
                   aupr,
                   auroc,
                   fpr_at_tpr,
+                  metric_convention,
                   min_calibration_size,
                   ood_metrics,
                   roc_curve,
@@ -27,6 +28,6 @@ from .ood import (
 
 __all__ = [
     "DEFAULT_POSITIVE", "LT_KEYS", "POSITIVES", "SPLITS", "OODMetrics", "Positive", "acceptance_rate", "accuracy",
-    "adjust_logits", "aupr", "auroc", "class_splits", "fpr_at_tpr", "long_tail_accuracy", "min_calibration_size",
-    "ood_metrics", "roc_curve", "split_accuracy", "threshold_at_tpr",
+    "adjust_logits", "aupr", "auroc", "class_splits", "fpr_at_tpr", "long_tail_accuracy", "metric_convention",
+    "min_calibration_size", "ood_metrics", "roc_curve", "split_accuracy", "threshold_at_tpr",
 ]

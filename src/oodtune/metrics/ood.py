@@ -78,6 +78,18 @@ class OODMetrics:
         return {k: 100.0 * getattr(self, k) for k in ("auroc", "aupr_in", "aupr_out", "fpr95")}
 
 
+def metric_convention(positive: str = DEFAULT_POSITIVE, tpr: float = 0.95) -> dict[str, str]:
+    """The conventions behind a results table, in words, for results files (module docstring)."""
+    _check_positive(positive)
+    rule = (f"FPR{round(100 * tpr)} = fraction of ID samples flagged OOD at the threshold that flags {tpr:.0%} of "
+            "OOD samples" if positive == "out" else
+            f"FPR{round(100 * tpr)} = fraction of OOD samples accepted as ID at the threshold that accepts "
+            f"{tpr:.0%} of ID samples")
+    return {"positive_class": "OOD" if positive == "out" else "ID", "fpr_rule": rule,
+            "scores": "higher = more in-distribution", "aupr": "AUPR-In: ID positive; AUPR-Out: OOD positive",
+            "ties": "tied scores form one ROC step (as scikit-learn)"}
+
+
 # ----------------------------------------------------------------------------- input validation
 
 

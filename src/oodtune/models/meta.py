@@ -7,7 +7,8 @@ it is a plain dict of JSON-like values (``to_dict``), so checkpoints still load 
 ``torch.load(weights_only=True)``; ``from_dict`` validates such a dict and migrates older layouts.
 
 Versions: 1 = the untyped dicts written before this record existed (no ``version`` key; ``drop_rate`` and
-``task`` absent in the oldest); 2 = this record.
+``task`` absent in the oldest); 2 = this record; 3 adds the held-out parts of the ID data (``val_fraction``,
+``test_fraction``, ``source_size``), absent (None) in older records.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .wrn import DEFAULT_DROP_RATE
 
 __all__ = ["META_VERSION", "STAGES", "TASKS", "RunMeta"]
 
-META_VERSION = 2
+META_VERSION = 3
 TASKS = ("classification",)
 STAGES = ("pretrain", "imported", "finetune", "scratch")
 
@@ -44,7 +45,7 @@ class RunMeta:
     mean: tuple[float, float, float]  # input normalisation on [0, 1] pixels
     std: tuple[float, float, float]
     resolution: int
-    dataset: str  # the ID dataset (name accepted by load_dataset)
+    dataset: str  # the ID dataset (name accepted by load_dataset; folder:/images: paths absolute)
     task: str = "classification"
     stage: str = "pretrain"
     head: str | None = None  # classification layer whose input is the feature vector (None: found automatically)
@@ -52,6 +53,11 @@ class RunMeta:
     data_seed: int = 0
     imbalance_ratio: float | None = None  # long-tailed training split (max/min class ratio)
     num_train: int | None = None  # seeded subsample of the training split
+    # Held-out parts of the ID data, carved (stratified, seeded by data_seed) before any training and never trained
+    # on: the test part of a dataset without a test split of its own, then a validation part of the train split.
+    test_fraction: float | None = None
+    val_fraction: float | None = None
+    source_size: int | None = None  # images of the split the parts were carved from (a changed folder is refused)
     class_counts: tuple[int, ...] = ()  # training images per class
     method: str | None = None  # fine-tuning method
     pretrained: str | None = None  # checkpoint a fine-tuning started from

@@ -3,14 +3,19 @@ checkpoints.
 
 Steps: :func:`pretrain` and :func:`import_model` (a model enters), :func:`estimate_prior` / :func:`save_prior`
 (Balanced Energy step 1), :func:`propose_margins` (energy margins from the pretrained model), :func:`finetune`
-(any method, on the ID *train* split only) and :func:`evaluate_checkpoint`. Task-specific work (data, forward
-passes, the training loop, detection metrics) is delegated to the checkpoint's :class:`~.task.Task`; the steps
-themselves are the same for every task. Datasets come from a :class:`DataSource` (a data root, memoised), so
-a caller that runs many steps (the benchmark) decodes and loads each set once.
+(any method, on the ID *train* split only), :func:`evaluate_checkpoint`, and the deployment steps
+:func:`calibrate` (a detector's threshold on held-out ID data) and :func:`predict` (:mod:`.detect`).
+``id_data`` renames a checkpoint's ID dataset (a moved folder) for the steps that read it.
+
+Task-specific work (data, forward passes, the training loop, detection metrics) is delegated to the checkpoint's
+:class:`~.task.Task`; the steps themselves are the same for every task. Datasets come from a
+:class:`DataSource` (a data root, memoised), so a caller that runs many steps (the benchmark) decodes and loads
+each set once.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,36 +26,47 @@ import torch
 from ..errors import ConfigError
 from ..evaluation import EvalReport
 from ..losses import build_method_loss
-from ..margins import margin_coverage
+from ..margins import default_margin_warning, margin_coverage
 from ..margins import propose_margins as _propose
 from ..metrics.ood import Positive
 from ..models import FeatureModel, RunMeta, load_feature_model, load_model, read_meta
 from ..plots import plot_class_prior
-from ..prior import OutlierPrior
+from ..prior import DEFAULT_GAMMA, OutlierPrior
 from ..training.config import TrainConfig
 from .classification import (
+    DEFAULT_TEST_FRACTION,
     fresh_model,
+    id_parts,
     id_test_accuracy,
+    id_test_set,
     id_train_set,
     import_model,
     normalizer_for,
     pretrain,
     pretrain_setup,
 )
+from .detect import CALIBRATION_CHOICES, calibrate, predict, with_id_data
 from .source import DataSource, as_source
 from .task import Task, register_task, task_of
 
 __all__ = [
-    "DataSource", "MarginProposal", "Task", "as_source", "estimate_prior", "evaluate_checkpoint", "finetune",
-    "finetune_config", "fresh_model", "id_test_accuracy", "id_train_set", "import_model", "normalizer_for",
-    "pretrain", "pretrain_setup", "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
+    "CALIBRATION_CHOICES", "DEFAULT_TEST_FRACTION", "DataSource", "MarginProposal", "Task", "as_source", "calibrate",
+    "estimate_prior", "evaluate_checkpoint", "finetune", "finetune_config", "fresh_model", "id_parts",
+    "id_test_accuracy", "id_test_set", "id_train_set", "import_model", "normalizer_for", "predict", "pretrain",
+    "pretrain_setup", "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
 ]
 
 Root = DataSource | str | Path | None
+log = logging.getLogger(__name__)
 
 
-def estimate_prior(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: Root = None, gamma: float = 1.0,
-                   device: str | None = None) -> OutlierPrior:
+def _load(checkpoint: str | Path, id_data: str | None, source: DataSource) -> tuple[FeatureModel, RunMeta]:
+    net, meta = load_feature_model(checkpoint)
+    return net, with_id_data(meta, id_data, source)
+
+
+def estimate_prior(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: Root = None,
+                   gamma: float = DEFAULT_GAMMA, device: str | None = None) -> OutlierPrior:
     """Balanced Energy step 1: P(y=i|o) from the pretrained model's argmax predictions on the outlier set."""
     net, meta = load_feature_model(checkpoint)
     counts = task_of(meta).prior_counts(net, meta, outliers, as_source(data_root), device)
@@ -69,10 +85,11 @@ def save_prior(prior: OutlierPrior, out: str | Path, *, checkpoint: str | Path |
 
 
 def pretrained_energies(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: Root = None,
-                        device: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        device: str | None = None, id_data: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Energies E(x) of the pretrained model on its ID *train* split and on the auxiliary outliers (CPU)."""
-    net, meta = load_feature_model(checkpoint)
-    return task_of(meta).energies(net, meta, outliers, as_source(data_root), device)
+    source = as_source(data_root)
+    net, meta = _load(checkpoint, id_data, source)
+    return task_of(meta).energies(net, meta, outliers, source, device)
 
 
 @dataclass(frozen=True)
@@ -91,10 +108,11 @@ class MarginProposal:
 
 
 def propose_margins(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: Root = None,
-                    device: str | None = None) -> MarginProposal:
+                    device: str | None = None, id_data: str | None = None) -> MarginProposal:
     """m_in / m_out from the pretrained model's energies on ID *train* data and the auxiliary outliers (never on
     an OOD test set)."""
-    e_in, e_out = pretrained_energies(checkpoint, outliers=outliers, data_root=data_root, device=device)
+    e_in, e_out = pretrained_energies(checkpoint, outliers=outliers, data_root=data_root, device=device,
+                                      id_data=id_data)
     m_in, m_out = _propose(e_in, e_out)
     cov_in, cov_out = margin_coverage(e_in, e_out, m_in, m_out)
     return MarginProposal(m_in, m_out, cov_in, cov_out, float(e_in.median()), float(e_out.median()))
@@ -106,40 +124,64 @@ def finetune_config(checkpoint: str | Path, **overrides: Any) -> TrainConfig:
     return task_of(read_meta(checkpoint)).finetune_defaults.replace(**overrides)
 
 
+MARGINS = ("m_in", "m_out")
+
+
 def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root: Root = None,
              outliers: str | None = "tin-aux", prior: OutlierPrior | None = None, config: TrainConfig | None = None,
-             loss_options: Mapping[str, Any] | None = None, from_scratch: bool = False) -> Path:
+             loss_options: Mapping[str, Any] | None = None, from_scratch: bool = False,
+             id_data: str | None = None) -> Path:
     """Fine-tune a pretrained checkpoint with ``method`` (oe, energy-oe, balanced-energy, sparsity, a+b, ...).
 
     ``config`` defaults to the task's reference recipe (classification: the Energy paper's CIFAR fine-tuning,
     10 epochs, lr 1e-3, cosine, batch 128 ID + 256 outliers). Balanced Energy needs ``prior`` (from
     :func:`estimate_prior`). ``from_scratch`` trains a freshly initialised network of the checkpoint's
     architecture on the same ID data instead (the papers' "scratch" baselines; give it a pretraining-length
-    ``config``).
+    ``config``). ``loss_options`` ``m_in``/``m_out`` may be ``"auto"``: proposed as :func:`propose_margins` does
+    (recorded in the checkpoint's notes); margins left at their CIFAR/WRN-40-2 defaults are checked against this
+    model's energies and a warning is logged when they do not fit it.
     """
+    source = as_source(data_root)
     model, meta = load_model(checkpoint)
+    meta = with_id_data(meta, id_data, source)
     task = task_of(meta)
     config = config or task.finetune_defaults
-    if from_scratch:
-        model = task.fresh_model(meta, config.seed)
-    gamma_prior = None if prior is None else prior.gamma_prior()
     options = dict(loss_options or {})
+    notes = dict(meta.notes)
+    auto = [k for k in MARGINS if options.get(k) == "auto"]
+    if auto:
+        p = propose_margins(checkpoint, outliers=outliers or "tin-aux", data_root=source, device=config.device,
+                            id_data=id_data)
+        options.update({k: v for k, v in p.as_options().items() if k in auto})
+        notes["margins"] = (f"{', '.join(auto)} proposed from the pretrained model's energies (median ID train "
+                            f"{p.median_in:.2f}, outliers {p.median_out:.2f}): m_in {p.m_in:.3f}, m_out {p.m_out:.3f}")
+        log.info("margins: %s", notes["margins"])
+    gamma_prior = None if prior is None else prior.gamma_prior()
     loss = build_method_loss(method, prior_gamma=gamma_prior, **options)
     if loss.needs_outliers and not outliers:
         raise ConfigError(f"method {method!r} needs auxiliary outliers; pass --outliers NAME.")
     used_outliers = outliers if loss.needs_outliers else None
+    defaults = {k: float(getattr(t, k)) for t in loss.terms for k in MARGINS if hasattr(t, k) and k not in options}
+    if defaults and used_outliers:
+        e_in, e_out = task.energies(FeatureModel(model, meta.head), meta, used_outliers, source, config.device)
+        warning = default_margin_warning(e_in, e_out, defaults)
+        if warning:
+            log.warning(warning)
+    if from_scratch:
+        model = task.fresh_model(meta, config.seed)
     meta = meta.replace(stage="scratch" if from_scratch else "finetune", method=method, pretrained=str(checkpoint),
-                        outliers=used_outliers, loss_options=options,
+                        outliers=used_outliers, loss_options=options, notes=notes,
                         prior=None if prior is None else prior.to_dict(), history=(), train_config=None)
     net = FeatureModel(model.train(), meta.head)
-    return task.train(net, meta, loss, config, outliers=used_outliers, source=as_source(data_root), run_dir=Path(out))
+    return task.train(net, meta, loss, config, outliers=used_outliers, source=source, run_dir=Path(out))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: Sequence[str], data_root: Root = None,
                         device: str | None = None, num_ood: int | None = None, batch_size: int = 1024,
-                        positive: Positive | None = None) -> tuple[EvalReport, RunMeta]:
+                        positive: Positive | None = None, id_data: str | None = None) -> tuple[EvalReport, RunMeta]:
     """Evaluate a checkpoint with the named scores on the named OOD sets; returns (report, meta)."""
-    net, meta = load_feature_model(checkpoint)
-    report = task_of(meta).evaluate(net, meta, scores, ood, source=as_source(data_root), device=device,
+    source = as_source(data_root)
+    net, meta = _load(checkpoint, id_data, source)
+    report = task_of(meta).evaluate(net, meta, scores, ood, source=source, device=device,
                                     num_ood=num_ood, batch_size=batch_size, positive=positive)
     return report, meta

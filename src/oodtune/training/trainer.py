@@ -4,7 +4,9 @@ Each step draws an ID batch (and, when the loss needs them, an auxiliary-outlier
 the training device, runs ONE forward pass over their concatenation (as the OE / Energy reference code
 does, so BatchNorm sees both), splits the outputs and hands them to a ``CompositeLoss``. SGD with Nesterov
 momentum and a per-step cosine schedule (OE/Energy code: lr_t = lr·[r + (1−r)·½(1+cos(πt/T))], r = 1e-6/lr).
-State is checkpointed atomically after every epoch so an interrupted run resumes where it stopped.
+State is checkpointed atomically after every epoch so an interrupted run resumes where it stopped, and the
+per-epoch history is written beside the checkpoints as ``history.csv``. An ``epoch_metrics`` hook (e.g. test and
+validation accuracy) adds columns to each epoch's row; it only reports, it never changes the run.
 
 ``compile`` wraps either the model (``compile_scope="model"``) or the whole deterministic part of a step —
 crop/flip with pre-drawn offsets, normalisation, forward, loss — (``"step"``) in ``torch.compile``; with
@@ -13,9 +15,10 @@ crop/flip with pre-drawn offsets, normalisation, forward, loss — (``"step"``) 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,18 +26,21 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..atomic import write_csv
 from ..data.imageset import ImageSet
 from ..data.tensors import CropFlip, Normalizer, apply_crop_flip, draw_crop_flip, to_device_uint8
 from ..errors import DataError, DivergenceError, ResumeMismatchError
 from ..losses import CompositeLoss, LossInputs
 from ..models import FeatureModel, RunMeta, read_checkpoint, save_checkpoint
-from ..progress import Bar, console, format_rate, progress_bar
+from ..progress import Bar, format_rate, progress_bar
 from ..runtime import DistInfo, autocast, compile_mode, init_distributed, local_device, resolve_device
 from .config import TrainConfig
 from .sampling import OutlierSampler, index_batches
 
 LAST = "last.pt"
 FINAL = "model.pt"
+HISTORY = "history.csv"
+log = logging.getLogger(__name__)
 
 #: One step's eager inputs: ID uint8 images, labels, their crop/flip draw, outlier uint8 images and their draw.
 StepBatch = tuple[torch.Tensor, torch.Tensor, CropFlip | None, torch.Tensor | None, CropFlip | None]
@@ -70,6 +76,7 @@ class Trainer:
         normalizer: Normalizer | None = None,
         run_dir: str | Path | None = None,
         meta: RunMeta | None = None,
+        epoch_metrics: Callable[[FeatureModel], Mapping[str, float]] | None = None,
     ) -> None:
         if train_set.labels is None:
             raise DataError(f"{train_set.name}: training needs labels, but this set is unlabelled.")
@@ -116,6 +123,7 @@ class Trainer:
             raise TypeError("a Trainer that writes checkpoints (run_dir) needs the run's RunMeta (meta=)")
         self.meta = meta
         self.train_name = train_set.name
+        self.epoch_metrics = epoch_metrics
 
     # -- pieces of a step -------------------------------------------------------------------------
     # A step is split where randomness ends: ``_draw`` (eager) gathers the batch and draws its augmentation
@@ -211,7 +219,7 @@ class Trainer:
         if sampler is not None:
             sampler.load_state_dict(state["outlier_sampler"])
         if self.dist.is_main:
-            console.print(f"resuming {self.run_dir} after epoch {state['epoch']}")
+            log.info("resuming %s after epoch %s", self.run_dir, state["epoch"])
         return int(state["epoch"]), list(state["history"])
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -283,9 +291,11 @@ class Trainer:
         row["train_acc"] = float(correct) / max(seen, 1)
         row["images_per_s"] = processed / seconds
         if self.dist.is_main:
-            parts_txt = " ".join(f"{k}={row[k]:.4f}" for k in sums)
-            bar.console.print(f"epoch {epoch + 1}/{self.cfg.epochs} {parts_txt} train_acc={row['train_acc']:.4f} "
-                              f"({format_rate(row['images_per_s'], 1.0)}, {seconds:.1f}s)")
+            measured = dict(self.epoch_metrics(self.net)) if self.epoch_metrics is not None else {}
+            row.update(measured)
+            parts_txt = " ".join(f"{k}={row[k]:.4f}" for k in (*sums, "train_acc", *measured))
+            log.info("epoch %d/%d %s (%s, %.1fs)", epoch + 1, self.cfg.epochs, parts_txt,
+                     format_rate(row["images_per_s"], 1.0), seconds)
         return row
 
     def _save_state(self, epoch: int, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
@@ -305,3 +315,4 @@ class Trainer:
             "outlier_sampler": sampler.state_dict() if sampler is not None else None,
         }
         save_checkpoint(self.run_dir / LAST, self.net, self.meta, train_state=state)
+        write_csv(self.run_dir / HISTORY, history)
