@@ -54,6 +54,7 @@ __all__ = [
     "estimate_prior", "evaluate_checkpoint", "finetune", "finetune_config", "fresh_model", "id_parts",
     "id_test_accuracy", "id_test_set", "id_train_set", "import_model", "normalizer_for", "predict", "pretrain",
     "pretrain_setup", "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
+    "with_id_data",
 ]
 
 Root = DataSource | str | Path | None

@@ -50,6 +50,15 @@ __all__ = ["DEFAULT_TEST_FRACTION", "ClassificationTask", "epoch_accuracy", "fre
 log = logging.getLogger(__name__)
 
 
+def _id_dataset(meta: RunMeta) -> str:
+    """``meta.dataset``, refused with the fix when it is a folder/archive path that no longer exists."""
+    prefix, sep, path = meta.dataset.partition(":")
+    if sep and prefix in ("folder", "images") and Path(path).is_absolute() and not Path(path).exists():
+        raise DataError(f"the checkpoint's ID dataset {path} does not exist any more (moved or on another machine?); "
+                        f"name its new place with --id-data {prefix}:NEW/PATH.")
+    return meta.dataset
+
+
 def _check_classes(ds: ImageSet, meta: RunMeta) -> ImageSet:
     if ds.classes and tuple(ds.classes) != tuple(meta.classes):
         raise DataError(f"{ds.name} has classes {list(ds.classes)[:6]}... but the model was trained on "
@@ -62,7 +71,7 @@ def id_parts(meta: RunMeta, data_root: DataSource | str | Path | None) -> tuple[
     """(train, validation, test) parts carved from the ID *train* split as ``meta`` records (before any long-tail
     or subsample); validation/test are None when nothing was carved for them."""
     source = as_source(data_root)
-    base = _check_classes(source.load(meta.dataset, "train", meta.resolution), meta)
+    base = _check_classes(source.load(_id_dataset(meta), "train", meta.resolution), meta)
     if meta.source_size is not None and len(base) != meta.source_size:
         raise DataError(f"{meta.dataset} has {len(base)} training images but had {meta.source_size} when the model "
                         "was trained; its held-out parts would now differ from those it never saw. Restore the "
@@ -92,7 +101,7 @@ def id_test_set(meta: RunMeta, data_root: DataSource | str | Path | None) -> Ima
     held = id_parts(meta, data_root)[2] if meta.test_fraction else None
     if held is not None:
         return held
-    return _check_classes(as_source(data_root).load(meta.dataset, "test", meta.resolution), meta)
+    return _check_classes(as_source(data_root).load(_id_dataset(meta), "test", meta.resolution), meta)
 
 
 def normalizer_for(meta: RunMeta) -> Normalizer:
