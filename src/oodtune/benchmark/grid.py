@@ -8,6 +8,7 @@ checkpoints, one evaluation record per run), so an interrupted benchmark picks u
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,14 @@ from .. import pipeline
 from ..metrics import roc_curve
 from ..plots import plot_energy_histograms, plot_roc_curves
 from ..prior import OutlierPrior
-from ..progress import console
 from ..report import write_json
 from ..training.trainer import FINAL
 from .config import BenchmarkConfig, MethodSpec
 from .tables import write_results
 
 __all__ = ["Benchmark", "run_benchmark"]
+
+log = logging.getLogger(__name__)
 
 
 class Benchmark:
@@ -44,7 +46,8 @@ class Benchmark:
             pipeline.pretrain(self.out / "pretrain", dataset=self.cfg.id_dataset, arch=self.cfg.arch,
                               data_root=self.source,
                               config=self.cfg.train_config("pretrain", None, int(p.get("seed", 0))),
-                              num_train=p.get("num_train"), imbalance_ratio=p.get("imbalance_ratio"))
+                              num_train=p.get("num_train"), imbalance_ratio=p.get("imbalance_ratio"),
+                              val_fraction=p.get("val_fraction"))
         return path
 
     def run_dir(self, spec: MethodSpec, seed: int) -> Path:
@@ -133,7 +136,7 @@ class Benchmark:
     def _train_and_evaluate(self, ckpt: Path, spec: MethodSpec, seed: int) -> dict[str, Any]:
         run_dir = self.run_dir(spec, seed)
         if not (run_dir / FINAL).exists() and not (run_dir / "eval.json").exists():
-            console.rule(f"{spec.label} seed {seed}")
+            log.info("── %s seed %d ──", spec.label, seed)
             prior = self.prior(ckpt, spec.gamma) if spec.balanced else None
             options = dict(spec.loss_options)
             if "auto" in (options.get("m_in"), options.get("m_out")):
