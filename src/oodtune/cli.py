@@ -520,7 +520,17 @@ def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | 
 
 
 @main.command()
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+def examples() -> None:
+    """List the example benchmark configs that ship with oodtune (`oodtune benchmark NAME` runs one)."""
+    from .benchmark import example_configs
+
+    for name, path in example_configs().items():
+        first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
+        click.echo(f"{click.style(f'{name:22s}', bold=True)} {first}\n{'':22s} {path}")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--data-root", envvar="OODTUNE_DATA", type=click.Path(file_okay=False), default=None,
               help="Overrides the config's data_root.")
 @click.option("--device", default=None, help="Overrides the config's device.")
@@ -534,11 +544,12 @@ def benchmark(config: str, data_root: str | None, device: str | None, out: str |
               report_only: bool) -> None:
     """Run a grid (methods x seeds x OOD sets) from one pretrained checkpoint; resumes if interrupted.
 
-    Writes OUT/results.json, OUT/results.md and plots (energy histograms, ROC curves).
+    CONFIG is a TOML file, or the name of an example (`oodtune examples`). Writes OUT/results.json, results.md,
+    results.csv and plots (energy histograms, ROC curves).
     """
-    from .benchmark import load_benchmark_config, run_benchmark
+    from .benchmark import find_config, load_benchmark_config, run_benchmark
 
-    cfg = load_benchmark_config(config, data_root=data_root, device=device, out=out, only=list(only))
+    cfg = load_benchmark_config(find_config(config), data_root=data_root, device=device, out=out, only=list(only))
     paths = run_benchmark(cfg, command=_command_line(), report_only=report_only)
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
