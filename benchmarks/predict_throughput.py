@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from _common import environment, now, print_table, save_json
+from _common import environment, now, parse_with_device, parser, print_table, save_json
 from oodtune.detector import Detector
 from oodtune.models import build_model
-from oodtune.models.resnet import _BasicBlock
-from oodtune.runtime import resolve_device
+from oodtune.models.resnet import resnet18_stages
 
 
 class ImageNetResNet18(nn.Module):
@@ -42,11 +41,7 @@ class ImageNetResNet18(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
                                   nn.MaxPool2d(3, 2, 1))
-        stages, in_planes = [], 64
-        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            stages.append(nn.Sequential(_BasicBlock(in_planes, planes, stride), _BasicBlock(planes, planes, 1)))
-            in_planes = planes
-        self.stages = nn.Sequential(*stages)
+        self.stages = resnet18_stages()
         self.head = nn.Linear(512, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,20 +93,12 @@ def measure(name: str, args: argparse.Namespace, device: torch.device, folder: P
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    ap = parser(__doc__)
     ap.add_argument("--num-images", type=int, default=None, help="default 20000 on CUDA, 256 on CPU")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=None, help="decoding threads (default: oodtune's)")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
-    ap.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
-    args = ap.parse_args(argv)
-    device = resolve_device(args.device)
-    args.device = str(device)
-    if args.num_images is None:
-        args.num_images = 20_000 if device.type == "cuda" else 256
-    return args
+    return parse_with_device(ap, argv, (20_000, 256))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
