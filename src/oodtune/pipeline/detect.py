@@ -89,6 +89,9 @@ def calibrate(checkpoint: str | Path, *, score: str = "energy", tpr: float = 0.9
     ``check``, the acceptance rate reached is measured on the ID test split and recorded."""
     source = as_source(data_root)
     net, meta = load_feature_model(checkpoint)
+    if meta.task != "classification":
+        raise ConfigError(f"{checkpoint} is a {meta.task} checkpoint; calibrate and predict work on image "
+                          "classifiers (one score per image).")
     meta = with_id_data(meta, id_data, source)
     det = Detector(net, classes=meta.classes, mean=meta.mean, std=meta.std, resolution=meta.resolution, score=score,
                    head=meta.head, device=device, checkpoint=checkpoint)
