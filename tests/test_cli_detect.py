@@ -15,6 +15,7 @@ import torch
 from fixtures_data import offline_env, write_corrupt_jpeg, write_image
 from helpers_cli import FAST, fails, ok
 from oodtune import __version__
+from oodtune.cli import cli_message
 from oodtune.export import load_exported
 
 
@@ -133,6 +134,12 @@ def test_finetune_auto_margins_and_evaluate_outputs(env, with_val):
 def test_synthetic_sets_default_to_the_id_test_size(env, with_val):
     res = ok("evaluate", with_val, "--ood", "gaussian", "--data-root", env["root"], "--device", "cpu")
     assert "| 100 | 100 |" in res.output
+
+
+def test_library_keywords_become_flags():
+    assert cli_message("or pass download=True") == "or pass --download"
+    assert cli_message("pass head_name='...' naming the layer") == "pass --head NAME naming the layer"
+    assert cli_message("load it with resolution=32.") == "load it with --resolution 32."
 
 
 def test_errors_name_flags(env, with_val, tmp_path):

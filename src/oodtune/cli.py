@@ -41,6 +41,7 @@ CLI_WORDS = [
     (re.compile(r"\(argument root=, or env OODTUNE_DATA\)"), "(--data-root, or env OODTUNE_DATA)"),
     (re.compile(r"\bdata_root=(\.\.\.)?"), "--data-root"),
     (re.compile(r"\bpass download=True\b"), "pass --download"),
+    (re.compile(r"\bhead_name=('\.\.\.')?"), "--head NAME"),
     (re.compile(r"\bresolution=(\d+)"), r"--resolution \1"),
 ]
 
