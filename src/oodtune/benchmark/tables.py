@@ -74,7 +74,9 @@ def write_results(cfg: BenchmarkConfig, results: dict[str, list[dict[str, Any]]]
     md = [f"# {cfg.name}\n", f"Command: `{command}`\n",
           f"ID: {cfg.id_dataset}, {cfg.arch}; seeds {cfg.seeds}. Fine-tuned rows: mean ± sample "
           "std over `runs` seeds; post-hoc rows score the single pretrained model. Metrics in %; `fine-tune s` "
-          "is training wall time, torch.compile warm-up included where used.\n"]
+          "is training wall time, torch.compile warm-up included where used.\n",
+          f"\noodtune {data['oodtune_version']}; positive class {data['metric_convention']['positive_class']}: "
+          f"{data['metric_convention']['fpr_rule']}; n = images per OOD set.\n"]
     id_cols = [k for k in ID_METRICS if summary and k in summary[0]]
     for bucket in ("all", "near", "far"):
         cols = ["method", "runs", *id_cols, *[f"{m}_{bucket}" for m in METRIC_KEYS], "train_seconds"]
