@@ -111,6 +111,8 @@ def test_finetune_auto_margins_and_evaluate_outputs(env, with_val):
     assert "proposed from the pretrained model's energies" in meta["notes"]["margins"]
     assert meta["val_fraction"] == 0.5  # fine-tuning keeps the held-out part out
     fails("finetune", with_val, "--method", "energy-oe", "--m-in", "soon", "--out", tmp / "x", match="'auto'")
+    fails("finetune", with_val, "--method", "oe", "--m-in", "auto", "--data-root", root, "--out", tmp / "x",
+          match="do not apply", code=1)
     res = ok("finetune", with_val, "--method", "energy-oe", "--data-root", root, "--outlier-batch-size", "16",
              "--out", tmp / "eoe-default", *FAST)
     assert "warning: the default margins" in res.output  # a 1-step model is nowhere near WRN-40-2 energies

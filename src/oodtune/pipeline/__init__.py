@@ -150,14 +150,15 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
     options = dict(loss_options or {})
     notes = dict(meta.notes)
     auto = [k for k in MARGINS if options.get(k) == "auto"]
-    if auto:
+    gamma_prior = None if prior is None else prior.gamma_prior()
+    if auto:  # check the method takes margins before spending forward passes on proposing them
+        build_method_loss(method, prior_gamma=gamma_prior, **{**options, **{"m_in": -1.0, "m_out": 1.0}})
         p = propose_margins(checkpoint, outliers=outliers or "tin-aux", data_root=source, device=config.device,
                             id_data=id_data)
         options.update({k: v for k, v in p.as_options().items() if k in auto})
         notes["margins"] = (f"{', '.join(auto)} proposed from the pretrained model's energies (median ID train "
                             f"{p.median_in:.2f}, outliers {p.median_out:.2f}): m_in {p.m_in:.3f}, m_out {p.m_out:.3f}")
         log.info("margins: %s", notes["margins"])
-    gamma_prior = None if prior is None else prior.gamma_prior()
     loss = build_method_loss(method, prior_gamma=gamma_prior, **options)
     if loss.needs_outliers and not outliers:
         raise ConfigError(f"method {method!r} needs auxiliary outliers; pass --outliers NAME.")
