@@ -16,7 +16,7 @@ from fixtures_data import write_labelled_folder
 from oodtune.data import load_dataset
 from oodtune.data.registry import has_test_split, resolve_dataset
 from oodtune.data.splits import TEST_STREAM, VAL_STREAM, holdout_indices
-from oodtune.errors import DataError
+from oodtune.errors import ConfigError, DataError
 from oodtune.models import read_meta
 from oodtune.training.config import TrainConfig
 
@@ -84,6 +84,14 @@ def test_folder_without_splits_never_tests_on_training_images(folder_run, data_e
     assert _keys(pipe.id_train_set(meta, data_env["root"]).images) == parts[0]  # what training and fine-tuning see
     assert _keys(pipe.id_test_set(meta, data_env["root"]).images) == parts[2]
     assert list(meta.class_counts) == np.bincount(train.labels).tolist()
+
+
+def test_test_fraction_only_for_datasets_without_a_test_split(data_env, tmp_path):
+    split = write_labelled_folder(tmp_path / "split" / "train", ["a", "b"], per_class=2).parent
+    write_labelled_folder(split / "test", ["a", "b"], per_class=1)
+    with pytest.raises(ConfigError, match="test split of its own"):
+        pipe.pretrain(tmp_path / "run", dataset=f"folder:{split}", arch="wrn-10-1", data_root=data_env["root"],
+                      config=CFG, resolution=16, test_fraction=0.3)
 
 
 def test_pretrain_reports_test_and_val_accuracy_per_epoch(folder_run):

@@ -22,7 +22,7 @@ from ..data.splits import TEST_STREAM, VAL_STREAM, holdout
 from ..data.synthetic import GENERATORS
 from ..data.tensors import CIFAR_MEAN, CIFAR_STD, Normalizer
 from ..energy import energy
-from ..errors import CheckpointError, DataError, ModelError
+from ..errors import CheckpointError, ConfigError, DataError, ModelError
 from ..evaluation import EvalReport, compute_outputs, evaluate
 from ..losses import CompositeLoss, build_method_loss
 from ..metrics import accuracy, long_tail_accuracy
@@ -135,7 +135,11 @@ def pretrain_setup(*, dataset: str = "cifar10", arch: str = "wrn-40-2",
     """
     source = as_source(data_root)
     dataset = resolve_dataset(dataset, source.root)
-    if test_fraction is None and not has_test_split(dataset, source.root):
+    own_test = has_test_split(dataset, source.root)
+    if test_fraction is not None and own_test:
+        raise ConfigError(f"{dataset} has a test split of its own; --test-fraction only applies to a folder: dataset "
+                          "without split sub-folders.")
+    if test_fraction is None and not own_test:
         test_fraction = DEFAULT_TEST_FRACTION
         log.warning("%s has no train/ and test/ sub-folders: holding out a seeded, stratified %.0f%% of it as the "
                     "test part (recorded in the checkpoint; --test-fraction changes it).", dataset,
