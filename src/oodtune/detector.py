@@ -246,11 +246,10 @@ class Detector:
         expected, expected_std = _expected_acceptance(int(math.ceil(tpr * scores.size - 1e-9)), scores.size)
         check = None
         if check_images is not None:
-            rate, std = acceptance_rate(self.score(check_images, batch_size=batch_size, show_progress=True),
-                                        threshold)
-            n_check = len(self._imageset(check_images))
-            combined = math.sqrt(expected_std ** 2 + expected * (1 - expected) / n_check)
-            check = {"data": check_data, "n": n_check, "acceptance": rate, "std": std,
+            check_set = self._imageset(check_images)
+            rate, std = acceptance_rate(self.score(check_set, batch_size=batch_size, show_progress=True), threshold)
+            combined = math.sqrt(expected_std ** 2 + expected * (1 - expected) / len(check_set))
+            check = {"data": check_data, "n": len(check_set), "acceptance": rate, "std": std,
                      "z": (rate - expected) / combined}
         self.calibration = Calibration(threshold, tpr, achieved, int(scores.size), data, held_out, expected,
                                        expected_std, check)
