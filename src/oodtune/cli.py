@@ -460,7 +460,7 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
 @click.option("--overwrite", is_flag=True, help="Replace existing --out / --export files.")
 def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, check: bool, out: str,
               export_path: str | None, overwrite: bool, data_root: Any, device: str, id_data: str | None) -> None:
-    """Set an OOD threshold on held-out ID images: accept TPR of them, flag the rest of the score range as OOD.
+    """Choose the OOD threshold on held-out ID images so that the fraction TPR of them is accepted.
 
     Records score, threshold, TPR reached, n, the images used and the weights' hash (a detector is never applied
     to another checkpoint). Use it with `oodtune predict CHECKPOINT IMAGES --detector OUT`.
