@@ -84,6 +84,7 @@ class _PlainBar(Bar):
         self.done = 0.0
         self.rate = ""
         self.start = self.last = time.monotonic()
+        self.shown = -1.0  # ``done`` at the last report
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.start
@@ -97,10 +98,12 @@ class _PlainBar(Bar):
             text += f", ETA {_clock(elapsed * (self.total - self.done) / self.done)}"
         return text
 
-    def emit(self) -> None:
+    def emit(self, final: bool = False) -> None:
+        if final and self.shown == self.done:
+            return  # the last report already says where the step ended
         sys.stderr.write(self.line() + "\n")
         sys.stderr.flush()
-        self.last = time.monotonic()
+        self.last, self.shown = time.monotonic(), self.done
 
     def advance(self, n: float = 1) -> None:
         self.done += n
@@ -127,7 +130,7 @@ def progress_bar(description: str, total: int | None, unit: str = "img") -> Iter
     if mode == "plain":
         plain = _PlainBar(description, total, unit)
         yield plain
-        plain.emit()
+        plain.emit(final=True)
         return
     if _shown is not None:  # nested in a step already on screen: one more line of that display
         task = _shown.add_task(description, total=total, rate="")
