@@ -31,12 +31,12 @@ def test_plain_reports_are_single_unwrapped_lines(monkeypatch, capsys):
     lines = err.split("\n")
     assert lines[-1] == "" and all(lines[:-1]) and len(lines) - 1 == 4  # one per advance; the end is not repeated
     assert "\r" not in err and "\x1b" not in err
-    assert lines[1].startswith(f"{name}: 2/4 (50%) 12 img/s, elapsed 0:00:00, ETA") and len(lines[1]) > 80
+    assert lines[1].startswith(f"{name}: 2/4 (50%), 12 img/s, elapsed 0:00:00, ETA") and len(lines[1]) > 80
     assert lines[-2].startswith(f"{name}: 4/4 (100%)") and "ETA" not in lines[-2]
     with progress_bar("short", total=3) as bar:  # finished before the first interval: one line at the end
         monkeypatch.setattr(progress, "PLAIN_INTERVAL", 60.0)
         bar.advance(3)
-    assert capsys.readouterr().err.startswith("short: 3/3 (100%)")
+    assert capsys.readouterr().err.startswith("short: 3/3 (100%), elapsed")
 
 
 def test_nested_rich_bars_share_one_display(monkeypatch):

@@ -1,7 +1,7 @@
 """Progress for every long step (decoding, training, scoring): rate and ETA.
 
 On a terminal, a rich progress bar (bars started while one is shown join its display). When stderr is not a
-terminal (a log file, CI, a pipe), plain one-line reports instead -- ``decoding cifar10: 12,288/50,000 (25%)
+terminal (a log file, CI, a pipe), plain one-line reports instead -- ``decoding cifar10: 12,288/50,000 (25%),
 1,234 img/s, elapsed 0:00:10, ETA 0:00:30`` -- at most one every :data:`PLAIN_INTERVAL` seconds and one when the
 step ends: no control characters, no blank lines, no wrapping at 80 columns. ``OODTUNE_PROGRESS`` chooses:
 ``0`` off, ``plain`` or ``rich`` forced, anything else (default) by terminal.
@@ -30,7 +30,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages are never wrapped: paths stay copyable
 
 #: Seconds between two plain progress lines of one step.
 PLAIN_INTERVAL = 10.0
@@ -93,7 +93,7 @@ class _PlainBar(Bar):
             parts[0] += f" ({100 * self.done / self.total:.0f}%)"
         if self.rate:
             parts.append(self.rate)
-        text = f"{self.description}: {' '.join(parts)}, elapsed {_clock(elapsed)}"
+        text = f"{self.description}: {', '.join(parts)}, elapsed {_clock(elapsed)}"
         if self.total and 0 < self.done < self.total:
             text += f", ETA {_clock(elapsed * (self.total - self.done) / self.done)}"
         return text
