@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import oodtune
+from helpers_cli import ok
 from oodtune.benchmark import example_configs, find_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,8 @@ def test_example_configs_by_name():
     assert find_config("configs/quickstart-cpu.toml").is_file()
     with pytest.raises(FileNotFoundError, match="oodtune examples"):
         find_config("no-such-config")
+    listing = ok("examples").output
+    assert "quickstart-cpu" in listing and str(find_config("quickstart-cpu")) in listing
 
 
 def test_wheel_carries_configs_and_type_marker(tmp_path):
