@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import math
+import subprocess
+import sys
 import tarfile
 import zipfile
 
@@ -202,6 +204,18 @@ def test_exported_program_equals_the_python_detector(score, tmp_path):
         torch.testing.assert_close(logits.detach().argmax(1).numpy(), ref.labels)
         np.testing.assert_allclose(scores.detach().numpy(), ref.scores, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(is_ood.numpy(), ref.is_ood)
+
+
+def test_exported_program_loads_with_pytorch_alone(tmp_path):
+    det = make_detector(seed=5)
+    det.calibrate(random_imageset(60, seed=7), tpr=0.8)
+    path = export_detector(det, tmp_path / "det.pt2")
+    code = (f"import sys, torch\nprogram = torch.export.load({str(path)!r}).module()\n"
+            f"logits, score, is_ood = program(torch.zeros(3, {RESOLUTION}, {RESOLUTION}, 3, dtype=torch.uint8))\n"
+            "assert logits.shape == (3, 4) and is_ood.dtype == torch.bool\n"
+            "assert not [m for m in sys.modules if m.startswith('oodtune')], 'oodtune was imported'\n")
+    res = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
 
 
 def test_export_refuses_what_it_cannot_capture(tmp_path):
