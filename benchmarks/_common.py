@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from oodtune.runtime import resolve_device
 
 # Benchmarks print their own tables; rich progress bars would only add noise (and a little overhead).
 os.environ.setdefault("OODTUNE_PROGRESS", "0")
@@ -68,3 +71,23 @@ def save_json(path: str | None, payload: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"\nwrote {out}")
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser described by ``doc`` (a module docstring) with the shared ``--device`` and ``--json``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    ap.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    return ap
+
+
+def parse_with_device(ap: argparse.ArgumentParser, argv: list[str] | None, num_images: tuple[int, int]
+                      ) -> argparse.Namespace:
+    """Parse ``argv``; ``--device`` resolved to a name, ``--num-images`` (when not given) to ``num_images`` =
+    (CUDA default, CPU default)."""
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    args.device = str(device)
+    if args.num_images is None:
+        args.num_images = num_images[0] if device.type == "cuda" else num_images[1]
+    return args

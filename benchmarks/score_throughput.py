@@ -23,13 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import environment, now, print_table, save_json
+from _common import environment, now, parse_with_device, parser, print_table, save_json
 from oodtune.data.imageset import ImageSet
 from oodtune.data.tensors import Normalizer
 from oodtune.evaluation import compute_outputs
 from oodtune.metrics import ood_metrics
 from oodtune.models import FeatureModel, build_model
-from oodtune.runtime import resolve_device
 
 
 def random_images(n: int, seed: int = 0) -> ImageSet:
@@ -91,23 +90,15 @@ def metric_timing(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--arch", default="wrn-40-2")
-    ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     ap.add_argument("--num-images", type=int, default=None, help="default 100000 on CUDA, 2000 on CPU")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     ap.add_argument("--num-scores", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-forward", action="store_true", help="only time the metrics")
-    ap.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
-    args = ap.parse_args(argv)
-    device = resolve_device(args.device)
-    args.device = str(device)
-    if args.num_images is None:
-        args.num_images = 100_000 if device.type == "cuda" else 2_000
-    return args
+    return parse_with_device(ap, argv, (100_000, 2_000))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

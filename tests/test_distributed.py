@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from helpers_training import assert_states_equal, ddp_worker, free_port
 from oodtune.models.checkpoint import read_checkpoint
 from oodtune.runtime import DistInfo
-from oodtune.training.trainer import FINAL, LAST
+from oodtune.training.trainer import FINAL, HISTORY, LAST
 
 WORLD = 2
 
@@ -47,11 +47,11 @@ def test_two_cpu_ranks(tmp_path: Path, batch_size: int) -> None:
     # updates them with its own half-batch (plain BatchNorm, not SyncBatchNorm); rank 0's are the ones saved.
     params = [k for k in reports[0]["state"] if "running_" not in k and "num_batches_tracked" not in k]
     assert_states_equal(*({k: r["state"][k] for k in params} for r in reports))
-    # (c) only rank 0 wrote checkpoints: last.pt after each epoch, then model.pt
+    # (c) only rank 0 wrote checkpoints: last.pt after each epoch, then model.pt (and the per-epoch history.csv)
     run = tmp_path / "run"
     assert [Path(p).name for p in reports[0]["saves"]] == [LAST, LAST, FINAL]
     assert reports[1]["saves"] == []
-    assert sorted(p.name for p in run.iterdir()) == [FINAL]
+    assert sorted(p.name for p in run.iterdir()) == [HISTORY, FINAL]
     assert_states_equal(read_checkpoint(run / FINAL)["model"],
                         {k.removeprefix("model."): v for k, v in reports[0]["state"].items()
                          if k.startswith("model.")})

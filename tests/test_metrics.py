@@ -9,7 +9,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as sk
 
-from oodtune.metrics import OODMetrics, accuracy, aupr, auroc, fpr_at_tpr, ood_metrics, roc_curve
+from oodtune.errors import ConfigError
+from oodtune.metrics import (
+    OODMetrics,
+    acceptance_rate,
+    accuracy,
+    aupr,
+    auroc,
+    fpr_at_tpr,
+    min_calibration_size,
+    ood_metrics,
+    roc_curve,
+    threshold_at_tpr,
+)
 
 TOL = 1e-6
 
@@ -84,10 +96,59 @@ def test_property_matches_sklearn(id_s, ood_s, positive, tpr):
 def test_roc_curve_matches_sklearn(positive, drop):
     rng = np.random.default_rng(7)
     id_s, ood_s = rng.integers(0, 30, 500).astype(float), rng.integers(0, 25, 400).astype(float)
-    fpr, tpr = roc_curve(id_s, ood_s, positive, drop_intermediate=drop)
-    ref_fpr, ref_tpr, _ = sk.roc_curve(*_labelled(id_s, ood_s, positive), drop_intermediate=drop)
+    fpr, tpr, thr = roc_curve(id_s, ood_s, positive, drop_intermediate=drop)
+    ref_fpr, ref_tpr, ref_thr = sk.roc_curve(*_labelled(id_s, ood_s, positive), drop_intermediate=drop)
     np.testing.assert_allclose(fpr, ref_fpr, atol=TOL)
     np.testing.assert_allclose(tpr, ref_tpr, atol=TOL)
+    np.testing.assert_array_equal(thr, ref_thr)  # inf first, then the decision scores, as scikit-learn
+
+
+@pytest.mark.parametrize("positive", ["in", "out"])
+def test_roc_thresholds_reproduce_their_operating_points(positive):
+    """Point k is the rule "positive when decision score >= thresholds[k]" (decision = -score for OOD)."""
+    rng = np.random.default_rng(3)
+    id_s, ood_s = rng.integers(0, 12, 200).astype(float), rng.normal(3, 3, 150)
+    fpr, tpr, thr = roc_curve(id_s, ood_s, positive, drop_intermediate=False)
+    pos, neg = (id_s, ood_s) if positive == "in" else (-ood_s, -id_s)
+    for k in range(len(thr)):
+        assert tpr[k] == pytest.approx(np.mean(pos >= thr[k])) and fpr[k] == pytest.approx(np.mean(neg >= thr[k]))
+
+
+# ----------------------------------------------------------------------------- thresholds for a detector
+
+
+def _sk_threshold(id_s, tpr):
+    """scikit-learn's threshold of the first ROC point with TPR >= tpr (ID positive; OOD below everything)."""
+    id_s = np.asarray(id_s, float)
+    y, s = _labelled(id_s, [id_s.min() - 1.0], "in")
+    _, tpr_curve, thr = sk.roc_curve(y, s, drop_intermediate=False)
+    return thr[np.searchsorted(tpr_curve, tpr, side="left")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(score_lists, st.sampled_from([0.05, 0.3, 0.5, 0.9, 0.95, 0.99]))
+def test_threshold_at_tpr_matches_sklearn(id_s, tpr):
+    t, achieved = threshold_at_tpr(id_s, tpr)
+    assert t == _sk_threshold(id_s, tpr)
+    assert achieved == np.mean(np.asarray(id_s) >= t) >= tpr - 1e-12
+    # the largest such threshold: any higher one accepts fewer than tpr of the samples
+    higher = np.asarray(id_s)[np.asarray(id_s) > t]
+    assert higher.size == 0 or np.mean(np.asarray(id_s) >= higher.min()) < tpr
+
+
+def test_threshold_hand_cases():
+    scores = np.arange(1.0, 101.0)  # 1..100
+    assert threshold_at_tpr(scores, 0.95) == (6.0, 0.95)  # 6..100 are 95 samples
+    assert threshold_at_tpr(scores, 0.951) == (5.0, 0.96)
+    assert threshold_at_tpr([1.0, 2.0, 2.0, 2.0], 0.5) == (2.0, 0.75)  # ties at the threshold all accepted
+    with pytest.raises(ConfigError, match="strictly between"):
+        threshold_at_tpr(scores, 1.0)
+
+
+def test_min_calibration_size_and_acceptance():
+    assert min_calibration_size(0.95) == 200 and min_calibration_size(0.9) == 100 and min_calibration_size(0.5) == 20
+    rate, se = acceptance_rate(np.arange(10.0), 2.0)
+    assert rate == 0.8 and se == pytest.approx(np.sqrt(0.8 * 0.2 / 10))
 
 
 # ----------------------------------------------------------------------------- hand-computed cases

@@ -297,7 +297,9 @@ def bench(env: dict[str, Path]) -> dict[str, Any]:
 
 def test_benchmark_writes_tables(bench):
     out, res, md = bench["out"], bench["results"], bench["md"]
-    assert bench["files"] == [out / "results.json", out / "results.md"]
+    assert bench["files"] == [out / "results.json", out / "results.md", out / "results.csv"]
+    assert res["oodtune_version"] and res["metric_convention"]["positive_class"] == "OOD"
+    assert {r["n"] for r in res["per_set"]} == {NUM_OOD} and "| n |" in md
     rows = {r["method"]: r for r in res["summary"]}
     assert list(rows) == ["MSP", "EnergyOE (tune)", "Balanced EnergyOE"]
     assert rows["MSP"]["runs"] == 1 and isinstance(rows["MSP"]["auroc_all"], float)

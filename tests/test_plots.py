@@ -43,7 +43,7 @@ def test_energy_histograms(tmp_path, energies, with_before):
 def test_roc_curves(tmp_path):
     rng = np.random.default_rng(1)
     id_s, ood_s = rng.normal(1, 1, 400), rng.normal(0, 1, 400)
-    curves = {"pretrained": roc_curve(id_s, ood_s), "fine-tuned": roc_curve(2 * id_s, ood_s)}
+    curves = {"pretrained": roc_curve(id_s, ood_s)[:2], "fine-tuned": roc_curve(2 * id_s, ood_s)[:2]}
     assert_png(plot_roc_curves(tmp_path / "roc.png", curves, title="ROC"))
 
 

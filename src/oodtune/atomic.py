@@ -13,16 +13,18 @@ a folder is read-only.
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import os
 import re
 import secrets
 import shutil
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .errors import StorageError
 
@@ -177,3 +179,19 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], object], 
 def write_text_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
     """UTF-8 ``text`` to ``path`` atomically (see ``write_atomic``)."""
     return write_atomic(path, lambda fh: fh.write(text.encode("utf-8")), overwrite=overwrite)
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """``rows`` as CSV text with a header: ``columns``, or every key in the order it first appears."""
+    cols = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
+              overwrite: bool = True) -> Path:
+    """:func:`csv_text` of ``rows`` to ``path`` atomically (see ``write_atomic``)."""
+    return write_text_atomic(path, csv_text(rows, columns), overwrite=overwrite)

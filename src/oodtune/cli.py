@@ -1,5 +1,6 @@
 """The ``oodtune`` command line: pretrain, import-model, estimate-prior, propose-margins, finetune, evaluate,
-benchmark.
+benchmark, and the deployment commands calibrate (a detector's threshold on held-out ID data) and predict (per
+image, on files, folders, globs and archives).
 
 Choices and defaults come from the library (score names, methods, training recipes, loss-term defaults), so the
 help never disagrees with what runs. User mistakes (every :class:`~oodtune.errors.OodtuneError`, missing or
@@ -10,6 +11,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import shlex
@@ -31,7 +33,8 @@ from .losses import METHODS, loss_option_defaults
 from .models import ARCHITECTURES, trusted_archs
 from .models.imported import is_import_path
 from .pixel_losses import PIXEL_METHODS
-from .progress import console
+from .prior import DEFAULT_GAMMA
+from .progress import ConsoleHandler, console
 from .runtime import resolve_device
 from .scores import SCORE_NAMES
 from .training.config import COMPILE_MODES, COMPILE_SCOPES, FINETUNE, PRECISIONS, PRETRAIN, TrainConfig
@@ -44,6 +47,9 @@ CLI_WORDS = [
     (re.compile(r"\boverwrite=True\b"), "--overwrite"),
     (re.compile(r"\(argument root=, or env OODTUNE_DATA\)"), "(--data-root, or env OODTUNE_DATA)"),
     (re.compile(r"\bdata_root=(\.\.\.)?"), "--data-root"),
+    (re.compile(r"\bpass download=True\b"), "pass --download"),
+    (re.compile(r"\bhead_name=('\.\.\.')?"), "--head NAME"),
+    (re.compile(r"\bresolution=(\d+)"), r"--resolution \1"),
 ]
 
 
@@ -114,12 +120,26 @@ def _device(_ctx: click.Context, param: click.Parameter, value: str | None) -> s
 
 
 def common_options(f: Any) -> Any:
-    """Options every data-reading command shares."""
-    f = click.option("--data-root", envvar="OODTUNE_DATA", type=click.Path(file_okay=False),
-                     help="Folder holding the datasets (official files or archives). Env: OODTUNE_DATA.")(f)
-    f = click.option("--device", default="auto", show_default=True, callback=_device,
-                     help="auto, cpu, cuda or cuda:N.")(f)
-    return f
+    """Options every data-reading command shares; the command receives ``data_root`` as a DataSource."""
+    @functools.wraps(f)
+    def with_source(*args: Any, data_root: str | None, download: bool, **kw: Any) -> Any:
+        from .pipeline import DataSource
+
+        return f(*args, data_root=DataSource(data_root, download=download), **kw)
+
+    g = click.option("--data-root", envvar="OODTUNE_DATA", type=click.Path(file_okay=False),
+                     help="Folder holding the datasets (official files or archives) [default: env OODTUNE_DATA, "
+                          "else ./data].")(with_source)
+    g = click.option("--download", is_flag=True,
+                     help="Download official archives that are missing from the data root (CIFAR-10/100).")(g)
+    return click.option("--device", default="auto", show_default=True, callback=_device,
+                        help="auto, cpu, cuda or cuda:N.")(g)
+
+
+def id_data_option(f: Any) -> Any:
+    return click.option("--id-data", default=None, metavar="DATASET",
+                        help="The checkpoint's ID dataset under another name or path (e.g. folder:NEW/PATH after "
+                             "moving it); its classes must match.")(f)
 
 
 def trust_option(f: Any) -> Any:
@@ -150,6 +170,15 @@ def _finite(_ctx: click.Context, param: click.Parameter, value: float | None) ->
     if value is not None and not (value == value and abs(value) != float("inf")):
         raise click.BadParameter(f"must be a finite number, got {value}", param=param)
     return value
+
+
+def _finite_or_auto(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return _finite(ctx, param, float(value))
+    except ValueError:
+        raise click.BadParameter(f"must be a number or 'auto', got {value!r}", param=param) from None
 
 
 def train_options(defaults: TrainConfig, *, shown: bool) -> Callable[[Any], Any]:
@@ -215,6 +244,15 @@ class _Group(click.Group):
             raise click.ClickException(cli_message(str(exc))) from exc
 
 
+def _log_to_console() -> None:
+    """Library messages (the ``oodtune`` logger, INFO and up) on the CLI's console, once."""
+    logger = logging.getLogger("oodtune")
+    if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(ConsoleHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="oodtune")
 def main() -> None:
@@ -222,17 +260,20 @@ def main() -> None:
 
     \b
     Typical workflow:
-      oodtune pretrain --dataset cifar10 --arch wrn-40-2 --out runs/pre
+      oodtune pretrain --dataset cifar10 --arch wrn-40-2 --val-fraction 0.1 --out runs/pre
       oodtune estimate-prior runs/pre/model.pt --outliers tin-aux --gamma 0.05 --out runs/prior.json
       oodtune finetune runs/pre/model.pt --method balanced-energy --prior runs/prior.json --out runs/bal
       oodtune evaluate runs/bal/model.pt --score energy --ood tin-near --ood dtd --out results/bal
       oodtune benchmark configs/cifar10-offline.toml
+      oodtune calibrate runs/bal/model.pt --score energy --tpr 0.95 --out detector.json
+      oodtune predict runs/bal/model.pt photos/ more.zip --detector detector.json --out preds.csv
     Your own model: `oodtune import-model WEIGHTS.pt --arch mypkg.nets:make_net --out mine.pt`,
     then use mine.pt wherever runs/pre/model.pt appears above. A segmenter (pixel-wise OOD):
     `oodtune import-model espnet_p_2_q_8_camvid.pth --arch espnet-camvid --dataset camvid --out seg.pt`,
     then --method pebal / balanced-pebal / energy-oe / balanced-energy and --ood road-anomaly.
     Scores are "higher = more in-distribution" everywhere.
     """
+    _log_to_console()
 
 
 @main.command()
@@ -252,18 +293,28 @@ def datasets() -> None:
 @click.option("--imbalance-ratio", type=click.FloatRange(1), default=None,
               help="Make the train split long-tailed with this max/min class ratio (e.g. 100).")
 @click.option("--num-train", type=click.IntRange(1), default=None, help="Use a seeded subsample of the train split.")
+@click.option("--resolution", type=click.IntRange(8), default=32, show_default=True,
+              help="Input image size (images are resized on the shorter side and centre-cropped).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Hold this stratified, seeded fraction of the train split out before training (recorded; never "
+                   "trained on, here or in any fine-tuning): held-out ID images for `oodtune calibrate`.")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="For a folder: dataset without train/ and test/ folders: the part held out as its test set "
+                   "[default: 0.2].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, resume).")
 @train_options(PRETRAIN, shown=True)
 def pretrain(**kw: Any) -> None:
     """Train a classifier from scratch with cross-entropy (SGD+Nesterov, cosine, crop+flip).
 
-    Interrupted runs resume from OUT/last.pt when started again with the same options.
+    Test (and validation) accuracy is reported after every epoch; OUT/history.csv logs each epoch. Interrupted
+    runs resume from OUT/last.pt when started again with the same options.
     """
     from .pipeline import pretrain as run
 
     cfg = PRETRAIN.replace(**_train_overrides(kw))
     path = run(kw["out"], dataset=kw["dataset"], arch=kw["arch"], data_root=kw["data_root"], config=cfg,
-               imbalance_ratio=kw["imbalance_ratio"], num_train=kw["num_train"], head=kw["head"])
+               imbalance_ratio=kw["imbalance_ratio"], num_train=kw["num_train"], head=kw["head"],
+               resolution=kw["resolution"], val_fraction=kw["val_fraction"], test_fraction=kw["test_fraction"])
     console.print(f"saved {path}")
 
 
@@ -300,7 +351,7 @@ def pretrain(**kw: Any) -> None:
 def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: tuple[float, float, float] | None,
                  std: tuple[float, float, float] | None, resolution: int, input_size: str | None,
                  channel_order: str | None, extra_channels: int | None, trainable: tuple[str, ...], out: str,
-                 check_accuracy: bool, data_root: str | None, device: str) -> None:
+                 check_accuracy: bool, data_root: Any, device: str) -> None:
     """Wrap a classifier or segmenter trained elsewhere (its saved state_dict) as an oodtune checkpoint.
 
     Every other command then works on it: estimate-prior, propose-margins, finetune, evaluate, benchmark.
@@ -335,13 +386,14 @@ def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: 
 @trust_option
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--outliers", default=None, help=OUTLIERS_HELP)
-@click.option("--gamma", type=click.FloatRange(0), default=1.0, show_default=True,
-              help="Power applied to the prior before L1 normalisation (Balanced Energy's γ).")
+@click.option("--gamma", type=click.FloatRange(0), default=DEFAULT_GAMMA, show_default=True,
+              help="Power applied to the prior before L1 normalisation (Balanced Energy's γ; the paper's CIFAR-10 "
+                   "value; its long-tailed runs use 0.5, the segmentation code 3).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the prior (JSON).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also save a bar chart (PNG).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 def estimate_prior(checkpoint: str, outliers: str | None, gamma: float, out: str, plot: str | None, overwrite: bool,
-                   data_root: str | None, device: str) -> None:
+                   data_root: Any, device: str) -> None:
     """Balanced Energy step 1: the outlier class prior P(y|o) as predicted by the pretrained model (segmentation:
     over the pixels of objects pasted into the ID train frames)."""
     from .pipeline import default_outliers, save_prior
@@ -362,16 +414,17 @@ def estimate_prior(checkpoint: str, outliers: str | None, gamma: float, out: str
 @main.command("propose-margins")
 @common_options
 @trust_option
+@id_data_option
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--outliers", default=None, help=OUTLIERS_HELP)
-def propose_margins(checkpoint: str, outliers: str | None, data_root: str | None, device: str) -> None:
+def propose_margins(checkpoint: str, outliers: str | None, data_root: Any, device: str, id_data: str | None) -> None:
     """Suggest m_in / m_out from the pretrained model's energies on ID train data and outliers (segmentation: on
     pixels of the train frames and of objects pasted into them)."""
     from .pipeline import default_outliers
     from .pipeline import propose_margins as run
 
     outliers = outliers or default_outliers(checkpoint)
-    p = run(checkpoint, outliers=outliers, data_root=data_root, device=device)
+    p = run(checkpoint, outliers=outliers, data_root=data_root, device=device, id_data=id_data)
     click.echo(f"ID energy median {p.median_in:.2f}, outlier energy median {p.median_out:.2f}")
     click.echo(f"proposed --m-in {p.m_in:.1f} --m-out {p.m_out:.1f} (hinges start active on "
                f"{100 * p.coverage_in:.0f}% of ID and {100 * p.coverage_out:.0f}% of outliers)")
@@ -392,10 +445,11 @@ def _default_help(option: str) -> str:
 @click.option("--prior", "prior_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Outlier prior JSON from `oodtune estimate-prior` (balanced-energy).")
 @click.option("--gamma", type=click.FloatRange(0), default=None, help="Override the prior's γ.")
-@click.option("--m-in", type=float, default=None, callback=_finite,
-              help=f"In-distribution energy margin {_default_help('m_in')}.")
-@click.option("--m-out", type=float, default=None, callback=_finite,
-              help=f"Outlier energy margin {_default_help('m_out')}.")
+@click.option("--m-in", default=None, callback=_finite_or_auto, metavar="FLOAT|auto",
+              help=f"In-distribution energy margin {_default_help('m_in')}; auto = proposed from this model's "
+                   "energies as `oodtune propose-margins` does (recorded in the checkpoint).")
+@click.option("--m-out", default=None, callback=_finite_or_auto, metavar="FLOAT|auto",
+              help=f"Outlier energy margin {_default_help('m_out')}; auto as for --m-in.")
 @click.option("--alpha", type=float, default=None, callback=_finite,
               help=f"Balanced Energy margin scale α {_default_help('alpha')}.")
 @click.option("--energy-weight", type=float, default=None, callback=_finite,
@@ -408,6 +462,7 @@ def _default_help(option: str) -> str:
               help=f"Outliers per step [default: {FINETUNE.outlier_batch_size} for classification; segmentation: "
                    "frames of each batch that get a pasted object, default 1].")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
+@id_data_option
 @train_options(FINETUNE, shown=False)
 def finetune(**kw: Any) -> None:
     """Fine-tune a pretrained checkpoint with an OOD-aware loss (on the ID *train* split only)."""
@@ -423,7 +478,7 @@ def finetune(**kw: Any) -> None:
     cfg = finetune_config(kw["checkpoint"], **_train_overrides(kw), outlier_batch_size=kw["outlier_batch_size"])
     outliers = kw["outliers"] or default_outliers(kw["checkpoint"])
     path = run(kw["checkpoint"], kw["out"], method=kw["method"], data_root=kw["data_root"], outliers=outliers,
-               prior=prior, config=cfg, loss_options=loss_options)
+               prior=prior, config=cfg, loss_options=loss_options, id_data=kw["id_data"])
     console.print(f"saved {path}")
 
 
@@ -439,35 +494,137 @@ def finetune(**kw: Any) -> None:
 @click.option("--positive", type=click.Choice(["in", "out"]), default=None,
               help="Which class the metrics treat as positive (default: see oodtune.metrics).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Write OUT.json and OUT.md with the table (a .json or .md suffix on OUT is dropped).")
+              help="Write OUT.json, OUT.md and OUT.csv with the table (a .json, .md or .csv suffix on OUT is "
+                   "dropped).")
+@click.option("--save-scores", is_flag=True,
+              help="Also write OUT-scores.csv: every image's score (dataset, index, one column per score).")
 @click.option("--blur", is_flag=True,
               help="Segmentation: Gaussian-blur the per-pixel score maps (kernel 7, sigma 1) before the metrics.")
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT files.")
+@id_data_option
 def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num_ood: int | None,
-             positive: str | None, blur: bool, out: str | None, overwrite: bool, data_root: str | None,
-             device: str) -> None:
+             positive: str | None, blur: bool, out: str | None, save_scores: bool, overwrite: bool, data_root: Any,
+             device: str, id_data: str | None) -> None:
     """Accuracy + AUROC / AUPR-In / AUPR-Out / FPR95 for each score on each OOD set."""
     from .pipeline import evaluate_checkpoint
-    from .report import evaluation_paths, evaluation_table, id_metrics_text, write_evaluation
+    from .report import evaluation_paths, evaluation_table, id_metrics_text, scores_path, write_evaluation
 
+    if save_scores and not out:
+        raise click.UsageError("--save-scores writes OUT-scores.csv: give --out OUT too.")
     if out:
-        existing = [str(p) for p in evaluation_paths(out) if p.exists() and not overwrite]
+        paths = [*evaluation_paths(out), *([scores_path(out)] if save_scores else [])]
+        existing = [str(p) for p in paths if p.exists() and not overwrite]
         if existing:  # refuse before spending the evaluation
             raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out.")
         check_writable(evaluation_paths(out)[0].parent, "choose another --out")
     report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
-                                       num_ood=num_ood, positive=positive, blur=blur)  # type: ignore[arg-type]
+                                       num_ood=num_ood, positive=positive, blur=blur,  # type: ignore[arg-type]
+                                       id_data=id_data)
     click.echo(id_metrics_text(report, meta))
     click.echo(evaluation_table(report))
     if out:
-        js, md = write_evaluation(out, report, meta, checkpoint=checkpoint, command=_command_line(),
-                                  overwrite=overwrite)
-        console.print(f"wrote {js} and {md}")
+        written = write_evaluation(out, report, meta, checkpoint=checkpoint, command=_command_line(),
+                                   overwrite=overwrite, save_scores=save_scores)
+        console.print("wrote " + ", ".join(map(str, written)))
+
+
+@main.command()
+@config_option
+@common_options
+@id_data_option
+@trust_option
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--score", type=click.Choice(SCORE_NAMES), default="energy", show_default=True,
+              help="The OOD score (mahalanobis/knn are fitted on the checkpoint's ID training split).")
+@click.option("--tpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True,
+              help="Fraction of held-out ID images the threshold accepts (ID true-positive rate).")
+@click.option("--calibration-data", default="auto", show_default=True, metavar="auto|val|train|folder:PATH",
+              help="ID images that set the threshold: auto = the validation part held out before training "
+                   "(pretrain --val-fraction), else the dataset's val split; train = training images (biased, "
+                   "warned); folder:PATH / images:PATH = your held-out ID images. Never the test split.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Measure the acceptance rate reached on the ID test split (disjoint from the calibration set).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Detector file to write (JSON).")
+@click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the detector as a torch.export program (.pt2): uint8 images in, logits, score and "
+                   "is_ood out; loads with PyTorch alone.")
+@click.option("--overwrite", is_flag=True, help="Replace existing --out / --export files.")
+def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, check: bool, out: str,
+              export_path: str | None, overwrite: bool, data_root: Any, device: str, id_data: str | None) -> None:
+    """Choose the OOD threshold on held-out ID images so that the fraction TPR of them is accepted.
+
+    Records score, threshold, TPR reached, n, the images used and the weights' hash (a detector is never applied
+    to another checkpoint). Use it with `oodtune predict CHECKPOINT IMAGES --detector OUT`.
+    """
+    from .export import export_detector
+    from .pipeline import calibrate as run
+
+    targets = [p for p in (out, export_path) if p]
+    existing = [p for p in targets if Path(p).exists() and not overwrite]
+    if existing:  # refuse before spending the forward passes
+        raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another path.")
+    det = run(checkpoint, score=score, tpr=tpr, data=calibration_data, data_root=data_root, device=device,
+              id_data=id_data, check=check)
+    cal = det.calibrated()
+    click.echo(f"score {score}: threshold {cal.threshold:.6g} (is_ood = score < threshold) accepts "
+               f"{100 * cal.achieved:.2f}% of {cal.n} calibration images [{cal.data}]")
+    click.echo(f"expected acceptance of new ID images: {100 * cal.expected:.2f}% ± {100 * cal.expected_std:.2f}%")
+    if cal.check is not None:
+        c = cal.check
+        verdict = "within" if abs(c["z"]) <= 2 else "OUTSIDE"
+        click.echo(f"check on {c['n']} ID test images: {100 * c['acceptance']:.2f}% ± {100 * c['std']:.2f}% accepted "
+                   f"(z = {c['z']:+.2f}: {verdict} 2 standard errors of the expectation)")
+    det.save(out, overwrite=overwrite)
+    console.print(f"saved {out}")
+    if export_path:
+        console.print(f"saved {export_detector(det, export_path, overwrite=overwrite)}")
 
 
 @main.command()
 @trust_option
-@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--detector", required=True, type=click.Path(dir_okay=False),
+              help="Detector file from `oodtune calibrate` for this checkpoint.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Predictions file: CSV, or JSON Lines for a .jsonl name [default: CSV on stdout].")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
+              help="Override the format chosen from --out's suffix.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | None, fmt: str | None,
+            batch_size: int, device: str, overwrite: bool) -> None:
+    """One row per image: path, predicted_class, confidence, score, is_ood, error.
+
+    IMAGES are image files, folders (searched recursively), glob patterns (quote them: 'shots/**/*.png') and
+    tar/zip archives. A file that cannot be read is a row with its error; the others are still predicted.
+    """
+    from .pipeline import predict as run
+    from .report import write_predictions
+
+    if out and Path(out).exists() and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
+    counts = write_predictions(out, run(checkpoint, images, detector=detector, device=device, batch_size=batch_size),
+                               fmt=fmt, overwrite=overwrite)
+    total = sum(counts.values())
+    console.print(f"{total} input(s): {counts['ood']} flagged OOD, {counts['id']} accepted as ID, "
+                  f"{counts['error']} unreadable" + (f"; wrote {out}" if out else ""))
+
+
+@main.command()
+def examples() -> None:
+    """List the example benchmark configs that ship with oodtune (`oodtune benchmark NAME` runs one)."""
+    from .benchmark import example_configs
+
+    for name, path in example_configs().items():
+        first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()
+        click.echo(f"{click.style(f'{name:22s}', bold=True)} {first}\n{'':22s} {path}")
+
+
+@main.command()
+@trust_option
+@click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--data-root", envvar="OODTUNE_DATA", type=click.Path(file_okay=False), default=None,
               help="Overrides the config's data_root.")
 @click.option("--device", default=None, callback=_device, help="Overrides the config's device.")
@@ -481,11 +638,12 @@ def benchmark(config: str, data_root: str | None, device: str | None, out: str |
               report_only: bool) -> None:
     """Run a grid (methods x seeds x OOD sets) from one pretrained checkpoint; resumes if interrupted.
 
-    Writes OUT/results.json, OUT/results.md and plots (energy histograms, ROC curves).
+    CONFIG is a TOML file, or the name of an example (`oodtune examples`). Writes OUT/results.json, results.md,
+    results.csv and plots (energy histograms, ROC curves).
     """
-    from .benchmark import load_benchmark_config, run_benchmark
+    from .benchmark import find_config, load_benchmark_config, run_benchmark
 
-    cfg = load_benchmark_config(config, data_root=data_root, device=device, out=out, only=list(only))
+    cfg = load_benchmark_config(find_config(config), data_root=data_root, device=device, out=out, only=list(only))
     paths = run_benchmark(cfg, command=_command_line(), report_only=report_only)
     console.print("wrote " + ", ".join(str(p) for p in paths))
 

@@ -7,8 +7,10 @@ ODIN, which perturbs its inputs, runs its own. Scores that need ID statistics ar
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,11 +20,13 @@ from .data.imageset import ImageSet
 from .data.tensors import Normalizer, to_device_uint8
 from .errors import DataError, DivergenceError
 from .metrics import accuracy, ood_metrics
-from .metrics.ood import Positive
+from .metrics.ood import DEFAULT_POSITIVE, Positive
 from .models import FeatureModel
-from .progress import format_rate, progress_bar
+from .progress import Bar, format_rate, progress_bar
 from .runtime import autocast, resolve_device
 from .scores import Score
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,16 +46,17 @@ def _check_resolution(ds: ImageSet, resolution: int) -> None:
 @torch.no_grad()
 def compute_outputs(net: FeatureModel, ds: ImageSet, normalizer: Normalizer, *,
                     device: torch.device | str | None = None, batch_size: int = 1024,
-                    precision: str = "fp32") -> Outputs:
+                    precision: str = "fp32", show_progress: bool = True) -> Outputs:
     """Run ``net`` (eval mode) over ``ds`` in batches; logits/features come back as float32 on ``device``.
 
     Scoring defaults to full fp32 (not bf16) so that scores keep their resolution and ties stay rare.
+    ``show_progress=False`` for callers that report progress over many calls themselves.
     """
     dev = resolve_device(device if isinstance(device, str) or device is None else str(device))
     net = net.to(dev).eval()
     images = to_device_uint8(ds, dev)
     logits, feats = [], []
-    with progress_bar(f"forward {ds.name}", total=len(ds)) as bar:
+    with progress_bar(f"forward {ds.name}", total=len(ds)) if show_progress else nullcontext(Bar()) as bar:
         t0 = time.perf_counter()
         for start in range(0, len(ds), batch_size):
             x = normalizer(images[start : start + batch_size])
@@ -68,14 +73,14 @@ def compute_outputs(net: FeatureModel, ds: ImageSet, normalizer: Normalizer, *,
 
 
 def score_dataset(score: Score, net: FeatureModel, ds: ImageSet, outputs: Outputs, normalizer: Normalizer,
-                  *, batch_size: int = 512) -> np.ndarray:
+                  *, batch_size: int = 512, show_progress: bool = True) -> np.ndarray:
     """Scores (higher = more ID) of every image in ``ds``; input-gradient scores re-run the network."""
     if not score.needs_input_grad:
         return score.from_outputs(outputs.logits, outputs.features).float().cpu().numpy()
     dev = outputs.logits.device
     images = to_device_uint8(ds, dev)
     parts = []
-    with progress_bar(f"{score.name} {ds.name}", total=len(ds)) as bar:
+    with progress_bar(f"{score.name} {ds.name}", total=len(ds)) if show_progress else nullcontext(Bar()) as bar:
         for start in range(0, len(ds), batch_size):
             parts.append(score.score_inputs(net, normalizer(images[start : start + batch_size])).float().cpu())
             bar.advance(min(batch_size, len(ds) - start))
@@ -95,6 +100,7 @@ class EvalReport:
     rows: list[dict[str, float | str]] = field(default_factory=list)
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # score -> dataset -> raw scores
     seconds: float = 0.0  # wall time of the evaluation
+    positive: str = DEFAULT_POSITIVE  # the positive class of the FPR column (see oodtune.metrics)
 
     def averages(self, groups: Mapping[str, str] | None = None) -> list[dict[str, float | str]]:
         """Mean of each metric per score over all OOD sets, and per group (e.g. near/far) when given."""
@@ -113,6 +119,24 @@ class EvalReport:
 
 
 METRIC_KEYS = ("auroc", "aupr_in", "aupr_out", "fpr95")
+#: Below this many OOD images, FPR95 moves in steps of more than 1 point and AUROC is noisy.
+MIN_OOD = 100
+#: OOD:ID size ratios beyond this (either way) make AUPR mostly a measure of the base rate.
+MAX_RATIO = 10.0
+
+
+def base_rate_warnings(n_id: int, n_ood: Mapping[str, int]) -> list[str]:
+    """Warnings for OOD sets too small (< :data:`MIN_OOD`) or far larger/smaller than the ID test set."""
+    out = []
+    for name, n in n_ood.items():
+        if n < MIN_OOD:
+            out.append(f"OOD set {name} has only {n} images: FPR95 moves in steps of {100 / max(n, 1):.1f} points "
+                       "and AUROC is noisy; use more images.")
+        ratio = n / n_id
+        if ratio > MAX_RATIO or ratio < 1 / MAX_RATIO:
+            out.append(f"OOD set {name} has {n} images for {n_id} ID test images (ratio {ratio:.3g}): AUPR-In/Out "
+                       "mostly reflect this base rate; subsample the larger side (--num-ood) for comparable numbers.")
+    return out
 
 
 def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_sets: Mapping[str, ImageSet],
@@ -146,8 +170,11 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
         for s in scores:
             if s.needs_fit:
                 s.fit(tr.logits, tr.features, labels)
+    for warning in base_rate_warnings(len(id_test), {name: len(ds) for name, ds in ood_sets.items()}):
+        log.warning(warning)
     ood_out = {name: outputs(ds) for name, ds in ood_sets.items()}
-    report = EvalReport(id_metrics={"accuracy": 100 * acc}, id_logits=id_out.logits.cpu())
+    report = EvalReport(id_metrics={"accuracy": 100 * acc}, id_logits=id_out.logits.cpu(),
+                        positive=positive or DEFAULT_POSITIVE)
     for s in scores:
         id_scores = score_dataset(s, net, id_test, id_out, normalizer)
         report.scores[s.name] = {"id": id_scores}
@@ -156,6 +183,7 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
             report.scores[s.name][name] = ood_scores
             m = (ood_metrics(id_scores, ood_scores) if positive is None
                  else ood_metrics(id_scores, ood_scores, positive=positive)).as_percent()
-            report.rows.append({"score": s.name, "dataset": name, **{k: m[k] for k in METRIC_KEYS}})
+            report.rows.append({"score": s.name, "dataset": name, **{k: m[k] for k in METRIC_KEYS},
+                                "n_id": len(id_test), "n_ood": len(ds)})
     report.seconds = time.perf_counter() - t0
     return report

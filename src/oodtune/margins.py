@@ -24,7 +24,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["propose_margins", "margin_coverage"]
+__all__ = ["FAR", "REFERENCE_MEDIANS", "default_margin_warning", "margin_coverage", "propose_margins"]
 
 
 def _energies(values: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
@@ -66,3 +66,27 @@ def margin_coverage(id_energy: torch.Tensor | np.ndarray, outlier_energy: torch.
     """Fractions of ID samples (E > m_in) and outliers (E < m_out) that the hinge terms act on."""
     e_in, e_out = _energies(id_energy, "ID"), _energies(outlier_energy, "outlier")
     return float((e_in > m_in).mean()), float((e_out < m_out).mean())
+
+
+#: Median energies of the model the default margins (m_in = -23, m_out = -5, the Energy paper's CIFAR-10 values)
+#: were grid-searched on: a WRN-40-2 with ID energies around -8..-12 and outliers around -5..-8 (module docstring).
+REFERENCE_MEDIANS = {"m_in": -10.0, "m_out": -6.5}
+#: How far (in energy units) a model's median may lie from those before the defaults are reported as unsuitable.
+FAR = 5.0
+
+
+def default_margin_warning(id_energy: torch.Tensor | np.ndarray, outlier_energy: torch.Tensor | np.ndarray,
+                           defaults: dict[str, float]) -> str | None:
+    """A warning when margins left at their CIFAR/WRN-40-2 defaults (``defaults``: option -> value in use) do not
+    fit this model: its median ID (for m_in) or outlier (for m_out) energy is more than :data:`FAR` from the
+    reference model's. None when they fit."""
+    medians = {"m_in": float(np.median(_energies(id_energy, "ID"))),
+               "m_out": float(np.median(_energies(outlier_energy, "outlier")))}
+    far = [k for k in defaults if abs(medians[k] - REFERENCE_MEDIANS[k]) > FAR]
+    if not far:
+        return None
+    used = ", ".join(f"{k} = {defaults[k]:g}" for k in defaults)
+    return (f"the default margins ({used}) were tuned for a CIFAR-10 WRN-40-2 whose median energies are about "
+            f"{REFERENCE_MEDIANS['m_in']:g} (ID) and {REFERENCE_MEDIANS['m_out']:g} (outliers); this model's are "
+            f"{medians['m_in']:.2f} (ID train) and {medians['m_out']:.2f} (outliers). Pass --m-in auto --m-out auto "
+            "(proposed from these energies, as `oodtune propose-margins` prints) or your own values.")

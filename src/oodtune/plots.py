@@ -90,7 +90,8 @@ def plot_energy_histograms(path: str | Path, id_energy: Any, ood_energies: Mappi
 
 
 def plot_roc_curves(path: str | Path, curves: Mapping[str, tuple[Any, Any]], title: str = "ROC") -> Path:
-    """ROC curves, one per label (``curves[label] = (fpr, tpr)`` as from ``oodtune.metrics.roc_curve``);
+    """ROC curves, one per label (``curves[label] = (fpr, tpr)``, the first two arrays of
+    ``oodtune.metrics.roc_curve``);
     the legend shows each curve's AUROC = integral of TPR d(FPR) (trapezoidal). Returns the path."""
     if not curves:
         raise ConfigError("curves is empty; pass {label: (fpr, tpr)} for at least one model.")

@@ -25,10 +25,13 @@ from torch import Tensor, nn
 from .atomic import write_text_atomic
 from .errors import ConfigError, PriorError
 
-__all__ = ["PriorError", "count_outlier_predictions", "prior_from_counts", "OutlierPrior"]
+__all__ = ["DEFAULT_GAMMA", "PriorError", "count_outlier_predictions", "prior_from_counts", "OutlierPrior"]
 
 FORMAT = "oodtune-outlier-prior"
 VERSION = 1
+#: γ of the Balanced Energy paper's balanced CIFAR-10 runs: the default of ``oodtune estimate-prior --gamma``
+#: (its long-tailed runs use 0.5).
+DEFAULT_GAMMA = 0.05
 
 
 def _logits_of(output: Tensor | tuple[Tensor, ...]) -> Tensor:

@@ -1,16 +1,22 @@
-"""Results as Markdown tables and JSON files (written atomically, never silently overwritten): the generic
-table/JSON writers, and the files of one evaluation (``oodtune evaluate --out``)."""
+"""Results as Markdown tables, JSON and CSV files (written atomically, never silently overwritten): the generic
+table/JSON writers, the files of one evaluation (``oodtune evaluate --out``) and of predictions (``oodtune
+predict --out``). Every results file records the oodtune version, the metric convention and sample counts."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_text_atomic
+from . import __version__
+from .atomic import csv_text, write_atomic, write_csv, write_text_atomic
+from .errors import ConfigError
 from .evaluation import METRIC_KEYS, EvalReport
+from .metrics import DEFAULT_POSITIVE, metric_convention
 from .models import RunMeta
 
 METRIC_LABELS = {"auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑", "fpr95": "FPR95↓"}
@@ -41,13 +47,38 @@ def write_json(path: str | os.PathLike, data: Any, *, overwrite: bool = False) -
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n", overwrite=overwrite)
 
 
-def evaluation_paths(out: str | os.PathLike) -> tuple[Path, Path]:
-    """(OUT.json, OUT.md) for ``--out OUT``; a ``.json``/``.md`` suffix on OUT is dropped (``--out table.json``
-    means table.json + table.md, not table.json.json)."""
+def flat_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for a CSV file: (mean, std) pairs become two columns, ``key`` and ``key_std``."""
+    out = []
+    for r in rows:
+        flat: dict[str, Any] = {}
+        for k, v in r.items():
+            if isinstance(v, (tuple, list)) and len(v) == 2:
+                flat[k], flat[f"{k}_std"] = v
+            else:
+                flat[k] = v
+        out.append(flat)
+    return out
+
+
+def provenance(positive: str = DEFAULT_POSITIVE) -> dict[str, Any]:
+    """What every results file records besides its numbers: the oodtune version and the metric convention."""
+    return {"oodtune_version": __version__, "metric_convention": metric_convention(positive)}
+
+
+def evaluation_paths(out: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """(OUT.json, OUT.md, OUT.csv) for ``--out OUT``; a ``.json``/``.md``/``.csv`` suffix on OUT is dropped
+    (``--out table.json`` means table.json + table.md + table.csv, not table.json.json)."""
     base = Path(out)
-    if base.suffix in (".json", ".md"):
+    if base.suffix in (".json", ".md", ".csv"):
         base = base.with_suffix("")
-    return base.with_name(base.name + ".json"), base.with_name(base.name + ".md")
+    return tuple(base.with_name(base.name + suffix) for suffix in (".json", ".md", ".csv"))  # type: ignore[return-value]
+
+
+def scores_path(out: str | os.PathLike) -> Path:
+    """OUT-scores.csv: the per-sample scores of ``evaluate --save-scores``."""
+    json_path = evaluation_paths(out)[0]
+    return json_path.with_name(json_path.stem + "-scores.csv")
 
 
 def evaluation_rows(report: EvalReport) -> list[dict[str, Any]]:
@@ -60,11 +91,12 @@ COMPONENT_LABELS = {"siou": "sIoU↑", "ppv": "PPV↑", "mean_f1": "mean F1↑"}
 
 
 def evaluation_table(report: EvalReport) -> str:
-    """The Markdown table of :func:`evaluation_rows` (with the component metrics when the rows have them)."""
+    """The Markdown table of :func:`evaluation_rows`, with the OOD and ID test set sizes (and the component metrics
+    when the rows have them)."""
     extra = [k for k in COMPONENT_LABELS if report.rows and all(k in r for r in report.rows)]
-    columns = ["score", "dataset", *METRIC_KEYS, *extra]
-    return markdown_table(evaluation_rows(report), columns,
-                          [METRIC_LABELS.get(c, COMPONENT_LABELS.get(c, c)) for c in columns])
+    columns = ["score", "dataset", *METRIC_KEYS, *extra, "n_ood", "n_id"]
+    headers = [METRIC_LABELS.get(c, COMPONENT_LABELS.get(c, c)) for c in columns[:-2]] + ["n OOD", "n ID"]
+    return markdown_table(evaluation_rows(report), columns, headers)
 
 
 def id_metrics_text(report: EvalReport, meta: RunMeta) -> str:
@@ -73,15 +105,70 @@ def id_metrics_text(report: EvalReport, meta: RunMeta) -> str:
     return "\n".join(f"{names.get(k, k)} ({meta.dataset} test): {v:.2f}%" for k, v in report.id_metrics.items())
 
 
+def write_scores(path: str | os.PathLike, report: EvalReport, *, overwrite: bool = False) -> Path:
+    """Per-sample scores as CSV: one row per image (dataset, index in it, one column per score; higher = more
+    in-distribution); ``dataset`` is ``id`` for the ID test set."""
+    names = list(report.scores)
+    datasets = list(report.scores[names[0]]) if names else []
+    rows = [{"dataset": d, "index": i, **{s: float(report.scores[s][d][i]) for s in names}}
+            for d in datasets for i in range(len(report.scores[names[0]][d]))]
+    return write_csv(path, rows, ["dataset", "index", *names], overwrite=overwrite)
+
+
 def write_evaluation(out: str | os.PathLike, report: EvalReport, meta: RunMeta, *, checkpoint: str | os.PathLike,
-                     command: str, overwrite: bool = False) -> tuple[Path, Path]:
-    """OUT.json (command, checkpoint, ID metrics, rows) and OUT.md (the same as a table); see
-    :func:`evaluation_paths`."""
-    js, md = evaluation_paths(out)
-    data = {"command": command, "checkpoint": str(checkpoint), "id_dataset": meta.dataset, **report.id_metrics,
-            "rows": evaluation_rows(report)}
+                     command: str, overwrite: bool = False, save_scores: bool = False) -> list[Path]:
+    """OUT.json (command, checkpoint, version, metric convention, ID metrics, rows with sample counts), OUT.md (the
+    same as a table), OUT.csv (the rows) and, with ``save_scores``, OUT-scores.csv; see :func:`evaluation_paths`."""
+    js, md, csv_path = evaluation_paths(out)
+    data = {"command": command, "checkpoint": str(checkpoint), **provenance(report.positive),
+            "id_dataset": meta.dataset, **report.id_metrics, "rows": evaluation_rows(report)}
     write_json(js, data, overwrite=overwrite)
-    text = (f"# {Path(checkpoint).parent.name}\n\nCommand: `{command}`\n\n{id_metrics_text(report, meta)}\n\n"
-            + evaluation_table(report))
-    write_text_atomic(md, text, overwrite=overwrite)
-    return js, md
+    convention = metric_convention(report.positive)
+    text = (f"# {Path(checkpoint).parent.name}\n\nCommand: `{command}`\n\noodtune {__version__}. Metrics in %; "
+            f"positive class {convention['positive_class']}: {convention['fpr_rule']}.\n\n"
+            f"{id_metrics_text(report, meta)}\n\n" + evaluation_table(report))
+    paths = [js, write_text_atomic(md, text, overwrite=overwrite),
+             write_csv(csv_path, evaluation_rows(report), ["score", "dataset", *METRIC_KEYS, "n_ood", "n_id"],
+                       overwrite=overwrite)]
+    if save_scores:
+        paths.append(write_scores(scores_path(out), report, overwrite=overwrite))
+    return paths
+
+
+#: Columns of a predictions file (``oodtune predict``).
+PREDICTION_COLUMNS = ("path", "predicted_class", "confidence", "score", "is_ood", "error")
+PREDICTION_FORMATS = ("csv", "jsonl")
+
+
+def prediction_format(path: str | os.PathLike | None, fmt: str | None) -> str:
+    """``fmt``, else from the file suffix (.jsonl / .ndjson -> jsonl), else csv."""
+    if fmt is not None:
+        return fmt
+    return "jsonl" if path is not None and Path(path).suffix.lower() in (".jsonl", ".ndjson") else "csv"
+
+
+def prediction_lines(rows: Iterable[dict[str, Any]], fmt: str, counts: Counter[str]) -> Iterator[str]:
+    """``rows`` as CSV (with a header) or JSON Lines text, one line at a time; ``counts`` tallies ood / id /
+    error rows as they pass."""
+    if fmt not in PREDICTION_FORMATS:
+        raise ConfigError(f"unknown predictions format {fmt!r}; use one of {', '.join(PREDICTION_FORMATS)}.")
+    if fmt == "csv":
+        yield csv_text([], PREDICTION_COLUMNS)
+    for row in rows:
+        counts["error" if row["error"] else "ood" if row["is_ood"] else "id"] += 1
+        yield json.dumps(row) + "\n" if fmt == "jsonl" else csv_text([row], PREDICTION_COLUMNS).split("\n", 1)[1]
+
+
+def write_predictions(out: str | os.PathLike | None, rows: Iterable[dict[str, Any]], *, fmt: str | None = None,
+                      overwrite: bool = False) -> Counter[str]:
+    """Stream ``rows`` to ``out`` (atomically; stdout when None) as CSV or JSON Lines; returns the tallies of
+    :func:`prediction_lines`."""
+    counts: Counter[str] = Counter()
+    lines = prediction_lines(rows, prediction_format(out, fmt), counts)
+    if out is None:
+        for line in lines:
+            sys.stdout.write(line)
+        sys.stdout.flush()
+    else:
+        write_atomic(out, lambda fh: fh.writelines(line.encode("utf-8") for line in lines), overwrite=overwrite)
+    return counts

@@ -6,8 +6,9 @@ seeds x OOD sets, resumable, tabulated as mean ± std over seeds.
 """
 
 from .config import POSTHOC, BenchmarkConfig, MethodSpec, load_benchmark_config
+from .examples import example_configs, find_config
 from .grid import Benchmark, run_benchmark
 from .tables import mean_std, summarize, write_results
 
-__all__ = ["POSTHOC", "Benchmark", "BenchmarkConfig", "MethodSpec", "load_benchmark_config", "mean_std",
-           "run_benchmark", "summarize", "write_results"]
+__all__ = ["POSTHOC", "Benchmark", "BenchmarkConfig", "MethodSpec", "example_configs", "find_config",
+           "load_benchmark_config", "mean_std", "run_benchmark", "summarize", "write_results"]

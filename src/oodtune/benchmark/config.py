@@ -12,8 +12,8 @@ A segmentation ``id_dataset`` (e.g. ``camvid``) makes it a segmentation benchmar
 (segmenters are imported, not pretrained: ``oodtune import-model``), the methods are the pixel methods of
 :mod:`oodtune.pixel_losses`, the post-hoc rows the pixel scores, and fine-tuning starts from the segmentation
 recipe.
-* ``[pretrain]`` — training options (:class:`~oodtune.training.config.TrainConfig` fields) plus ``num_train``
-  and ``imbalance_ratio``.
+* ``[pretrain]`` — training options (:class:`~oodtune.training.config.TrainConfig` fields) plus ``num_train``,
+  ``imbalance_ratio`` and ``val_fraction`` (a validation part held out before pretraining, for calibration).
 * ``[finetune]`` — training options applied to every fine-tuning row.
 * ``[[methods]]`` — one row each: ``label`` and ``method`` (a post-hoc score name, or a fine-tuning method such
   as ``balanced-energy+sparsity``), optionally ``score`` (the score a fine-tuned row is measured with, default
@@ -56,7 +56,8 @@ BENCHMARK_KEYS: dict[str, tuple[type, ...]] = {
     "ood_far": (list,), "num_ood": (int,), "seeds": (list,), "out": (str,), "data_root": (str,), "device": (str,),
     "pretrained": (str,), "id_split": (str,),
 }
-PRETRAIN_EXTRA: dict[str, tuple[type, ...]] = {"num_train": (int,), "imbalance_ratio": (float,)}
+PRETRAIN_EXTRA: dict[str, tuple[type, ...]] = {"num_train": (int,), "imbalance_ratio": (float,),
+                                               "val_fraction": (float,)}
 LOSS_TYPES: dict[str, tuple[type, ...]] = {
     "m_in": (float, str), "m_out": (float, str), "energy_weight": (float,), "alpha": (float,), "oe_weight": (float,),
     "sparsity_weight": (float,), "balanced_reduction": (str,), "detach_z": (bool,),

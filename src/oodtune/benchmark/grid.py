@@ -8,6 +8,7 @@ checkpoints, one evaluation record per run), so an interrupted benchmark picks u
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ from ..metrics import roc_curve
 from ..models.imported import check_trusted, trusted_archs
 from ..plots import plot_anomaly_maps, plot_energy_histograms, plot_roc_curves
 from ..prior import OutlierPrior
-from ..progress import console
 from ..report import write_json
 from ..runtime import resolve_device
 from ..training.trainer import FINAL
@@ -29,6 +29,7 @@ from .tables import write_results
 
 __all__ = ["Benchmark", "run_benchmark"]
 
+log = logging.getLogger(__name__)
 #: How many frames of the first OOD set the before/after anomaly-map figures of segmentation benchmarks show.
 MAP_FRAMES = 4
 
@@ -51,7 +52,8 @@ class Benchmark:
             pipeline.pretrain(self.out / "pretrain", dataset=self.cfg.id_dataset, arch=self.cfg.arch,
                               data_root=self.source,
                               config=self.cfg.train_config("pretrain", None, int(p.get("seed", 0))),
-                              num_train=p.get("num_train"), imbalance_ratio=p.get("imbalance_ratio"))
+                              num_train=p.get("num_train"), imbalance_ratio=p.get("imbalance_ratio"),
+                              val_fraction=p.get("val_fraction"))
         return path
 
     def run_dir(self, spec: MethodSpec, seed: int) -> Path:
@@ -161,7 +163,7 @@ class Benchmark:
     def _train_and_evaluate(self, ckpt: Path, spec: MethodSpec, seed: int) -> dict[str, Any]:
         run_dir = self.run_dir(spec, seed)
         if not (run_dir / FINAL).exists() and not (run_dir / "eval.json").exists():
-            console.rule(f"{spec.label} seed {seed}")
+            log.info("── %s seed %d ──", spec.label, seed)
             prior = self.prior(ckpt, spec.gamma) if spec.balanced else None
             options = dict(spec.loss_options)
             if "auto" in (options.get("m_in"), options.get("m_out")):
@@ -196,7 +198,8 @@ class Benchmark:
         curves = {}
         for tag, (e_id, e_ood) in {"pretrained": (b_id, b_ood), spec.label: (a_id, a_ood)}.items():
             ood_all = np.concatenate(list(e_ood.values()))
-            curves[tag] = roc_curve(-e_id, -ood_all)
+            fpr, tpr, _ = roc_curve(-e_id, -ood_all)
+            curves[tag] = (fpr, tpr)
         plot_roc_curves(self.out / f"roc-{spec.slug}.png", curves, title=f"ROC, all OOD sets pooled: {spec.label}")
 
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -101,31 +102,34 @@ def check_regular_file(path: str | os.PathLike) -> None:
                         "remove it from the dataset folder.")
 
 
-def decode_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
-    """Decode one image file to a ``(resolution, resolution, 3)`` uint8 RGB array.
+def decode_image(path: str | os.PathLike | BinaryIO, resolution: int, *, name: str | None = None) -> np.ndarray:
+    """Decode one image file -- a path, or an open binary file (e.g. ``io.BytesIO``) that errors call ``name`` --
+    to a ``(resolution, resolution, 3)`` uint8 RGB array.
 
     Raises :class:`DataError` naming the file when it cannot be read or decoded, is too large (see the module
     docstring) or is not a regular file.
     """
-    check_regular_file(path)
+    if isinstance(path, (str, os.PathLike)):
+        check_regular_file(path)
+    shown = name if name is not None else path
     try:
         with Image.open(path) as img:
-            check_size(*img.size, resolution, str(path))  # from the header, before decoding
+            check_size(*img.size, resolution, str(shown))  # from the header, before decoding
             img.load()
-            out = resize_center_crop(to_rgb(img), resolution, str(path))
+            out = resize_center_crop(to_rgb(img), resolution, str(shown))
             arr = np.asarray(out, dtype=np.uint8)
     except DataError:
         raise
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: image too large to decode ({exc}); remove it from the dataset or shrink it.") \
+        raise DataError(f"{shown}: image too large to decode ({exc}); remove it from the dataset or shrink it.") \
             from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(
-            f"{path}: cannot decode image ({type(exc).__name__}: {exc}). The file is corrupt or truncated: "
+            f"{shown}: cannot decode image ({type(exc).__name__}: {exc}). The file is corrupt or truncated: "
             "replace it with a good copy (re-download / re-extract the dataset) or delete it."
         ) from None
     if arr.shape != (resolution, resolution, 3):  # pragma: no cover - defensive
-        raise DataError(f"{path}: decoded to shape {arr.shape}, expected {(resolution, resolution, 3)}.")
+        raise DataError(f"{shown}: decoded to shape {arr.shape}, expected {(resolution, resolution, 3)}.")
     return arr
 
 

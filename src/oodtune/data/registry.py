@@ -145,32 +145,83 @@ def _descend(folder: Path) -> Path:
             return folder
 
 
+#: Split sub-folders a ``folder:``/``images:`` tree may have.
+TREE_SPLITS = ("train", "val", "test")
+
+
+def _path_of(spec: str, root: Path, prefix: str) -> Path:
+    """The folder or archive of ``folder:PATH``/``images:PATH``: a relative PATH is tried under the root first,
+    then the current directory; always absolute."""
+    raw = Path(spec).expanduser()
+    path = raw if raw.is_absolute() or not (root / raw).exists() else root / raw
+    if not path.exists():
+        raise DataError(f"{spec}: no such folder or archive. Give an existing path after '{prefix}:'.")
+    return path.resolve()
+
+
+def _tree_top(path: Path, cache_dir: Path) -> Path:
+    """The folder holding the images of a ``folder:``/``images:`` path (an archive is extracted into the cache)."""
+    return path if path.is_dir() else _descend(extract_cached(path, cache_dir))
+
+
+def _split_folder(top: Path, split: str, spec: str) -> Path:
+    """``top/split`` when the tree has split sub-folders (then the requested one must exist), else ``top`` itself
+    (every split is the whole tree; the pipeline carves a test part from it, see :func:`has_test_split`)."""
+    present = [s for s in TREE_SPLITS if (top / s).is_dir()]
+    if split == "all" or not present:
+        return top
+    if split not in present:
+        raise DataError(f"{spec}: the tree has {', '.join(p + '/' for p in present)} but no {split}/ sub-folder; "
+                        f"add {top / split} (one folder per class inside), or remove the split folders so that "
+                        "oodtune splits the images itself.")
+    return top / split
+
+
 def _load_path(req: Request, spec: str, labelled: bool) -> ImageSet:
     """``folder:PATH`` (labelled CLASS/ tree) or ``images:PATH`` (unlabelled) from a folder or archive.
 
-    A relative PATH is tried under the root first, then the current directory. If the tree has a
-    sub-folder named like the split (``PATH/train``, ``PATH/test``) it is used.
+    A relative PATH is tried under the root first, then the current directory. If the tree has split sub-folders
+    (``PATH/train``, ``PATH/val``, ``PATH/test``) the requested one is used; without them every split is the
+    whole tree.
     """
-    raw = Path(spec).expanduser()
-    path = raw if raw.is_absolute() or not (req.root / raw).exists() else req.root / raw
-    if not path.exists():
-        raise DataError(f"{spec}: no such folder or archive. Give an existing path after '{req.name.split(':')[0]}:'.")
+    prefix = req.name.split(":")[0]
+    path = _path_of(spec, req.root, prefix)
     scan = scan_labelled if labelled else scan_unlabelled
     name = archive_stem(path) if path.is_file() else path.name
-    req = replace(req, name=f"{req.name.split(':')[0]}-{name}")
-
-    def pick(folder: Path) -> Path:
-        return folder / req.split if (folder / req.split).is_dir() else folder
-
+    req = replace(req, name=f"{prefix}-{name}")
     if path.is_dir():
-        listing = scan(pick(path))
+        listing = scan(_split_folder(path, req.split, spec))
         return cached(req, files_fingerprint(listing.files), lambda: decode_listing(req, listing))
     if not is_archive(path):
         raise DataError(f"{path}: not a folder or a .tar/.tar.gz/.tgz/.zip archive.")
 
     def build() -> ImageSet:
-        return decode_listing(req, scan(pick(_descend(extract_cached(path, req.cache_dir)))))
+        return decode_listing(req, scan(_split_folder(_tree_top(path, req.cache_dir), req.split, spec)))
     return cached(req, file_fingerprint(path), build)
+
+
+def resolve_dataset(name: str, root: str | os.PathLike | None = None) -> str:
+    """``name`` as a checkpoint should record it: canonical, and for ``folder:``/``images:`` the *absolute* path
+    (so that later steps find the data from any working directory)."""
+    canon = canonical_name(name)
+    if canon.startswith(("folder:", "images:")):
+        prefix, spec = canon.split(":", 1)
+        base = Path(root).expanduser() if root is not None else default_data_root()
+        return f"{prefix}:{_path_of(spec, base, prefix)}"
+    return canon
+
+
+def has_test_split(name: str, root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+                   ) -> bool:
+    """False for a ``folder:``/``images:`` tree without split sub-folders: its "train" and "test" splits would be
+    the same images, so a model trained on it must be tested on a part carved out before training."""
+    canon = canonical_name(name)
+    if not canon.startswith(("folder:", "images:")):
+        return True
+    prefix, spec = canon.split(":", 1)
+    base = Path(root).expanduser() if root is not None else default_data_root()
+    top = _tree_top(_path_of(spec, base, prefix), resolve_cache_dir(cache_dir))
+    return any((top / s).is_dir() for s in TREE_SPLITS)
 
 
 def _synthetic_loader(kind: str) -> Callable[..., ImageSet]:
@@ -234,7 +285,8 @@ def available_datasets() -> dict[str, str]:
     are marked ``[segmentation]``."""
     out = {name: desc for name, (_, desc) in _LOADERS.items()}
     out.update({name: desc for name, (_, desc) in GENERATORS.items()})
-    out["folder:PATH"] = "labelled image folder PATH/CLASS/*.jpg|png (or PATH/{split}/CLASS), or a tar/zip of one"
+    out["folder:PATH"] = ("labelled image folder PATH/CLASS/*.jpg|png (or PATH/{train,val,test}/CLASS), or a tar/zip "
+                          "of one; without split folders, training holds out a seeded test part")
     out["images:PATH"] = "unlabelled images found recursively under PATH, or in a tar/zip archive"
     out.update({name: f"[segmentation] {desc}" for name, (_, desc) in SEGMENTATION_SETS.items()})
     out.update({name: f"[segmentation] {desc}" for name, (_, _, desc) in PASTED_SETS.items()})
@@ -359,5 +411,5 @@ def load_dataset(
     return subsample(data, num_images, seed)
 
 
-__all__ = ["OBJECT_BANK", "PASTED_SETS", "available_datasets", "canonical_name", "default_data_root",
-           "is_segmentation_set", "load_dataset", "load_objects", "load_segmentation", "subsample"]
+__all__ = ["OBJECT_BANK", "PASTED_SETS", "available_datasets", "canonical_name", "default_data_root", "has_test_split",
+           "is_segmentation_set", "load_dataset", "load_objects", "load_segmentation", "resolve_dataset", "subsample"]

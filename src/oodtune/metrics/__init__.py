@@ -14,17 +14,21 @@ from .ood import (
                   POSITIVES,
                   OODMetrics,
                   Positive,
+                  acceptance_rate,
                   accuracy,
                   aupr,
                   auroc,
                   fpr_at_tpr,
+                  metric_convention,
                   metrics_from_counts,
+                  min_calibration_size,
                   ood_metrics,
                   roc_curve,
+                  threshold_at_tpr,
 )
 
 __all__ = [
-    "DEFAULT_POSITIVE", "LT_KEYS", "POSITIVES", "SPLITS", "OODMetrics", "Positive", "accuracy", "adjust_logits",
-    "aupr", "auroc", "class_splits", "fpr_at_tpr", "long_tail_accuracy", "metrics_from_counts", "ood_metrics",
-    "roc_curve", "split_accuracy",
+    "DEFAULT_POSITIVE", "LT_KEYS", "POSITIVES", "SPLITS", "OODMetrics", "Positive", "acceptance_rate", "accuracy",
+    "adjust_logits", "aupr", "auroc", "class_splits", "fpr_at_tpr", "long_tail_accuracy", "metric_convention",
+    "metrics_from_counts", "min_calibration_size", "ood_metrics", "roc_curve", "split_accuracy", "threshold_at_tpr",
 ]

@@ -78,6 +78,18 @@ class OODMetrics:
         return {k: 100.0 * getattr(self, k) for k in ("auroc", "aupr_in", "aupr_out", "fpr95")}
 
 
+def metric_convention(positive: str = DEFAULT_POSITIVE, tpr: float = 0.95) -> dict[str, str]:
+    """The conventions behind a results table, in words, for results files (module docstring)."""
+    _check_positive(positive)
+    rule = (f"FPR{round(100 * tpr)} = fraction of ID samples flagged OOD at the threshold that flags {tpr:.0%} of "
+            "OOD samples" if positive == "out" else
+            f"FPR{round(100 * tpr)} = fraction of OOD samples accepted as ID at the threshold that accepts "
+            f"{tpr:.0%} of ID samples")
+    return {"positive_class": "OOD" if positive == "out" else "ID", "fpr_rule": rule,
+            "scores": "higher = more in-distribution", "aupr": "AUPR-In: ID positive; AUPR-Out: OOD positive",
+            "ties": "tied scores form one ROC step (as scikit-learn)"}
+
+
 # ----------------------------------------------------------------------------- input validation
 
 
@@ -124,6 +136,7 @@ class _Ranked:
 
     n_id: np.ndarray  # int64 (G,)
     n_ood: np.ndarray  # int64 (G,)
+    values: np.ndarray | None = None  # float64 (G,): the distinct scores, decreasing (None: built from counts)
 
     @classmethod
     def build(cls, id_scores: Any, ood_scores: Any) -> _Ranked:
@@ -137,7 +150,7 @@ class _Ranked:
         cum_id = np.cumsum(is_id, dtype=np.int64)[ends]
         n_id = np.diff(cum_id, prepend=0)
         n_ood = np.diff(ends + 1 - cum_id, prepend=0)
-        return cls(n_id, n_ood)
+        return cls(n_id, n_ood, s[ends])
 
     def counts(self, positive: str) -> tuple[np.ndarray, np.ndarray]:
         """Per tie group, (positives, negatives), ordered from most to least positive-looking."""
@@ -163,22 +176,32 @@ class _Ranked:
         tp, fp = self.cumulative(positive)
         return float(np.sum(pos * (tp / (tp + fp))) / tp[-1])
 
-    def roc(self, positive: str, drop_intermediate: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """ROC operating points (FPR, TPR), starting at (0, 0), ties as one step.
+    def thresholds(self, positive: str) -> np.ndarray:
+        """Per tie group, the decision threshold in the order of :meth:`counts`: the score itself for "in",
+        the negated score (an anomaly score) for "out"; decreasing either way."""
+        _check_positive(positive)
+        if self.values is None:
+            raise ConfigError("thresholds need the scores themselves; these metrics were built from counts only.")
+        return self.values if positive == "in" else -self.values[::-1]
+
+    def roc(self, positive: str, drop_intermediate: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ROC operating points (FPR, TPR, threshold), starting at (0, 0, inf), ties as one step.
 
         ``drop_intermediate`` removes points lying on a straight segment between their neighbours, with
         scikit-learn's rule (applied to the counts, before (0, 0) is prepended).
         """
         tp, fp = self.cumulative(positive)
+        thr = self.thresholds(positive)
         if drop_intermediate and tp.size > 2:
             keep = np.r_[True, (np.diff(tp, 2) != 0) | (np.diff(fp, 2) != 0), True]
-            tp, fp = tp[keep], fp[keep]
-        return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
+            tp, fp, thr = tp[keep], fp[keep], thr[keep]
+        return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]], np.r_[np.inf, thr]
 
     def fpr_at_tpr(self, positive: str, tpr: float) -> float:
         """Smallest FPR among operating points whose TPR >= ``tpr``."""
         _check_tpr(tpr)
-        fpr_curve, tpr_curve = self.roc(positive)
+        tp, fp = self.cumulative(positive)  # counts only: also works for metrics built from counts
+        fpr_curve, tpr_curve = np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
         return float(fpr_curve[np.searchsorted(tpr_curve, tpr, side="left")])
 
 
@@ -233,14 +256,56 @@ def fpr_at_tpr(id_scores: Any, ood_scores: Any, positive: Positive = DEFAULT_POS
 
 
 def roc_curve(id_scores: Any, ood_scores: Any, positive: Positive = DEFAULT_POSITIVE, *,
-              drop_intermediate: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """ROC curve (fpr, tpr) for plots, from (0, 0) to (1, 1), ties as one step.
+              drop_intermediate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve ``(fpr, tpr, thresholds)``, from (0, 0) to (1, 1), ties as one step.
 
-    Matches ``sklearn.metrics.roc_curve`` on the labels/scores of ``positive``; ``drop_intermediate``
-    removes the points that lie on a straight segment between their neighbours (same rule as scikit-learn),
-    which keeps plots of 10^5+ scores light without changing the curve.
+    Matches ``sklearn.metrics.roc_curve(y_true, y_score)`` with ``positive`` as class 1: for "in",
+    ``y_score`` is the score; for "out", it is the *negated* score (higher = more anomalous). Point k is
+    what the rule "positive when y_score >= thresholds[k]" gives; ``thresholds[0] = inf`` (nothing flagged)
+    and ``thresholds`` decrease. ``drop_intermediate`` removes the points that lie on a straight segment
+    between their neighbours (same rule as scikit-learn), which keeps plots of 10^5+ scores light without
+    changing the curve.
     """
     return _Ranked.build(id_scores, ood_scores).roc(positive, drop_intermediate)
+
+
+def _check_id_only(id_scores: Any, tpr: float) -> np.ndarray:
+    _check_tpr(tpr)
+    if not 0.0 < tpr < 1.0:
+        raise ConfigError(f"tpr must be strictly between 0 and 1 to place a threshold, got {tpr}.")
+    return _check_scores(id_scores, "id_scores")
+
+
+def threshold_at_tpr(id_scores: Any, tpr: float = 0.95) -> tuple[float, float]:
+    """``(threshold, achieved)``: the largest threshold t such that at least ``tpr`` of ``id_scores`` satisfy
+    ``score >= t``, and the fraction that does (>= ``tpr``; more when scores tie at t).
+
+    This is the operating point of FPR at ``tpr`` TPR with ID as the positive class (``positive="in"``):
+    t = the k-th largest score, k = ceil(tpr * n), i.e. ``thresholds[searchsorted(tpr_curve, tpr)]`` of
+    ``sklearn.metrics.roc_curve`` on the ID scores. A sample is then accepted as ID when ``score >= t``.
+    """
+    s = np.sort(_check_id_only(id_scores, tpr))[::-1]
+    k = int(np.ceil(tpr * s.size - 1e-9))  # the tolerance keeps e.g. 0.95 * 100 from rounding up to 96
+    t = float(s[max(k, 1) - 1])
+    return t, float(np.mean(s >= t))
+
+
+def min_calibration_size(tpr: float, min_rejected: int = 10) -> int:
+    """The smallest calibration set for a threshold at ``tpr``: one that leaves at least ``min_rejected``
+    samples below the threshold, n >= min_rejected / (1 - tpr) (200 for TPR 95% and the default 10).
+
+    With fewer, the threshold is an extrapolated tail quantile: its acceptance rate on new data has a standard
+    error above sqrt(tpr (1 - tpr) / n) ~ 1.5 points at 95% and n = 200, and grows quickly below."""
+    _check_id_only(np.zeros(1), tpr)
+    return int(np.ceil(min_rejected / (1.0 - tpr) - 1e-9))
+
+
+def acceptance_rate(scores: Any, threshold: float) -> tuple[float, float]:
+    """``(rate, standard_error)``: the fraction of ``scores`` at or above ``threshold`` (the acceptance rate of
+    a set of ID samples) and its binomial standard error sqrt(p (1 - p) / n)."""
+    s = _check_scores(scores, "scores")
+    p = float(np.mean(s >= threshold))
+    return p, float(np.sqrt(p * (1.0 - p) / s.size))
 
 
 def accuracy(logits_or_preds: Any, labels: Any) -> float:

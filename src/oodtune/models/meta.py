@@ -12,8 +12,9 @@ method, loss options, base checkpoint, architecture) the *content* of the traini
 checkpoint a fine-tuning started from (``pretrained_sha256``).
 
 Versions: 1 = the untyped dicts written before this record existed (no ``version`` key; ``drop_rate`` and
-``task`` absent in the oldest); 2 = the typed record; 3 = plus the content fingerprints and the segmentation
-fields (absent from versions 1 and 2: fingerprints None, segmentation fields their defaults).
+``task`` absent in the oldest); 2 = the typed record; 3 = plus the content fingerprints, the segmentation fields
+and the held-out parts of the ID data (``val_fraction``, ``test_fraction``, ``source_size``), all absent from
+versions 1 and 2 (fingerprints and parts None, segmentation fields their defaults).
 
 Segmentation checkpoints (``task="segmentation"``) have ``classes`` = the K classes the energy is computed over
 and ``num_classes`` = K; the network outputs K + ``extra_channels`` maps (extra: a trained void class and/or
@@ -57,7 +58,7 @@ class RunMeta:
     mean: tuple[float, float, float]  # input normalisation on [0, 1] pixels
     std: tuple[float, float, float]
     resolution: int
-    dataset: str  # the ID dataset (name accepted by load_dataset)
+    dataset: str  # the ID dataset (name accepted by load_dataset; folder:/images: paths absolute)
     task: str = "classification"
     stage: str = "pretrain"
     head: str | None = None  # classification layer whose input is the feature vector (None: found automatically)
@@ -65,6 +66,11 @@ class RunMeta:
     data_seed: int = 0
     imbalance_ratio: float | None = None  # long-tailed training split (max/min class ratio)
     num_train: int | None = None  # seeded subsample of the training split
+    # Held-out parts of the ID data, carved (stratified, seeded by data_seed) before any training and never trained
+    # on: the test part of a dataset without a test split of its own, then a validation part of the train split.
+    test_fraction: float | None = None
+    val_fraction: float | None = None
+    source_size: int | None = None  # images of the split the parts were carved from (a changed folder is refused)
     class_counts: tuple[int, ...] = ()  # training images per class
     method: str | None = None  # fine-tuning method
     pretrained: str | None = None  # checkpoint a fine-tuning started from

@@ -26,6 +26,15 @@ class _BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+def resnet18_stages() -> nn.Sequential:
+    """The 4 stages x 2 basic blocks of ResNet-18 (widths 64-512, strides 1, 2, 2, 2) after a 64-channel stem."""
+    stages, in_planes = [], 64
+    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        stages.append(nn.Sequential(_BasicBlock(in_planes, planes, stride), _BasicBlock(planes, planes, 1)))
+        in_planes = planes
+    return nn.Sequential(*stages)
+
+
 class ResNet18(nn.Module):
     """CIFAR ResNet-18 (He et al. 2016): 4 stages x 2 basic blocks, widths 64-512; 512-dim features."""
 
@@ -33,11 +42,7 @@ class ResNet18(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        stages, in_planes = [], 64
-        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            stages.append(nn.Sequential(_BasicBlock(in_planes, planes, stride), _BasicBlock(planes, planes, 1)))
-            in_planes = planes
-        self.stages = nn.Sequential(*stages)
+        self.stages = resnet18_stages()
         self.head = nn.Linear(512, num_classes)
         self.feature_dim = 512
 

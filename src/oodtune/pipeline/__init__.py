@@ -3,11 +3,15 @@ checkpoints.
 
 Steps: :func:`pretrain`, :func:`import_model` and :func:`import_segmenter` (a model enters),
 :func:`estimate_prior` / :func:`save_prior` (Balanced Energy step 1), :func:`propose_margins` (energy margins
-from the pretrained model), :func:`finetune` (any method, on the ID *train* split only) and
-:func:`evaluate_checkpoint`. Task-specific work (data, forward
-passes, the training loop, detection metrics) is delegated to the checkpoint's :class:`~.task.Task`; the steps
-themselves are the same for every task. Datasets come from a :class:`DataSource` (a data root, memoised), so
-a caller that runs many steps (the benchmark) decodes and loads each set once.
+from the pretrained model), :func:`finetune` (any method, on the ID *train* split only),
+:func:`evaluate_checkpoint`, and the deployment steps :func:`calibrate` (a detector's threshold on held-out ID
+data) and :func:`predict` (:mod:`.detect`). ``id_data`` renames a checkpoint's ID dataset (a moved folder) for
+the steps that read it.
+
+Task-specific work (data, forward passes, the training loop, detection metrics) is delegated to the checkpoint's
+:class:`~.task.Task`; the steps themselves are the same for every task. Datasets come from a
+:class:`DataSource` (a data root, memoised), so a caller that runs many steps (the benchmark) decodes and loads
+each set once.
 
 A checkpoint whose architecture is an import path is loaded only inside a
 ``with oodtune.models.trusted_archs("package.module:factory"):`` block (the command line's ``--trust-arch``): a
@@ -17,6 +21,7 @@ writable?) before any data is loaded.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,47 +32,55 @@ import torch
 from ..errors import ConfigError
 from ..evaluation import EvalReport
 from ..lock import output_lock
-from ..margins import margin_coverage
+from ..margins import default_margin_warning, margin_coverage
 from ..margins import propose_margins as _propose
 from ..metrics.ood import Positive
 from ..models import RunMeta, file_sha256, load_model, read_meta
 from ..plots import plot_class_prior
-from ..prior import OutlierPrior
+from ..prior import DEFAULT_GAMMA, OutlierPrior
 from ..training.config import TrainConfig
 from ..training.trainer import check_run_dir
 from .classification import (
+    DEFAULT_TEST_FRACTION,
     fresh_model,
+    id_parts,
     id_test_accuracy,
+    id_test_set,
     id_train_set,
     import_model,
     normalizer_for,
     pretrain,
     pretrain_setup,
 )
+from .detect import CALIBRATION_CHOICES, calibrate, predict, with_id_data
 from .segmentation import anomaly_examples, id_test_miou, import_segmenter
 from .source import DataSource, as_source
 from .task import Task, register_task, task_of
 
 __all__ = [
-    "DataSource", "MarginProposal", "Task", "anomaly_examples", "as_source", "default_outliers", "estimate_prior",
-    "evaluate_checkpoint",
-    "finetune", "finetune_config", "fresh_model", "id_test_accuracy", "id_test_miou", "id_train_set",
-    "import_model", "import_segmenter", "load_task_model", "normalizer_for", "pretrain", "pretrain_setup",
-    "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
+    "CALIBRATION_CHOICES", "DEFAULT_TEST_FRACTION", "DataSource", "MarginProposal", "Task", "anomaly_examples",
+    "as_source", "calibrate", "default_outliers", "estimate_prior", "evaluate_checkpoint", "finetune",
+    "finetune_config", "fresh_model", "id_parts", "id_test_accuracy", "id_test_miou", "id_test_set", "id_train_set",
+    "import_model", "import_segmenter", "load_task_model", "normalizer_for", "predict", "pretrain", "pretrain_setup",
+    "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of", "with_id_data",
 ]
 
 Root = DataSource | str | Path | None
+log = logging.getLogger(__name__)
 
 
-def load_task_model(checkpoint: str | Path) -> tuple[Any, RunMeta, Task[Any]]:
-    """(the checkpoint's network in its task's wrapper, in eval mode; its meta; its task)."""
+def load_task_model(checkpoint: str | Path, *, id_data: str | None = None,
+                    source: DataSource | None = None) -> tuple[Any, RunMeta, Task[Any]]:
+    """(the checkpoint's network in its task's wrapper, in eval mode; its meta, with the ID dataset renamed to
+    ``id_data`` when given; its task)."""
     model, meta = load_model(checkpoint)
+    meta = with_id_data(meta, id_data, source or as_source(None))
     task = task_of(meta)
     return task.wrap(model, meta), meta, task
 
 
-def estimate_prior(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: Root = None, gamma: float = 1.0,
-                   device: str | None = None) -> OutlierPrior:
+def estimate_prior(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: Root = None,
+                   gamma: float = DEFAULT_GAMMA, device: str | None = None) -> OutlierPrior:
     """Balanced Energy step 1: P(y=i|o) from the pretrained model's argmax predictions on the outlier set."""
     net, meta, task = load_task_model(checkpoint)
     counts = task.prior_counts(net, meta, outliers, as_source(data_root), device)
@@ -86,11 +99,12 @@ def save_prior(prior: OutlierPrior, out: str | Path, *, checkpoint: str | Path |
 
 
 def pretrained_energies(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: Root = None,
-                        device: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        device: str | None = None, id_data: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Energies E(x) of the pretrained model on its ID *train* split and on the auxiliary outliers (CPU); for
     segmentation, of a seeded sample of pixels (labelled ID pixels and pasted-object pixels of the train frames)."""
-    net, meta, task = load_task_model(checkpoint)
-    return task.energies(net, meta, outliers, as_source(data_root), device)
+    source = as_source(data_root)
+    net, meta, task = load_task_model(checkpoint, id_data=id_data, source=source)
+    return task.energies(net, meta, outliers, source, device)
 
 
 @dataclass(frozen=True)
@@ -109,10 +123,11 @@ class MarginProposal:
 
 
 def propose_margins(checkpoint: str | Path, *, outliers: str = "tin-aux", data_root: Root = None,
-                    device: str | None = None) -> MarginProposal:
+                    device: str | None = None, id_data: str | None = None) -> MarginProposal:
     """m_in / m_out from the pretrained model's energies on ID *train* data and the auxiliary outliers (never on
     an OOD test set)."""
-    e_in, e_out = pretrained_energies(checkpoint, outliers=outliers, data_root=data_root, device=device)
+    e_in, e_out = pretrained_energies(checkpoint, outliers=outliers, data_root=data_root, device=device,
+                                      id_data=id_data)
     m_in, m_out = _propose(e_in, e_out)
     cov_in, cov_out = margin_coverage(e_in, e_out, m_in, m_out)
     return MarginProposal(m_in, m_out, cov_in, cov_out, float(e_in.median()), float(e_out.median()))
@@ -130,9 +145,13 @@ def finetune_config(checkpoint: str | Path, **overrides: Any) -> TrainConfig:
     return task_of(read_meta(checkpoint)).finetune_defaults.replace(**overrides)
 
 
+MARGINS = ("m_in", "m_out")
+
+
 def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root: Root = None,
              outliers: str | None = "tin-aux", prior: OutlierPrior | None = None, config: TrainConfig | None = None,
-             loss_options: Mapping[str, Any] | None = None, from_scratch: bool = False) -> Path:
+             loss_options: Mapping[str, Any] | None = None, from_scratch: bool = False,
+             id_data: str | None = None) -> Path:
     """Fine-tune a pretrained checkpoint with ``method`` (classification: oe, energy-oe, balanced-energy, sparsity,
     a+b, ...; segmentation: energy-oe, balanced-energy, pebal, balanced-pebal, ce).
 
@@ -141,38 +160,61 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
     :mod:`oodtune.pipeline.segmentation`). Balanced Energy needs ``prior`` (from
     :func:`estimate_prior`). ``from_scratch`` trains a freshly initialised network of the checkpoint's
     architecture on the same ID data instead (the papers' "scratch" baselines; give it a pretraining-length
-    ``config``). ``out`` is locked against other writers and checked before any data is loaded; the run records the
-    SHA-256 of ``checkpoint`` so that it resumes only from the same base weights.
+    ``config``). ``loss_options`` ``m_in``/``m_out`` may be ``"auto"``: proposed as :func:`propose_margins` does
+    (recorded in the checkpoint's notes); margins left at their CIFAR/WRN-40-2 defaults are checked against this
+    model's energies and a warning is logged when they do not fit it. ``out`` is locked against other writers and
+    checked before any data is loaded; the run records the SHA-256 of ``checkpoint`` so that it resumes only from
+    the same base weights.
     """
+    source = as_source(data_root)
     model, meta = load_model(checkpoint)
+    meta = with_id_data(meta, id_data, source)
     task = task_of(meta)
     config = config or task.finetune_defaults
-    gamma_prior = None if prior is None else prior.gamma_prior()
     options = dict(loss_options or {})
-    loss = task.build_loss(method, meta, gamma_prior, options)
-    if loss.needs_outliers and not outliers:
-        raise ConfigError(f"method {method!r} needs auxiliary outliers; pass --outliers NAME.")
+    notes = dict(meta.notes)
+    auto = [k for k in MARGINS if options.get(k) == "auto"]
+    gamma_prior = None if prior is None else prior.gamma_prior()
     with output_lock(out):
         check_run_dir(out)
+        if auto:  # check the method takes margins before spending forward passes on proposing them
+            task.build_loss(method, meta, gamma_prior, {**options, "m_in": -1.0, "m_out": 1.0})
+            p = propose_margins(checkpoint, outliers=outliers or task.default_outliers, data_root=source,
+                                device=config.device, id_data=id_data)
+            options.update({k: v for k, v in p.as_options().items() if k in auto})
+            notes["margins"] = (f"{', '.join(auto)} proposed from the pretrained model's energies (median ID train "
+                                f"{p.median_in:.2f}, outliers {p.median_out:.2f}): m_in {p.m_in:.3f}, "
+                                f"m_out {p.m_out:.3f}")
+            log.info("margins: %s", notes["margins"])
+        loss = task.build_loss(method, meta, gamma_prior, options)
+        if loss.needs_outliers and not outliers:
+            raise ConfigError(f"method {method!r} needs auxiliary outliers; pass --outliers NAME.")
+        used_outliers = outliers if loss.needs_outliers else None
+        defaults = {k: float(getattr(t, k)) for t in loss.terms for k in MARGINS if hasattr(t, k) and k not in options}
+        if defaults and used_outliers:
+            e_in, e_out = task.energies(task.wrap(model, meta), meta, used_outliers, source, config.device)
+            warning = default_margin_warning(e_in, e_out, defaults)
+            if warning:
+                log.warning(warning)
         if from_scratch:
             model = task.fresh_model(meta, config.seed)
-        used_outliers = outliers if loss.needs_outliers else None
         meta = meta.replace(stage="scratch" if from_scratch else "finetune", method=method, pretrained=str(checkpoint),
                             pretrained_sha256=file_sha256(checkpoint), outliers=used_outliers, loss_options=options,
-                            prior=None if prior is None else prior.to_dict(), history=(), train_config=None)
+                            notes=notes, prior=None if prior is None else prior.to_dict(), history=(),
+                            train_config=None)
         net = task.wrap(model.train(), meta)
-        return task.train(net, meta, loss, config, outliers=used_outliers, source=as_source(data_root),
-                          run_dir=Path(out))
+        return task.train(net, meta, loss, config, outliers=used_outliers, source=source, run_dir=Path(out))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: Sequence[str], data_root: Root = None,
                         device: str | None = None, num_ood: int | None = None, batch_size: int = 1024,
-                        positive: Positive | None = None, id_split: str = "test",
-                        blur: bool = False) -> tuple[EvalReport, RunMeta]:
+                        positive: Positive | None = None, id_split: str = "test", blur: bool = False,
+                        id_data: str | None = None) -> tuple[EvalReport, RunMeta]:
     """Evaluate a checkpoint with the named scores on the named OOD sets; returns (report, meta). The ID-task
     metrics come from the ID ``id_split`` split (``val`` when choosing hyper-parameters without the test split);
     ``blur`` Gaussian-blurs segmentation score maps (kernel 7, σ 1) as PEBAL's test code can."""
-    net, meta, task = load_task_model(checkpoint)
-    report = task.evaluate(net, meta, scores, ood, source=as_source(data_root), device=device, num_ood=num_ood,
+    source = as_source(data_root)
+    net, meta, task = load_task_model(checkpoint, id_data=id_data, source=source)
+    report = task.evaluate(net, meta, scores, ood, source=source, device=device, num_ood=num_ood,
                            batch_size=batch_size, positive=positive, id_split=id_split, blur=blur)
     return report, meta

@@ -10,9 +10,10 @@ labels silently.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from torch import nn
 from ..atomic import check_writable
 from ..data import ImageSet
 from ..data.longtail import make_longtailed
+from ..data.registry import canonical_name, has_test_split, resolve_dataset
+from ..data.splits import TEST_STREAM, VAL_STREAM, holdout
+from ..data.synthetic import GENERATORS
 from ..data.tensors import CIFAR_MEAN, CIFAR_STD, Normalizer
 from ..energy import energy
 from ..errors import CheckpointError, ConfigError, DataError, ModelError
@@ -44,25 +48,26 @@ from ..training.trainer import FINAL, Trainer, check_run_dir
 from .source import DataSource, as_source
 from .task import Task, register_task
 
-__all__ = ["ClassificationTask", "check_classes", "fresh_model", "id_test_accuracy", "id_test_set", "id_train_set",
-           "import_model", "normalizer_for", "pretrain", "pretrain_setup"]
+__all__ = ["DEFAULT_TEST_FRACTION", "ClassificationTask", "check_classes", "epoch_accuracy", "fresh_model", "id_parts",
+           "id_test_accuracy", "id_test_set", "id_train_set", "import_model", "normalizer_for", "pretrain",
+           "pretrain_setup"]
+
+log = logging.getLogger(__name__)
 
 
-def _train_split(source: DataSource, dataset: str, resolution: int, imbalance_ratio: float | None,
-                 num_train: int | None, data_seed: int) -> ImageSet:
-    ds = source.load(dataset, "train", resolution)
-    if imbalance_ratio:
-        ds = make_longtailed(ds, float(imbalance_ratio), seed=data_seed)
-    if num_train and num_train < len(ds):
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(data_seed))
-        ds = ds.subset(idx[:num_train].numpy())
-    return ds
+def _id_dataset(meta: RunMeta) -> str:
+    """``meta.dataset``, refused with the fix when it is a folder/archive path that no longer exists."""
+    prefix, sep, path = meta.dataset.partition(":")
+    if sep and prefix in ("folder", "images") and Path(path).is_absolute() and not Path(path).exists():
+        raise DataError(f"the checkpoint's ID dataset {path} does not exist any more (moved or on another machine?); "
+                        f"name its new place with --id-data {prefix}:NEW/PATH.")
+    return meta.dataset
 
 
 def check_classes(meta: RunMeta, data: ImageSet) -> ImageSet:
     """``data`` if its class names and their order are the checkpoint's, else a DataError naming the change."""
     want, got = tuple(meta.classes), tuple(data.classes)
-    if want == got:
+    if not got or want == got:
         return data
     if len(want) != len(got):
         detail = (f"the checkpoint has {len(want)} classes, the data {len(got)} (missing: "
@@ -71,19 +76,53 @@ def check_classes(meta: RunMeta, data: ImageSet) -> ImageSet:
         i = next(i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b)
         detail = f"class {i} is {want[i]!r} in the checkpoint but {got[i]!r} in the data"
     raise DataError(f"{data.name}: the classes are not those the checkpoint was trained on: {detail}. The labels "
-                    "would silently mean other classes. Restore the dataset's classes (folder names and order) or "
-                    "train/import a model on the data as it is now.")
+                    "would silently mean other classes. Restore the dataset's classes (folder names and order), name "
+                    "the dataset the model was trained on (--id-data), or train/import a model on the data as it is "
+                    "now.")
+
+
+def id_parts(meta: RunMeta, data_root: DataSource | str | Path | None) -> tuple[ImageSet, ImageSet | None,
+                                                                                ImageSet | None]:
+    """(train, validation, test) parts carved from the ID *train* split as ``meta`` records (before any long-tail
+    or subsample); validation/test are None when nothing was carved for them."""
+    source = as_source(data_root)
+    base = check_classes(meta, source.load(_id_dataset(meta), "train", meta.resolution))
+    if meta.source_size is not None and len(base) != meta.source_size:
+        raise DataError(f"{meta.dataset} has {len(base)} training images but had {meta.source_size} when the model "
+                        "was trained; its held-out parts would now differ from those it never saw. Restore the "
+                        "dataset as it was, or name that copy with --id-data.")
+    test = val = None
+    if meta.test_fraction:
+        base, test = holdout(base, meta.test_fraction, meta.data_seed, TEST_STREAM, f"{base.name}-heldout-test")
+    if meta.val_fraction:
+        base, val = holdout(base, meta.val_fraction, meta.data_seed, VAL_STREAM, f"{base.name}-heldout-val")
+    return base, val, test
 
 
 def id_train_set(meta: RunMeta, data_root: DataSource | str | Path | None) -> ImageSet:
-    """The ID training split recorded in ``meta`` (dataset, resolution, long-tail ratio, subsample)."""
-    return check_classes(meta, _train_split(as_source(data_root), meta.dataset, meta.resolution, meta.imbalance_ratio,
-                                            meta.num_train, meta.data_seed))
+    """The ID training split recorded in ``meta``: the train split minus its held-out parts, then the long-tail
+    ratio and the seeded subsample."""
+    ds = id_parts(meta, data_root)[0]
+    if meta.imbalance_ratio:
+        ds = make_longtailed(ds, float(meta.imbalance_ratio), seed=meta.data_seed)
+    if meta.num_train and meta.num_train < len(ds):
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(meta.data_seed))
+        ds = ds.subset(idx[:meta.num_train].numpy())
+    return ds
 
 
 def id_test_set(meta: RunMeta, data_root: DataSource | str | Path | None, split: str = "test") -> ImageSet:
-    """A held-out split of the checkpoint's ID dataset: ``test``, or ``val`` when choosing hyper-parameters."""
-    return check_classes(meta, as_source(data_root).load(meta.dataset, split, meta.resolution))
+    """A held-out ID set: ``test`` (the dataset's test split, or the part held out of a dataset without one), or
+    ``val`` when choosing hyper-parameters (the validation part held out before pretraining, else the dataset's
+    own val split)."""
+    held = None
+    if split == "test" and meta.test_fraction:
+        held = id_parts(meta, data_root)[2]
+    elif split == "val" and meta.val_fraction:
+        held = id_parts(meta, data_root)[1]
+    if held is not None:
+        return held
+    return check_classes(meta, as_source(data_root).load(_id_dataset(meta), split, meta.resolution))
 
 
 def normalizer_for(meta: RunMeta) -> Normalizer:
@@ -97,39 +136,82 @@ def fresh_model(arch: str, num_classes: int, *, drop_rate: float = DEFAULT_DROP_
     return build_model(arch, num_classes, drop_rate=drop_rate)
 
 
+#: Test part held out of a ``folder:`` dataset without split folders (``pretrain --test-fraction``'s default).
+DEFAULT_TEST_FRACTION = 0.2
+
+
 def pretrain_setup(*, dataset: str = "cifar10", arch: str = "wrn-40-2",
                    data_root: DataSource | str | Path | None = None, resolution: int = 32,
                    imbalance_ratio: float | None = None, num_train: int | None = None,
                    data_seed: int = 0, seed: int = 0, stage: str = "pretrain", mean: Sequence[float] = CIFAR_MEAN,
-                   std: Sequence[float] = CIFAR_STD, head: str | None = None
-                   ) -> tuple[RunMeta, ImageSet, FeatureModel]:
+                   std: Sequence[float] = CIFAR_STD, head: str | None = None, val_fraction: float | None = None,
+                   test_fraction: float | None = None) -> tuple[RunMeta, ImageSet, FeatureModel]:
     """(checkpoint meta, ID training split, model freshly initialised from ``seed``) of a run from scratch.
 
     ``mean``/``std`` are the input normalisation, ``head`` the classification layer whose input is the feature
-    vector (default: found automatically, see :class:`FeatureModel`)."""
-    train = _train_split(as_source(data_root), dataset, resolution, imbalance_ratio, num_train, data_seed)
-    meta = RunMeta(arch=arch, num_classes=train.num_classes, classes=train.classes, mean=tuple(mean),  # type: ignore[arg-type]
+    vector (default: found automatically, see :class:`FeatureModel`). ``val_fraction`` holds a stratified, seeded
+    validation part out of the train split (for calibrating detectors; never trained on). A dataset without a
+    test split of its own (a ``folder:`` tree without ``train/``/``test/``) gets a test part held out first:
+    ``test_fraction``, default :data:`DEFAULT_TEST_FRACTION`; both are recorded in the checkpoint.
+    """
+    source = as_source(data_root)
+    dataset = resolve_dataset(dataset, source.root)
+    own_test = has_test_split(dataset, source.root)
+    if test_fraction is not None and own_test:
+        raise ConfigError(f"{dataset} has a test split of its own; --test-fraction only applies to a folder: dataset "
+                          "without split sub-folders.")
+    if test_fraction is None and not own_test:
+        test_fraction = DEFAULT_TEST_FRACTION
+        log.warning("%s has no train/ and test/ sub-folders: holding out a seeded, stratified %.0f%% of it as the "
+                    "test part (recorded in the checkpoint; --test-fraction changes it).", dataset,
+                    100 * test_fraction)
+    base = source.load(dataset, "train", resolution)
+    carved = bool(test_fraction or val_fraction)
+    meta = RunMeta(arch=arch, num_classes=base.num_classes, classes=base.classes, mean=tuple(mean),  # type: ignore[arg-type]
                    std=tuple(std), resolution=resolution, dataset=dataset, stage=stage, head=head,  # type: ignore[arg-type]
                    data_seed=data_seed, imbalance_ratio=imbalance_ratio, num_train=num_train,
-                   class_counts=tuple(int(c) for c in train.class_counts()))
+                   test_fraction=test_fraction, val_fraction=val_fraction,
+                   source_size=len(base) if carved else None)
+    train = id_train_set(meta, source)
+    meta = meta.replace(class_counts=tuple(int(c) for c in train.class_counts()))
     model = fresh_model(arch, train.num_classes, drop_rate=meta.drop_rate, seed=seed)
     return meta, train, FeatureModel(model, head)
+
+
+def epoch_accuracy(meta: RunMeta, data_root: DataSource | str | Path | None) -> Callable[[nn.Module],
+                                                                                         dict[str, float]]:
+    """A trainer hook that measures ``test_acc`` (and ``val_acc`` when a validation part is held out) after each
+    epoch: reported, never used to choose anything."""
+    _, val, _ = id_parts(meta, data_root)
+    sets = {"test_acc": id_test_set(meta, data_root), **({"val_acc": val} if val is not None else {})}
+
+    def measure(net: nn.Module) -> dict[str, float]:  # the trainer's FeatureModel
+        fm = cast(FeatureModel, net)
+        device = str(next(fm.parameters()).device)
+        return {key: accuracy(compute_outputs(fm, ds, normalizer_for(meta), device=device).logits.cpu(), ds.labels)
+                for key, ds in sets.items()}
+    return measure
 
 
 def pretrain(out: str | Path, *, dataset: str = "cifar10", arch: str = "wrn-40-2",
              data_root: DataSource | str | Path | None = None, config: TrainConfig | None = None,
              resolution: int = 32, imbalance_ratio: float | None = None, num_train: int | None = None,
-             data_seed: int = 0, head: str | None = None) -> Path:
+             data_seed: int = 0, head: str | None = None, val_fraction: float | None = None,
+             test_fraction: float | None = None) -> Path:
     """Standard cross-entropy training from scratch (:data:`~oodtune.training.config.PRETRAIN` recipe by
-    default); returns the path of ``OUT/model.pt``. ``OUT`` is locked against other writers from the start."""
+    default), reporting test (and validation) accuracy after every epoch; returns the path of ``OUT/model.pt``.
+    ``val_fraction``/``test_fraction``: see :func:`pretrain_setup`. ``OUT`` is locked against other writers from
+    the start."""
     config = config or PRETRAIN
+    source = as_source(data_root)
     with output_lock(out):
         check_run_dir(out)
-        meta, train, net = pretrain_setup(dataset=dataset, arch=arch, data_root=data_root, resolution=resolution,
+        meta, train, net = pretrain_setup(dataset=dataset, arch=arch, data_root=source, resolution=resolution,
                                           imbalance_ratio=imbalance_ratio, num_train=num_train, data_seed=data_seed,
-                                          seed=config.seed, head=head)
-        Trainer(net, train, build_method_loss("ce"), config, normalizer=normalizer_for(meta), run_dir=out,
-                meta=meta).fit()
+                                          seed=config.seed, head=head, val_fraction=val_fraction,
+                                          test_fraction=test_fraction)
+        Trainer(net, train, build_method_loss("ce"), config, normalizer=normalizer_for(meta), run_dir=out, meta=meta,
+                epoch_metrics=epoch_accuracy(meta, source)).fit()
     return Path(out) / FINAL
 
 
@@ -227,7 +309,10 @@ class ClassificationTask(Task[FeatureModel]):
         built = [build_score(s) for s in scores]
         id_test = id_test_set(meta, source, id_split)
         id_train = self.train_set(meta, source) if any(s.needs_fit for s in built) else None
-        ood_sets = {name: source.load(name, "test", meta.resolution, num_ood) for name in ood}
+        # synthetic sets have no natural size: as many images as the ID test set, unless num_ood says otherwise
+        ood_sets = {name: source.load(name, "test", meta.resolution,
+                                      len(id_test) if num_ood is None and canonical_name(name) in GENERATORS
+                                      else num_ood) for name in ood}
         report = evaluate(net, normalizer_for(meta), id_test, ood_sets, built, id_train=id_train, device=device,
                           batch_size=batch_size, positive=positive)
         if meta.imbalance_ratio and report.id_logits is not None and id_test.labels is not None:

@@ -24,10 +24,12 @@ T = TypeVar("T")
 
 class DataSource:
     """Datasets under one data root, memoised: a benchmark that evaluates many checkpoints on the same OOD sets
-    loads each set once. ``root=None`` is :func:`oodtune.data.default_data_root`."""
+    loads each set once. ``root=None`` is :func:`oodtune.data.default_data_root`; ``download`` fetches official
+    archives that are missing (CIFAR-10/100)."""
 
-    def __init__(self, root: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, *, download: bool = False) -> None:
         self.root = Path(root).expanduser() if root is not None else default_data_root()
+        self.download = download
         self._memo: dict[Hashable, Any] = {}
 
     def memo(self, key: Hashable, build: Callable[[], T]) -> T:
@@ -39,7 +41,8 @@ class DataSource:
     def load(self, name: str, split: str, resolution: int, num_images: int | None = None) -> ImageSet:
         """``load_dataset(name, root, split, resolution=..., num_images=...)``, memoised."""
         return self.memo(("images", name, split, resolution, num_images),
-                         lambda: load_dataset(name, self.root, split, resolution=resolution, num_images=num_images))
+                         lambda: load_dataset(name, self.root, split, resolution=resolution, num_images=num_images,
+                                              download=self.download))
 
     def segmentation(self, name: str, split: str, *, size: Size | None = None, height: int | None = None,
                      num_images: int | None = None) -> SegmentationSet:

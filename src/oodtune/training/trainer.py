@@ -7,7 +7,9 @@ momentum and a per-step cosine schedule (OE/Energy code: lr_t = lr·[r + (1−r)
 State is checkpointed atomically after every epoch so an interrupted run resumes where it stopped — but only with
 the same settings: the run's RunMeta (dataset and the fingerprint of its content, method, loss options, base
 checkpoint and its hash, architecture, ...) and TrainConfig (seed, schedule, ...) must equal the stored ones. While
-training, the run folder is locked (:func:`oodtune.lock.output_lock`) against a second writer.
+training, the run folder is locked (:func:`oodtune.lock.output_lock`) against a second writer. The per-epoch
+history is written beside the checkpoints as ``history.csv``. An ``epoch_metrics`` hook (e.g. test and validation
+accuracy) adds columns to each epoch's row; it only reports, it never changes the run.
 
 ``compile`` wraps either the model (``compile_scope="model"``) or the whole deterministic part of a step —
 crop/flip with pre-drawn offsets, normalisation, forward, loss — (``"step"``) in ``torch.compile``; with
@@ -16,9 +18,10 @@ crop/flip with pre-drawn offsets, normalisation, forward, loss — (``"step"``) 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,19 +31,21 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..atomic import check_writable, remove_stale_temporaries
+from ..atomic import check_writable, remove_stale_temporaries, write_csv
 from ..data.tensors import CropFlip, Normalizer, apply_crop_flip, draw_crop_flip, to_device_uint8
 from ..errors import DataError, DivergenceError, ResumeMismatchError
 from ..lock import output_lock
 from ..losses import CompositeLoss, LossInputs
 from ..models import RunMeta, read_checkpoint, save_checkpoint, unwrap_model
-from ..progress import Bar, console, format_rate, progress_bar
+from ..progress import Bar, format_rate, progress_bar
 from ..runtime import DistInfo, autocast, compile_mode, init_distributed, local_device, resolve_device
 from .config import TrainConfig
 from .sampling import OutlierSampler, index_batches
 
 LAST = "last.pt"
 FINAL = "model.pt"
+HISTORY = "history.csv"
+log = logging.getLogger(__name__)
 
 #: One step's eager inputs: ID uint8 images, labels, their crop/flip draw, outlier uint8 images and their draw.
 StepBatch = tuple[torch.Tensor, torch.Tensor, CropFlip | None, torch.Tensor | None, CropFlip | None]
@@ -93,6 +98,7 @@ class Trainer:
         normalizer: Normalizer | None = None,
         run_dir: str | Path | None = None,
         meta: RunMeta | None = None,
+        epoch_metrics: Callable[[nn.Module], Mapping[str, float]] | None = None,
     ) -> None:
         if loss.needs_outliers and outliers is None:
             raise DataError("this method needs auxiliary outliers (--outliers); none were given.")
@@ -128,6 +134,7 @@ class Trainer:
             dataset_fingerprint=train_set.fingerprint(),
             outliers_fingerprint=outliers.fingerprint() if self.out_x is not None and outliers is not None else None)
         self.train_name = train_set.name
+        self.epoch_metrics = epoch_metrics
 
     # -- the data (overridden by tasks whose samples are not labelled images) ---------------------
     def _check_data(self, net: nn.Module, train_set: Any, outliers: Any) -> None:
@@ -246,7 +253,7 @@ class Trainer:
         if sampler is not None:
             sampler.load_state_dict(state["outlier_sampler"])
         if self.dist.is_main:
-            console.print(f"resuming {self.run_dir} after epoch {state['epoch']}")
+            log.info("resuming %s after epoch %s", self.run_dir, state["epoch"])
         return int(state["epoch"]), list(state["history"])
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -320,9 +327,11 @@ class Trainer:
         row["train_acc"] = float(correct) / max(seen, 1)
         row["images_per_s"] = processed / seconds
         if self.dist.is_main:
-            parts_txt = " ".join(f"{k}={row[k]:.4f}" for k in sums)
-            bar.console.print(f"epoch {epoch + 1}/{self.cfg.epochs} {parts_txt} train_acc={row['train_acc']:.4f} "
-                              f"({format_rate(row['images_per_s'], 1.0)}, {seconds:.1f}s)")
+            measured = dict(self.epoch_metrics(self.net)) if self.epoch_metrics is not None else {}
+            row.update(measured)
+            parts_txt = " ".join(f"{k}={row[k]:.4f}" for k in (*sums, "train_acc", *measured))
+            log.info("epoch %d/%d %s (%s, %.1fs)", epoch + 1, self.cfg.epochs, parts_txt,
+                     format_rate(row["images_per_s"], 1.0), seconds)
         return row
 
     def _save_state(self, epoch: int, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
@@ -342,3 +351,4 @@ class Trainer:
             "outlier_sampler": sampler.state_dict() if sampler is not None else None,
         }
         save_checkpoint(self.run_dir / LAST, self.net, self.meta, train_state=state)
+        write_csv(self.run_dir / HISTORY, history)

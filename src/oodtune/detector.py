@@ -1,0 +1,343 @@
+"""A deployable OOD detector: one classifier, one score, one threshold, and the record of how it was set.
+
+:class:`Detector` answers "is this image out-of-distribution?" for tensors, numpy arrays, PIL images, paths,
+folders, globs and archives. It holds the network, its input normalisation and resolution, a post-hoc score
+(higher = more in-distribution, :mod:`oodtune.scores`) and, once calibrated, a threshold t:
+
+    is_ood(x) = score(x) < t.
+
+**Calibration** (:meth:`Detector.calibrate`) sets t on ID images the model never trained on: t is the k-th
+largest of their n scores, k = ceil(tpr * n) (:func:`oodtune.metrics.threshold_at_tpr`: the operating point of
+FPR at ``tpr`` TPR with ID positive), so at least ``tpr`` of them are accepted. On new ID images from the same
+distribution the acceptance rate is then k / (n + 1) in expectation, with standard deviation
+sqrt(k (n + 1 - k) / ((n + 1)^2 (n + 2))) (the Beta(k, n + 1 - k) law of an order statistic); calibration
+refuses sets smaller than :func:`oodtune.metrics.min_calibration_size`. Mahalanobis and kNN are first ``fit``
+on ID *training* images; the detector records where both sets came from.
+
+A detector is saved as JSON (``save``/``load``): score, threshold, calibration record, normalisation, and the
+SHA-256 of the network's weights, so a detector is never applied to another model (:class:`CheckpointError`).
+Fitted statistics (Mahalanobis, kNN) go to a sidecar ``.pt`` file of plain tensors (read ``weights_only``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .atomic import write_atomic, write_text_atomic
+from .data.imageset import ImageSet
+from .data.inputs import as_uint8_images, decode_batches
+from .data.tensors import Normalizer
+from .errors import CheckpointError, ConfigError, DataError
+from .evaluation import Outputs, compute_outputs, score_dataset
+from .metrics import acceptance_rate, min_calibration_size, threshold_at_tpr
+from .models import FeatureModel, load_feature_model
+from .progress import format_rate, progress_bar
+from .runtime import resolve_device
+from .scores import Score, build_score
+
+__all__ = ["DETECTOR_FORMAT", "Calibration", "Detector", "Predictions", "weights_hash"]
+
+DETECTOR_FORMAT = "oodtune-detector"
+DETECTOR_VERSION = 1
+RULE = "is_ood = score < threshold (score: higher = more in-distribution)"
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 of a model's ``state_dict`` (every entry's name, dtype, shape and bytes, in order): the same for a
+    model and its checkpoint, different as soon as one weight differs."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a detector's threshold was set (see the module docstring for the formulas)."""
+
+    threshold: float
+    tpr: float  # requested fraction of ID images accepted
+    achieved: float  # fraction of the calibration images accepted (>= tpr)
+    n: int  # calibration images
+    data: str  # where they came from
+    held_out: bool  # False: calibrated on training images (biased: the threshold is too permissive)
+    expected: float  # expected acceptance rate on new ID images, k / (n + 1)
+    expected_std: float  # its standard deviation
+    check: dict[str, Any] | None = None  # acceptance on a disjoint ID set: data, n, acceptance, std, z
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Per image: predicted class index, its softmax probability, the OOD score and (once calibrated) ``is_ood``."""
+
+    labels: np.ndarray  # (N,) int64
+    confidence: np.ndarray  # (N,) float32, max softmax probability
+    scores: np.ndarray  # (N,) float32, higher = more in-distribution
+    is_ood: np.ndarray | None  # (N,) bool, None before calibration
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def rows(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """One dict per image: path (from ``names``), predicted_class, confidence, score, is_ood, error (None)."""
+        names = list(names) if names is not None else [str(i) for i in range(len(self))]
+        return [{"path": names[i], "predicted_class": self.classes[int(self.labels[i])],
+                 "confidence": float(self.confidence[i]), "score": float(self.scores[i]),
+                 "is_ood": None if self.is_ood is None else bool(self.is_ood[i]), "error": None}
+                for i in range(len(self))]
+
+
+def _expected_acceptance(k: int, n: int) -> tuple[float, float]:
+    """Mean and std of Beta(k, n + 1 - k): the acceptance rate of the k-th largest of n calibration scores."""
+    a, b = k, n + 1 - k
+    return a / (a + b), math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+
+
+class Detector:
+    """A classifier + post-hoc score + threshold (see the module docstring).
+
+    ``model`` is any ``nn.Module`` returning logits (or a :class:`FeatureModel`); ``classes``, ``mean``/``std``
+    (on [0, 1] pixels) and ``resolution`` say how it was trained; ``score`` is a name from
+    :data:`oodtune.scores.SCORE_NAMES` or a :class:`Score`. ``checkpoint`` records where the weights came from.
+    """
+
+    def __init__(self, model: nn.Module, *, classes: Sequence[str], mean: Sequence[float], std: Sequence[float],
+                 resolution: int, score: str | Score = "energy", head: str | None = None, device: str | None = None,
+                 checkpoint: str | os.PathLike | None = None) -> None:
+        self.net = model if isinstance(model, FeatureModel) else FeatureModel(model, head)
+        self.classes = tuple(classes)
+        if self.net.num_classes != len(self.classes):
+            raise ConfigError(f"the model has {self.net.num_classes} outputs but {len(self.classes)} class names "
+                              "were given.")
+        self.normalizer = Normalizer(tuple(mean), tuple(std))
+        self.resolution = int(resolution)
+        self.head = head
+        self.score_fn = build_score(score) if isinstance(score, str) else score
+        self.device = resolve_device(device)
+        self.net.to(self.device).eval()
+        self.checkpoint = None if checkpoint is None else str(Path(checkpoint).resolve())
+        self.weights_sha256 = weights_hash(self.net.model)
+        self.calibration: Calibration | None = None
+        self.fit_source: str | None = None
+
+    # -- construction --------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike, score: str | Score = "energy",
+                        device: str | None = None) -> Detector:
+        """The detector of an oodtune checkpoint (its classes, normalisation and resolution), not yet calibrated."""
+        net, meta = load_feature_model(checkpoint)
+        return cls(net, classes=meta.classes, mean=meta.mean, std=meta.std, resolution=meta.resolution, score=score,
+                   head=meta.head, device=device, checkpoint=checkpoint)
+
+    @property
+    def score_name(self) -> str:
+        return self.score_fn.name
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.calibration is None else self.calibration.threshold
+
+    def calibrated(self) -> Calibration:
+        """The calibration record; a :class:`ConfigError` when there is none yet."""
+        if self.calibration is None:
+            raise ConfigError("the detector has no threshold yet: calibrate it (Detector.calibrate, or `oodtune "
+                              "calibrate`) first.")
+        return self.calibration
+
+    def __repr__(self) -> str:
+        state = "uncalibrated" if self.calibration is None else f"threshold={self.calibration.threshold:.4g}"
+        return f"Detector(score={self.score_name!r}, {state}, classes={len(self.classes)}, device={self.device})"
+
+    # -- forward passes ------------------------------------------------------------------------------------
+    def _imageset(self, images: Any) -> ImageSet:
+        if isinstance(images, ImageSet) and images.resolution == self.resolution:
+            return images
+        return ImageSet(as_uint8_images(images, self.resolution), None, (), "images")
+
+    def _outputs(self, ds: ImageSet, batch_size: int, show_progress: bool) -> Outputs:
+        return compute_outputs(self.net, ds, self.normalizer, device=self.device, batch_size=batch_size,
+                               show_progress=show_progress)
+
+    def _scores(self, ds: ImageSet, out: Outputs, show_progress: bool) -> np.ndarray:
+        return score_dataset(self.score_fn, self.net, ds, out, self.normalizer, show_progress=show_progress)
+
+    def score(self, images: Any, *, batch_size: int = 256, show_progress: bool = False) -> np.ndarray:
+        """Scores (N,) of ``images`` (higher = more in-distribution); see :func:`~oodtune.data.inputs.as_uint8_images`
+        for the accepted inputs."""
+        ds = self._imageset(images)
+        return self._scores(ds, self._outputs(ds, batch_size, show_progress), show_progress)
+
+    def predict(self, images: Any, *, batch_size: int = 256, show_progress: bool = False) -> Predictions:
+        """Class, confidence, score and ``is_ood`` (None before calibration) of every image."""
+        ds = self._imageset(images)
+        out = self._outputs(ds, batch_size, show_progress)
+        probs = out.logits.softmax(dim=1)
+        conf, labels = probs.max(dim=1)
+        scores = self._scores(ds, out, show_progress)
+        is_ood = None if self.calibration is None else scores < self.calibration.threshold
+        return Predictions(labels.cpu().numpy(), conf.float().cpu().numpy(), scores, is_ood, self.classes)
+
+    def predict_files(self, inputs: Iterable[str | os.PathLike], *, batch_size: int = 256,
+                      workers: int | None = None) -> Iterator[dict[str, Any]]:
+        """One row per input file (files, folders, globs, archives; see :mod:`oodtune.data.inputs`), in order, as
+        :meth:`Predictions.rows`; a file that cannot be read is a row with ``error`` set and the other fields
+        None."""
+        with progress_bar("predict", total=None) as bar:
+            t0, done = time.perf_counter(), 0
+            for batch in decode_batches(inputs, self.resolution, batch_size, workers):
+                pixels = [d.pixels for d in batch if d.pixels is not None]
+                names = [d.name for d in batch if d.pixels is not None]
+                rows = iter(self.predict(np.stack(pixels), batch_size=batch_size).rows(names) if pixels else [])
+                for d in batch:
+                    yield next(rows) if d.pixels is not None else {
+                        "path": d.name, "predicted_class": None, "confidence": None, "score": None, "is_ood": None,
+                        "error": d.error}
+                done += len(batch)
+                bar.advance(len(batch))
+                bar.update(rate=format_rate(done, time.perf_counter() - t0))
+
+    # -- fitting and calibration ---------------------------------------------------------------------------
+    def fit(self, images: Any, labels: Any, *, source: str = "given training images",
+            batch_size: int = 256) -> Detector:
+        """Fit the score's ID statistics (Mahalanobis, kNN) on labelled ID *training* images; ``source`` is
+        recorded. A no-op fit for scores without statistics."""
+        ds = self._imageset(images)
+        y = torch.as_tensor(np.asarray(labels)).long().flatten()
+        if y.numel() != len(ds):
+            raise DataError(f"{y.numel()} labels for {len(ds)} images; pass one label per image.")
+        out = self._outputs(ds, batch_size, show_progress=True)
+        self.score_fn.fit(out.logits, out.features, y.to(out.logits.device))
+        self.fit_source = source
+        return self
+
+    def calibrate(self, id_images: Any, tpr: float = 0.95, *, data: str = "given ID images", held_out: bool = True,
+                  check_images: Any = None, check_data: str = "given check images",
+                  batch_size: int = 256) -> Calibration:
+        """Set the threshold so that ``tpr`` of ``id_images`` -- ID images the model never trained on -- are
+        accepted (module docstring). ``held_out=False`` records that they are training images (a biased,
+        too permissive threshold). ``check_images``, a disjoint ID set, measures the acceptance rate reached on
+        new data (recorded with its binomial std and its z-score against the expectation)."""
+        scores = self.score(id_images, batch_size=batch_size, show_progress=True)
+        need = min_calibration_size(tpr)
+        if scores.size < need:
+            raise DataError(f"{scores.size} calibration images are too few for a threshold at TPR {tpr:g}: at least "
+                            f"{need} are needed (so that >= 10 fall below it); use more held-out ID images or a "
+                            "lower TPR.")
+        threshold, achieved = threshold_at_tpr(scores, tpr)
+        expected, expected_std = _expected_acceptance(int(math.ceil(tpr * scores.size - 1e-9)), scores.size)
+        check = None
+        if check_images is not None:
+            check_set = self._imageset(check_images)
+            rate, std = acceptance_rate(self.score(check_set, batch_size=batch_size, show_progress=True), threshold)
+            combined = math.sqrt(expected_std ** 2 + expected * (1 - expected) / len(check_set))
+            check = {"data": check_data, "n": len(check_set), "acceptance": rate, "std": std,
+                     "z": (rate - expected) / combined}
+        self.calibration = Calibration(threshold, tpr, achieved, int(scores.size), data, held_out, expected,
+                                       expected_std, check)
+        return self.calibration
+
+    # -- files ---------------------------------------------------------------------------------------------
+    def _statistics(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The score's state: (JSON-able attributes, tensor attributes)."""
+        plain, tensors = {}, {}
+        for key, value in vars(self.score_fn).items():
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu()
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                plain[key] = value
+            else:
+                raise ConfigError(f"cannot save the {type(value).__name__} attribute {key!r} of score "
+                                  f"{self.score_name}; only numbers, strings and tensors are saved.")
+        return plain, tensors
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the detector as JSON to ``path`` (and ``PATH.stats.pt`` with fitted tensors, if any)."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) or choose another output path.")
+        plain, tensors = self._statistics()
+        stats = path.with_name(path.stem + ".stats.pt") if tensors else None
+        if stats is not None:
+            write_atomic(stats, lambda fh: torch.save(tensors, fh))
+        record = {
+            "format": DETECTOR_FORMAT, "version": DETECTOR_VERSION, "oodtune_version": __version__,
+            "checkpoint": self.checkpoint, "weights_sha256": self.weights_sha256, "classes": list(self.classes),
+            "mean": list(self.normalizer.mean), "std": list(self.normalizer.std), "resolution": self.resolution,
+            "head": self.head, "score": self.score_name, "score_state": plain,
+            "statistics": None if stats is None else stats.name, "fit_source": self.fit_source, "rule": RULE,
+            "calibration": None if self.calibration is None else self.calibration.to_dict(),
+        }
+        return write_text_atomic(path, json.dumps(record, indent=2) + "\n", overwrite=True)
+
+    @staticmethod
+    def read_record(path: str | os.PathLike) -> dict[str, Any]:
+        """The JSON record of a saved detector, validated."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; make one with `oodtune calibrate`.")
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path} is not a detector file (invalid JSON: {exc}).") from None
+        if not isinstance(record, dict) or record.get("format") != DETECTOR_FORMAT:
+            raise ConfigError(f"{path} is not an oodtune detector file (written by `oodtune calibrate`).")
+        if int(record.get("version", 0)) > DETECTOR_VERSION:
+            raise ConfigError(f"{path} has detector format version {record['version']}, newer than this oodtune "
+                              f"understands ({DETECTOR_VERSION}); upgrade oodtune.")
+        return record
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: str | os.PathLike | nn.Module | None = None, *,
+             device: str | None = None) -> Detector:
+        """A saved detector applied to ``model``: a checkpoint path (default: the one it records) or the
+        ``nn.Module`` it was made for. Refused when the weights differ from those it was calibrated on."""
+        path = Path(path)
+        record = cls.read_record(path)
+        source = model if model is not None else record.get("checkpoint")
+        if source is None:
+            raise ConfigError(f"{path} was made for an in-memory model; pass that model: Detector.load(path, model).")
+        if isinstance(source, nn.Module):
+            det = cls(source, classes=record["classes"], mean=record["mean"], std=record["std"],
+                      resolution=record["resolution"], score=record["score"], head=record.get("head"), device=device)
+        else:
+            det = cls.from_checkpoint(source, score=record["score"], device=device)
+        if det.weights_sha256 != record["weights_sha256"]:
+            made_for = record.get("checkpoint") or "an in-memory model"
+            raise CheckpointError(
+                f"{path} was calibrated for other weights (sha256 {record['weights_sha256'][:12]}..., "
+                f"{made_for}) than {source if not isinstance(source, nn.Module) else 'this model'} "
+                f"(sha256 {det.weights_sha256[:12]}...). A threshold only holds for the model it was set on: "
+                "calibrate a detector for this checkpoint (`oodtune calibrate CHECKPOINT --out DETECTOR.json`), or "
+                "use the checkpoint the detector was made for.")
+        vars(det.score_fn).update(record.get("score_state") or {})
+        if record.get("statistics"):
+            stats = path.with_name(record["statistics"])
+            try:
+                tensors = torch.load(stats, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError) as exc:
+                raise CheckpointError(f"cannot read the fitted statistics {stats} of {path}: {exc}; keep the "
+                                      "two files together, or calibrate again.") from None
+            vars(det.score_fn).update(tensors)
+        det.fit_source = record.get("fit_source")
+        if record.get("calibration") is not None:
+            det.calibration = Calibration(**record["calibration"])
+        return det

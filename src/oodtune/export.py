@@ -1,0 +1,95 @@
+"""A calibrated :class:`~oodtune.detector.Detector` as one self-contained file that a service loads with PyTorch
+alone -- no oodtune, no training code -- through ``torch.export``:
+
+    program = torch.export.load("detector.pt2").module()
+    logits, score, is_ood = program(images)   # images: uint8 (N, H, W, 3) RGB at the detector's resolution
+
+Inside: the input normalisation (x / 255 - mean) / std, the network, the score and the threshold
+(``is_ood = score < threshold``). The batch size is dynamic. The file also carries the detector's JSON record
+(classes, resolution, score, threshold, calibration, weights hash) as the extra file
+``oodtune_detector.json``; :func:`load_exported` returns both. Images must already be resized to the
+resolution (shorter side bilinear + centre crop is what oodtune does, :mod:`oodtune.data.images`).
+
+Exported scores are those computed from the logits alone (msp, maxlogit, entropy, energy); Mahalanobis and kNN
+(fitted feature statistics) and ODIN (input gradients) stay with the Python detector.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import write_atomic
+from .detector import RULE, Detector
+from .errors import ConfigError, ModelError
+
+__all__ = ["EXTRA_FILE", "export_detector", "load_exported"]
+
+EXTRA_FILE = "oodtune_detector.json"
+
+
+class _Program(nn.Module):
+    """uint8 (N, H, W, 3) -> (logits, score, is_ood); see the module docstring."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    threshold: torch.Tensor
+
+    def __init__(self, det: Detector, score: Callable[[torch.Tensor], torch.Tensor], threshold: float) -> None:
+        super().__init__()
+        self.net = det.net
+        self.score = score
+        self.register_buffer("mean", torch.tensor(det.normalizer.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(det.normalizer.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+        logits, _ = self.net(x)
+        logits = logits.float()
+        score = self.score(logits)
+        return logits, score, score < self.threshold
+
+
+def export_detector(det: Detector, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``det`` (calibrated, with a logit score) as a ``torch.export`` program to ``path`` (``.pt2``)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) or choose another output path.")
+    calibration = det.calibrated()
+    from_logits = getattr(det.score_fn, "from_logits", None)
+    if from_logits is None:
+        raise ConfigError(f"score {det.score_name!r} cannot be exported (it needs feature statistics or input "
+                          "gradients); export msp, maxlogit, entropy or energy, or serve the Python Detector.")
+    program = _Program(det, from_logits, calibration.threshold).to("cpu").eval()
+    example = torch.zeros(2, det.resolution, det.resolution, 3, dtype=torch.uint8)
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(program, (example,),
+                                           dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    except Exception as exc:  # torch.export raises many types; all mean "this model does not export"
+        raise ModelError(f"torch.export cannot capture this model ({type(exc).__name__}: {str(exc)[:300]}); "
+                         "serve the Python Detector instead.") from exc
+    finally:
+        det.net.to(det.device)
+    record = {"rule": RULE, "score": det.score_name, "threshold": calibration.threshold,
+              "classes": list(det.classes), "resolution": det.resolution, "input": "uint8 (N, H, W, 3) RGB",
+              "outputs": ["logits", "score", "is_ood"], "weights_sha256": det.weights_sha256,
+              "checkpoint": det.checkpoint, "calibration": calibration.to_dict()}
+    extra = {EXTRA_FILE: json.dumps(record, indent=2)}
+    return write_atomic(path, lambda fh: torch.export.save(exported, fh, extra_files=extra))
+
+
+def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """(the callable program, its detector record) of a file written by :func:`export_detector`."""
+    extra = {EXTRA_FILE: ""}
+    program = torch.export.load(str(path), extra_files=extra).module()
+    if not extra[EXTRA_FILE]:
+        raise ConfigError(f"{path} is an exported program but not an oodtune detector (no {EXTRA_FILE}).")
+    return program, json.loads(extra[EXTRA_FILE])

@@ -1,0 +1,115 @@
+"""Detector steps: calibrate a threshold on held-out ID data, predict on a user's files.
+
+Which ID images set the threshold (``data``), in order of preference for ``"auto"``:
+
+1. the validation part held out of the train split before pretraining (``pretrain --val-fraction``, recorded
+   in the checkpoint; never trained on, by pretraining or any fine-tuning);
+2. the dataset's own validation split (``val/``: Tiny ImageNet, a ``folder:`` tree with ``val/``);
+3. otherwise nothing: the user names a folder of held-out ID images (``folder:PATH`` / ``images:PATH``), or
+   insists on ``"train"`` -- accepted with a warning and recorded as biased, because scores of training images
+   are optimistic and the threshold then accepts fewer new ID images than requested.
+
+The ID *test* split is never used to choose the threshold; it is the disjoint set on which the acceptance rate
+reached is checked (recorded in the detector).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..data import ImageSet
+from ..data.registry import canonical_name, resolve_dataset
+from ..detector import Detector
+from ..errors import ConfigError, DataError
+from ..models import RunMeta, load_feature_model
+from .classification import id_parts, id_test_set, id_train_set
+from .source import DataSource, as_source
+
+__all__ = ["CALIBRATION_CHOICES", "calibrate", "calibration_set", "predict", "with_id_data"]
+
+log = logging.getLogger(__name__)
+
+#: Values of ``data`` besides a folder:/images: path.
+CALIBRATION_CHOICES = ("auto", "val", "train")
+
+
+def with_id_data(meta: RunMeta, id_data: str | None, source: DataSource) -> RunMeta:
+    """``meta`` with its ID dataset renamed to ``id_data`` (a moved folder, another data root's copy)."""
+    return meta if id_data is None else meta.replace(dataset=resolve_dataset(id_data, source.root))
+
+
+def _validation(meta: RunMeta, source: DataSource) -> tuple[ImageSet, str]:
+    if meta.val_fraction:
+        val = id_parts(meta, source)[1]
+        if val is not None:
+            return val, (f"{meta.dataset}: validation part held out of the train split before training "
+                         f"({meta.val_fraction:.0%}, seed {meta.data_seed})")
+    if meta.test_fraction:  # a folder without split folders: its "val" would be the whole folder
+        raise DataError(f"{meta.dataset} has no validation split and none was held out.")
+    return source.load(meta.dataset, "val", meta.resolution), f"{meta.dataset}: its validation split"
+
+
+def calibration_set(meta: RunMeta, data: str | None, source: DataSource) -> tuple[ImageSet, str, bool]:
+    """(images, description, held_out) to calibrate on; see the module docstring for ``data``."""
+    choice = "auto" if data is None else data
+    if choice in ("auto", "val"):
+        try:
+            ds, what = _validation(meta, source)
+        except DataError as exc:
+            raise DataError(
+                f"no held-out ID images to calibrate on ({exc}). Fix: pretrain with --val-fraction 0.1 (held out "
+                "before training, recorded in the checkpoint), or name held-out ID images with --calibration-data "
+                "folder:PATH (or images:PATH); --calibration-data train uses training images (biased).") from None
+        return ds, what, True
+    if choice == "train":
+        log.warning("calibrating on the training images the model was fitted to: their scores are optimistic, so "
+                    "the threshold will accept fewer new ID images than requested (recorded as held_out=false).")
+        return id_train_set(meta, source), f"{meta.dataset}: training split (not held out: biased)", False
+    if choice == "test":
+        raise ConfigError(f"--calibration-data {choice}: the ID test split measures the detector and must not choose "
+                          f"its threshold; use {', '.join(CALIBRATION_CHOICES)} or folder:PATH of held-out ID images.")
+    if not canonical_name(choice).startswith(("folder:", "images:")):
+        raise ConfigError(f"--calibration-data {choice!r}: use one of {', '.join(CALIBRATION_CHOICES)}, or "
+                          "folder:PATH / images:PATH naming held-out ID images.")
+    named = resolve_dataset(choice, source.root)
+    if named.split(":", 1)[1] == meta.dataset.split(":", 1)[-1]:
+        raise ConfigError(f"--calibration-data {choice} is the dataset the model was trained on (its held-out parts "
+                          "included); use --calibration-data val, or name other held-out ID images.")
+    return source.load(named, "all", meta.resolution), named, True
+
+
+def calibrate(checkpoint: str | Path, *, score: str = "energy", tpr: float = 0.95, data: str | None = None,
+              data_root: DataSource | str | Path | None = None, device: str | None = None,
+              id_data: str | None = None, check: bool = True) -> Detector:
+    """A :class:`Detector` of ``checkpoint`` with ``score``, its threshold set to accept ``tpr`` of held-out ID
+    images (``data``, module docstring); Mahalanobis/kNN statistics fitted on the ID train split first. With
+    ``check``, the acceptance rate reached is measured on the ID test split and recorded."""
+    source = as_source(data_root)
+    net, meta = load_feature_model(checkpoint)
+    if meta.task != "classification":
+        raise ConfigError(f"{checkpoint} is a {meta.task} checkpoint; calibrate and predict work on image "
+                          "classifiers (one score per image).")
+    meta = with_id_data(meta, id_data, source)
+    det = Detector(net, classes=meta.classes, mean=meta.mean, std=meta.std, resolution=meta.resolution, score=score,
+                   head=meta.head, device=device, checkpoint=checkpoint)
+    images, what, held_out = calibration_set(meta, data, source)
+    if det.score_fn.needs_fit:
+        train = id_train_set(meta, source)
+        det.fit(train, train.labels, source=f"{meta.dataset}: training split as the checkpoint records it "
+                                            f"({len(train)} images)")
+    test = id_test_set(meta, source) if check else None
+    det.calibrate(images, tpr, data=what, held_out=held_out, check_images=test,
+                  check_data=f"{meta.dataset}: ID test set (disjoint from the calibration images)")
+    return det
+
+
+def predict(checkpoint: str | Path, inputs: Sequence[str], *, detector: str | Path, device: str | None = None,
+            batch_size: int = 256) -> Iterator[dict[str, Any]]:
+    """Rows (path, predicted_class, confidence, score, is_ood, error) for every input file; ``detector`` (a
+    saved detector) must have been calibrated for ``checkpoint``'s weights."""
+    det = Detector.load(detector, checkpoint, device=device)
+    det.calibrated()
+    return det.predict_files(inputs, batch_size=batch_size)

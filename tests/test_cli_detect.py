@@ -1,0 +1,150 @@
+"""The deployment commands end to end (``calibrate``, ``predict``) and the user-facing outputs of pretrain /
+finetune / evaluate: held-out validation parts, detectors refused on other checkpoints, per-file error rows,
+export, margins "auto", saved scores, provenance, flag names in errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fixtures_data import offline_env, write_corrupt_jpeg, write_image
+from helpers_cli import FAST, fails, ok
+from oodtune import __version__
+from oodtune.cli import cli_message
+from oodtune.export import load_exported
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with offline_env(tmp_path_factory.mktemp("cli-detect"), train_per_class=20, test_per_class=10) as e:
+        yield e
+
+
+def _pretrain(env: dict[str, Path], out: str, *extra: Any) -> Path:
+    ok("pretrain", "--data-root", env["root"], "--arch", "wrn-10-1", "--resolution", "16", "--out", env["tmp"] / out,
+       *FAST, *extra)
+    return env["tmp"] / out / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def with_val(env: dict[str, Path]) -> Path:
+    return _pretrain(env, "pre-val", "--val-fraction", "0.5")
+
+
+@pytest.fixture(scope="module")
+def detector(env: dict[str, Path], with_val: Path) -> Path:
+    out = env["tmp"] / "detector.json"
+    res = ok("calibrate", with_val, "--data-root", env["root"], "--device", "cpu", "--tpr", "0.8", "--out", out,
+             "--export", env["tmp"] / "detector.pt2")
+    assert "calibration images" in res.output and "check on 100 ID test images" in res.output
+    return out
+
+
+def test_pretrain_holds_out_a_validation_part(with_val):
+    meta = torch.load(with_val, weights_only=True)["meta"]
+    assert meta["val_fraction"] == 0.5 and meta["resolution"] == 16 and meta["source_size"] == 200
+    assert sum(meta["class_counts"]) == 100 and {"test_acc", "val_acc"} <= set(meta["history"][0])
+    assert (with_val.parent / "history.csv").exists()
+
+
+def test_calibrate_records_how_the_threshold_was_set(detector, with_val):
+    record = json.loads(detector.read_text())
+    cal = record["calibration"]
+    assert record["score"] == "energy" and record["checkpoint"] == str(with_val.resolve())
+    assert cal["n"] == 100 and cal["held_out"] and cal["tpr"] == 0.8 and cal["achieved"] >= 0.8
+    assert "validation part held out" in cal["data"] and cal["check"]["n"] == 100
+    assert len(record["weights_sha256"]) == 64 and record["oodtune_version"] == __version__
+    program, meta = load_exported(detector.with_suffix(".pt2"))
+    assert meta["threshold"] == cal["threshold"]
+    _, score, is_ood = program(torch.zeros(3, 16, 16, 3, dtype=torch.uint8))
+    assert score.shape == (3,) and is_ood.dtype == torch.bool
+
+
+def test_calibration_data_choices(env, with_val):
+    root, tmp = env["root"], env["tmp"]
+    fails("calibrate", with_val, "--data-root", root, "--calibration-data", "test", "--out", tmp / "x.json",
+          match="must not choose its threshold", code=1)
+    res = ok("calibrate", with_val, "--data-root", root, "--device", "cpu", "--calibration-data", "train", "--tpr",
+             "0.8", "--no-check", "--out", tmp / "biased.json")
+    assert "warning: calibrating on the training images" in res.output
+    assert json.loads((tmp / "biased.json").read_text())["calibration"]["held_out"] is False
+    without_val = _pretrain(env, "pre-noval")
+    fails("calibrate", without_val, "--data-root", root, "--out", tmp / "y.json", match="--val-fraction", code=1)
+    fails("calibrate", with_val, "--data-root", root, "--tpr", "0.99", "--out", tmp / "z.json",
+          match="at least 1000", code=1)
+
+
+def test_predict_files_and_refuse_foreign_detector(env, detector, with_val):
+    tmp = env["tmp"]
+    shots = tmp / "shots"
+    for i in range(3):
+        write_image(shots / f"{i}.png", (24, 20), seed=i)
+    write_corrupt_jpeg(shots / "z-broken.jpg")
+    out = tmp / "preds.csv"
+    res = ok("predict", with_val, shots, tmp / "nope.png", "--detector", detector, "--out", out, "--device", "cpu")
+    assert "5 input(s)" in res.output and "2 unreadable" in res.output
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["path", "predicted_class", "confidence", "score", "is_ood", "error"]
+    assert [Path(r["path"]).name for r in rows] == ["0.png", "1.png", "2.png", "z-broken.jpg", "nope.png"]
+    assert rows[0]["is_ood"] in ("True", "False") and not rows[0]["error"] and "cannot decode" in rows[3]["error"]
+    fails("predict", with_val, shots, "--detector", detector, "--out", out, match="--overwrite", code=1)
+    ok("predict", with_val, shots / "0.png", "--detector", detector, "--out", tmp / "preds.jsonl")
+    line = json.loads((tmp / "preds.jsonl").read_text().splitlines()[0])
+    assert set(line) == {"path", "predicted_class", "confidence", "score", "is_ood", "error"}
+    other = _pretrain(env, "pre-other", "--seed", "1")
+    fails("predict", other, shots, "--detector", detector, match="calibrate a detector for this checkpoint", code=1)
+
+
+def test_finetune_auto_margins_and_evaluate_outputs(env, with_val):
+    root, tmp = env["root"], env["tmp"]
+    ok("finetune", with_val, "--method", "energy-oe", "--m-in", "auto", "--m-out", "auto", "--data-root", root,
+       "--outlier-batch-size", "16", "--out", tmp / "eoe", *FAST)
+    meta = torch.load(tmp / "eoe" / "model.pt", weights_only=True)["meta"]
+    margins = meta["loss_options"]
+    assert isinstance(margins["m_in"], float) and margins["m_in"] < margins["m_out"]
+    assert "proposed from the pretrained model's energies" in meta["notes"]["margins"]
+    assert meta["val_fraction"] == 0.5  # fine-tuning keeps the held-out part out
+    fails("finetune", with_val, "--method", "energy-oe", "--m-in", "soon", "--out", tmp / "x", match="'auto'")
+    fails("finetune", with_val, "--method", "oe", "--m-in", "auto", "--data-root", root, "--out", tmp / "x",
+          match="do not apply", code=1)
+    res = ok("finetune", with_val, "--method", "energy-oe", "--data-root", root, "--outlier-batch-size", "16",
+             "--out", tmp / "eoe-default", *FAST)
+    assert "warning: the default margins" in res.output  # a 1-step model is nowhere near WRN-40-2 energies
+
+    out = tmp / "ev"
+    res = ok("evaluate", tmp / "eoe" / "model.pt", "--ood", "gaussian", "--ood", "tin-near", "--num-ood", "8",
+             "--data-root", root, "--device", "cpu", "--out", out, "--save-scores")
+    assert "warning: OOD set tin-near has only 8 images" in res.output
+    data = json.loads(Path(f"{out}.json").read_text())
+    assert data["oodtune_version"] == __version__ and data["metric_convention"]["positive_class"] == "OOD"
+    assert {(r["dataset"], r["n_ood"], r["n_id"]) for r in data["rows"] if "n_ood" in r} == {
+        ("gaussian", 8, 100), ("tin-near", 8, 100)}
+    with open(f"{out}.csv", newline="") as fh:
+        assert {"n_ood", "n_id", "auroc"} <= set(csv.DictReader(fh).fieldnames or [])
+    with open(f"{out}-scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 100 + 8 + 8 and set(rows[0]) == {"dataset", "index", "msp", "energy"}
+    fails("evaluate", tmp / "eoe" / "model.pt", "--ood", "gaussian", "--save-scores", match="--out")
+
+
+def test_synthetic_sets_default_to_the_id_test_size(env, with_val):
+    res = ok("evaluate", with_val, "--ood", "gaussian", "--data-root", env["root"], "--device", "cpu")
+    assert "| 100 | 100 |" in res.output
+
+
+def test_library_keywords_become_flags():
+    assert cli_message("or pass download=True") == "or pass --download"
+    assert cli_message("pass head_name='...' naming the layer") == "pass --head NAME naming the layer"
+    assert cli_message("load it with resolution=32.") == "load it with --resolution 32."
+
+
+def test_errors_name_flags(env, with_val, tmp_path):
+    res = fails("evaluate", with_val, "--ood", "gaussian", "--data-root", tmp_path, match="--data-root", code=1)
+    assert "--download" in res.output and "download=True" not in res.output
+    ok("evaluate", "--help")
