@@ -11,19 +11,22 @@ from .longtail import (
 )
 from .ood import (
                   DEFAULT_POSITIVE,
+                  DETECTION_KEYS,
+                  FPR_RULES,
                   POSITIVES,
                   OODMetrics,
                   Positive,
                   accuracy,
                   aupr,
                   auroc,
+                  detection_metrics,
                   fpr_at_tpr,
                   ood_metrics,
                   roc_curve,
 )
 
 __all__ = [
-    "DEFAULT_POSITIVE", "LT_KEYS", "POSITIVES", "SPLITS", "OODMetrics", "Positive", "accuracy", "adjust_logits",
-    "aupr", "auroc", "class_splits", "fpr_at_tpr", "long_tail_accuracy", "ood_metrics", "roc_curve",
-    "split_accuracy",
+    "DEFAULT_POSITIVE", "DETECTION_KEYS", "FPR_RULES", "LT_KEYS", "POSITIVES", "SPLITS", "OODMetrics", "Positive",
+    "accuracy", "adjust_logits", "aupr", "auroc", "class_splits", "detection_metrics", "fpr_at_tpr",
+    "long_tail_accuracy", "ood_metrics", "roc_curve", "split_accuracy",
 ]
