@@ -97,6 +97,54 @@ def test_prior_finetune_evaluate(env, pretrained):
     assert not (tmp / "results" / "bal2.json.json").exists()
 
 
+def _odin_by_hand(net: Any, x: torch.Tensor, std: tuple[float, ...], temperature: float = 1000.0,
+                  epsilon: float = 0.0014) -> torch.Tensor:
+    """ODIN as the ODIN / energy_ood reference code computes it: cross-entropy of the tempered logits against
+    the predicted class, gradient sign (>= 0 -> +1) divided by the per-channel std, a step of epsilon against it,
+    max tempered softmax of the perturbed input. ``std=(1, 1, 1)`` is the step in normalised units."""
+    x = x.clone().requires_grad_(True)
+    logits, _ = net(x)
+    loss = torch.nn.functional.cross_entropy(logits / temperature, logits.argmax(1), reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    step = (grad >= 0).float() * 2 - 1
+    step = step / torch.tensor(std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        out, _ = net(x.detach() - epsilon * step)
+        return (out / temperature).softmax(1).amax(1)
+
+
+def test_odin_steps_in_pixel_units_through_the_cli(env, pretrained):
+    """`oodtune evaluate --score odin` perturbs by epsilon / std (pixel units), as the reference code does."""
+    from oodtune.data import load_dataset
+    from oodtune.data.tensors import Normalizer, to_device_uint8
+    from oodtune.metrics import ood_metrics
+    from oodtune.models import load_feature_model
+    from oodtune.pipeline import evaluate_checkpoint
+
+    root, out = env["root"], env["tmp"] / "odin"
+    ok("evaluate", pretrained, "--score", "odin", "--ood", "gaussian", "--num-ood", "8", "--data-root", root,
+       "--device", "cpu", "--out", out)
+    row = json.loads(Path(f"{out}.json").read_text())["rows"][0]
+    net, meta = load_feature_model(pretrained)
+    norm = Normalizer(meta.mean, meta.std)
+    sets = {"id": load_dataset("cifar10", root, "test"), "gaussian": load_dataset("gaussian", root, "test",
+                                                                                     num_images=8)}
+    images = {k: norm(to_device_uint8(ds, torch.device("cpu"))) for k, ds in sets.items()}
+    ref = {k: _odin_by_hand(net, x, meta.std) for k, x in images.items()}
+    unscaled = {k: _odin_by_hand(net, x, (1.0, 1.0, 1.0)) for k, x in images.items()}
+    expected = ood_metrics(ref["id"], ref["gaussian"]).as_percent()
+    assert row["score"] == "odin" and row["auroc"] == pytest.approx(expected["auroc"], abs=1e-9)
+    assert row["fpr95"] == pytest.approx(expected["fpr95"], abs=1e-9)
+    # the same path's raw scores equal the reference ones; a step in normalised units would not
+    report, _ = evaluate_checkpoint(pretrained, scores=["odin"], ood=["gaussian"], data_root=root, device="cpu",
+                                    num_ood=8)
+    got = {k: torch.as_tensor(v) for k, v in report.scores["odin"].items()}
+    for k in ref:
+        err = (got[k] - ref[k]).abs().max().item()
+        assert err <= 1e-7, k
+        assert (unscaled[k] - ref[k]).abs().max().item() > 100 * max(err, 1e-9), k
+
+
 def test_evaluate_config_sets_defaults(env, pretrained):
     tmp = env["tmp"]
     cfg = tmp / "eval.toml"

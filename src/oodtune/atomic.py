@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -35,3 +36,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], object], 
 def write_text_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
     """UTF-8 ``text`` to ``path`` atomically (see ``write_atomic``)."""
     return write_atomic(path, lambda fh: fh.write(text.encode("utf-8")), overwrite=overwrite)
+
+
+def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of the bytes of ``path`` (identifies a checkpoint by its content, not its name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

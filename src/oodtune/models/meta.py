@@ -55,6 +55,7 @@ class RunMeta:
     class_counts: tuple[int, ...] = ()  # training images per class
     method: str | None = None  # fine-tuning method
     pretrained: str | None = None  # checkpoint a fine-tuning started from
+    pretrained_sha256: str | None = None  # SHA-256 of that checkpoint's file (None in checkpoints written before)
     outliers: str | None = None  # auxiliary outlier dataset used in training
     loss_options: Mapping[str, Any] = field(default_factory=dict)
     prior: Mapping[str, Any] | None = None  # OutlierPrior.to_dict() of Balanced Energy

@@ -33,7 +33,7 @@ from ..models import (
     save_checkpoint,
 )
 from ..prior import count_outlier_predictions
-from ..scores import build_score
+from ..scores import Score, build_score
 from ..training.config import FINETUNE, PRETRAIN, TrainConfig
 from ..training.trainer import FINAL, Trainer
 from .source import DataSource, as_source
@@ -181,10 +181,15 @@ class ClassificationTask(Task):
                 run_dir=run_dir, meta=meta).fit()
         return Path(run_dir) / FINAL
 
+    def build_scores(self, meta: RunMeta, names: Sequence[str]) -> list[Score]:
+        """Scores by name; ODIN gets the checkpoint's normalisation ``std``, so that its step ε is taken in [0, 1]
+        pixel units as in the ODIN / energy_ood code (the network sees normalised inputs)."""
+        return [build_score(n, std=meta.std) if n.strip().lower() == "odin" else build_score(n) for n in names]
+
     def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
                  positive: Positive | None) -> EvalReport:
-        built = [build_score(s) for s in scores]
+        built = self.build_scores(meta, scores)
         id_test = source.load(meta.dataset, "test", meta.resolution)
         id_train = self.train_set(meta, source) if any(s.needs_fit for s in built) else None
         ood_sets = {name: source.load(name, "test", meta.resolution, num_ood) for name in ood}
