@@ -145,6 +145,18 @@ def test_odin_steps_in_pixel_units_through_the_cli(env, pretrained):
         assert (unscaled[k] - ref[k]).abs().max().item() > 100 * max(err, 1e-9), k
 
 
+def test_evaluate_plots(env, pretrained):
+    prefix = env["tmp"] / "plots" / "pre"
+    args = ["evaluate", pretrained, "--score", "energy", "--score", "msp", "--ood", "gaussian", "--ood", "tin-near",
+            "--num-ood", "8", "--data-root", env["root"], "--device", "cpu", "--plot", prefix, "--roc-log-fpr"]
+    ok(*args)
+    names = sorted(p.name for p in prefix.parent.iterdir())
+    assert names == ["pre-energy-hist.png", "pre-energy-roc.png", "pre-msp-hist.png", "pre-msp-roc.png"]
+    assert all((prefix.parent / n).read_bytes()[:4] == b"\x89PNG" for n in names)
+    fails(*args, match="--overwrite", code=1)  # nothing replaced silently
+    ok(*args, "--overwrite")
+
+
 def test_evaluate_config_sets_defaults(env, pretrained):
     tmp = env["tmp"]
     cfg = tmp / "eval.toml"

@@ -354,16 +354,29 @@ def finetune(**kw: Any) -> None:
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write OUT.json and OUT.md with the table (a .json or .md suffix on OUT is dropped).")
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT files.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="PREFIX",
+              help="Also draw PREFIX-SCORE-hist.png (score histograms, ID vs each OOD set) and PREFIX-SCORE-roc.png "
+                   "(ROC per OOD set), AUROC in the legends.")
+@click.option("--roc-log-fpr", is_flag=True, help="With --plot: FPR on a log axis.")
 def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num_ood: int | None,
-             positive: str | None, out: str | None, overwrite: bool, data_root: str | None, device: str) -> None:
+             positive: str | None, out: str | None, overwrite: bool, plot: str | None, roc_log_fpr: bool,
+             data_root: str | None, device: str) -> None:
     """Accuracy + AUROC / AUPR-In / AUPR-Out / FPR95 for each score on each OOD set."""
     from .pipeline import evaluate_checkpoint
-    from .report import evaluation_paths, evaluation_table, id_metrics_text, write_evaluation
+    from .plots import short_name
+    from .report import (
+        evaluation_paths,
+        evaluation_plot_paths,
+        evaluation_table,
+        id_metrics_text,
+        write_evaluation,
+        write_evaluation_plots,
+    )
 
-    if out:
-        existing = [str(p) for p in evaluation_paths(out) if p.exists() and not overwrite]
-        if existing:  # refuse before spending the evaluation
-            raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out.")
+    planned = [*(evaluation_paths(out) if out else []), *(evaluation_plot_paths(plot, scores) if plot else [])]
+    existing = [str(p) for p in planned if p.exists() and not overwrite]
+    if existing:  # refuse before spending the evaluation
+        raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out/--plot.")
     report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
                                        num_ood=num_ood, positive=positive)  # type: ignore[arg-type]
     click.echo(id_metrics_text(report, meta))
@@ -372,6 +385,9 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
         js, md = write_evaluation(out, report, meta, checkpoint=checkpoint, command=_command_line(),
                                   overwrite=overwrite)
         console.print(f"wrote {js} and {md}")
+    if plot:
+        paths = write_evaluation_plots(plot, report, title=short_name(str(checkpoint)), log_fpr=roc_log_fpr)
+        console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
 @main.command()

@@ -1,5 +1,5 @@
 """Results as Markdown tables and JSON files (written atomically, never silently overwritten): the generic
-table/JSON writers, and the files of one evaluation (``oodtune evaluate --out``)."""
+table/JSON writers, and the files of one evaluation (``oodtune evaluate --out`` / ``--plot``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Any
 
 from .atomic import write_text_atomic
 from .evaluation import METRIC_KEYS, EvalReport
+from .metrics import roc_curve
 from .models import RunMeta
+from .plots import plot_roc_curves, plot_score_histograms
 
 METRIC_LABELS = {"auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑", "fpr95": "FPR95↓"}
 
@@ -78,3 +80,22 @@ def write_evaluation(out: str | os.PathLike, report: EvalReport, meta: RunMeta, 
             + evaluation_table(report))
     write_text_atomic(md, text, overwrite=overwrite)
     return js, md
+
+
+def evaluation_plot_paths(prefix: str | os.PathLike, scores: Sequence[str]) -> list[Path]:
+    """PREFIX-SCORE-hist.png and PREFIX-SCORE-roc.png for each score."""
+    base = Path(prefix)
+    return [base.with_name(f"{base.name}-{s}-{kind}.png") for s in scores for kind in ("hist", "roc")]
+
+
+def write_evaluation_plots(prefix: str | os.PathLike, report: EvalReport, *, title: str = "",
+                           log_fpr: bool = False) -> list[Path]:
+    """For each score of ``report``: histograms of the score on ID vs each OOD set and ROC curves per OOD set
+    (AUROC in the legends; ``log_fpr``: log FPR axis). Returns the paths (:func:`evaluation_plot_paths`)."""
+    paths = evaluation_plot_paths(prefix, list(report.scores))
+    for i, (score, by_set) in enumerate(report.scores.items()):
+        ood = {name: values for name, values in by_set.items() if name != "id"}
+        plot_score_histograms(paths[2 * i], by_set["id"], ood, score=score, title=title)
+        curves = {(score, name): roc_curve(by_set["id"], values) for name, values in ood.items()}
+        plot_roc_curves(paths[2 * i + 1], curves, title=f"ROC per OOD set: {score} {title}".strip(), log_fpr=log_fpr)
+    return paths
