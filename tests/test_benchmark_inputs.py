@@ -179,7 +179,8 @@ def test_roc_plot_uses_the_rows_score(env, finished, monkeypatch):
     monkeypatch.setattr(grid, "plot_roc_curves", lambda path, curves, **kw: drawn.setdefault(Path(path).name, curves))
     bench = grid.Benchmark(config(env, finished))
     bench.run("test")
-    ckpts = {"pretrained": bench.pretrained_path(), "OE": bench.run_dir(bench.cfg.methods[1], 0) / "model.pt"}
+    ckpts = {"pretrained": bench.trained(bench.pretrained_path()),
+             "OE": bench.trained(bench.run_dir(bench.cfg.methods[1], 0) / "model.pt")}
     for (model, name), (fpr, tpr) in drawn["roc-oe.png"].items():
         ev = bench.evaluate(ckpts[model], ["msp"], compute=False)
         assert ev is not None
@@ -187,6 +188,21 @@ def test_roc_plot_uses_the_rows_score(env, finished, monkeypatch):
         np.testing.assert_array_equal(fpr, ref_fpr)
         np.testing.assert_array_equal(tpr, ref_tpr)
     assert {k[1] for k in drawn["roc-oe.png"]} == {"tin-near", "gaussian"}
+
+
+def test_deleted_weights_keep_their_results_and_are_not_retrained(env, finished, calls):
+    """Fine-tuned weights may be deleted to save space (the GPU scripts ship none back): the run's run.json (hash
+    and metadata) keeps it in the table; what it cannot compute any more is listed, never retrained."""
+    out = copy_of(finished, env["tmp"], "no-weights")
+    for final in (out / "runs").glob("*/model.pt"):
+        final.unlink()
+    run_benchmark(config(env, out), command="test")
+    assert calls == [] and results(out)["summary"] == results(finished)["summary"]
+    run_benchmark(config(env, out, far='["gaussian", "uniform"]'), command="test")
+    assert [c[0] for c in calls] == ["pretrain"]  # only the pretrained model still has weights to evaluate
+    assert results(out)["missing"] == ["OE seed 0 (trained, not evaluated)", "EnergyOE seed 0 (trained, not evaluated)"]
+    with pytest.raises(ConfigError, match="lr: 0.001 -> 0.002"):  # still checked against the config
+        run_benchmark(config(env, out, lr=0.002), command="test")
 
 
 def test_cache_keys_follow_the_inputs():

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # GPU sessions 2+: a benchmark grid on the lent H100, resumable across device calls.
 #   BUDGET=560 bash scripts/gpu/session2_benchmark.sh [CONFIG [oodtune-benchmark options, e.g. --only SLUG]]
-# CONFIG defaults to configs/cifar10-offline.toml, whose pretrained WRN-40-2 (session 1) and estimated prior
-# are reused from .devdata/pretrain/model.pt and results/cifar10-offline/prior.json; other configs pretrain
-# their own model. Runs go to /tmp/runs/NAME and stay there while the machine is warm; every call also ships
+# CONFIG defaults to configs/cifar10-offline.toml, whose pretrained WRN-40-2 (session 1) is reused from
+# .devdata/pretrain/model.pt; other configs pretrain their own model. Runs go to /tmp/runs/NAME and stay there while the machine is warm; every call also ships
 # them back (evaluation JSON, pretrained and last.pt checkpoints; no fine-tuned weights) as bench.tgz.part*,
 # which a call on a fresh machine unpacks from .devdata/bench/. Several invocations in one call share BUDGET.
 source scripts/gpu/common.sh
@@ -17,7 +16,6 @@ fi
 mkdir -p "$RUN/pretrain"
 if [ "$NAME" = cifar10-offline ]; then
   cp -n "$DATA/pretrain/model.pt" "$RUN/pretrain/model.pt"
-  cp -n results/cifar10-offline/prior.json "$RUN/prior.json"
 fi
 echo "$NAME: $(left)s left"
 timeout --signal=INT "$(left)" python -m oodtune.cli benchmark "$CONFIG" --data-root "$DATA" --out "$RUN" "$@" 2>&1 \

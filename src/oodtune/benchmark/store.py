@@ -79,14 +79,14 @@ Compute = Callable[[list[str], list[str]], EvalReport]
 
 
 class EvalStore:
-    """The cache under ``root`` (module docstring)."""
+    """The cache under ``root`` (module docstring); checkpoints are named by the SHA-256 of their file."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._sha: dict[tuple[str, int, int], str] = {}
 
     def sha256(self, checkpoint: str | Path) -> str:
-        """SHA-256 of the checkpoint file (memoised per path, size and modification time)."""
+        """SHA-256 of a checkpoint file (memoised per path, size and modification time)."""
         path = Path(checkpoint).resolve()
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
@@ -94,14 +94,13 @@ class EvalStore:
             self._sha[key] = file_sha256(path)
         return self._sha[key]
 
-    def folder(self, checkpoint: str | Path) -> Path:
-        return self.root / self.sha256(checkpoint)[:16]
+    def folder(self, sha256: str) -> Path:
+        return self.root / sha256[:16]
 
-    def derived(self, checkpoint: str | Path, name: str, compute: Callable[[], dict[str, Any]] | None
-                ) -> dict[str, Any] | None:
-        """A JSON value derived from the checkpoint alone (``name`` must encode every other input, e.g.
+    def derived(self, sha256: str, name: str, compute: Callable[[], dict[str, Any]] | None) -> dict[str, Any] | None:
+        """A JSON value derived from the checkpoint ``sha256`` alone (``name`` must encode every other input, e.g.
         ``"margins-tin-aux"``); computed once. ``compute=None``: only look it up (None when absent)."""
-        path = self.folder(checkpoint) / f"{name}.json"
+        path = self.folder(sha256) / f"{name}.json"
         if path.exists():
             return dict(json.loads(path.read_text()))
         if compute is None:
@@ -110,16 +109,16 @@ class EvalStore:
         write_json(path, value)
         return value
 
-    def evaluation(self, checkpoint: str | Path, scores: Sequence[Score], ood: Sequence[str], num_ood: int | None,
+    def evaluation(self, sha256: str, scores: Sequence[Score], ood: Sequence[str], num_ood: int | None,
                    compute: Compute | None) -> StoredEvaluation | None:
-        """The ID metrics and raw scores of ``checkpoint`` for every score x (ID test split + ``ood``).
+        """The ID metrics and raw scores of checkpoint ``sha256`` for every score x (ID test split + ``ood``).
 
         What is not cached yet is computed with ``compute(score names, OOD set names)`` — only the scores and
         sets that miss something — and stored; with ``compute=None`` a missing piece gives None."""
         names = [s.name for s in scores]
         if len(set(names)) != len(names):
             raise ConfigError(f"each score may appear once per evaluation, got {names}")
-        folder = self.folder(checkpoint)
+        folder = self.folder(sha256)
         paths = {s.name: {d: folder / score_key(s) / f"{dataset_key(d, num_ood) if d != ID else ID}.npy"
                           for d in [*ood, ID]} for s in scores}
         info_path = folder / "checkpoint.json"
@@ -138,7 +137,7 @@ class EvalStore:
                     if not paths[name][d].exists():
                         _write_array(paths[name][d], report.scores[name][d])
             if not info_path.exists():
-                write_json(info_path, {"sha256": self.sha256(checkpoint), "id_metrics": report.id_metrics})
+                write_json(info_path, {"sha256": sha256, "id_metrics": report.id_metrics})
         info = json.loads(info_path.read_text())
         return StoredEvaluation(
             sha256=info["sha256"], id_metrics=dict(info["id_metrics"]),

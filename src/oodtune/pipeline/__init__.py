@@ -28,7 +28,6 @@ from ..metrics.ood import Positive
 from ..models import FeatureModel, RunMeta, load_feature_model, load_model, read_meta
 from ..plots import plot_class_prior
 from ..prior import OutlierPrior
-from ..scores import Score
 from ..training.config import TrainConfig
 from .classification import (
     fresh_model,
@@ -43,7 +42,7 @@ from .source import DataSource, as_source
 from .task import Task, register_task, task_of
 
 __all__ = [
-    "DataSource", "MarginProposal", "Task", "as_source", "build_scores", "estimate_prior", "evaluate_checkpoint",
+    "DataSource", "MarginProposal", "Task", "as_source", "estimate_prior", "evaluate_checkpoint",
     "finetune", "finetune_config", "fresh_model", "id_test_accuracy", "id_train_set", "import_model", "normalizer_for",
     "pretrain", "pretrain_setup", "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
 ]
@@ -137,13 +136,6 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
                         prior=None if prior is None else prior.to_dict(), history=(), train_config=None)
     net = FeatureModel(model.train(), meta.head)
     return task.train(net, meta, loss, config, outliers=used_outliers, source=as_source(data_root), run_dir=Path(out))
-
-
-def build_scores(checkpoint: str | Path, names: Sequence[str]) -> list[Score]:
-    """The named scores as :func:`evaluate_checkpoint` builds them for ``checkpoint`` (its task's settings, e.g.
-    ODIN's step divided by the checkpoint's normalisation std)."""
-    meta = read_meta(checkpoint)
-    return task_of(meta).build_scores(meta, names)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: Sequence[str], data_root: Root = None,
