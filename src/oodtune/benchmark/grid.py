@@ -237,17 +237,20 @@ class Benchmark:
     # -- outputs beside the tables -------------------------------------------------------------------
     def _write_prior_outputs(self, pre: Trained, *, compute: bool) -> None:
         """OUT/prior.json, OUT/margins.json and OUT/prior.png (P and the P_γ the balanced rows use), when the
-        config uses them."""
-        gammas = sorted({1.0 if s.gamma is None else s.gamma for s in self.cfg.methods if s.balanced})
-        prior = self.prior(pre, gammas[0], compute=compute) if gammas else None
+        config uses them; computed only for a selected row that needs them, else only looked up."""
+        balanced = [s for s in self.cfg.methods if s.balanced]
+        auto = [s for s in self.cfg.methods if "auto" in (s.loss_options.get("m_in"), s.loss_options.get("m_out"))]
+        gammas = sorted({1.0 if s.gamma is None else s.gamma for s in balanced})
+        compute_prior = compute and any(self.cfg.selected(s) for s in balanced)
+        prior = self.prior(pre, gammas[0], compute=compute_prior) if gammas else None
         if prior is not None:
             prior.save(self.out / "prior.json", overwrite=True)
             plot_class_prior(self.out / "prior.png", list(pre.meta.class_counts) or [0] * prior.num_classes,
                              prior.probabilities().tolist(), prior.class_names,
                              gamma_priors={g: OutlierPrior(prior.counts, g).gamma_prior().tolist()
                                            for g in gammas if g != 1.0})
-        if any("auto" in (s.loss_options.get("m_in"), s.loss_options.get("m_out")) for s in self.cfg.methods):
-            margins = self.margins(pre, compute=compute)
+        if auto:
+            margins = self.margins(pre, compute=compute and any(self.cfg.selected(s) for s in auto))
             if margins is not None:
                 write_json(self.out / "margins.json", margins, overwrite=True)
 
