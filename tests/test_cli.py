@@ -83,6 +83,7 @@ def test_prior_finetune_evaluate(env, pretrained):
                      ("msp", "average"), ("energy", "average")]
     md = Path(f"{out}.md").read_text()
     assert "AUROC" in md and "| energy | gaussian |" in md
+    assert "FPR95↓ OOD+" in md and "OOD is the positive class" in md and data["fpr95_positive"] == "out"
 
     # refuses to overwrite, before evaluating anything; --overwrite replaces
     Path(f"{out}.json").write_text("{}")
@@ -92,8 +93,9 @@ def test_prior_finetune_evaluate(env, pretrained):
     assert json.loads(Path(f"{out}.json").read_text())["rows"]
     # --out with a .json suffix names the same pair of files
     fails(*args[:-1], f"{out}.json", match="--overwrite", code=1)
-    ok(*args[:-1], tmp / "results" / "bal2.json")
+    ok(*args[:-1], tmp / "results" / "bal2.json", "--positive", "in")
     assert (tmp / "results" / "bal2.json").exists() and (tmp / "results" / "bal2.md").exists()
+    assert "FPR95↓ ID+" in (tmp / "results" / "bal2.md").read_text()
     assert not (tmp / "results" / "bal2.json.json").exists()
 
 

@@ -18,7 +18,7 @@ from .data.imageset import ImageSet
 from .data.tensors import Normalizer, to_device_uint8
 from .errors import DataError, DivergenceError
 from .metrics import accuracy, ood_metrics
-from .metrics.ood import Positive
+from .metrics.ood import DEFAULT_POSITIVE, Positive
 from .models import FeatureModel
 from .progress import format_rate, progress_bar
 from .runtime import autocast, resolve_device
@@ -95,6 +95,7 @@ class EvalReport:
     rows: list[dict[str, float | str]] = field(default_factory=list)
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # score -> dataset -> raw scores
     seconds: float = 0.0  # wall time of the evaluation
+    positive: str = DEFAULT_POSITIVE  # the positive class of the rows' FPR95 ("out": OOD, "in": ID)
 
     def averages(self, groups: Mapping[str, str] | None = None) -> list[dict[str, float | str]]:
         """Mean of each metric per score over all OOD sets, and per group (e.g. near/far) when given."""
@@ -147,7 +148,8 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
             if s.needs_fit:
                 s.fit(tr.logits, tr.features, labels)
     ood_out = {name: outputs(ds) for name, ds in ood_sets.items()}
-    report = EvalReport(id_metrics={"accuracy": 100 * acc}, id_logits=id_out.logits.cpu())
+    report = EvalReport(id_metrics={"accuracy": 100 * acc}, id_logits=id_out.logits.cpu(),
+                        positive=positive or DEFAULT_POSITIVE)
     for s in scores:
         id_scores = score_dataset(s, net, id_test, id_out, normalizer)
         report.scores[s.name] = {"id": id_scores}

@@ -58,8 +58,10 @@ def evaluation_rows(report: EvalReport) -> list[dict[str, Any]]:
 
 
 def evaluation_table(report: EvalReport) -> str:
-    """The Markdown table of :func:`evaluation_rows`."""
-    return markdown_table(evaluation_rows(report), ["score", "dataset", *METRIC_KEYS])
+    """The Markdown table of :func:`evaluation_rows`; the FPR95 header names its positive class."""
+    fpr = f"FPR95↓ {'OOD' if report.positive == 'out' else 'ID'}+"
+    return markdown_table(evaluation_rows(report), ["score", "dataset", *METRIC_KEYS],
+                          ["score", "dataset", *[METRIC_LABELS[k] for k in METRIC_KEYS[:-1]], fpr])
 
 
 def id_metrics_text(report: EvalReport, meta: RunMeta) -> str:
@@ -74,10 +76,13 @@ def write_evaluation(out: str | os.PathLike, report: EvalReport, meta: RunMeta, 
     :func:`evaluation_paths`."""
     js, md = evaluation_paths(out)
     data = {"command": command, "checkpoint": str(checkpoint), "id_dataset": meta.dataset, **report.id_metrics,
-            "rows": evaluation_rows(report)}
+            "fpr95_positive": report.positive, "rows": evaluation_rows(report)}
     write_json(js, data, overwrite=overwrite)
+    conv = ("OOD is the positive class: % of ID images flagged as OOD when 95% of the OOD images are flagged"
+            if report.positive == "out" else
+            "ID is the positive class: % of OOD images accepted as ID when 95% of the ID images are accepted")
     text = (f"# {Path(checkpoint).parent.name}\n\nCommand: `{command}`\n\n{id_metrics_text(report, meta)}\n\n"
-            + evaluation_table(report))
+            f"FPR95: {conv}.\n\n" + evaluation_table(report))
     write_text_atomic(md, text, overwrite=overwrite)
     return js, md
 
