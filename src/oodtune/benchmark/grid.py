@@ -171,13 +171,14 @@ class Benchmark:
         return self.store.evaluation(ckpt.sha256, built, self.cfg.ood_near + self.cfg.ood_far, self.cfg.num_ood,
                                      run if compute and ckpt.path.exists() else None)
 
-    def record(self, ev: StoredEvaluation, score: str, *, seed: int | None, train_seconds: float | None
-               ) -> dict[str, Any]:
-        """One run's row for the tables: ID metrics, fine-tuning time and detection metrics per OOD set."""
+    def record(self, ev: StoredEvaluation, score: str, *, seed: int | None, run: Trained | None) -> dict[str, Any]:
+        """One run's row for the tables: ID metrics, fine-tuning time and per-epoch history (None for post-hoc
+        rows) and detection metrics per OOD set."""
         s = ev.scores[score]
         rows = [{"dataset": d, **detection_metrics(s[ID], s[d])} for d in self.cfg.ood_near + self.cfg.ood_far]
         return {"seed": seed, "checkpoint_sha256": ev.sha256, "score": score, **ev.id_metrics,
-                "train_seconds": train_seconds, "rows": rows}
+                "train_seconds": None if run is None else run.meta.seconds_trained,
+                "history": None if run is None else [dict(h) for h in run.meta.history], "rows": rows}
 
     # -- the grid -----------------------------------------------------------------------------------
     def run(self, command: str, *, report_only: bool = False) -> list[Path]:
@@ -204,7 +205,7 @@ class Benchmark:
                 if ev is None:
                     missing.append(f"{spec.label} (post-hoc, pretrained model)")
                 else:
-                    results[spec.label] = [self.record(ev, spec.method, seed=None, train_seconds=None)]
+                    results[spec.label] = [self.record(ev, spec.method, seed=None, run=None)]
                 continue
             runs, first = [], None
             for seed in cfg.seeds:
@@ -213,7 +214,7 @@ class Benchmark:
                 if run is None or ev is None:
                     missing.append(f"{spec.label} seed {seed}" + ("" if run is None else " (trained, not evaluated)"))
                     continue
-                runs.append(self.record(ev, spec.score, seed=seed, train_seconds=run.meta.seconds_trained))
+                runs.append(self.record(ev, spec.score, seed=seed, run=run))
                 first = first or (seed, ev)
             if runs:
                 results[spec.label] = runs

@@ -3,9 +3,10 @@ every seed on its own).
 
 A *record* is one evaluated checkpoint (:meth:`.grid.Benchmark.record`): ``seed`` (None for post-hoc rows),
 ``checkpoint_sha256``, the ID-task metrics at the top level (``accuracy``, long-tailed ``acc_*``),
-``train_seconds`` (None for post-hoc rows, shown as "–") and ``rows`` with one metrics dict per OOD set, FPR95
-under both conventions (:data:`oodtune.metrics.DETECTION_KEYS`). "mean ± std" uses the sample std (ddof=1), as is
-usual for "over N runs"; a single run is shown as its plain value.
+``train_seconds`` (None for post-hoc rows, shown as "–"), ``history`` (per-epoch training losses) and ``rows``
+with one metrics dict per OOD set, FPR95 under both conventions (:data:`oodtune.metrics.DETECTION_KEYS`).
+"mean ± std" uses the sample std (ddof=1), as is usual for "over N runs"; a single run is shown as its plain
+value.
 """
 
 from __future__ import annotations
@@ -80,15 +81,15 @@ def summarize(results: dict[str, list[dict[str, Any]]], groups: dict[str, str]
 
 
 def per_seed(results: dict[str, list[dict[str, Any]]], groups: dict[str, str]) -> list[dict[str, Any]]:
-    """One row per evaluated checkpoint: method, seed, checkpoint hash, ID metrics, time, group averages and the
-    metrics on every OOD set (``rows``)."""
+    """One row per evaluated checkpoint: method, seed, checkpoint hash, ID metrics, time, group averages, the
+    metrics on every OOD set (``rows``) and the training history (per-epoch losses; None for post-hoc rows)."""
     out = []
     for label, runs in results.items():
         for r in runs:
             ids = {k: r[k] for k in (*ID_METRICS, *LT_KEYS) if k in r}
             out.append({"method": label, "seed": r["seed"], "checkpoint_sha256": r["checkpoint_sha256"][:16],
                         "score": r["score"], **ids, "train_seconds": r["train_seconds"], **_averages(r, groups),
-                        "rows": r["rows"]})
+                        "rows": r["rows"], "history": r.get("history")})
     return out
 
 
