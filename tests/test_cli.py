@@ -83,6 +83,7 @@ def test_prior_finetune_evaluate(env, pretrained):
                      ("msp", "average"), ("energy", "average")]
     md = Path(f"{out}.md").read_text()
     assert "AUROC" in md and "| energy | gaussian |" in md
+    assert "FPR95↓ OOD+" in md and "positive class OOD" in md and data["metric_convention"]["positive_class"] == "OOD"
 
     # refuses to overwrite, before evaluating anything; --overwrite replaces
     Path(f"{out}.json").write_text("{}")
@@ -92,9 +93,70 @@ def test_prior_finetune_evaluate(env, pretrained):
     assert json.loads(Path(f"{out}.json").read_text())["rows"]
     # --out with a .json suffix names the same pair of files
     fails(*args[:-1], f"{out}.json", match="--overwrite", code=1)
-    ok(*args[:-1], tmp / "results" / "bal2.json")
+    ok(*args[:-1], tmp / "results" / "bal2.json", "--positive", "in")
     assert (tmp / "results" / "bal2.json").exists() and (tmp / "results" / "bal2.md").exists()
+    assert "FPR95↓ ID+" in (tmp / "results" / "bal2.md").read_text()
     assert not (tmp / "results" / "bal2.json.json").exists()
+
+
+def _odin_by_hand(net: Any, x: torch.Tensor, std: tuple[float, ...], temperature: float = 1000.0,
+                  epsilon: float = 0.0014) -> torch.Tensor:
+    """ODIN as the ODIN / energy_ood reference code computes it: cross-entropy of the tempered logits against
+    the predicted class, gradient sign (>= 0 -> +1) divided by the per-channel std, a step of epsilon against it,
+    max tempered softmax of the perturbed input. ``std=(1, 1, 1)`` is the step in normalised units."""
+    x = x.clone().requires_grad_(True)
+    logits, _ = net(x)
+    loss = torch.nn.functional.cross_entropy(logits / temperature, logits.argmax(1), reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    step = (grad >= 0).float() * 2 - 1
+    step = step / torch.tensor(std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        out, _ = net(x.detach() - epsilon * step)
+        return (out / temperature).softmax(1).amax(1)
+
+
+def test_odin_steps_in_pixel_units_through_the_cli(env, pretrained):
+    """`oodtune evaluate --score odin` perturbs by epsilon / std (pixel units), as the reference code does."""
+    from oodtune.data import load_dataset
+    from oodtune.data.tensors import Normalizer, to_device_uint8
+    from oodtune.metrics import ood_metrics
+    from oodtune.models import load_feature_model
+    from oodtune.pipeline import evaluate_checkpoint
+
+    root, out = env["root"], env["tmp"] / "odin"
+    ok("evaluate", pretrained, "--score", "odin", "--ood", "gaussian", "--num-ood", "8", "--data-root", root,
+       "--device", "cpu", "--out", out)
+    row = json.loads(Path(f"{out}.json").read_text())["rows"][0]
+    net, meta = load_feature_model(pretrained)
+    norm = Normalizer(meta.mean, meta.std)
+    sets = {"id": load_dataset("cifar10", root, "test"), "gaussian": load_dataset("gaussian", root, "test",
+                                                                                     num_images=8)}
+    images = {k: norm(to_device_uint8(ds, torch.device("cpu"))) for k, ds in sets.items()}
+    ref = {k: _odin_by_hand(net, x, meta.std) for k, x in images.items()}
+    unscaled = {k: _odin_by_hand(net, x, (1.0, 1.0, 1.0)) for k, x in images.items()}
+    expected = ood_metrics(ref["id"], ref["gaussian"]).as_percent()
+    assert row["score"] == "odin" and row["auroc"] == pytest.approx(expected["auroc"], abs=1e-9)
+    assert row["fpr95"] == pytest.approx(expected["fpr95"], abs=1e-9)
+    # the same path's raw scores equal the reference ones; a step in normalised units would not
+    report, _ = evaluate_checkpoint(pretrained, scores=["odin"], ood=["gaussian"], data_root=root, device="cpu",
+                                    num_ood=8)
+    got = {k: torch.as_tensor(v) for k, v in report.scores["odin"].items()}
+    for k in ref:
+        err = (got[k] - ref[k]).abs().max().item()
+        assert err <= 1e-7, k
+        assert (unscaled[k] - ref[k]).abs().max().item() > 100 * max(err, 1e-9), k
+
+
+def test_evaluate_plots(env, pretrained):
+    prefix = env["tmp"] / "plots" / "pre"
+    args = ["evaluate", pretrained, "--score", "energy", "--score", "msp", "--ood", "gaussian", "--ood", "tin-near",
+            "--num-ood", "8", "--data-root", env["root"], "--device", "cpu", "--plot", prefix, "--roc-log-fpr"]
+    ok(*args)
+    names = sorted(p.name for p in prefix.parent.iterdir())
+    assert names == ["pre-energy-hist.png", "pre-energy-roc.png", "pre-msp-hist.png", "pre-msp-roc.png"]
+    assert all((prefix.parent / n).read_bytes()[:4] == b"\x89PNG" for n in names)
+    fails(*args, match="--overwrite", code=1)  # nothing replaced silently
+    ok(*args, "--overwrite")
 
 
 def test_evaluate_config_sets_defaults(env, pretrained):

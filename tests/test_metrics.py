@@ -16,6 +16,7 @@ from oodtune.metrics import (
     accuracy,
     aupr,
     auroc,
+    detection_metrics,
     fpr_at_tpr,
     min_calibration_size,
     ood_metrics,
@@ -265,9 +266,71 @@ def test_bad_scores_raise(id_s, ood_s, match):
 
 
 def test_bad_options_raise():
+    with pytest.raises(ValueError, match="rule must be 'first'"):
+        fpr_at_tpr([1.0], [0.0], rule="closest")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="positive must be 'in'"):
         ood_metrics([1.0], [0.0], positive="ood")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"tpr must be in \[0, 1\]"):
         ood_metrics([1.0], [0.0], tpr=95)
     with pytest.raises(ValueError, match="positive"):
         auroc([1.0], [0.0], positive="x")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- the OE code's nearest-recall rule
+
+
+def brute_force_nearest(id_scores, ood_scores, positive, tpr):
+    """The nearest-TPR rule by enumeration: for every distinct threshold t (positives = samples at least as
+    positive-looking as t), from the highest TPR down, keep the first point with the smallest |TPR - tpr|;
+    points past the first one with TPR = 1 do not count."""
+    y, s = _labelled(id_scores, ood_scores, positive)
+    points = []
+    for t in sorted(set(s.tolist())):  # ascending threshold = descending TPR
+        flagged = s >= t
+        points.append((flagged[y == 1].mean(), flagged[y == 0].mean()))
+    first_full = max(i for i, (t_, _) in enumerate(points) if t_ == 1.0)
+    points = points[first_full:]
+    best = min(abs(t_ - tpr) for t_, _ in points)
+    return next(f for t_, f in points if abs(t_ - tpr) == best)
+
+
+@settings(max_examples=200, deadline=None)
+@given(score_lists, score_lists, st.sampled_from(["in", "out"]), st.sampled_from([0.0, 0.3, 0.5, 0.95, 1.0]))
+def test_nearest_rule_matches_enumeration(id_s, ood_s, positive, tpr):
+    got = fpr_at_tpr(id_s, ood_s, positive, tpr, rule="nearest")
+    assert got == pytest.approx(brute_force_nearest(id_s, ood_s, positive, tpr), abs=1e-12)
+
+
+def test_nearest_rule_by_hand():
+    # OOD positive, anomaly order (most OOD-looking first): 0.1 O, 0.2 I, 0.3 O, 0.5 I, 0.6 I, 0.8 O, 0.9 I
+    id_s, ood_s = [0.2, 0.5, 0.6, 0.9], [0.1, 0.3, 0.8]
+    # TPR 2/3 is reached after 0.3 (1 ID flagged) and stays 2/3 through 0.5 and 0.6 (3 ID flagged)
+    assert fpr_at_tpr(id_s, ood_s, "out", tpr=0.7, rule="first") == pytest.approx(3 / 4)  # needs TPR 1 at 0.8
+    assert fpr_at_tpr(id_s, ood_s, "out", tpr=0.7, rule="nearest") == pytest.approx(3 / 4)  # 2/3 is closest, last
+    assert fpr_at_tpr(id_s, ood_s, "out", tpr=0.6, rule="first") == pytest.approx(1 / 4)
+    assert fpr_at_tpr(id_s, ood_s, "out", tpr=0.6, rule="nearest") == pytest.approx(3 / 4)
+
+
+@pytest.mark.parametrize("positive", ["in", "out"])
+@pytest.mark.parametrize("seed", range(5))
+def test_nearest_minus_first_is_the_negatives_between_two_positives(seed, positive):
+    """With 0.95 x #positives = k an integer and continuous scores, "nearest" runs from the k-th positive to just
+    before the (k+1)-th: the FPRs differ by the negatives ranked between them."""
+    rng = np.random.default_rng(seed)
+    id_s, ood_s = rng.normal(1, 1, 2000), rng.normal(0, 1, 2000)
+    y, s = _labelled(id_s, ood_s, positive)
+    pos_sorted = np.sort(s[y == 1])[::-1]
+    k = int(round(0.95 * pos_sorted.size))
+    negatives = s[y == 0]
+    between = int(np.sum((negatives < pos_sorted[k - 1]) & (negatives > pos_sorted[k])))
+    diff = fpr_at_tpr(id_s, ood_s, positive, rule="nearest") - fpr_at_tpr(id_s, ood_s, positive)
+    assert diff * negatives.size == pytest.approx(between, abs=1e-9)
+
+
+def test_detection_metrics_reports_both_conventions_in_percent():
+    rng = np.random.default_rng(3)
+    id_s, ood_s = rng.normal(1, 1, 700), rng.normal(0, 2, 900)
+    both = detection_metrics(id_s, ood_s)
+    out, inn = ood_metrics(id_s, ood_s, positive="out"), ood_metrics(id_s, ood_s, positive="in")
+    assert both == pytest.approx({**out.as_percent(), "fpr95_in": 100 * inn.fpr95})
+    assert both["fpr95"] != pytest.approx(both["fpr95_in"])  # the conventions really differ here

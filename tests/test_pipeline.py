@@ -308,17 +308,24 @@ def test_benchmark_writes_tables(bench):
         assert row["runs"] == 2
         for key in ("accuracy", "auroc_all", "auroc_near", "auroc_far", "fpr95_near", "fpr95_far"):
             assert isinstance(row[key], list) and len(row[key]) == 2, (label, key)
+        for key in ("fpr95_all", "fpr95_in_all", "fpr95_in_near", "fpr95_in_far"):
+            assert isinstance(row[key], list) and len(row[key]) == 2, (label, key)
+    assert rows["MSP"]["train_seconds"] is None and "| MSP | 1 |" in md and md.count(" – |") >= 2
     assert "±" in md and "Average over near OOD sets" in md and "Average over far OOD sets" in md
+    assert "FPR95↓ OOD+ | FPR95↓ ID+" in md and "## Per seed" in md and "ID is the positive class" in md
     assert "Not run yet" not in md and "missing" not in res
-    for p in ("margins.json", "prior.json", "pretrain/model.pt", "evals/pretrained-msp.json",
-              "runs/energyoe-tune-s0/model.pt", "runs/energyoe-tune-s1/eval.json",
+    assert [(r["method"], r["seed"]) for r in res["per_seed"]] == [
+        ("MSP", None), ("EnergyOE (tune)", 0), ("EnergyOE (tune)", 1), ("Balanced EnergyOE", 0),
+        ("Balanced EnergyOE", 1)]
+    for p in ("margins.json", "prior.json", "prior.png", "pretrain/model.pt", "runs/energyoe-tune-s0/model.pt",
               "runs/balanced-energyoe-s1/model.pt", "energy-energyoe-tune.png", "roc-balanced-energyoe.png"):
         assert (out / p).exists(), p
+    assert len(list((out / "evals").glob("*/checkpoint.json"))) == 5  # pretrained + 2 rows x 2 seeds
 
 
 def test_benchmark_aggregates_seed_runs(bench):
-    out, res = bench["out"], bench["results"]
-    runs = [json.loads((out / "runs" / f"energyoe-tune-s{s}" / "eval.json").read_text()) for s in (0, 1)]
+    res = bench["results"]
+    runs = [r for r in res["per_seed"] if r["method"] == "EnergyOE (tune)"]
     row = next(r for r in res["summary"] if r["method"] == "EnergyOE (tune)")
     by = [{x["dataset"]: x["auroc"] for x in r["rows"]} for r in runs]
     near = [b["tin-near"] for b in by]

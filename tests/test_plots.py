@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oodtune.metrics import roc_curve
-from oodtune.plots import plot_class_prior, plot_energy_histograms, plot_roc_curves
+import oodtune.plots as plots
+from oodtune.metrics import auroc, roc_curve
+from oodtune.plots import (
+    PALETTE,
+    plot_class_prior,
+    plot_energy_histograms,
+    plot_roc_curves,
+    plot_score_histograms,
+    short_name,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -67,3 +75,60 @@ def test_bad_inputs_raise_and_close(tmp_path, energies):
     with pytest.raises(ValueError, match="one non-empty entry per class"):
         plot_class_prior(tmp_path / "p.png", [1, 2], [0.5, 0.5], ["a"])
     assert plt.get_fignums() == []
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Keep every figure the plot functions save (they still write the PNG)."""
+    kept = []
+    real = plots._save
+
+    def keep(fig, path):
+        kept.append(fig)
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return kept
+
+
+def _legend(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_histograms_share_axes_and_name_each_set_with_its_auroc(tmp_path, energies, figures):
+    e_id, e_ood = energies
+    plot_energy_histograms(tmp_path / "e.png", e_id, e_ood, before=(e_id + 5, e_ood))
+    before, after = figures[0].axes
+    assert before.get_xlim() == after.get_xlim() and before.get_ylim() == after.get_ylim()
+    expected = f"svhn (AUROC {100 * auroc(-e_id, -e_ood['svhn']):.1f})"
+    assert expected in _legend(after) and "ID" in _legend(after)
+    colours = {p.get_edgecolor()[:3] for p in after.patches if p.get_label().startswith(("svhn", "dtd"))}
+    assert len(colours) == 2  # one distinct colour per OOD set
+    plot_score_histograms(tmp_path / "s.png", -e_id, {"folder:/data/x/my-set": -e_ood["dtd"]}, score="energy")
+    assert any(t.startswith("folder:my-set (AUROC") for t in _legend(figures[1].axes[0]))
+
+
+def test_roc_per_model_and_set_with_log_fpr(tmp_path, figures):
+    rng = np.random.default_rng(1)
+    id_s = rng.normal(1, 1, 400)
+    sets = {"a": rng.normal(0, 1, 300), "b": rng.normal(-1, 1, 300)}
+    curves = {(m, n): roc_curve(k * id_s, v) for m, k in (("pretrained", 1), ("tuned", 3)) for n, v in sets.items()}
+    assert_png(plot_roc_curves(tmp_path / "roc.png", curves, log_fpr=True))
+    ax = figures[0].axes[0]
+    assert ax.get_xscale() == "log"
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert lines["a: tuned (AUROC " + f"{100 * auroc(3 * id_s, sets['a']):.1f})"].get_linestyle() == "-"
+    pre_a = next(ln for label, ln in lines.items() if label.startswith("a: pretrained"))
+    assert pre_a.get_linestyle() == "--" and pre_a.get_color() == PALETTE[0]
+
+
+def test_prior_shows_p_and_p_gamma(tmp_path, figures):
+    names = ["a", "b", "c"]
+    plot_class_prior(tmp_path / "p.png", [3, 2, 1], [0.7, 0.2, 0.1], names, gamma_priors={0.05: [0.35, 0.33, 0.32]})
+    labels = _legend(figures[0].axes[1])
+    assert "P(y|o), γ = 1 (estimated)" in labels and "P_γ, γ = 0.05 (used by the loss)" in labels
+
+
+def test_short_names():
+    assert short_name("folder:/very/long/path/set") == "folder:set"
+    assert short_name("/runs/x/bal/model.pt") == "bal/model.pt" and short_name("mnist") == "mnist"

@@ -4,8 +4,8 @@
 # Runs go to $RUNS/NAME (NAME = the config's file stem) and stay there while the machine is kept; every call also
 # ships them back (evaluation records, the pretrained checkpoint and unfinished last.pt files; no fine-tuned
 # weights) as bench.tgz.part*, which a call on a fresh machine unpacks again from $DATA/bench/.
-# PRETRAINED=FILE (and PRIOR=FILE) seed the grid with an existing pretrained checkpoint (and its estimated
-# outlier prior), so new rows fine-tune the same model as earlier ones.
+# PRETRAINED=FILE seeds the grid with an existing pretrained checkpoint, so new rows fine-tune the same model as
+# earlier ones (values derived from it, like the outlier prior, are cached under its SHA-256).
 source scripts/gpu/common.sh
 CONFIG=${1:?usage: scripts/gpu/benchmark.sh CONFIG [benchmark options]}
 shift
@@ -16,7 +16,6 @@ if [ ! -d "$RUN" ] && ls "$DATA"/bench/bench.tgz.part* >/dev/null 2>&1; then
 fi
 mkdir -p "$RUN/pretrain"
 [ -n "${PRETRAINED:-}" ] && cp -n "$PRETRAINED" "$RUN/pretrain/model.pt"
-[ -n "${PRIOR:-}" ] && cp -n "$PRIOR" "$RUN/prior.json"
 echo "$NAME: $(left)s left"
 timeout --signal=INT "$(( $(left) - 30 ))" python -m oodtune.cli benchmark "$CONFIG" --data-root "$DATA" \
   --out "$RUN" "$@" 2>&1 | grep -v "^$" || echo "benchmark $NAME stopped (time limit or error) at $(elapsed)s"

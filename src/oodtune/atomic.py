@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import io
 import os
 import re
@@ -195,3 +196,10 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], column
               overwrite: bool = True) -> Path:
     """:func:`csv_text` of ``rows`` to ``path`` atomically (see ``write_atomic``)."""
     return write_text_atomic(path, csv_text(rows, columns), overwrite=overwrite)
+def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of the bytes of ``path`` (identifies a checkpoint by its content, not its name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

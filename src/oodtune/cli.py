@@ -501,22 +501,36 @@ def finetune(**kw: Any) -> None:
 @click.option("--blur", is_flag=True,
               help="Segmentation: Gaussian-blur the per-pixel score maps (kernel 7, sigma 1) before the metrics.")
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT files.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="PREFIX",
+              help="Also draw PREFIX-SCORE-hist.png (score histograms, ID vs each OOD set) and PREFIX-SCORE-roc.png "
+                   "(ROC per OOD set), AUROC in the legends.")
+@click.option("--roc-log-fpr", is_flag=True, help="With --plot: FPR on a log axis.")
 @id_data_option
 def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num_ood: int | None,
-             positive: str | None, blur: bool, out: str | None, save_scores: bool, overwrite: bool, data_root: Any,
-             device: str, id_data: str | None) -> None:
+             positive: str | None, blur: bool, out: str | None, save_scores: bool, overwrite: bool, plot: str | None,
+             roc_log_fpr: bool, data_root: Any, device: str, id_data: str | None) -> None:
     """Accuracy + AUROC / AUPR-In / AUPR-Out / FPR95 for each score on each OOD set."""
     from .pipeline import evaluate_checkpoint
-    from .report import evaluation_paths, evaluation_table, id_metrics_text, scores_path, write_evaluation
+    from .plots import short_name
+    from .report import (
+        evaluation_paths,
+        evaluation_plot_paths,
+        evaluation_table,
+        id_metrics_text,
+        scores_path,
+        write_evaluation,
+        write_evaluation_plots,
+    )
 
     if save_scores and not out:
         raise click.UsageError("--save-scores writes OUT-scores.csv: give --out OUT too.")
-    if out:
-        paths = [*evaluation_paths(out), *([scores_path(out)] if save_scores else [])]
-        existing = [str(p) for p in paths if p.exists() and not overwrite]
-        if existing:  # refuse before spending the evaluation
-            raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out.")
-        check_writable(evaluation_paths(out)[0].parent, "choose another --out")
+    planned = [*(evaluation_paths(out) if out else []), *([scores_path(out)] if out and save_scores else []),
+               *(evaluation_plot_paths(plot, scores) if plot else [])]
+    existing = [str(p) for p in planned if p.exists() and not overwrite]
+    if existing:  # refuse before spending the evaluation
+        raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out/--plot.")
+    for target in [*(evaluation_paths(out)[:1] if out else []), *([Path(plot)] if plot else [])]:
+        check_writable(target.parent, "choose another --out/--plot")
     report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
                                        num_ood=num_ood, positive=positive, blur=blur,  # type: ignore[arg-type]
                                        id_data=id_data)
@@ -526,6 +540,9 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
         written = write_evaluation(out, report, meta, checkpoint=checkpoint, command=_command_line(),
                                    overwrite=overwrite, save_scores=save_scores)
         console.print("wrote " + ", ".join(map(str, written)))
+    if plot:
+        paths = write_evaluation_plots(plot, report, title=short_name(str(checkpoint)), log_fpr=roc_log_fpr)
+        console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
 @main.command()

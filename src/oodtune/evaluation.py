@@ -19,7 +19,7 @@ import torch
 from .data.imageset import ImageSet
 from .data.tensors import Normalizer, to_device_uint8
 from .errors import DataError, DivergenceError
-from .metrics import accuracy, ood_metrics
+from .metrics import accuracy, detection_metrics
 from .metrics.ood import DEFAULT_POSITIVE, Positive
 from .models import FeatureModel
 from .progress import Bar, format_rate, progress_bar
@@ -97,10 +97,10 @@ class EvalReport:
 
     id_metrics: dict[str, float]
     id_logits: torch.Tensor | None = None  # (N, K) float32 CPU logits of the ID test set
-    rows: list[dict[str, float | str]] = field(default_factory=list)
+    rows: list[dict[str, float | str]] = field(default_factory=list)  # fpr95: ``positive``'s convention; fpr95_in: ID+
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # score -> dataset -> raw scores
     seconds: float = 0.0  # wall time of the evaluation
-    positive: str = DEFAULT_POSITIVE  # the positive class of the FPR column (see oodtune.metrics)
+    positive: str = DEFAULT_POSITIVE  # the positive class of the rows' FPR95 ("out": OOD, "in": ID)
 
     def averages(self, groups: Mapping[str, str] | None = None) -> list[dict[str, float | str]]:
         """Mean of each metric per score over all OOD sets, and per group (e.g. near/far) when given."""
@@ -181,9 +181,9 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
         for name, ds in ood_sets.items():
             ood_scores = score_dataset(s, net, ds, ood_out[name], normalizer)
             report.scores[s.name][name] = ood_scores
-            m = (ood_metrics(id_scores, ood_scores) if positive is None
-                 else ood_metrics(id_scores, ood_scores, positive=positive)).as_percent()
-            report.rows.append({"score": s.name, "dataset": name, **{k: m[k] for k in METRIC_KEYS},
-                                "n_id": len(id_test), "n_ood": len(ds)})
+            m = detection_metrics(id_scores, ood_scores)  # FPR95 under both conventions, one sort
+            fpr = m["fpr95_in"] if positive == "in" else m["fpr95"]
+            report.rows.append({"score": s.name, "dataset": name, **{k: m[k] for k in METRIC_KEYS}, "fpr95": fpr,
+                                "fpr95_in": m["fpr95_in"], "n_id": len(id_test), "n_ood": len(ds)})
     report.seconds = time.perf_counter() - t0
     return report

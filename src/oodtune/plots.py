@@ -1,14 +1,20 @@
 """PNG figures in the style of the papers (matplotlib, Agg; no pyplot state, nothing left open).
 
 * ``plot_energy_histograms`` — Figure 1 of the sparsity fine-tuning paper: the distribution of the energy
-  E(x) = -T log sum_c exp(f_c(x)/T) on ID (green) and OOD (red) data, before and after fine-tuning; the
-  overlap of the curves is where ID and OOD cannot be told apart.
-* ``plot_roc_curves`` — Figure 2: ROC curves (TPR against FPR) of several models, e.g. pre-trained
-  (blue) and fine-tuned (orange); better detectors bend towards the upper-left corner.
+  E(x) = -T log sum_c exp(f_c(x)/T) on ID and on each OOD set, before and after fine-tuning, on shared bins and
+  shared axes; the overlap of the curves is where ID and OOD cannot be told apart. ``plot_score_histograms``
+  draws the same for any score (higher = more in-distribution).
+* ``plot_roc_curves`` — Figure 2: ROC curves (TPR against FPR), one per (model, OOD set) — colour = OOD set,
+  line style = model — optionally on a log FPR axis; better detectors bend towards the upper-left corner.
 * ``plot_class_prior`` — Balanced Energy: ID class counts next to the outlier class prior
-  P(y|o) = (1/|O|) sum_{o in O} [argmax_c f_c(o) = y] estimated by the pre-trained model.
+  P(y|o) = (1/|O|) sum_{o in O} [argmax_c f_c(o) = y] estimated by the pre-trained model, and the
+  P_γ = normalise(P^γ) the loss actually uses.
 * ``plot_anomaly_maps`` — anomaly segmentation: per frame, the image | its ground truth (anomaly red, void black)
   | the energy map before | after fine-tuning (one colour scale per frame, bright = high energy = anomalous).
+
+Colours come from the Okabe–Ito palette (distinguishable with the common colour-vision deficiencies); ID data
+is black. Legends give each OOD set's AUROC. Names that hold a path (``folder:PATH``) are shortened to their
+last component.
 
 Figures are ``matplotlib.figure.Figure`` objects drawn by an explicit Agg canvas: headless, the global
 backend is never switched, nothing registers with pyplot and no figure stays open after a call (safe in
@@ -21,19 +27,35 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
-from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import ConfigError
+from .metrics import auroc
 
-ID_COLOR = "tab:green"
-OOD_CMAP = "Reds"
+#: Okabe & Ito's colour-blind-safe palette (without black, which is ID), most distinct colours first.
+PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#F0E442")
+ID_COLOR = "#000000"
 DPI = 150
+LINESTYLES = ("--", "-", ":", "-.")
 
 EnergySets = tuple[Any, Mapping[str, Any]]
+
+
+def short_name(name: str) -> str:
+    """A legend-sized name: ``folder:/a/b/set`` -> ``folder:set``, ``/a/b/model.pt`` -> ``b/model.pt``."""
+    kind, sep, rest = name.partition(":")
+    if sep and kind in ("folder", "images"):
+        return f"{kind}:{Path(rest).name or rest}"
+    if "/" in name or "\\" in name:
+        p = Path(name)
+        return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+    return name
+
+
+def _color(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
 
 
 def _finite(values: Any, what: str) -> np.ndarray:
@@ -53,83 +75,120 @@ def _save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     return out
 
 
-def _ood_colors(n: int) -> list[Any]:
-    """Shades of red, darkest first, one per OOD set."""
-    cmap = matplotlib.colormaps[OOD_CMAP]
-    return [cmap(v) for v in np.linspace(0.85, 0.4, n)] if n > 1 else [cmap(0.8)]
-
-
-def _energy_panel(ax: Axes, id_energy: Any, ood_energies: Mapping[str, Any], title: str) -> None:
-    """Density histograms of the energy on shared bins: ID filled green, each OOD set a red step curve."""
-    e_id = _finite(id_energy, "id_energy")
-    if not ood_energies:
-        raise ConfigError("ood_energies is empty; pass at least one OOD set, e.g. {'svhn': energies}.")
-    e_ood = {name: _finite(v, f"ood_energies[{name!r}]") for name, v in ood_energies.items()}
-    bins = np.histogram_bin_edges(np.concatenate([e_id, *e_ood.values()]), bins=80).tolist()
-    ax.hist(e_id, bins=bins, density=True, color=ID_COLOR, alpha=0.35, label="ID")
-    ax.hist(e_id, bins=bins, density=True, color=ID_COLOR, histtype="step", linewidth=1.5)
-    for (name, e), color in zip(e_ood.items(), _ood_colors(len(e_ood)), strict=False):
-        ax.hist(e, bins=bins, density=True, color=color, histtype="step", linewidth=1.5, label=f"OOD: {name}")
-    ax.set_xlabel("energy E(x)  (lower = more in-distribution)")
-    ax.set_ylabel("density")
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-
-
-def plot_energy_histograms(path: str | Path, id_energy: Any, ood_energies: Mapping[str, Any], *,
-                           title: str = "Energy distribution", before: EnergySets | None = None) -> Path:
-    """Energy histograms ID (green) vs OOD (red); with ``before=(id_energy, ood_energies)`` of the model
-    before fine-tuning, two panels "before" | "after" (the sparsity paper's Figure 1). Returns the path."""
-    panels = [("before fine-tuning", *before), ("after fine-tuning", id_energy, ood_energies)] if before \
-        else [("", id_energy, ood_energies)]
-    fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
-    for ax, (label, e_id, e_ood) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=False):
-        _energy_panel(ax, e_id, e_ood, label)
+def _histogram_figure(path: str | Path, panels: list[tuple[str, Any, Mapping[str, Any]]], *, xlabel: str,
+                      higher_is_id: bool, title: str) -> Path:
+    """One panel per (label, ID values, {OOD set: values}); all panels share bins and both axes."""
+    checked = []
+    for label, v_id, v_ood in panels:
+        if not v_ood:
+            raise ConfigError("ood_energies is empty; pass at least one OOD set, e.g. {'svhn': energies}.")
+        checked.append((label, _finite(v_id, "id_energy"),
+                        {n: _finite(v, f"ood_energies[{n!r}]") for n, v in v_ood.items()}))
+    values = np.concatenate([a for _, v_id, v_ood in checked for a in (v_id, *v_ood.values())])
+    bins = np.histogram_bin_edges(values, bins=80).tolist()
+    fig = Figure(figsize=(5.5 * len(checked), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(checked), squeeze=False, sharex=True, sharey=True)[0]
+    for ax, (label, v_id, v_ood) in zip(axes, checked, strict=True):
+        ax.hist(v_id, bins=bins, density=True, color=ID_COLOR, alpha=0.15)
+        ax.hist(v_id, bins=bins, density=True, color=ID_COLOR, histtype="step", linewidth=1.6, label="ID")
+        for i, (name, v) in enumerate(v_ood.items()):
+            area = auroc(v_id, v) if higher_is_id else auroc(-v_id, -v)
+            ax.hist(v, bins=bins, density=True, color=_color(i), histtype="step", linewidth=1.5,
+                    label=f"{short_name(name)} (AUROC {100 * area:.1f})")
+        ax.set_xlabel(xlabel)
+        ax.set_title(label)
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel("density")
     fig.suptitle(title)
     return _save(fig, path)
 
 
-def plot_roc_curves(path: str | Path, curves: Mapping[str, tuple[Any, Any]], title: str = "ROC") -> Path:
-    """ROC curves, one per label (``curves[label] = (fpr, tpr)``, the first two arrays of
-    ``oodtune.metrics.roc_curve``);
-    the legend shows each curve's AUROC = integral of TPR d(FPR) (trapezoidal). Returns the path."""
+def plot_energy_histograms(path: str | Path, id_energy: Any, ood_energies: Mapping[str, Any], *,
+                           title: str = "Energy distribution", before: EnergySets | None = None) -> Path:
+    """Energy histograms, ID (black) vs each OOD set (one colour each, AUROC in the legend); with
+    ``before=(id_energy, ood_energies)`` of the model before fine-tuning, two panels "before" | "after" on the
+    same bins and axes (the sparsity paper's Figure 1). Returns the path."""
+    panels = [("before fine-tuning", *before), ("after fine-tuning", id_energy, ood_energies)] if before \
+        else [("", id_energy, ood_energies)]
+    return _histogram_figure(path, panels, xlabel="energy E(x)  (lower = more in-distribution)", higher_is_id=False,
+                             title=title)
+
+
+def plot_score_histograms(path: str | Path, id_scores: Any, ood_scores: Mapping[str, Any], *, score: str,
+                          title: str = "") -> Path:
+    """Histograms of a score (higher = more in-distribution), ID vs each OOD set, AUROC in the legend."""
+    return _histogram_figure(path, [("", id_scores, ood_scores)], xlabel=f"{score}  (higher = more in-distribution)",
+                             higher_is_id=True, title=title or f"{score} score")
+
+
+def plot_roc_curves(path: str | Path, curves: Mapping[Any, tuple[Any, Any]], title: str = "ROC", *,
+                    log_fpr: bool = False) -> Path:
+    """ROC curves, ``curves[key] = (fpr, tpr)``, the first two arrays of ``oodtune.metrics.roc_curve``. A key is
+    a label, or a ``(model, OOD set)`` pair: then the colour marks the set and the line style the model (the
+    first model dashed). The legend shows each curve's AUROC = integral of TPR d(FPR) (trapezoidal). ``log_fpr``
+    puts FPR on a log axis (the low-FPR end, where detectors are used, becomes visible). Returns the path."""
     if not curves:
         raise ConfigError("curves is empty; pass {label: (fpr, tpr)} for at least one model.")
-    fig = Figure(figsize=(5, 5), layout="constrained")
+    keys = [k if isinstance(k, tuple) else (k, "") for k in curves]
+    models = list(dict.fromkeys(m for m, _ in keys))
+    sets = list(dict.fromkeys(d for _, d in keys))
+    fig = Figure(figsize=(7.5, 5) if len(curves) > 4 else (5, 5), layout="constrained")
     ax = fig.subplots()
-    for label, (fpr, tpr) in curves.items():
+    smallest = 1.0
+    for key, (model, name) in zip(curves, keys, strict=True):
+        fpr, tpr = curves[key][:2]
+        label = f"{short_name(name)}: {model}" if name else short_name(str(model))
         f, t = _finite(fpr, f"fpr of {label!r}"), _finite(tpr, f"tpr of {label!r}")
         if f.shape != t.shape:
             raise ConfigError(f"{label!r}: fpr has {f.size} points but tpr has {t.size}; pass matching arrays.")
         area = float(np.sum(np.diff(f) * (t[1:] + t[:-1]) / 2))
-        ax.plot(f, t, linewidth=1.8, label=f"{label} (AUROC {100 * area:.2f})")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="chance")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title=title)
-    ax.set_aspect("equal")
-    ax.legend(loc="lower right", fontsize="small")
+        smallest = min(smallest, float(f[f > 0].min()) if (f > 0).any() else 1.0)
+        color = _color(sets.index(name)) if name else _color(models.index(model))
+        style = LINESTYLES[models.index(model) % len(LINESTYLES)] if name and len(models) > 1 else "-"
+        ax.plot(f, t, color=color, linestyle=style, linewidth=1.6, label=f"{label} (AUROC {100 * area:.1f})")
+    chance = np.geomspace(smallest, 1, 50) if log_fpr else np.array([0.0, 1.0])
+    ax.plot(chance, chance, color="grey", linestyle=":", linewidth=0.8, label="chance")
+    ax.set(ylim=(0, 1.01), xlabel="false positive rate" + (" (log scale)" if log_fpr else ""),
+           ylabel="true positive rate", title=title)
+    if log_fpr:
+        ax.set_xscale("log")
+        ax.set_xlim(smallest, 1)
+    else:
+        ax.set_xlim(0, 1)
+    if len(curves) > 4:
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
+    else:
+        ax.legend(loc="lower right", fontsize="small")
     return _save(fig, path)
 
 
 def plot_class_prior(path: str | Path, id_counts: Sequence[float], outlier_prior: Sequence[float],
-                     class_names: Sequence[str]) -> Path:
+                     class_names: Sequence[str], *, gamma_priors: Mapping[float, Sequence[float]] | None = None
+                     ) -> Path:
     """Bar charts side by side: ID training count per class | outlier prior P(y|o) per class (same class
-    order). Shows whether the auxiliary outliers concentrate on the head or the tail classes."""
+    order), next to it the P_γ = normalise(P^γ) of each γ in ``gamma_priors`` (what the Balanced Energy loss
+    uses). Shows whether the auxiliary outliers concentrate on the head or the tail classes, and how much of
+    that γ keeps."""
     counts = np.asarray(id_counts, dtype=np.float64).ravel()
-    prior = np.asarray(outlier_prior, dtype=np.float64).ravel()
+    priors = {"P(y|o), γ = 1 (estimated)": np.asarray(outlier_prior, dtype=np.float64).ravel()}
+    priors |= {f"P_γ, γ = {g:g} (used by the loss)": np.asarray(v, dtype=np.float64).ravel()
+               for g, v in (gamma_priors or {}).items()}
     names = [str(n) for n in class_names]
-    if not (counts.size == prior.size == len(names)) or not names:
-        raise ConfigError(f"id_counts ({counts.size}), outlier_prior ({prior.size}) and class_names ({len(names)}) "
-                         "must have one non-empty entry per class.")
-    if not (np.isfinite(counts).all() and np.isfinite(prior).all()):
-        raise ConfigError("id_counts and outlier_prior must be finite.")
+    if not names or counts.size != len(names) or any(p.size != len(names) for p in priors.values()):
+        raise ConfigError(f"id_counts ({counts.size}), each prior ({[p.size for p in priors.values()]}) and "
+                          f"class_names ({len(names)}) must have one non-empty entry per class.")
+    if not (np.isfinite(counts).all() and all(np.isfinite(p).all() for p in priors.values())):
+        raise ConfigError("id_counts and the priors must be finite.")
     x = np.arange(len(names))
-    fig = Figure(figsize=(max(8.0, 0.5 * len(names)), 4.0), layout="constrained")
+    fig = Figure(figsize=(max(9.0, 0.6 * len(names)), 4.0), layout="constrained")
     ax_counts, ax_prior = fig.subplots(1, 2)
     ax_counts.bar(x, counts, color=ID_COLOR)
     ax_counts.set(title="ID training samples per class", ylabel="count")
-    ax_prior.bar(x, prior, color=_ood_colors(1)[0])
+    width = 0.8 / len(priors)
+    for i, (label, p) in enumerate(priors.items()):
+        ax_prior.bar(x + (i - (len(priors) - 1) / 2) * width, p, width=width, color=_color(i), label=label)
     ax_prior.axhline(1.0 / len(names), color="grey", linestyle="--", linewidth=0.8, label="uniform 1/K")
-    ax_prior.set(title="outlier class prior P(y|o)", ylabel="probability")
+    ax_prior.set(title="outlier class prior", ylabel="probability")
     ax_prior.legend(fontsize="small")
     for ax in (ax_counts, ax_prior):
         ax.set_xticks(x, names, rotation=45 if len(names) <= 20 else 90, ha="right" if len(names) <= 20 else "center",

@@ -1,6 +1,7 @@
 """Results as Markdown tables, JSON and CSV files (written atomically, never silently overwritten): the generic
-table/JSON writers, the files of one evaluation (``oodtune evaluate --out``) and of predictions (``oodtune
-predict --out``). Every results file records the oodtune version, the metric convention and sample counts."""
+table/JSON writers, the files of one evaluation (``oodtune evaluate --out`` / ``--plot``) and of predictions
+(``oodtune predict --out``). Every results file records the oodtune version, the metric convention and sample
+counts."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from . import __version__
 from .atomic import csv_text, write_atomic, write_csv, write_text_atomic
 from .errors import ConfigError
 from .evaluation import METRIC_KEYS, EvalReport
-from .metrics import DEFAULT_POSITIVE, metric_convention
+from .metrics import DEFAULT_POSITIVE, metric_convention, roc_curve
 from .models import RunMeta
+from .plots import plot_roc_curves, plot_score_histograms
 
 METRIC_LABELS = {"auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑", "fpr95": "FPR95↓"}
 
@@ -92,11 +94,12 @@ COMPONENT_LABELS = {"siou": "sIoU↑", "ppv": "PPV↑", "mean_f1": "mean F1↑"}
 
 def evaluation_table(report: EvalReport) -> str:
     """The Markdown table of :func:`evaluation_rows`, with the OOD and ID test set sizes (and the component metrics
-    when the rows have them)."""
+    when the rows have them); the FPR95 header names its positive class."""
     extra = [k for k in COMPONENT_LABELS if report.rows and all(k in r for r in report.rows)]
     columns = ["score", "dataset", *METRIC_KEYS, *extra, "n_ood", "n_id"]
-    headers = [METRIC_LABELS.get(c, COMPONENT_LABELS.get(c, c)) for c in columns[:-2]] + ["n OOD", "n ID"]
-    return markdown_table(evaluation_rows(report), columns, headers)
+    fpr = f"FPR95↓ {'OOD' if report.positive == 'out' else 'ID'}+"
+    headers = [fpr if c == "fpr95" else METRIC_LABELS.get(c, COMPONENT_LABELS.get(c, c)) for c in columns[:-2]]
+    return markdown_table(evaluation_rows(report), columns, [*headers, "n OOD", "n ID"])
 
 
 def id_metrics_text(report: EvalReport, meta: RunMeta) -> str:
@@ -172,3 +175,22 @@ def write_predictions(out: str | os.PathLike | None, rows: Iterable[dict[str, An
     else:
         write_atomic(out, lambda fh: fh.writelines(line.encode("utf-8") for line in lines), overwrite=overwrite)
     return counts
+
+
+def evaluation_plot_paths(prefix: str | os.PathLike, scores: Sequence[str]) -> list[Path]:
+    """PREFIX-SCORE-hist.png and PREFIX-SCORE-roc.png for each score."""
+    base = Path(prefix)
+    return [base.with_name(f"{base.name}-{s}-{kind}.png") for s in scores for kind in ("hist", "roc")]
+
+
+def write_evaluation_plots(prefix: str | os.PathLike, report: EvalReport, *, title: str = "",
+                           log_fpr: bool = False) -> list[Path]:
+    """For each score of ``report``: histograms of the score on ID vs each OOD set and ROC curves per OOD set
+    (AUROC in the legends; ``log_fpr``: log FPR axis). Returns the paths (:func:`evaluation_plot_paths`)."""
+    paths = evaluation_plot_paths(prefix, list(report.scores))
+    for i, (score, by_set) in enumerate(report.scores.items()):
+        ood = {name: values for name, values in by_set.items() if name != "id"}
+        plot_score_histograms(paths[2 * i], by_set["id"], ood, score=score, title=title)
+        curves = {(score, name): roc_curve(by_set["id"], values)[:2] for name, values in ood.items()}
+        plot_roc_curves(paths[2 * i + 1], curves, title=f"ROC per OOD set: {score} {title}".strip(), log_fpr=log_fpr)
+    return paths

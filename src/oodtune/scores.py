@@ -96,8 +96,14 @@ class Score(ABC):
             logits, features = net(x)
         return self.from_outputs(logits, features)
 
+    def options(self) -> dict[str, Any]:
+        """The settings this score was built with (public attributes; tensors as lists; fitted state, kept in
+        ``_``-attributes, excluded) — what a cache of its values must be keyed by."""
+        return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()
+                if not k.startswith("_")}
+
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        params = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({params})"
 
 

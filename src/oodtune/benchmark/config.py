@@ -252,7 +252,10 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
     fine = chk.table(raw.get("finetune", {}), "finetune")
     chk.keys(fine, {k: v for k, v in TRAIN_TYPES.items() if k not in ("seed", "device")}, "[finetune]")
     methods_raw = raw.get("methods", [])
-    if not isinstance(methods_raw, list) or not methods_raw:
+    if not isinstance(methods_raw, list):
+        raise chk.fail("[[methods]]", f"[[methods]] must be an array of tables (one [[methods]] block per row), got "
+                                      f"a {'table ([methods])' if isinstance(methods_raw, dict) else 'value'}")
+    if not methods_raw:
         raise chk.fail("[[methods]]", "no [[methods]] entries; add at least one row (label + method)")
     protocol_id = PROTOCOLS.get(b.get("protocol", ""), {}).get("id", "cifar10")
     segmentation = is_segmentation_set(str(b.get("id_dataset", protocol_id)))

@@ -1,8 +1,12 @@
 """Running a benchmark: one pretrained checkpoint -> post-hoc rows + fine-tuning rows x seeds, every step a
 pipeline call.
 
-Every finished piece is stored under the output folder (pretrained checkpoint, prior, margins, fine-tuned
-checkpoints, one evaluation record per run), so an interrupted benchmark picks up where it stopped.
+Every finished piece is kept under the output folder, so an interrupted benchmark picks up where it stopped:
+trained checkpoints (``OUT/pretrain``, ``OUT/runs/<row>-s<seed>``), each with a ``run.json`` record (its SHA-256
+and metadata, which stays when the weights are deleted to save space), checked against the configuration before
+any work (:mod:`.provenance`); everything computed from a checkpoint — evaluations (raw per-sample scores and ID
+metrics), the outlier prior, the proposed margins — is cached under keys made of its inputs (:mod:`.store`), so
+adding an OOD set, a score or a row computes exactly what is missing.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +23,36 @@ import numpy as np
 from .. import pipeline
 from ..lock import output_lock
 from ..metrics import roc_curve
+from ..models import RunMeta, read_meta
 from ..models.imported import check_trusted, trusted_archs
-from ..plots import plot_anomaly_maps, plot_energy_histograms, plot_roc_curves
+from ..plots import plot_anomaly_maps, plot_class_prior, plot_energy_histograms, plot_roc_curves
 from ..prior import OutlierPrior
+from ..progress import console
 from ..report import write_json
 from ..runtime import resolve_device
+from ..training.config import TrainConfig
 from ..training.trainer import FINAL
 from .config import BenchmarkConfig, MethodSpec
+from .provenance import check_finetuned, check_pretrained
+from .store import ID, EvalStore, StoredEvaluation
 from .tables import write_results
 
-__all__ = ["Benchmark", "run_benchmark"]
+__all__ = ["RUN_RECORD", "Benchmark", "Trained", "run_benchmark"]
 
 log = logging.getLogger(__name__)
+#: Beside each checkpoint the benchmark trained: {"sha256", "meta"} of the final weights.
+RUN_RECORD = "run.json"
 #: How many frames of the first OOD set the before/after anomaly-map figures of segmentation benchmarks show.
 MAP_FRAMES = 4
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A finished checkpoint as the benchmark knows it: path (the weights may be gone), metadata, SHA-256."""
+
+    path: Path
+    meta: RunMeta
+    sha256: str
 
 
 class Benchmark:
@@ -41,166 +62,243 @@ class Benchmark:
         self.cfg = cfg
         self.out = cfg.out
         self.source = pipeline.DataSource(cfg.data_root)
+        self.store = EvalStore(cfg.out / "evals", id_split=cfg.id_split)
 
-    def pretrained_checkpoint(self) -> Path:
-        """The configured checkpoint, or the one this benchmark pretrains (once) under OUT/pretrain."""
-        if self.cfg.pretrained:
-            return Path(self.cfg.pretrained)
-        path = self.out / "pretrain" / FINAL
-        if not path.exists():
-            p = self.cfg.pretrain
-            pipeline.pretrain(self.out / "pretrain", dataset=self.cfg.id_dataset, arch=self.cfg.arch,
-                              data_root=self.source,
-                              config=self.cfg.train_config("pretrain", None, int(p.get("seed", 0))),
-                              num_train=p.get("num_train"), imbalance_ratio=p.get("imbalance_ratio"),
-                              val_fraction=p.get("val_fraction"))
-        return path
+    # -- trained checkpoints ----------------------------------------------------------------------
+    def pretrained_path(self) -> Path:
+        """The configured checkpoint, or the one this benchmark pretrains under OUT/pretrain."""
+        return Path(self.cfg.pretrained) if self.cfg.pretrained else self.out / "pretrain" / FINAL
+
+    def pretrain(self) -> Trained:
+        """Pretrain (once, resumable) unless a checkpoint is configured or already finished."""
+        found = self.trained(self.pretrained_path())
+        if found is not None:
+            return found
+        p = self.cfg.pretrain
+        path = pipeline.pretrain(self.out / "pretrain", dataset=self.cfg.id_dataset, arch=self.cfg.arch,
+                                 data_root=self.source, config=self._pretrain_config(), num_train=p.get("num_train"),
+                                 imbalance_ratio=p.get("imbalance_ratio"), val_fraction=p.get("val_fraction"))
+        return self._identify(path)
+
+    def _pretrain_config(self) -> TrainConfig:
+        return self.cfg.train_config("pretrain", None, int(self.cfg.pretrain.get("seed", 0)))
 
     def run_dir(self, spec: MethodSpec, seed: int) -> Path:
-        """Where one fine-tuning run (``spec`` x ``seed``) keeps its checkpoints and ``eval.json``."""
+        """Where one fine-tuning run (``spec`` x ``seed``) keeps its checkpoints."""
         return self.out / "runs" / f"{spec.slug}-s{seed}"
 
-    def prior(self, ckpt: Path, gamma: float | None) -> OutlierPrior:
-        """The outlier prior of the pretrained model (estimated once, OUT/prior.json + prior.png) at ``gamma``."""
-        path = self.out / "prior.json"
-        if path.exists():
-            prior = OutlierPrior.load(path)
-        else:
-            prior = pipeline.estimate_prior(ckpt, outliers=self.cfg.outliers, data_root=self.source,
-                                            device=self.cfg.device)
-            pipeline.save_prior(prior, path, checkpoint=ckpt, plot=self.out / "prior.png")
-        return OutlierPrior(counts=prior.counts, gamma=1.0 if gamma is None else gamma, class_names=prior.class_names)
+    def trained(self, final: Path) -> Trained | None:
+        """The finished checkpoint ``final``, or its ``run.json`` record alone when the weights were deleted; None
+        if the run is not finished."""
+        if final.exists():
+            return self._identify(final)
+        record = final.parent / RUN_RECORD
+        if record.exists():
+            data = json.loads(record.read_text())
+            return Trained(final, RunMeta.from_dict(data["meta"]), str(data["sha256"]))
+        return None
 
-    def margins(self, ckpt: Path, options: dict[str, Any]) -> dict[str, float]:
-        """Resolve ``m_in``/``m_out = "auto"`` with :func:`oodtune.pipeline.propose_margins` (ID *train* data and
-        auxiliary outliers, never OOD test sets); cached in OUT/margins.json."""
-        path = self.out / "margins.json"
-        if path.exists():
-            proposed = json.loads(path.read_text())
-        else:
-            proposed = pipeline.propose_margins(ckpt, outliers=self.cfg.outliers, data_root=self.source,
-                                                device=self.cfg.device).as_options()
-            write_json(path, proposed)
-        return {k: proposed[k] for k in ("m_in", "m_out") if options.get(k) == "auto"}
+    def _identify(self, final: Path) -> Trained:
+        """An existing checkpoint; its ``run.json`` record is written (or refreshed) beside it when it lies in OUT."""
+        sha, meta = self.store.sha256(final), read_meta(final)
+        record = final.parent / RUN_RECORD
+        if self.out.resolve() in final.resolve().parents and (
+                not record.exists() or json.loads(record.read_text()).get("sha256") != sha):
+            write_json(record, {"sha256": sha, "meta": meta.to_dict()}, overwrite=True)
+        return Trained(final, meta, sha)
 
-    def evaluate(self, ckpt: Path, score: str, cache: Path, *, trained: bool) -> dict[str, Any]:
-        """Evaluate ``ckpt`` with ``score`` (and energy, for the plots); the record is cached in ``cache``."""
-        if cache.exists():
-            return dict(json.loads(cache.read_text()))
-        return self._evaluate_scores(ckpt, {score: cache}, trained=trained)[score]
+    # -- values derived from the pretrained checkpoint (cached by its hash) ------------------------
+    def prior(self, pre: Trained, gamma: float | None, *, compute: bool = True) -> OutlierPrior | None:
+        """The outlier prior of the pretrained model on the auxiliary outliers (estimated once), at ``gamma``."""
+        def estimate() -> dict[str, Any]:
+            return pipeline.estimate_prior(pre.path, outliers=self.cfg.outliers, data_root=self.source,
+                                           device=self.cfg.device).to_dict()
+        counts = self.store.derived(pre.sha256, f"prior-{self.cfg.outliers}",
+                                    estimate if compute and pre.path.exists() else None)
+        if counts is None:
+            return None
+        p = OutlierPrior.from_dict(counts)
+        return OutlierPrior(counts=p.counts, gamma=1.0 if gamma is None else gamma, class_names=p.class_names)
 
-    def _evaluate_scores(self, ckpt: Path, caches: dict[str, Path], *, trained: bool) -> dict[str, dict[str, Any]]:
-        """One evaluation of ``ckpt`` with every score of ``caches`` (and energy): one forward pass per data set
-        serves them all; each score's record is written to its cache."""
-        scores = list(dict.fromkeys([*caches, "energy"]))
-        report, meta = pipeline.evaluate_checkpoint(ckpt, scores=scores, ood=self.cfg.ood_near + self.cfg.ood_far,
-                                                    data_root=self.source, device=self.cfg.device,
-                                                    num_ood=self.cfg.num_ood, id_split=self.cfg.id_split)
-        records = {}
-        for score, cache in caches.items():
-            records[score] = {
-                "checkpoint": str(ckpt), "score": score, **report.id_metrics,
-                "train_seconds": meta.seconds_trained if trained else None, "eval_seconds": report.seconds,
-                "rows": [r for r in report.rows if r["score"] == score],
-                "energy": {k: (-v).tolist() for k, v in report.scores["energy"].items()},
-            }
-            write_json(cache, records[score])
-        return records
+    def margins(self, pre: Trained, *, compute: bool = True) -> dict[str, Any] | None:
+        """m_in / m_out proposed by :func:`oodtune.pipeline.propose_margins` (ID *train* data and auxiliary
+        outliers, never OOD test sets)."""
+        def propose() -> dict[str, Any]:
+            return pipeline.propose_margins(pre.path, outliers=self.cfg.outliers, data_root=self.source,
+                                            device=self.cfg.device).as_options()
+        return self.store.derived(pre.sha256, f"margins-{self.cfg.outliers}",
+                                  propose if compute and pre.path.exists() else None)
 
-    def _posthoc_cache(self, spec: MethodSpec) -> Path:
-        return self.out / "evals" / f"pretrained-{spec.method}.json"
+    def loss_options(self, spec: MethodSpec, pre: Trained, *, compute: bool = True) -> dict[str, Any] | None:
+        """The row's loss options with ``"auto"`` margins resolved (None: not resolvable without computing)."""
+        options = dict(spec.loss_options)
+        auto = [k for k in ("m_in", "m_out") if options.get(k) == "auto"]
+        if auto:
+            proposed = self.margins(pre, compute=compute)
+            if proposed is None:
+                return None
+            options.update({k: proposed[k] for k in auto})
+        return options
 
+    # -- checks before any work --------------------------------------------------------------------
+    def check_finished(self, pre: Trained | None, *, compute: bool) -> None:
+        """Refuse (ConfigError) if a finished checkpoint this config uses was trained with other settings."""
+        cfg = self.cfg
+        if pre is None:
+            return
+        if not cfg.pretrained:
+            p = cfg.pretrain
+            check_pretrained(pre.path, pre.meta, arch=cfg.arch, dataset=cfg.id_dataset, num_train=p.get("num_train"),
+                             imbalance_ratio=p.get("imbalance_ratio"), val_fraction=p.get("val_fraction"),
+                             config=self._pretrain_config())
+        for spec in cfg.methods:
+            for seed in ([] if spec.posthoc else cfg.seeds):
+                run = self.trained(self.run_dir(spec, seed) / FINAL)
+                if run is not None:
+                    self._check_run(pre, spec, seed, run, compute=compute)
+
+    def _check_run(self, pre: Trained, spec: MethodSpec, seed: int, run: Trained, *, compute: bool) -> None:
+        options = self.loss_options(spec, pre, compute=compute)
+        prior = self.prior(pre, spec.gamma, compute=compute) if spec.balanced else None
+        if options is None or (spec.balanced and prior is None):
+            log.warning("%s: not checked (its margins/prior were never computed here)", run.path)
+            return
+        check_finetuned(run.path, run.meta, method=spec.method, scratch=spec.scratch, outliers=self.cfg.outliers,
+                        loss_options=options, prior=None if prior is None else prior.to_dict(),
+                        config=self.cfg.train_config("finetune", spec, seed), pretrained=pre.path,
+                        pretrained_sha256=pre.sha256)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def evaluate(self, ckpt: Trained, scores: list[str], *, compute: bool) -> StoredEvaluation | None:
+        """ID metrics, metrics rows and raw scores of ``ckpt`` for ``scores`` on the ID split (``id_split``) and every
+        OOD set; what is not cached is computed (``compute``, and only while the weights exist) or reported missing
+        (None)."""
+        def run(names: list[str], ood: list[str]) -> Any:
+            report, _ = pipeline.evaluate_checkpoint(ckpt.path, scores=names, ood=ood, data_root=self.source,
+                                                     device=self.cfg.device, num_ood=self.cfg.num_ood,
+                                                     id_split=self.cfg.id_split)
+            return report
+        built = pipeline.task_of(ckpt.meta).build_scores(ckpt.meta, list(dict.fromkeys(scores)))
+        return self.store.evaluation(ckpt.sha256, built, self.cfg.ood_near + self.cfg.ood_far, self.cfg.num_ood,
+                                     run if compute and ckpt.path.exists() else None)
+
+    def record(self, ev: StoredEvaluation, score: str, *, seed: int | None, run: Trained | None) -> dict[str, Any]:
+        """One run's row for the tables: ID metrics, fine-tuning time and per-epoch history (None for post-hoc
+        rows) and the detection metrics per OOD set its task computed (both FPR95 conventions for classification;
+        exact pixel metrics and components for segmentation)."""
+        rows = [{"dataset": d, **ev.rows[score][d]} for d in self.cfg.ood_near + self.cfg.ood_far]
+        return {"seed": seed, "checkpoint_sha256": ev.sha256, "score": score, **ev.id_metrics,
+                "train_seconds": None if run is None else run.meta.seconds_trained,
+                "history": None if run is None else [dict(h) for h in run.meta.history], "rows": rows}
+
+    # -- the grid -----------------------------------------------------------------------------------
     def run(self, command: str, *, report_only: bool = False) -> list[Path]:
         """Run every missing piece, then write the tables. ``report_only`` trains and evaluates nothing:
-        it tabulates the runs already finished (e.g. when a GPU session ran out) and lists the rest; rows left
-        out by ``cfg.only`` are treated the same way."""
+        it tabulates the runs already finished and evaluated and lists the rest; rows left out by ``cfg.only``
+        are treated the same way."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        if report_only:  # never train: the configured checkpoint, or the one this benchmark pretrained
-            ckpt = Path(cfg.pretrained) if cfg.pretrained else self.out / "pretrain" / FINAL
-        else:
-            ckpt = self.pretrained_checkpoint()
+        pre = self.trained(self.pretrained_path())
+        self.check_finished(pre, compute=not report_only)
+        if not report_only:
+            pre = self.pretrain()
         results: dict[str, list[dict[str, Any]]] = {}
         missing: list[str] = []
-        base_cache = self.out / "evals" / "pretrained-energy.json"
-        if not report_only:  # the post-hoc rows still to run share one evaluation of the pretrained model
-            todo = {s.method: self._posthoc_cache(s) for s in cfg.methods
-                    if s.posthoc and cfg.selected(s) and not self._posthoc_cache(s).exists()}
-            if todo and not base_cache.exists():
-                todo["energy"] = base_cache
-            if todo:
-                self._evaluate_scores(ckpt, todo, trained=False)
-        base_energy = (None if report_only and not base_cache.exists()
-                       else self.evaluate(ckpt, "energy", base_cache, trained=False)["energy"])
+        base = None
+        if pre is not None:
+            plot_scores = sorted({spec.score for spec in cfg.methods if not spec.posthoc} - {"energy"})
+            base = self.evaluate(pre, ["energy", *plot_scores], compute=not report_only)
+            self._write_prior_outputs(pre, compute=not report_only)
         for spec in cfg.methods:
             tabulate_only = report_only or not cfg.selected(spec)
             if spec.posthoc:
-                cache = self._posthoc_cache(spec)
-                if tabulate_only and not cache.exists():
+                ev = self.evaluate(pre, [spec.method], compute=not tabulate_only) if pre is not None else None
+                if ev is None:
                     missing.append(f"{spec.label} (post-hoc, pretrained model)")
                 else:
-                    results[spec.label] = [self.evaluate(ckpt, spec.method, cache, trained=False)]
+                    results[spec.label] = [self.record(ev, spec.method, seed=None, run=None)]
                 continue
-            if tabulate_only:
-                caches = [self.run_dir(spec, seed) / "eval.json" for seed in cfg.seeds]
-                missing += [f"{spec.label} seed {seed}" for seed, c in zip(cfg.seeds, caches, strict=True)
-                            if not c.exists()]
-                runs = [json.loads(c.read_text()) for c in caches if c.exists()]
-                if runs:
-                    results[spec.label] = runs
-                    if base_energy is not None:
-                        self._plots(spec, base_energy, runs[0]["energy"])
-                    if cfg.task == "segmentation":
-                        self._anomaly_maps(ckpt, spec)
-                continue
-            results[spec.label] = [self._train_and_evaluate(ckpt, spec, seed) for seed in cfg.seeds]
-            if base_energy is not None:
-                self._plots(spec, base_energy, results[spec.label][0]["energy"])
-            if cfg.task == "segmentation":
-                self._anomaly_maps(ckpt, spec)
+            runs, first = [], None
+            for seed in cfg.seeds:
+                run = self._finetuned(pre, spec, seed, train=not tabulate_only)
+                ev = None if run is None else self.evaluate(run, [spec.score, "energy"], compute=not tabulate_only)
+                if run is None or ev is None:
+                    missing.append(f"{spec.label} seed {seed}" + ("" if run is None else " (trained, not evaluated)"))
+                    continue
+                runs.append(self.record(ev, spec.score, seed=seed, run=run))
+                first = first or (seed, ev)
+            if runs:
+                results[spec.label] = runs
+            if base is not None and first is not None:
+                self._plots(spec, base, *first)
+            if cfg.task == "segmentation" and pre is not None:
+                self._anomaly_maps(pre, spec, compute=not tabulate_only)
         return write_results(cfg, results, command, missing)
 
-    def _train_and_evaluate(self, ckpt: Path, spec: MethodSpec, seed: int) -> dict[str, Any]:
-        run_dir = self.run_dir(spec, seed)
-        if not (run_dir / FINAL).exists() and not (run_dir / "eval.json").exists():
-            log.info("── %s seed %d ──", spec.label, seed)
-            prior = self.prior(ckpt, spec.gamma) if spec.balanced else None
-            options = dict(spec.loss_options)
-            if "auto" in (options.get("m_in"), options.get("m_out")):
-                options.update(self.margins(ckpt, options))
-            pipeline.finetune(ckpt, run_dir, method=spec.method, data_root=self.source, outliers=self.cfg.outliers,
-                              prior=prior, loss_options=options, from_scratch=spec.scratch,
-                              config=self.cfg.train_config("finetune", spec, seed))
-        return self.evaluate(run_dir / FINAL, spec.score, run_dir / "eval.json", trained=True)
+    def _finetuned(self, pre: Trained | None, spec: MethodSpec, seed: int, *, train: bool) -> Trained | None:
+        """The finished run ``spec`` x ``seed``, trained now if allowed; None when it is not available."""
+        final = self.run_dir(spec, seed) / FINAL
+        found = self.trained(final)
+        if found is not None or not train or pre is None:
+            return found
+        console.rule(f"{spec.label} seed {seed}")
+        log.info("── %s seed %d ──", spec.label, seed)
+        pipeline.finetune(pre.path, final.parent, method=spec.method, data_root=self.source, outliers=self.cfg.outliers,
+                          prior=self.prior(pre, spec.gamma) if spec.balanced else None,
+                          loss_options=self.loss_options(spec, pre), from_scratch=spec.scratch,
+                          config=self.cfg.train_config("finetune", spec, seed))
+        return self.trained(final)
 
-    def _anomaly_maps(self, ckpt: Path, spec: MethodSpec) -> None:
+    # -- outputs beside the tables -------------------------------------------------------------------
+    def _write_prior_outputs(self, pre: Trained, *, compute: bool) -> None:
+        """OUT/prior.json, OUT/margins.json and OUT/prior.png (P and the P_γ the balanced rows use), when the
+        config uses them; computed only for a selected row that needs them, else only looked up."""
+        balanced = [s for s in self.cfg.methods if s.balanced]
+        auto = [s for s in self.cfg.methods if "auto" in (s.loss_options.get("m_in"), s.loss_options.get("m_out"))]
+        gammas = sorted({1.0 if s.gamma is None else s.gamma for s in balanced})
+        compute_prior = compute and any(self.cfg.selected(s) for s in balanced)
+        prior = self.prior(pre, gammas[0], compute=compute_prior) if gammas else None
+        if prior is not None:
+            prior.save(self.out / "prior.json", overwrite=True)
+            plot_class_prior(self.out / "prior.png", list(pre.meta.class_counts) or [0] * prior.num_classes,
+                             prior.probabilities().tolist(), prior.class_names,
+                             gamma_priors={g: OutlierPrior(prior.counts, g).gamma_prior().tolist()
+                                           for g in gammas if g != 1.0})
+        if auto:
+            margins = self.margins(pre, compute=compute and any(self.cfg.selected(s) for s in auto))
+            if margins is not None:
+                write_json(self.out / "margins.json", margins, overwrite=True)
+
+    def _anomaly_maps(self, pre: Trained, spec: MethodSpec, *, compute: bool) -> None:
         """Frame | ground truth | energy map before | after fine-tuning (seed ``seeds[0]``) for a few frames of the
-        first OOD set (OUT/maps-SLUG.png)."""
+        first OOD set (OUT/maps-SLUG.png); drawn once, while both checkpoints' weights exist."""
         path = self.out / f"maps-{spec.slug}.png"
         after = self.run_dir(spec, self.cfg.seeds[0]) / FINAL
-        if path.exists() or not after.exists():
+        if path.exists() or not compute or not after.exists() or not pre.path.exists():
             return
         dataset = (self.cfg.ood_near + self.cfg.ood_far)[0]
-        frames, labels, before = pipeline.anomaly_examples(ckpt, dataset, MAP_FRAMES, data_root=self.source,
+        frames, labels, before = pipeline.anomaly_examples(pre.path, dataset, MAP_FRAMES, data_root=self.source,
                                                            device=self.cfg.device)
         _, _, tuned = pipeline.anomaly_examples(after, dataset, MAP_FRAMES, data_root=self.source,
                                                 device=self.cfg.device)
         plot_anomaly_maps(path, frames, labels, before, tuned,
                           title=f"{dataset}: energy before | after {spec.label} (seed {self.cfg.seeds[0]})")
 
-    def _plots(self, spec: MethodSpec, before: dict[str, list[float]], after: dict[str, list[float]]) -> None:
-        def pooled(e: dict[str, list[float]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-            return np.asarray(e["id"]), {k: np.asarray(v) for k, v in e.items() if k != "id"}
+    def _plots(self, spec: MethodSpec, before: StoredEvaluation, seed: int, after: StoredEvaluation) -> None:
+        """Energy histograms before | after fine-tuning (the first finished seed) and ROC curves of the row's own
+        score, per OOD set, pretrained (dashed) vs fine-tuned (solid)."""
+        sets = self.cfg.ood_near + self.cfg.ood_far
 
-        (b_id, b_ood), (a_id, a_ood) = pooled(before), pooled(after)
-        plot_energy_histograms(self.out / f"energy-{spec.slug}.png", a_id, a_ood,
-                               title=f"{spec.label} (seed {self.cfg.seeds[0]})", before=(b_id, b_ood))
-        curves = {}
-        for tag, (e_id, e_ood) in {"pretrained": (b_id, b_ood), spec.label: (a_id, a_ood)}.items():
-            ood_all = np.concatenate(list(e_ood.values()))
-            fpr, tpr, _ = roc_curve(-e_id, -ood_all)
-            curves[tag] = (fpr, tpr)
-        plot_roc_curves(self.out / f"roc-{spec.slug}.png", curves, title=f"ROC, all OOD sets pooled: {spec.label}")
+        def energies(ev: StoredEvaluation) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            e = ev.scores["energy"]
+            return -e[ID], {d: -e[d] for d in sets}
+
+        plot_energy_histograms(self.out / f"energy-{spec.slug}.png", *energies(after),
+                               title=f"{spec.label} (seed {seed})", before=energies(before))
+        curves = {(model, d): roc_curve(ev.scores[spec.score][ID], ev.scores[spec.score][d])[:2]
+                  for model, ev in (("pretrained", before), (spec.label, after)) for d in sets}
+        plot_roc_curves(self.out / f"roc-{spec.slug}.png", curves,
+                        title=f"ROC per OOD set, score {spec.score}: {spec.label} (seed {seed}) vs pretrained")
 
 
 def run_benchmark(cfg: BenchmarkConfig, command: str, *, report_only: bool = False,

@@ -11,6 +11,8 @@ from .longtail import (
 )
 from .ood import (
                   DEFAULT_POSITIVE,
+                  DETECTION_KEYS,
+                  FPR_RULES,
                   POSITIVES,
                   OODMetrics,
                   Positive,
@@ -18,6 +20,7 @@ from .ood import (
                   accuracy,
                   aupr,
                   auroc,
+                  detection_metrics,
                   fpr_at_tpr,
                   metric_convention,
                   metrics_from_counts,
@@ -28,7 +31,8 @@ from .ood import (
 )
 
 __all__ = [
-    "DEFAULT_POSITIVE", "LT_KEYS", "POSITIVES", "SPLITS", "OODMetrics", "Positive", "acceptance_rate", "accuracy",
-    "adjust_logits", "aupr", "auroc", "class_splits", "fpr_at_tpr", "long_tail_accuracy", "metric_convention",
-    "metrics_from_counts", "min_calibration_size", "ood_metrics", "roc_curve", "split_accuracy", "threshold_at_tpr",
+    "DEFAULT_POSITIVE", "DETECTION_KEYS", "FPR_RULES", "LT_KEYS", "POSITIVES", "SPLITS", "OODMetrics", "Positive",
+    "acceptance_rate", "accuracy", "adjust_logits", "aupr", "auroc", "class_splits", "detection_metrics", "fpr_at_tpr",
+    "long_tail_accuracy", "metric_convention", "metrics_from_counts", "min_calibration_size", "ood_metrics",
+    "roc_curve", "split_accuracy", "threshold_at_tpr",
 ]

@@ -24,11 +24,19 @@ The literature uses two conventions, and they give different FPR95 values:
 
 Exact definition of FPR at TPR (both conventions): sort by decreasing "positive-ness", form the ROC
 operating points with *tied scores as one step* (as ``sklearn.metrics.roc_curve`` does, with the (0, 0)
-point prepended) and report the smallest FPR among points whose TPR >= ``tpr``; equivalently
-``fpr[np.searchsorted(tpr_curve, tpr)]`` on ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``.
-(The OE/Balanced Energy helper ``fpr_and_fdr_at_recall`` instead takes the point whose recall is *closest*
-to 0.95, which may lie slightly below it; for continuous scores on thousands of samples the two agree to
-within one sample.)
+point prepended) and report, with ``rule="first"`` (default), the smallest FPR among points whose TPR >=
+``tpr``; equivalently ``fpr[np.searchsorted(tpr_curve, tpr)]`` on ``sklearn.metrics.roc_curve(...,
+drop_intermediate=False)``.
+
+``rule="nearest"`` is the rule of the OE / Balanced Energy helper ``fpr_and_fdr_at_recall``: the operating
+point whose TPR is *closest* to ``tpr`` (it may lie below it), and among points equally close the one with
+the *largest* FPR (that helper scans from the highest recall down and keeps the first minimiser). The two
+rules do not agree "within one sample": when ``tpr`` x #positives is an integer k, "first" stops at the k-th
+positive and "nearest" runs on to just before the (k+1)-th, so the FPRs differ by the number of negatives
+ranked between those two positives — an amount that grows with the overlap of the two score distributions
+(``tests/test_metrics.py`` checks this identity). Measured on ID scores N(1, 1) vs OOD scores N(0, 1), 2,000
+each, OOD positive, ``numpy.random.default_rng(seed)`` for seeds 0–19: 0 to 14 samples (median 2), i.e. up to
+0.7 FPR95 points. When k is not an integer, "nearest" may also take the point just below ``tpr``.
 
 AUROC = P(s_pos > s_neg) + 0.5 P(s_pos = s_neg): it is the same under both conventions.
 
@@ -57,6 +65,8 @@ from ..errors import ConfigError
 Positive = Literal["in", "out"]
 DEFAULT_POSITIVE: Positive = "out"
 POSITIVES: tuple[str, ...] = ("in", "out")
+FprRule = Literal["first", "nearest"]
+FPR_RULES: tuple[str, ...] = ("first", "nearest")
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,12 @@ def _check_tpr(tpr: float) -> None:
         raise ConfigError(f"tpr must be in [0, 1] (e.g. 0.95 for FPR95), got {tpr}.")
 
 
+def _check_rule(rule: str) -> None:
+    if rule not in FPR_RULES:
+        raise ConfigError(f"rule must be 'first' (smallest FPR with TPR >= tpr) or 'nearest' (the OE code's "
+                          f"closest-TPR point), got {rule!r}.")
+
+
 # ----------------------------------------------------------------------------- the shared sort
 
 
@@ -184,6 +200,11 @@ class _Ranked:
             raise ConfigError("thresholds need the scores themselves; these metrics were built from counts only.")
         return self.values if positive == "in" else -self.values[::-1]
 
+    def rates(self, positive: str) -> tuple[np.ndarray, np.ndarray]:
+        """(FPR, TPR) at each threshold, starting at (0, 0); from the counts alone."""
+        tp, fp = self.cumulative(positive)
+        return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
+
     def roc(self, positive: str, drop_intermediate: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ROC operating points (FPR, TPR, threshold), starting at (0, 0, inf), ties as one step.
 
@@ -197,12 +218,20 @@ class _Ranked:
             tp, fp, thr = tp[keep], fp[keep], thr[keep]
         return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]], np.r_[np.inf, thr]
 
-    def fpr_at_tpr(self, positive: str, tpr: float) -> float:
-        """Smallest FPR among operating points whose TPR >= ``tpr``."""
+    def fpr_at_tpr(self, positive: str, tpr: float, rule: str = "first") -> float:
+        """FPR at ``tpr`` TPR: the smallest FPR among operating points whose TPR >= ``tpr`` (``rule="first"``),
+        or the FPR of the point whose TPR is closest to ``tpr``, the largest FPR among equally close points
+        (``rule="nearest"``, the OE code's rule); see the module docstring."""
         _check_tpr(tpr)
-        tp, fp = self.cumulative(positive)  # counts only: also works for metrics built from counts
-        fpr_curve, tpr_curve = np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
-        return float(fpr_curve[np.searchsorted(tpr_curve, tpr, side="left")])
+        _check_rule(rule)
+        fpr_curve, tpr_curve = self.rates(positive)
+        if rule == "first":
+            return float(fpr_curve[np.searchsorted(tpr_curve, tpr, side="left")])
+        # points after the (0, 0) start, up to the first one that reaches TPR = 1
+        last = int(np.searchsorted(tpr_curve, 1.0, side="left"))
+        distance = np.abs(tpr_curve[1 : last + 1] - tpr)
+        closest = np.flatnonzero(distance == distance.min())
+        return float(fpr_curve[1 + closest[-1]])
 
 
 # ----------------------------------------------------------------------------- public API
@@ -239,6 +268,25 @@ def metrics_from_counts(n_id: Any, n_ood: Any, *, positive: Positive = DEFAULT_P
     return _metrics(_Ranked(a, b), positive, tpr)
 
 
+#: Keys of :func:`detection_metrics`: FPR95 under both conventions (``fpr95``: OOD positive, ``fpr95_in``: ID
+#: positive).
+DETECTION_KEYS = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_in")
+
+
+def detection_metrics(id_scores: Any, ood_scores: Any, *, tpr: float = 0.95) -> dict[str, float]:
+    """AUROC, AUPR-In, AUPR-Out and FPR at ``tpr`` TPR under **both** conventions, in percent (one sort).
+
+    ``fpr95``: OOD is positive (OE / Balanced Energy code) — % of ID samples flagged as OOD when ``tpr`` of the
+    OOD samples are flagged. ``fpr95_in``: ID is positive (energy_ood / OpenOOD) — % of OOD samples accepted as
+    ID when ``tpr`` of the ID samples are accepted. Both with the default ``rule="first"``.
+    """
+    _check_tpr(tpr)
+    r = _Ranked.build(id_scores, ood_scores)
+    return {"auroc": 100 * r.auroc(), "aupr_in": 100 * r.average_precision("in"),
+            "aupr_out": 100 * r.average_precision("out"), "fpr95": 100 * r.fpr_at_tpr("out", tpr),
+            "fpr95_in": 100 * r.fpr_at_tpr("in", tpr)}
+
+
 def auroc(id_scores: Any, ood_scores: Any, positive: Positive = DEFAULT_POSITIVE) -> float:
     """Area under the ROC curve (= ``sklearn.metrics.roc_auc_score``); identical for both conventions."""
     _check_positive(positive)
@@ -250,9 +298,11 @@ def aupr(id_scores: Any, ood_scores: Any, positive: Positive = DEFAULT_POSITIVE)
     return _Ranked.build(id_scores, ood_scores).average_precision(positive)
 
 
-def fpr_at_tpr(id_scores: Any, ood_scores: Any, positive: Positive = DEFAULT_POSITIVE, tpr: float = 0.95) -> float:
-    """FPR at the first operating point with TPR >= ``tpr`` (FPR95 for 0.95); see the module docstring."""
-    return _Ranked.build(id_scores, ood_scores).fpr_at_tpr(positive, tpr)
+def fpr_at_tpr(id_scores: Any, ood_scores: Any, positive: Positive = DEFAULT_POSITIVE, tpr: float = 0.95,
+               rule: FprRule = "first") -> float:
+    """FPR at ``tpr`` TPR (FPR95 for 0.95): at the first operating point with TPR >= ``tpr`` (``rule="first"``)
+    or at the point with the closest TPR, as the OE code does (``rule="nearest"``); see the module docstring."""
+    return _Ranked.build(id_scores, ood_scores).fpr_at_tpr(positive, tpr, rule)
 
 
 def roc_curve(id_scores: Any, ood_scores: Any, positive: Positive = DEFAULT_POSITIVE, *,

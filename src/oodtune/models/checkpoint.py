@@ -11,7 +11,6 @@ model of a checkpoint whose architecture is an import path needs the user's expl
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Collection
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import write_atomic
+from ..atomic import file_sha256, write_atomic
 from ..errors import CheckpointError
 from .features import FeatureModel
 from .imported import check_trusted, trusted_archs
@@ -99,15 +98,6 @@ def read_meta(path: str | os.PathLike) -> RunMeta:
     """Only the :class:`RunMeta` of a checkpoint."""
     meta: RunMeta = read_checkpoint(path)["meta"]
     return meta
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_model(path: str | os.PathLike, *, trust_arch: Collection[str] = ()) -> tuple[nn.Module, RunMeta]:

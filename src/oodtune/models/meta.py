@@ -74,7 +74,7 @@ class RunMeta:
     class_counts: tuple[int, ...] = ()  # training images per class
     method: str | None = None  # fine-tuning method
     pretrained: str | None = None  # checkpoint a fine-tuning started from
-    pretrained_sha256: str | None = None  # ... and the SHA-256 of that file
+    pretrained_sha256: str | None = None  # SHA-256 of that checkpoint's file (None in checkpoints written before)
     outliers: str | None = None  # auxiliary outlier dataset used in training
     dataset_fingerprint: str | None = None  # content of the ID training split trained on (ImageSet.fingerprint)
     outliers_fingerprint: str | None = None  # content of the auxiliary outliers trained on

@@ -90,11 +90,12 @@ def estimate_prior(checkpoint: str | Path, *, outliers: str = "tin-aux", data_ro
 def save_prior(prior: OutlierPrior, out: str | Path, *, checkpoint: str | Path | None = None,
                plot: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write ``prior`` as JSON to ``out``; with ``plot``, also a bar chart of the checkpoint's ID class counts
-    next to the prior."""
+    next to the prior P and, when γ ≠ 1, the P_γ the Balanced Energy loss uses."""
     path = prior.save(out, overwrite=overwrite)
     if plot is not None:
         counts = list(read_meta(checkpoint).class_counts) if checkpoint is not None else []
-        plot_class_prior(plot, counts or [0] * prior.num_classes, prior.probabilities().tolist(), prior.class_names)
+        plot_class_prior(plot, counts or [0] * prior.num_classes, prior.probabilities().tolist(), prior.class_names,
+                         gamma_priors={prior.gamma: prior.gamma_prior().tolist()} if prior.gamma != 1.0 else None)
     return path
 
 

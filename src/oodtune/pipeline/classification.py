@@ -42,7 +42,7 @@ from ..models import (
     save_checkpoint,
 )
 from ..prior import count_outlier_predictions
-from ..scores import build_score
+from ..scores import Score, build_score
 from ..training.config import FINETUNE, PRETRAIN, TrainConfig
 from ..training.trainer import FINAL, Trainer, check_run_dir
 from .source import DataSource, as_source
@@ -301,12 +301,17 @@ class ClassificationTask(Task[FeatureModel]):
                 run_dir=run_dir, meta=meta).fit()
         return Path(run_dir) / FINAL
 
+    def build_scores(self, meta: RunMeta, names: Sequence[str]) -> list[Score]:
+        """Scores by name; ODIN gets the checkpoint's normalisation ``std``, so that its step ε is taken in [0, 1]
+        pixel units as in the ODIN / energy_ood code (the network sees normalised inputs)."""
+        return [build_score(n, std=meta.std) if n.strip().lower() == "odin" else build_score(n) for n in names]
+
     def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
                  positive: Positive | None, id_split: str = "test", blur: bool = False) -> EvalReport:
         if blur:
             raise ConfigError("blur smooths per-pixel score maps; it applies to segmentation checkpoints only.")
-        built = [build_score(s) for s in scores]
+        built = self.build_scores(meta, scores)
         id_test = id_test_set(meta, source, id_split)
         id_train = self.train_set(meta, source) if any(s.needs_fit for s in built) else None
         # synthetic sets have no natural size: as many images as the ID test set, unless num_ood says otherwise

@@ -43,7 +43,7 @@ from ..models import (
 )
 from ..pixel_evaluation import evaluate_segmentation, forward_maps, segmentation_metrics
 from ..pixel_losses import OUTLIER_LABEL, build_pixel_loss, needs_abstention
-from ..scores import PIXEL_SCORE_NAMES, build_score, score_map
+from ..scores import PIXEL_SCORE_NAMES, Score, build_score, score_map
 from ..training.config import TrainConfig
 from ..training.segmentation import SegmentationTrainer
 from ..training.trainer import FINAL
@@ -161,17 +161,22 @@ class SegmentationTask(Task[SegmentationModel]):
                             normalizer=normalizer_for(meta), run_dir=run_dir, meta=meta).fit()
         return Path(run_dir) / FINAL
 
-    def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
-                 source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None, id_split: str = "test", blur: bool = False) -> EvalReport:
-        unknown = [s for s in scores if s not in PIXEL_SCORE_NAMES]
+    def build_scores(self, meta: RunMeta, names: Sequence[str]) -> list[Score]:
+        """The named per-pixel scores; only those of ``PIXEL_SCORE_NAMES`` apply to segmentation."""
+        unknown = [s for s in names if s not in PIXEL_SCORE_NAMES]
         if unknown:
             raise ConfigError(f"score(s) {unknown} do not apply to segmentation; choose from "
                               f"{', '.join(PIXEL_SCORE_NAMES)}.")
+        return [build_score(s) for s in names]
+
+    def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
+                 source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
+                 positive: Positive | None, id_split: str = "test", blur: bool = False) -> EvalReport:
+        built = self.build_scores(meta, scores)
         height = _input_size(meta)[1]
         sets = {name: source.segmentation(name, "test", height=height, num_images=num_ood) for name in ood}
         return evaluate_segmentation(net, normalizer_for(meta), _id_set(meta, source, id_split), sets,
-                                     [build_score(s) for s in scores], device=device,
+                                     built, device=device,
                                      batch_size=min(batch_size, 8), positive=positive, blur=blur)
 
 

@@ -22,6 +22,7 @@ from ..evaluation import EvalReport
 from ..losses import CompositeLoss
 from ..metrics.ood import Positive
 from ..models import RunMeta
+from ..scores import Score
 from ..training.config import TrainConfig
 from .source import DataSource
 
@@ -71,6 +72,10 @@ class Task(ABC, Generic[Net]):
     def train(self, net: Net, meta: RunMeta, loss: CompositeLoss, config: TrainConfig, *,
               outliers: str | None, source: DataSource, run_dir: Path) -> Path:
         """Train ``net`` with ``loss`` on the ID training split (and ``outliers``); returns the final checkpoint."""
+
+    @abstractmethod
+    def build_scores(self, meta: RunMeta, names: Sequence[str]) -> list[Score]:
+        """The named post-hoc scores, configured for ``meta``'s model (e.g. ODIN's input step in pixel units)."""
 
     @abstractmethod
     def evaluate(self, net: Net, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,

@@ -1,0 +1,179 @@
+"""What the benchmark computes from a checkpoint, cached under keys made of its inputs.
+
+A cached value is found again only when every input that determines it is the same, so adding an OOD set, a
+score or a row to a finished benchmark computes exactly what is missing, and a changed input can never be
+answered from a stale file:
+
+* the **checkpoint** is identified by the SHA-256 of its file (not by its path);
+* a **score** by its name and its options (:meth:`oodtune.scores.Score.options`, as the checkpoint's task builds
+  it — e.g. ODIN's temperature, ε and the normalisation std its step is divided by);
+* a **dataset** by its name and size (``num_ood``; ``all`` for the whole set); the ID split the ID metrics and
+  ID scores come from (``test``, or ``val`` when the benchmark must not look at the test split) by its name.
+
+Layout (``OUT/evals``)::
+
+    <checkpoint sha256[:16]>/
+        checkpoint.json                      sha256, ID-task metrics (accuracy, long-tailed ...) on the ID test
+                                             split (``checkpoint-val.json``: on the validation split)
+        <name>.json                          other derived values, e.g. the outlier prior and margins
+        <score>-<options hash>/options.json  the score's options, for the reader
+        <score>-<options hash>/<set>.json    the metrics row the checkpoint's task computed for the set against
+                                             the ID split (exact; both FPR95 conventions for classification,
+                                             pixel metrics and components for segmentation)
+        <score>-<options hash>/<set>.npy     raw per-sample scores (float32, higher = more ID; for segmentation
+                                             a seeded sample of pixel scores, for the plots); ``id.npy``
+                                             (``id-val.npy``) for the ID split
+
+Files are written atomically and never replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import file_sha256, write_atomic
+from ..errors import ConfigError
+from ..evaluation import EvalReport
+from ..report import write_json
+from ..scores import Score
+
+__all__ = ["EvalStore", "StoredEvaluation", "dataset_key", "score_key"]
+
+ID = "id"  # the key of the ID test split among the datasets of an evaluation
+
+
+def _short_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def score_key(score: Score) -> str:
+    """``<name>-<hash of its options>``: two scores share cached values only if name and options agree."""
+    return f"{score.name}-{_short_hash(score.options())}"
+
+
+def dataset_key(name: str, num: int | None) -> str:
+    """``<name>-n<size>`` (``-nall`` for the whole set); names holding a path (``folder:PATH``) are slugged and
+    hashed."""
+    base = _slug(name) if re.fullmatch(r"[a-z0-9-]+", name) else f"{_slug(name)[-40:]}-{_short_hash(name)}"
+    return f"{base}-n{'all' if num is None else num}"
+
+
+@dataclass
+class StoredEvaluation:
+    """ID-task metrics, metrics rows (``rows[score name][OOD set]``) and raw scores (``scores[score name][dataset
+    name or "id"]``) of one checkpoint."""
+
+    sha256: str
+    id_metrics: dict[str, float] = field(default_factory=dict)
+    rows: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+#: Computes an evaluation of the checkpoint for (score names, OOD set names).
+Compute = Callable[[list[str], list[str]], EvalReport]
+
+
+class EvalStore:
+    """The cache under ``root`` (module docstring); checkpoints are named by the SHA-256 of their file."""
+
+    def __init__(self, root: str | Path, *, id_split: str = "test") -> None:
+        self.root = Path(root)
+        self.id_file = ID if id_split == "test" else f"{ID}-{id_split}"
+        self.info_file = "checkpoint.json" if id_split == "test" else f"checkpoint-{id_split}.json"
+        self._sha: dict[tuple[str, int, int], str] = {}
+
+    def sha256(self, checkpoint: str | Path) -> str:
+        """SHA-256 of a checkpoint file (memoised per path, size and modification time)."""
+        path = Path(checkpoint).resolve()
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._sha:
+            self._sha[key] = file_sha256(path)
+        return self._sha[key]
+
+    def folder(self, sha256: str) -> Path:
+        return self.root / sha256[:16]
+
+    def derived(self, sha256: str, name: str, compute: Callable[[], dict[str, Any]] | None) -> dict[str, Any] | None:
+        """A JSON value derived from the checkpoint ``sha256`` alone (``name`` must encode every other input, e.g.
+        ``"margins-tin-aux"``); computed once. ``compute=None``: only look it up (None when absent)."""
+        path = self.folder(sha256) / f"{name}.json"
+        if path.exists():
+            return dict(json.loads(path.read_text()))
+        if compute is None:
+            return None
+        value = compute()
+        write_json(path, value)
+        return value
+
+    def evaluation(self, sha256: str, scores: Sequence[Score], ood: Sequence[str], num_ood: int | None,
+                   compute: Compute | None) -> StoredEvaluation | None:
+        """The ID metrics and raw scores of checkpoint ``sha256`` for every score x (ID test split + ``ood``).
+
+        What is not cached yet is computed with ``compute(score names, OOD set names)`` — only the scores and
+        sets that miss something — and stored; with ``compute=None`` a missing piece gives None."""
+        names = [s.name for s in scores]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"each score may appear once per evaluation, got {names}")
+        folder = self.folder(sha256)
+        paths = {s.name: {d: folder / score_key(s) / f"{dataset_key(d, num_ood) if d != ID else self.id_file}.npy"
+                          for d in [*ood, ID]} for s in scores}
+        info_path = folder / self.info_file
+        missing = {s: [d for d, p in by_set.items()
+                       if not p.exists() or (d != ID and not p.with_suffix(".json").exists())]
+                   for s, by_set in paths.items()}
+        missing = {s: ([*ood, ID] if ID in sets else sets) for s, sets in missing.items() if sets}
+        if missing or not info_path.exists():
+            if compute is None:
+                return None
+            todo_scores = list(missing) or names[:1]
+            todo_sets = list(dict.fromkeys(d for sets in missing.values() for d in sets if d != ID)) or list(ood[:1])
+            report = compute(todo_scores, todo_sets)
+            for score in scores:
+                self._write_options(folder / score_key(score), score)
+            for name, sets in missing.items():
+                for d in [d for d in sets if d != ID] + [ID]:  # the ID file last: it marks the score complete
+                    if d != ID:
+                        row = next(r for r in report.rows if r["score"] == name and r["dataset"] == d)
+                        write_json(paths[name][d].with_suffix(".json"),
+                                   {k: v for k, v in row.items() if k not in ("score", "dataset")}, overwrite=True)
+                    if not paths[name][d].exists():
+                        _write_array(paths[name][d], report.scores[name][d])
+            if not info_path.exists():
+                write_json(info_path, {"sha256": sha256, "id_metrics": report.id_metrics})
+        info = json.loads(info_path.read_text())
+        return StoredEvaluation(
+            sha256=info["sha256"], id_metrics=dict(info["id_metrics"]),
+            rows={s: {d: dict(json.loads(p.with_suffix(".json").read_text())) for d, p in by_set.items() if d != ID}
+                  for s, by_set in paths.items()},
+            scores={s: {d: _read_array(p) for d, p in by_set.items()} for s, by_set in paths.items()})
+
+    @staticmethod
+    def _write_options(folder: Path, score: Score) -> None:
+        path = folder / "options.json"
+        if not path.exists():
+            write_json(path, {"score": score.name, "options": score.options()})
+
+
+def _write_array(path: Path, values: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(values, dtype=np.float32), allow_pickle=False)
+    write_atomic(path, lambda fh: fh.write(buf.getvalue()), overwrite=False)
+
+
+def _read_array(path: Path) -> np.ndarray:
+    return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
+
