@@ -1,8 +1,8 @@
 """Models: the architecture zoo, the logits+features interface for any classifier, the segmentation wrapper,
 the metadata that travels with a model, and checkpoints."""
 
+from ..atomic import file_sha256
 from .checkpoint import (
-                         file_sha256,
                          load_feature_model,
                          load_model,
                          read_checkpoint,

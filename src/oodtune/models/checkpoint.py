@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import file_sha256, write_atomic
+from ..atomic import write_atomic
 from ..errors import CheckpointError
 from .features import FeatureModel
 from .imported import check_trusted, trusted_archs
