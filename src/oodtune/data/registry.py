@@ -35,7 +35,7 @@ from oodtune.data.layouts import (
     load_tree,
     not_found,
 )
-from oodtune.data.protocol import load_tin_aux, load_tin_near
+from oodtune.data.protocol import load_tin_aux, load_tin_aux_val, load_tin_near
 from oodtune.data.sources import (
     CIFAR_LAYOUTS,
     read_cifar,
@@ -199,6 +199,9 @@ _LOADERS: dict[str, tuple[Callable[[Request], ImageSet], str]] = {
                  "Omniglot: omniglot*/images_background*/ALPHABET/CHARACTER/*.png (1-bit -> RGB), unlabelled"),
     "tin-aux": (load_tin_aux,
                 "cifar10-offline protocol: Tiny ImageNet train, auxiliary half minus CIFAR-10 overlaps, unlabelled"),
+    "tin-aux-val": (load_tin_aux_val,
+                    "cifar10-offline protocol: Tiny ImageNet val, auxiliary half minus CIFAR-10 overlaps (held-out "
+                    "outliers for choosing score hyperparameters), unlabelled"),
     "tin-near": (load_tin_near,
                  "cifar10-offline protocol: Tiny ImageNet val, other half minus CIFAR-10 overlaps (near-OOD)"),
 }

@@ -38,12 +38,13 @@ from .classification import (
     pretrain_setup,
 )
 from .source import DataSource, as_source
-from .task import Task, register_task, task_of
+from .task import Task, ValidationSpec, register_task, task_of
 
 __all__ = [
     "DataSource", "MarginProposal", "Task", "as_source", "estimate_prior", "evaluate_checkpoint", "finetune",
     "finetune_config", "fresh_model", "id_test_accuracy", "id_train_set", "import_model", "normalizer_for",
     "pretrain", "pretrain_setup", "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
+    "ValidationSpec",
 ]
 
 Root = DataSource | str | Path | None
@@ -137,9 +138,16 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
 
 def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: Sequence[str], data_root: Root = None,
                         device: str | None = None, num_ood: int | None = None, batch_size: int = 1024,
-                        positive: Positive | None = None) -> tuple[EvalReport, RunMeta]:
-    """Evaluate a checkpoint with the named scores on the named OOD sets; returns (report, meta)."""
+                        positive: Positive | None = None,
+                        validation: ValidationSpec | None = None) -> tuple[EvalReport, RunMeta]:
+    """Evaluate a checkpoint with the named scores on the named OOD sets; returns (report, meta).
+
+    Scores keep their papers' hyperparameters, unless ``validation`` names a validation pair (held-out ID train
+    images + held-out auxiliary outliers) to choose them on (:mod:`oodtune.scores.selection`; the choices are in
+    ``report.selections``)."""
     net, meta = load_feature_model(checkpoint)
-    report = task_of(meta).evaluate(net, meta, scores, ood, source=as_source(data_root), device=device,
-                                    num_ood=num_ood, batch_size=batch_size, positive=positive)
+    task = task_of(meta)
+    extra = {} if validation is None else {"validation": validation}  # tasks without selection keep working
+    report = task.evaluate(net, meta, scores, ood, source=as_source(data_root), device=device, num_ood=num_ood,
+                           batch_size=batch_size, positive=positive, **extra)
     return report, meta

@@ -16,10 +16,11 @@ from torch import nn
 
 from ..data import ImageSet
 from ..data.longtail import make_longtailed
+from ..data.registry import canonical_name
 from ..data.tensors import CIFAR_MEAN, CIFAR_STD, Normalizer
 from ..energy import energy
-from ..errors import CheckpointError, ModelError
-from ..evaluation import EvalReport, compute_outputs, evaluate
+from ..errors import CheckpointError, ConfigError, ModelError
+from ..evaluation import EvalReport, Validation, compute_outputs, evaluate
 from ..losses import CompositeLoss, build_method_loss
 from ..metrics import accuracy, long_tail_accuracy
 from ..metrics.ood import Positive
@@ -37,7 +38,7 @@ from ..scores import build_score
 from ..training.config import FINETUNE, PRETRAIN, TrainConfig
 from ..training.trainer import FINAL, Trainer
 from .source import DataSource, as_source
-from .task import Task, register_task
+from .task import Task, ValidationSpec, register_task
 
 __all__ = ["ClassificationTask", "fresh_model", "id_test_accuracy", "id_train_set", "import_model",
            "normalizer_for", "pretrain", "pretrain_setup"]
@@ -181,15 +182,31 @@ class ClassificationTask(Task):
                 run_dir=run_dir, meta=meta).fit()
         return Path(run_dir) / FINAL
 
+    def validation_pair(self, meta: RunMeta, id_train: ImageSet, spec: ValidationSpec, ood: Sequence[str],
+                        source: DataSource) -> Validation:
+        """The held-out ID train indices and outlier images of ``spec``; refuses an OOD test set as outliers."""
+        if canonical_name(spec.outliers) in {canonical_name(o) for o in ood}:
+            raise ConfigError(f"the validation outliers {spec.outliers!r} are also an OOD test set; choose held-out "
+                              "auxiliary outliers (e.g. tin-aux-val), never a test set.")
+        if not 1 <= spec.id_holdout < len(id_train):
+            raise ConfigError(f"id_holdout must be between 1 and {len(id_train) - 1} (the ID train split has "
+                              f"{len(id_train)} images), got {spec.id_holdout}.")
+        perm = torch.randperm(len(id_train), generator=torch.Generator().manual_seed(spec.seed))
+        outliers = source.load(spec.outliers, "test", meta.resolution, spec.num_outliers)
+        return Validation(holdout=perm[: spec.id_holdout].numpy(), outliers=outliers)
+
     def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None) -> EvalReport:
+                 positive: Positive | None, validation: ValidationSpec | None = None) -> EvalReport:
         built = [build_score(s) for s in scores]
         id_test = source.load(meta.dataset, "test", meta.resolution)
-        id_train = self.train_set(meta, source) if any(s.needs_fit for s in built) else None
+        needs_train = validation is not None or any(s.needs_fit for s in built)
+        id_train = self.train_set(meta, source) if needs_train else None
         ood_sets = {name: source.load(name, "test", meta.resolution, num_ood) for name in ood}
+        pair = None if validation is None or id_train is None else \
+            self.validation_pair(meta, id_train, validation, ood, source)
         report = evaluate(net, normalizer_for(meta), id_test, ood_sets, built, id_train=id_train, device=device,
-                          batch_size=batch_size, positive=positive)
+                          batch_size=batch_size, positive=positive, validation=pair)
         if meta.imbalance_ratio and report.id_logits is not None and id_test.labels is not None:
             report.id_metrics.update(long_tail_accuracy(report.id_logits, id_test.labels, meta.class_counts))
         return report

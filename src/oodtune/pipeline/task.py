@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,20 @@ from ..models import FeatureModel, RunMeta
 from ..training.config import TrainConfig
 from .source import DataSource
 
-__all__ = ["Task", "register_task", "task_of", "TASK_REGISTRY"]
+__all__ = ["Task", "ValidationSpec", "register_task", "task_of", "TASK_REGISTRY"]
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    """The validation pair that score hyperparameters are chosen on (:mod:`oodtune.scores.selection`):
+    ``id_holdout`` images of the checkpoint's ID *train* split, drawn with ``seed`` and held out of the statistics
+    fit while selecting, and the held-out auxiliary outlier set ``outliers`` (``num_outliers``: a seeded
+    subsample). Never an OOD test set."""
+
+    outliers: str
+    id_holdout: int = 1000
+    num_outliers: int | None = None
+    seed: int = 0
 
 
 class Task(ABC):
@@ -61,8 +75,9 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None) -> EvalReport:
-        """ID-task metrics on the ID test split and detection metrics of each score on each OOD set."""
+                 positive: Positive | None, validation: ValidationSpec | None = None) -> EvalReport:
+        """ID-task metrics on the ID test split and detection metrics of each score on each OOD set; with
+        ``validation``, each score's hyperparameters are first chosen on that validation pair."""
 
 
 TASK_REGISTRY: dict[str, Task] = {}
