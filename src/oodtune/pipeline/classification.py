@@ -33,6 +33,7 @@ from ..models import (
     read_state_dict,
     save_checkpoint,
 )
+from ..models.imported import input_normalisation
 from ..prior import count_outlier_predictions
 from ..scores import build_score
 from ..training.config import FINETUNE, PRETRAIN, TrainConfig
@@ -107,20 +108,25 @@ def pretrain(out: str | Path, *, dataset: str = "cifar10", arch: str = "wrn-40-2
 
 def import_model(weights: str | Path, out: str | Path, *, arch: str, dataset: str = "cifar10",
                  data_root: DataSource | str | Path | None = None, resolution: int = 32,
-                 mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD, head: str | None = None) -> Path:
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 head: str | None = None) -> Path:
     """Turn a classifier trained elsewhere into an oodtune checkpoint at ``out``, so that estimate-prior,
     propose-margins, finetune, evaluate and benchmark work on it.
 
     ``arch`` rebuilds it (a built-in name or ``package.module:factory``), ``weights`` is its saved state_dict
     (see :func:`~oodtune.models.read_state_dict`), ``dataset`` the ID data it was trained on (its class count must
-    match the model's), ``mean``/``std`` the normalisation it was trained with (on [0, 1] pixels), ``head`` the
-    layer whose input is the feature vector.
+    match the model's), ``mean``/``std`` the normalisation it was trained with (on [0, 1] pixels; each defaults to
+    the model's timm-style ``pretrained_cfg`` when it has one, else to CIFAR-10's), ``head`` the layer whose input
+    is the feature vector.
     """
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another --out (nothing is overwritten).")
     meta, _, net = pretrain_setup(dataset=dataset, arch=arch, data_root=data_root, resolution=resolution,
-                                  stage="imported", mean=mean, std=std, head=head)
+                                  stage="imported", mean=mean or CIFAR_MEAN, std=std or CIFAR_STD, head=head)
+    from_cfg = input_normalisation(net.model)
+    if from_cfg is not None and (mean is None or std is None):
+        meta = meta.replace(mean=tuple(mean or from_cfg[0]), std=tuple(std or from_cfg[1]))
     classes = meta.num_classes
     try:
         net.model.load_state_dict(read_state_dict(weights))
