@@ -114,8 +114,11 @@ def test_statistics_only_ever_come_from_id_train(select):
     if select:  # one fit per grid setting on train minus the held-out rows, then the final fit on all of it
         tried = report.selections["knn"]["tried"]
         assert [t["k"] for t in tried] == [5, 50, 1, 10, 20, 100, 200]  # the current setting first
-        assert len(SpyKNN.fits) == len(tried) + 1
-        assert all(torch.equal(f, train[kept]) for f in SpyKNN.fits[:-1])
+        sel = report.selections["knn"]
+        finals = 1 + (sel["chosen"] != sel["default"])  # the chosen setting, and the default for default_rows
+        assert len(SpyKNN.fits) == len(tried) + finals
+        assert all(torch.equal(f, train[kept]) for f in SpyKNN.fits[: len(tried)])
+        assert all(torch.equal(f, train) for f in SpyKNN.fits[len(tried):])
         assert {t["k"] for t in tried if "error" in t} == {50, 100, 200}  # more neighbours than the 45 fit points
         best = max((t for t in tried if "auroc" in t), key=lambda t: t["auroc"])
         assert report.selections["knn"]["chosen"] == {"k": best["k"]}
@@ -143,6 +146,12 @@ def test_selected_setting_is_what_gets_reported():
     s_id = ref.from_outputs(out["id"].logits, out["id"].features).numpy()
     s_far = ref.from_outputs(out["far"].logits, out["far"].features).numpy()
     assert report.rows[0]["auroc"] == pytest.approx(100 * auroc(s_id, s_far))
+    default = KNN(k=50).fit(out["tr"].logits, out["tr"].features)  # the paper default, refitted on all of train
+    d_id = default.from_outputs(out["id"].logits, out["id"].features).numpy()
+    d_far = default.from_outputs(out["far"].logits, out["far"].features).numpy()
+    assert report.default_rows[0]["score"] == "knn"
+    assert report.default_rows[0]["auroc"] == pytest.approx(100 * auroc(d_id, d_far))
+    assert (report.default_rows == report.rows) == (k == 50)
 
 
 @pytest.mark.parametrize("holdout", [np.array([], dtype=int), np.arange(60), np.array([3, 99])])

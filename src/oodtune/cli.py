@@ -22,7 +22,6 @@ import click
 
 from . import __version__
 from .data import available_datasets
-from .data.tensors import CIFAR_MEAN, CIFAR_STD
 from .errors import OodtuneError
 from .losses import METHODS, loss_option_defaults
 from .models import ARCHITECTURES
@@ -228,27 +227,31 @@ def pretrain(**kw: Any) -> None:
                    "nn.Module.")
 @click.option("--dataset", default="cifar10", show_default=True, help="ID dataset the model was trained on.")
 @click.option("--head", default=None, help="Dotted name of the classification layer (default: the last nn.Linear).")
-@click.option("--mean", type=(float, float, float), default=CIFAR_MEAN, show_default="CIFAR-10's",
+@click.option("--mean", type=(float, float, float), default=None,
+              show_default="the model's timm pretrained_cfg if it has one, else CIFAR-10's",
               help="Per-channel mean the model's inputs were normalised with (pixels scaled to [0, 1]).")
-@click.option("--std", type=(float, float, float), default=CIFAR_STD, show_default="CIFAR-10's",
+@click.option("--std", type=(float, float, float), default=None,
+              show_default="the model's timm pretrained_cfg if it has one, else CIFAR-10's",
               help="Per-channel std the model's inputs were normalised with.")
 @click.option("--resolution", type=click.IntRange(8), default=32, show_default=True, help="Input image size.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="oodtune checkpoint to write (.pt).")
 @click.option("--check-accuracy/--no-check-accuracy", default=True, show_default=True,
               help="Report the ID test accuracy after import (a wrong --mean/--std or --head shows up here).")
-def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: tuple[float, float, float],
-                 std: tuple[float, float, float], resolution: int, out: str, check_accuracy: bool,
+def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: tuple[float, float, float] | None,
+                 std: tuple[float, float, float] | None, resolution: int, out: str, check_accuracy: bool,
                  data_root: str | None, device: str) -> None:
     """Wrap a classifier trained elsewhere (its saved state_dict) as an oodtune checkpoint.
 
     Every other command then works on it: estimate-prior, propose-margins, finetune, evaluate, benchmark.
     """
+    from .models import read_meta
     from .pipeline import id_test_accuracy
     from .pipeline import import_model as run
 
     path = run(weights, out, arch=arch, dataset=dataset, data_root=data_root, resolution=resolution, mean=mean,
                std=std, head=head)
-    console.print(f"saved {path}")
+    meta = read_meta(path)
+    console.print(f"saved {path} (input normalisation mean {meta.mean}, std {meta.std})")
     if check_accuracy:
         acc = id_test_accuracy(path, data_root=data_root, device=device)
         console.print(f"{dataset} test accuracy of the imported model: {100 * acc:.2f}%")
@@ -351,21 +354,32 @@ def finetune(**kw: Any) -> None:
 @click.option("--num-ood", type=click.IntRange(1), default=None, help="Seeded subsample of each OOD set.")
 @click.option("--positive", type=click.Choice(["in", "out"]), default=None,
               help="Which class the metrics treat as positive (default: see oodtune.metrics).")
+@click.option("--select-on", default=None, metavar="OUTLIERS",
+              help="Choose each score's hyperparameters on held-out ID train images vs these held-out auxiliary "
+                   "outliers (e.g. tin-aux-val; never an OOD test set) instead of keeping the papers' values.")
+@click.option("--id-holdout", type=click.IntRange(1), default=1000, show_default=True,
+              help="ID train images held out of the statistics fit for --select-on.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write OUT.json and OUT.md with the table (a .json or .md suffix on OUT is dropped).")
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT files.")
 def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num_ood: int | None,
-             positive: str | None, out: str | None, overwrite: bool, data_root: str | None, device: str) -> None:
+             positive: str | None, select_on: str | None, id_holdout: int, out: str | None, overwrite: bool,
+             data_root: str | None, device: str) -> None:
     """Accuracy + AUROC / AUPR-In / AUPR-Out / FPR95 for each score on each OOD set."""
-    from .pipeline import evaluate_checkpoint
+    from .pipeline import ValidationSpec, evaluate_checkpoint
     from .report import evaluation_paths, evaluation_table, id_metrics_text, write_evaluation
 
     if out:
         existing = [str(p) for p in evaluation_paths(out) if p.exists() and not overwrite]
         if existing:  # refuse before spending the evaluation
             raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out.")
+    validation = ValidationSpec(outliers=select_on, id_holdout=id_holdout) if select_on else None
     report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
-                                       num_ood=num_ood, positive=positive)  # type: ignore[arg-type]
+                                       num_ood=num_ood, positive=positive,  # type: ignore[arg-type]
+                                       validation=validation)
+    for name, sel in report.selections.items():
+        if sel["tried"]:
+            click.echo(f"{name}: chose {sel['chosen']} (paper default {sel['default']}) on the validation pair")
     click.echo(id_metrics_text(report, meta))
     click.echo(evaluation_table(report))
     if out:

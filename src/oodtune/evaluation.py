@@ -102,6 +102,8 @@ class EvalReport:
     seconds: float = 0.0  # wall time of the evaluation
     #: score -> its hyperparameter selection record (oodtune.scores.selection.Selection.to_dict), when selected
     selections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: with selection: the rows of every score at its paper-default setting, from the same forward passes
+    default_rows: list[dict[str, float | str]] = field(default_factory=list)
 
     def averages(self, groups: Mapping[str, str] | None = None) -> list[dict[str, float | str]]:
         """Mean of each metric per score over all OOD sets, and per group (e.g. near/far) when given."""
@@ -168,7 +170,8 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
     Scores with ``needs_head`` get ``net``'s final layer; scores with ``needs_fit`` are fitted on the outputs of
     ``id_train`` (required for them). With ``validation`` (needs ``id_train``), each score's hyperparameters are
     first selected on the validation pair (module docstring) and the chosen setting is refitted on all of
-    ``id_train``; ``report.selections`` records the search. The scores passed in are not modified.
+    ``id_train``; ``report.selections`` records the search and ``report.default_rows`` holds the paper-default
+    settings' rows, scored from the same outputs (no second forward pass). The scores passed in are not modified.
     ``positive`` overrides the metrics' positive-class convention (see ``oodtune.metrics``).
     """
     if not ood_sets:
@@ -190,6 +193,7 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
     for s in scores:
         if s.needs_head:
             s.use_head(*net.head_parameters())
+    defaults: list[Score | None] = [None] * len(scores)  # with selection: the default where it was not chosen
     if any(s.needs_fit for s in scores) or validation is not None:
         if id_train is None or id_train.labels is None:
             needing = ", ".join(s.name for s in scores if s.needs_fit) or "hyperparameter selection"
@@ -198,20 +202,33 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
         tr = outputs(id_train)
         labels = torch.from_numpy(id_train.labels).to(tr.logits.device)
         if validation is not None:
-            scores, report.selections = _select(scores, net, normalizer, id_train, tr, labels, validation,
+            chosen, report.selections = _select(scores, net, normalizer, id_train, tr, labels, validation,
                                                 outputs(validation.outliers))
-        for s in scores:
+            defaults = [d if report.selections[d.name]["chosen"] != report.selections[d.name]["default"] else None
+                        for d in scores]
+            scores = chosen
+        for s in [*scores, *(d for d in defaults if d is not None)]:
             if s.needs_fit:
                 s.fit(tr.logits, tr.features, labels)
     ood_out = {name: outputs(ds) for name, ds in ood_sets.items()}
-    for s in scores:
+
+    def rows(s: Score) -> list[dict[str, float | str]]:
         id_scores = score_dataset(s, net, id_test, id_out, normalizer)
         report.scores[s.name] = {"id": id_scores}
+        out: list[dict[str, float | str]] = []
         for name, ds in ood_sets.items():
             ood_scores = score_dataset(s, net, ds, ood_out[name], normalizer)
             report.scores[s.name][name] = ood_scores
             m = (ood_metrics(id_scores, ood_scores) if positive is None
                  else ood_metrics(id_scores, ood_scores, positive=positive)).as_percent()
-            report.rows.append({"score": s.name, "dataset": name, **{k: m[k] for k in METRIC_KEYS}})
+            out.append({"score": s.name, "dataset": name, **{k: m[k] for k in METRIC_KEYS}})
+        return out
+
+    for s, default in zip(scores, defaults, strict=True):
+        default_rows = [] if default is None else rows(default)
+        selected = rows(s)  # scored after the default, so report.scores holds the reported setting
+        report.rows += selected
+        if validation is not None:
+            report.default_rows += default_rows or selected
     report.seconds = time.perf_counter() - t0
     return report

@@ -72,7 +72,7 @@ def write_evaluation(out: str | os.PathLike, report: EvalReport, meta: RunMeta, 
     :func:`evaluation_paths`."""
     js, md = evaluation_paths(out)
     data = {"command": command, "checkpoint": str(checkpoint), "id_dataset": meta.dataset, **report.id_metrics,
-            "rows": evaluation_rows(report)}
+            "rows": evaluation_rows(report), **({"selections": report.selections} if report.selections else {})}
     write_json(js, data, overwrite=overwrite)
     text = (f"# {Path(checkpoint).parent.name}\n\nCommand: `{command}`\n\n{id_metrics_text(report, meta)}\n\n"
             + evaluation_table(report))
