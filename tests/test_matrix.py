@@ -93,7 +93,8 @@ def test_matrix_covers_every_score_on_every_model(bench):
     assert summary["near"]["fpr95"]["EnergyOE"]["vim"] == pytest.approx([np.mean(near), np.std(near, ddof=1)])
     for heading in ("## Hyperparameters selected on the validation pair", "## Paper-default hyperparameters",
                     "### AUROC↑, average over all OOD sets", "### FPR95↓, average over near OOD sets",
-                    "### Chosen hyperparameters"):
+                    "### Chosen hyperparameters", "### AUROC↑ change from the pretrained model (same score)",
+                    "### FPR95↓ of each score minus energy's on the same model"):
         assert heading in md
     assert md.count("**") >= 2 * 3 * 8  # one bold (best) cell per table row
 
@@ -142,6 +143,16 @@ def test_matrix_resumes_and_never_reuses_a_different_question(env, bench, monkey
 def test_matrix_config_is_checked(env, matrix, match):
     with pytest.raises(ValueError, match=match):
         load_benchmark_config(_config(env, "bad", matrix))
+
+
+def test_difference_tables():
+    table = {"Pretrained (no fine-tuning)": {"energy": 60.0, "knn": 70.0},
+             "EnergyOE": {"energy": (75.0, 1.0), "knn": (72.5, 2.0)}}
+    assert matrix_module._difference_rows(table, "Pretrained (no fine-tuning)") == [
+        {"model": "EnergyOE", "energy": "+15.00", "knn": "+2.50"}]
+    assert matrix_module._difference_rows(table, "energy") == [
+        {"model": "Pretrained (no fine-tuning)", "energy": "+0.00", "knn": "+10.00"},
+        {"model": "EnergyOE", "energy": "+0.00", "knn": "-2.50"}]
 
 
 def test_default_only_records_hold_default_rows():

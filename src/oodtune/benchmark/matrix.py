@@ -132,10 +132,30 @@ def summarize_matrix(cfg: BenchmarkConfig, records: list[dict[str, Any]]) -> dic
 
 def _row(label: str, cells: dict[str, Any], metric: str, runs: int, accuracy: Any) -> dict[str, str]:
     """One table row; the best score of the row in bold."""
-    means = {s: (v[0] if isinstance(v, tuple) else v) for s, v in cells.items() if v is not None}
+    means = {s: m for s, m in ((s, _mean(v)) for s, v in cells.items()) if m is not None}
     best = (min if metric in LOWER_IS_BETTER else max)(means, key=lambda s: means[s]) if means else None
     return {"model": label, "runs": str(runs), "acc": fmt(accuracy),
             **{s: f"**{fmt(v)}**" if s == best else fmt(v) for s, v in cells.items()}}
+
+
+def _mean(value: Any) -> float | None:
+    return None if value is None else float(value[0] if isinstance(value, (tuple, list)) else value)
+
+
+def _difference_rows(table: dict[str, dict[str, Any]], against: str) -> list[dict[str, str]]:
+    """Per model, each score's mean minus the mean of ``against``: a model label (same score on that model) or a
+    score name (that score on the same model)."""
+    rows = []
+    for label, cells in table.items():
+        if label == against:
+            continue
+        diffs = {}
+        for score, value in cells.items():
+            base = table[against][score] if against in table else cells.get(against)
+            a, b = _mean(value), _mean(base)
+            diffs[score] = "–" if a is None or b is None else f"{a - b:+.2f}"
+        rows.append({"model": label, **diffs})
+    return rows
 
 
 def _selection_rows(records: list[dict[str, Any]], scores: tuple[str, ...]) -> list[dict[str, str]]:
@@ -177,6 +197,14 @@ def write_matrix(cfg: BenchmarkConfig, records: list[dict[str, Any]], command: s
                         for label in table]
                 md.append(f"\n### {METRIC_LABELS[metric]}, average over {bucket} OOD sets\n\n")
                 md.append(markdown_table(rows, ["model", "runs", "acc", *scores], ["model", "runs", "ID acc", *scores]))
+        for metric in ("auroc", "fpr95"):
+            table = mode_summary["all"][metric]
+            if PRETRAINED in table and len(table) > 1:
+                md.append(f"\n### {METRIC_LABELS[metric]} change from the pretrained model (same score), all OOD "
+                          "sets\n\n" + markdown_table(_difference_rows(table, PRETRAINED), ["model", *scores]))
+            if "energy" in scores:
+                md.append(f"\n### {METRIC_LABELS[metric]} of each score minus energy's on the same model, all OOD "
+                          "sets\n\n" + markdown_table(_difference_rows(table, "energy"), ["model", *scores]))
         if mode == "selected":
             tuned = [s for s in scores if any(r["selections"][s]["tried"] for r in records)]
             md.append("\n### Chosen hyperparameters\n\n" + (
