@@ -165,3 +165,25 @@ def test_selection_needs_the_train_split():
     with pytest.raises(DataError, match="hyperparameter selection need"):
         evaluate(_net(), Normalizer(), _images(30, 1, 120), {"far": _images(20, 2, 30, False)}, [build_score("msp")],
                  device="cpu", validation=Validation(np.arange(3), _images(5, 3, 9, False)))
+
+
+class Scaled(LogitScore):
+    """A user's own score whose constructor argument is not stored under its own name."""
+
+    name = "scaled-maxlogit"
+
+    def __init__(self, factor: float) -> None:
+        self._factor = factor
+
+    def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return self._factor * logits.amax(dim=1)
+
+
+def test_user_scores_without_a_grid_work_with_and_without_selection():
+    net, norm = _net(), Normalizer()
+    args = (net, norm, _images(30, 1, 120), {"far": _images(20, 2, 30, labelled=False)}, [Scaled(2.0)])
+    plain = evaluate(*args, device="cpu")
+    selected = evaluate(*args, id_train=_images(60, 0, 120), device="cpu",
+                        validation=Validation(np.arange(10), _images(25, 3, 220, labelled=False)))
+    assert plain.rows == selected.rows == selected.default_rows
+    assert selected.selections["scaled-maxlogit"]["tried"] == []

@@ -10,6 +10,7 @@ in-distribution".
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -189,7 +190,7 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
     id_out = outputs(id_test)
     acc = accuracy(id_out.logits.cpu(), torch.from_numpy(id_test.labels))
     report = EvalReport(id_metrics={"accuracy": 100 * acc}, id_logits=id_out.logits.cpu())
-    scores = [s.with_params() for s in scores]  # fresh copies: the caller's objects stay unfitted
+    scores = [copy.deepcopy(s) for s in scores]  # the caller's objects are neither fitted nor changed
     for s in scores:
         if s.needs_head:
             s.use_head(*net.head_parameters())
