@@ -25,6 +25,7 @@ from ..report import write_json
 from ..runtime import resolve_device
 from ..training.trainer import FINAL
 from .config import BenchmarkConfig, MethodSpec
+from .matrix import PRETRAINED, MatrixModel, run_matrix
 from .tables import write_results
 
 __all__ = ["Benchmark", "run_benchmark"]
@@ -158,7 +159,24 @@ class Benchmark:
                 self._plots(spec, base_energy, results[spec.label][0]["energy"])
             if cfg.task == "segmentation":
                 self._anomaly_maps(ckpt, spec)
-        return write_results(cfg, results, command, missing)
+        paths = write_results(cfg, results, command, missing)
+        return paths + (self.matrix(ckpt, command, report_only=report_only) if cfg.matrix else [])
+
+    def matrix(self, ckpt: Path, command: str, *, report_only: bool) -> list[Path]:
+        """The score × model matrix (:mod:`.matrix`) over the pretrained model and every finished fine-tuning run;
+        with ``report_only`` (and for rows left out by ``cfg.only``) only stored records are tabulated."""
+        models = [MatrixModel(PRETRAINED, ckpt)] if ckpt.exists() else []
+        frozen = set(models) if report_only else set()
+        for spec in self.cfg.methods:
+            if spec.posthoc:
+                continue
+            for seed in self.cfg.seeds:
+                final = self.run_dir(spec, seed) / FINAL
+                if final.exists():
+                    models.append(MatrixModel(spec.label, final, seed))
+                    if report_only or not self.cfg.selected(spec):
+                        frozen.add(models[-1])
+        return run_matrix(self.cfg, self.source, models, command, tabulate_only=frozen)
 
     def _train_and_evaluate(self, ckpt: Path, spec: MethodSpec, seed: int) -> dict[str, Any]:
         run_dir = self.run_dir(spec, seed)
