@@ -11,6 +11,7 @@ import os
 import pickle
 import struct
 import tarfile
+import textwrap
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -260,3 +261,15 @@ def offline_env(tmp: Path, *, train_per_class: int, test_per_class: int) -> Iter
         yield {"root": root, "tmp": tmp}
     finally:
         mp.undo()
+
+
+@contextmanager
+def offline_env_with_module(tmp: Path, module: str, code: str, *, train_per_class: int,
+                            test_per_class: int) -> Iterator[dict[str, Path]]:
+    """``offline_env`` plus a user module ``module`` (source ``code``, dedented) importable from ``tmp/code``."""
+    (tmp / "code").mkdir()
+    (tmp / "code" / f"{module}.py").write_text(textwrap.dedent(code))
+    with pytest.MonkeyPatch.context() as mp, offline_env(tmp, train_per_class=train_per_class,
+                                                         test_per_class=test_per_class) as env:
+        mp.syspath_prepend(str(tmp / "code"))
+        yield env

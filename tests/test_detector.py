@@ -18,7 +18,7 @@ from PIL import Image
 from fixtures_data import write_corrupt_jpeg, write_image
 from helpers_training import RESOLUTION, easy_imageset, random_imageset, tiny_net
 from oodtune.detector import Detector, weights_hash
-from oodtune.errors import CheckpointError, ConfigError, DataError
+from oodtune.errors import CheckpointError, ConfigError, DataError, ScoreError
 from oodtune.export import export_detector, load_exported
 from oodtune.metrics import threshold_at_tpr
 from oodtune.scores import build_score
@@ -142,6 +142,23 @@ def test_fitted_statistics_travel_in_a_sidecar(tmp_path):
     images = random_imageset(10, seed=3)
     np.testing.assert_array_equal(det.score(images), again.score(images))
     assert again.fit_source == "easy train"
+
+
+@pytest.mark.parametrize("score", ["vim", "react+dice+msp"])
+def test_head_reading_and_shaped_scores_save_and_load(score, tmp_path):
+    # ViM and the shaping steps read the final layer; a shaped score's state lives in its steps and inner score
+    det = make_detector(score)
+    train = easy_imageset(200, size=RESOLUTION)
+    det.fit(train, train.labels, source="easy train")
+    det.calibrate(random_imageset(60, seed=2), tpr=0.8)
+    det.save(tmp_path / "det.json")
+    again = Detector.load(tmp_path / "det.json", det.net.model)
+    images = random_imageset(10, seed=3)
+    np.testing.assert_array_equal(det.score(images), again.score(images))
+    assert again.threshold == det.threshold
+    unfitted = make_detector(score)  # the loaded statistics are what scoring uses, not a refit
+    with pytest.raises(ScoreError, match="statistics"):
+        unfitted.score(images)
 
 
 def test_not_a_detector_file(tmp_path):

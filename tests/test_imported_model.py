@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from fixtures_data import offline_env
+from fixtures_data import offline_env_with_module
 from helpers_cli import FAST, fails, ok
 from oodtune.models import build_model
 from oodtune.models.checkpoint import CheckpointError, load_feature_model, read_state_dict
@@ -54,11 +53,8 @@ USER_CODE = '''
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    tmp = tmp_path_factory.mktemp("imported")
-    (tmp / "code").mkdir()
-    (tmp / "code" / f"{MODULE}.py").write_text(textwrap.dedent(USER_CODE))
-    with pytest.MonkeyPatch.context() as mp, offline_env(tmp, train_per_class=10, test_per_class=4) as e:
-        mp.syspath_prepend(str(tmp / "code"))
+    with offline_env_with_module(tmp_path_factory.mktemp("imported"), MODULE, USER_CODE, train_per_class=10,
+                                 test_per_class=4) as e:
         yield e
 
 

@@ -25,10 +25,11 @@ from oodtune.data.protocol import read_split
 from oodtune.errors import CheckpointError
 from oodtune.metrics import LT_KEYS, long_tail_accuracy
 from oodtune.models import read_meta
+from oodtune.scores import SCORE_NAMES
 from oodtune.training.config import TrainConfig
 
 ARCH = "wrn-10-1"
-ALL_SCORES = ["msp", "maxlogit", "entropy", "energy", "odin", "mahalanobis", "knn"]
+ALL_SCORES = list(SCORE_NAMES)
 NUM_OOD = 16
 
 

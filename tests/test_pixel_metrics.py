@@ -149,8 +149,9 @@ def test_pixel_scores_equal_the_per_image_scores_on_each_pixel(name: str) -> Non
     got = score_map(score, logits, num_classes=4)
     want = score.from_outputs(logits[:, :4].permute(0, 2, 3, 1).reshape(-1, 4), torch.zeros(1)).reshape(2, 3, 4)
     torch.testing.assert_close(got, want)
-    with pytest.raises(ValueError, match="not a pixel score"):
-        score_map(build_score("knn"), logits)
+    for other in ("knn", "klm", "react+energy"):  # features, ID statistics or the final layer: not per pixel
+        with pytest.raises(ValueError, match="not a pixel score"):
+            score_map(build_score(other), logits)
 
 
 def test_sparse_and_dense_counts_agree() -> None:

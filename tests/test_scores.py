@@ -222,18 +222,25 @@ def test_fitted_scores_require_fit_and_matching_dims(name):
         score.from_outputs(torch.zeros(1, 4), torch.full((1, 6), float("nan")))
 
 
+def _ready(score: Score, num_classes: int = 4, n: int = 60, dim: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give ``score`` a random head and fit it on clustered data when it needs either; returns (feats, labels)."""
+    feats, labels, _ = _clustered(n, num_classes, dim)
+    g = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(num_classes, dim, generator=g), torch.randn(num_classes, generator=g)
+    if score.needs_head:
+        score.use_head(weight, bias)
+    if score.needs_fit:
+        score.fit(feats @ weight.T + bias, feats, labels)
+    return feats, labels
+
+
 @pytest.mark.parametrize("name", SCORE_NAMES)
 def test_nan_logits_raise(name):
-    score = build_score(name)
+    score = build_score(name, **({"k": 5} if name == "knn" else {}))
+    feats, _ = _ready(score)
+    bad = torch.tensor([[0.0, float("nan"), 1.0, 0.0]])
     with pytest.raises(ScoreError, match="NaN"):
-        bad = torch.tensor([[0.0, float("nan"), 1.0]])
-        if name in ("mahalanobis", "knn"):
-            feats, labels, lo = _clustered(60)
-            score.fit(lo, feats, labels)
-            bad = torch.tensor([[0.0, float("nan"), 1.0, 0.0]])
-            score.from_outputs(bad, feats[:1])  # a broken model shows in its logits even if features look fine
-        else:
-            score.from_outputs(bad, _dummy_feats(1))
+        score.from_outputs(bad, feats[:1])  # a broken model shows in its logits even if features look fine
 
 
 def test_bad_logit_shape_raises():
@@ -245,7 +252,8 @@ def test_bad_logit_shape_raises():
 
 
 def test_build_score_registry():
-    assert SCORE_NAMES == ("msp", "maxlogit", "entropy", "energy", "odin", "mahalanobis", "knn")
+    assert SCORE_NAMES == ("msp", "maxlogit", "entropy", "energy", "gen", "klm", "odin", "mahalanobis", "knn", "vim",
+                           "residual", "react+energy", "ash-s+energy", "ash-b+energy", "ash-p+energy", "dice+energy")
     for name in SCORE_NAMES:
         score = build_score(name)
         assert isinstance(score, Score) and score.name == name
@@ -265,6 +273,8 @@ def test_scores_work_with_plain_user_sequential(name):
                                nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
     net = FeatureModel(user_model).eval()
     score = build_score(name, **({"k": 5} if name == "knn" else {}))
+    if score.needs_head:
+        score.use_head(*net.head_parameters())
     if score.needs_fit:
         with torch.no_grad():
             lo, fe = net(torch.randn(40, 3, 8, 8))

@@ -81,6 +81,9 @@ def test_prior_margins_finetune_and_evaluate(seg_root: dict[str, Path]) -> None:
     assert report.scores["energy"]["id"].size and report.scores["energy"]["road-anomaly"].size
     with pytest.raises(ConfigError, match="do not apply to segmentation"):
         pipeline.evaluate_checkpoint(out, scores=["knn"], ood=["road-anomaly"], data_root=source)
+    with pytest.raises(ConfigError, match="classification checkpoints only"):  # no selection for pixel scores
+        pipeline.evaluate_checkpoint(out, scores=["energy"], ood=["road-anomaly"], data_root=source,
+                                     validation=pipeline.ValidationSpec(outliers="camvid-pasted"))
 
 
 def test_a_user_segmenter_fine_tunes_its_named_head(seg_root: dict[str, Path]) -> None:
@@ -156,6 +159,10 @@ m_out = "auto"
     nopre.write_text("\n".join(ln for ln in config.read_text().splitlines() if not ln.startswith("pretrained")))
     with pytest.raises(ConfigError, match="needs pretrained"):
         load_benchmark_config(nopre)
+    matrix = tmp / "matrix.toml"
+    matrix.write_text(config.read_text() + '\n[matrix]\nscores = ["energy", "msp"]\n')
+    with pytest.raises(ConfigError, match="classification benchmarks only"):
+        load_benchmark_config(matrix)
 
 
 def test_command_line_import_and_evaluate(seg_root: dict[str, Path]) -> None:

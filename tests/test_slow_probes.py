@@ -101,7 +101,10 @@ def test_kill_9_then_resume_gives_bit_identical_weights(env: dict[str, Path], pr
     code, out = run(stage, *common, "--out", killed)
     assert code == 0 and "resuming" in out, out
     assert_states_equal(weights(straight / "model.pt"), weights(killed / "model.pt"))
-    assert sorted(p.name for p in killed.iterdir()) == ["model.pt"]  # no lock, no temporaries, no last.pt
+    # no lock, no temporaries, no last.pt; the per-epoch log has every epoch once, as the uninterrupted run's
+    assert sorted(p.name for p in killed.iterdir()) == ["history.csv", "model.pt"]
+    epochs = [[line.split(",")[0] for line in (d / "history.csv").read_text().splitlines()] for d in (straight, killed)]
+    assert epochs[0] == epochs[1]
 
 
 # ------------------------------------------------------------------------------------- two writers

@@ -27,7 +27,6 @@ from . import __version__
 from .atomic import check_writable
 from .data import available_datasets
 from .data.segmentation import parse_size
-from .data.tensors import CIFAR_MEAN, CIFAR_STD
 from .errors import OodtuneError
 from .losses import METHODS, loss_option_defaults
 from .models import ARCHITECTURES, trusted_archs
@@ -330,7 +329,8 @@ def pretrain(**kw: Any) -> None:
 @click.option("--head", default=None, help="Dotted name of the classification layer (default: the last nn.Linear).")
 @click.option("--mean", type=(float, float, float), default=None,
               help="Per-channel mean the model's inputs were normalised with (pixels scaled to [0, 1]) [default: "
-                   "CIFAR-10's; segmentation: the published ESPNet preprocessing, else ImageNet's].")
+                   "the model's timm pretrained_cfg if it has one, else CIFAR-10's; segmentation: the published "
+                   "ESPNet preprocessing, else ImageNet's].")
 @click.option("--std", type=(float, float, float), default=None,
               help="Per-channel std the model's inputs were normalised with [default: as --mean].")
 @click.option("--resolution", type=click.IntRange(8), default=32, show_default=True, help="Input image size.")
@@ -357,6 +357,7 @@ def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: 
     Every other command then works on it: estimate-prior, propose-margins, finetune, evaluate, benchmark.
     """
     from .data import is_segmentation_set
+    from .models import read_meta
     from .pipeline import id_test_accuracy, id_test_miou, import_segmenter
     from .pipeline import import_model as run
 
@@ -371,9 +372,10 @@ def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: 
             console.print(f"{dataset} test mIoU of the imported model: {m['miou']:.2f}% "
                           f"(pixel accuracy {m['pixel_accuracy']:.2f}%)")
         return
-    path = run(weights, out, arch=arch, dataset=dataset, data_root=data_root, resolution=resolution,
-               mean=mean or CIFAR_MEAN, std=std or CIFAR_STD, head=head)
-    console.print(f"saved {path}")
+    path = run(weights, out, arch=arch, dataset=dataset, data_root=data_root, resolution=resolution, mean=mean,
+               std=std, head=head)
+    meta = read_meta(path)
+    console.print(f"saved {path} (input normalisation mean {meta.mean}, std {meta.std})")
     if check_accuracy:
         with trusted_archs(*([arch] if is_import_path(arch) else [])):  # the user named it with --arch
             acc = id_test_accuracy(path, data_root=data_root, device=device)
@@ -493,6 +495,11 @@ def finetune(**kw: Any) -> None:
 @click.option("--num-ood", type=click.IntRange(1), default=None, help="Seeded subsample of each OOD set.")
 @click.option("--positive", type=click.Choice(["in", "out"]), default=None,
               help="Which class the metrics treat as positive (default: see oodtune.metrics).")
+@click.option("--select-on", default=None, metavar="OUTLIERS",
+              help="Choose each score's hyperparameters on held-out ID train images vs these held-out auxiliary "
+                   "outliers (e.g. tin-aux-val; never an OOD test set) instead of keeping the papers' values.")
+@click.option("--id-holdout", type=click.IntRange(1), default=1000, show_default=True,
+              help="ID train images held out of the statistics fit for --select-on.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write OUT.json, OUT.md and OUT.csv with the table (a .json, .md or .csv suffix on OUT is "
                    "dropped).")
@@ -507,10 +514,11 @@ def finetune(**kw: Any) -> None:
 @click.option("--roc-log-fpr", is_flag=True, help="With --plot: FPR on a log axis.")
 @id_data_option
 def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num_ood: int | None,
-             positive: str | None, blur: bool, out: str | None, save_scores: bool, overwrite: bool, plot: str | None,
-             roc_log_fpr: bool, data_root: Any, device: str, id_data: str | None) -> None:
+             positive: str | None, select_on: str | None, id_holdout: int, blur: bool, out: str | None,
+             save_scores: bool, overwrite: bool, plot: str | None, roc_log_fpr: bool, data_root: Any, device: str,
+             id_data: str | None) -> None:
     """Accuracy + AUROC / AUPR-In / AUPR-Out / FPR95 for each score on each OOD set."""
-    from .pipeline import evaluate_checkpoint
+    from .pipeline import ValidationSpec, evaluate_checkpoint
     from .plots import short_name
     from .report import (
         evaluation_paths,
@@ -531,9 +539,13 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out/--plot.")
     for target in [*(evaluation_paths(out)[:1] if out else []), *([Path(plot)] if plot else [])]:
         check_writable(target.parent, "choose another --out/--plot")
+    validation = ValidationSpec(outliers=select_on, id_holdout=id_holdout) if select_on else None
     report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
                                        num_ood=num_ood, positive=positive, blur=blur,  # type: ignore[arg-type]
-                                       id_data=id_data)
+                                       id_data=id_data, validation=validation)
+    for name, sel in report.selections.items():
+        if sel["tried"]:
+            click.echo(f"{name}: chose {sel['chosen']} (paper default {sel['default']}) on the validation pair")
     click.echo(id_metrics_text(report, meta))
     click.echo(evaluation_table(report))
     if out:

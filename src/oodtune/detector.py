@@ -46,7 +46,7 @@ from .metrics import acceptance_rate, min_calibration_size, threshold_at_tpr
 from .models import FeatureModel, load_feature_model
 from .progress import format_rate, progress_bar
 from .runtime import resolve_device
-from .scores import Score, build_score
+from .scores import Score, Shaper, build_score
 
 __all__ = ["DETECTOR_FORMAT", "Calibration", "Detector", "Predictions", "weights_hash"]
 
@@ -134,6 +134,8 @@ class Detector:
         self.score_fn = build_score(score) if isinstance(score, str) else score
         self.device = resolve_device(device)
         self.net.to(self.device).eval()
+        if self.score_fn.needs_head:  # ViM, Residual, shaped scores read the final layer
+            self.score_fn.use_head(*self.net.head_parameters())
         self.checkpoint = None if checkpoint is None else str(Path(checkpoint).resolve())
         self.weights_sha256 = weights_hash(self.net.model)
         self.calibration: Calibration | None = None
@@ -257,17 +259,41 @@ class Detector:
 
     # -- files ---------------------------------------------------------------------------------------------
     def _statistics(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """The score's state: (JSON-able attributes, tensor attributes)."""
-        plain, tensors = {}, {}
-        for key, value in vars(self.score_fn).items():
-            if isinstance(value, torch.Tensor):
-                tensors[key] = value.detach().cpu()
-            elif value is None or isinstance(value, (bool, int, float, str)):
-                plain[key] = value
-            else:
-                raise ConfigError(f"cannot save the {type(value).__name__} attribute {key!r} of score "
-                                  f"{self.score_name}; only numbers, strings and tensors are saved.")
+        """The score's state: (JSON-able attributes, tensor attributes), keyed by attribute path (``score.x``,
+        ``shapers.0.threshold`` for the parts of a shaped score)."""
+        plain: dict[str, Any] = {}
+        tensors: dict[str, torch.Tensor] = {}
+
+        def collect(obj: object, prefix: str) -> None:
+            for key, value in vars(obj).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[prefix + key] = value.detach().cpu()
+                elif value is None or isinstance(value, (bool, int, float, str)):
+                    plain[prefix + key] = value
+                elif isinstance(value, (Score, Shaper)):
+                    collect(value, f"{prefix}{key}.")
+                elif isinstance(value, list) and all(isinstance(v, Shaper) for v in value):
+                    for i, part in enumerate(value):
+                        collect(part, f"{prefix}{key}.{i}.")
+                else:
+                    raise ConfigError(f"cannot save the {type(value).__name__} attribute {prefix + key!r} of score "
+                                      f"{self.score_name}; only numbers, strings and tensors are saved.")
+
+        collect(self.score_fn, "")
         return plain, tensors
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Set the score's attributes from a :meth:`_statistics` state (attribute paths as keys)."""
+        for path, value in state.items():
+            *parts, attr = path.split(".")
+            obj: Any = self.score_fn
+            try:
+                for part in parts:
+                    obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
+            except (AttributeError, IndexError, ValueError):
+                raise ConfigError(f"the saved score state names {path!r}, which score {self.score_name} does not "
+                                  "have; calibrate again.") from None
+            setattr(obj, attr, value)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the detector as JSON to ``path`` (and ``PATH.stats.pt`` with fitted tensors, if any)."""
@@ -328,7 +354,7 @@ class Detector:
                 f"(sha256 {det.weights_sha256[:12]}...). A threshold only holds for the model it was set on: "
                 "calibrate a detector for this checkpoint (`oodtune calibrate CHECKPOINT --out DETECTOR.json`), or "
                 "use the checkpoint the detector was made for.")
-        vars(det.score_fn).update(record.get("score_state") or {})
+        det._restore(record.get("score_state") or {})
         if record.get("statistics"):
             stats = path.with_name(record["statistics"])
             try:
@@ -336,7 +362,7 @@ class Detector:
             except (OSError, RuntimeError) as exc:
                 raise CheckpointError(f"cannot read the fitted statistics {stats} of {path}: {exc}; keep the "
                                       "two files together, or calibrate again.") from None
-            vars(det.score_fn).update(tensors)
+            det._restore(tensors)
         det.fit_source = record.get("fit_source")
         if record.get("calibration") is not None:
             det.calibration = Calibration(**record["calibration"])

@@ -1,17 +1,22 @@
 """Score ID and OOD sets with a trained classifier and measure detection the way the field does.
 
-Output-based scores (MSP, MaxLogit, Entropy, Energy, Mahalanobis, kNN) share one forward pass per dataset;
-ODIN, which perturbs its inputs, runs its own. Scores that need ID statistics are ``fit`` on the ID
-*train* split only. All metrics treat scores as "higher = more in-distribution".
+Output-based scores (every score but ODIN) share one forward pass per dataset: logits and features are computed
+once and every score reads them; ODIN, which perturbs its inputs, runs its own. Scores that need ID statistics
+are ``fit`` on the ID *train* split only; scores that need the final layer get it from the network. With a
+:class:`Validation` pair, each score's hyperparameters are first chosen on held-out ID train images vs held-out
+auxiliary outliers (:mod:`oodtune.scores.selection`). All metrics treat scores as "higher = more
+in-distribution".
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +30,7 @@ from .models import FeatureModel
 from .progress import Bar, format_rate, progress_bar
 from .runtime import autocast, resolve_device
 from .scores import Score
+from .scores.selection import select_hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,10 @@ class EvalReport:
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # score -> dataset -> raw scores
     seconds: float = 0.0  # wall time of the evaluation
     positive: str = DEFAULT_POSITIVE  # the positive class of the rows' FPR95 ("out": OOD, "in": ID)
+    #: score -> its hyperparameter selection record (oodtune.scores.selection.Selection.to_dict), when selected
+    selections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: with selection: the rows of every score at its paper-default setting, from the same forward passes
+    default_rows: list[dict[str, float | str]] = field(default_factory=list)
 
     def averages(self, groups: Mapping[str, str] | None = None) -> list[dict[str, float | str]]:
         """Mean of each metric per score over all OOD sets, and per group (e.g. near/far) when given."""
@@ -139,12 +149,54 @@ def base_rate_warnings(n_id: int, n_ood: Mapping[str, int]) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class Validation:
+    """The validation pair of hyperparameter selection: ``holdout``, indices of ID *train* images that are held
+    out of the statistics fit while selecting, and held-out auxiliary ``outliers`` (never an OOD test set)."""
+
+    holdout: np.ndarray
+    outliers: ImageSet
+
+
+def _select(scores: Sequence[Score], net: FeatureModel, normalizer: Normalizer, id_train: ImageSet, train: Outputs,
+            labels: torch.Tensor, validation: Validation, outliers: Outputs) -> tuple[list[Score], dict[str, Any]]:
+    """Each score replaced by its best grid setting on the validation pair (unfitted), and the selection records."""
+    holdout = np.unique(np.asarray(validation.holdout, dtype=np.int64))
+    if holdout.size == 0 or holdout.size >= len(id_train) or holdout[0] < 0 or holdout[-1] >= len(id_train):
+        raise DataError(f"the validation hold-out must be 1 to {len(id_train) - 1} distinct indices into the "
+                        f"{len(id_train)} ID train images, got {holdout.size} in [{holdout.min(initial=0)}, "
+                        f"{holdout.max(initial=0)}].")
+    kept = np.setdiff1d(np.arange(len(id_train)), holdout)
+    dev = train.logits.device
+    fit_rows, val_rows = torch.from_numpy(kept).to(dev), torch.from_numpy(holdout).to(dev)
+    val_id = id_train.subset(holdout, name=f"{id_train.name} (held out)")
+    val_id_out = Outputs(train.logits[val_rows], train.features[val_rows])
+
+    def validate(candidate: Score) -> tuple[np.ndarray, np.ndarray]:
+        if candidate.needs_fit:
+            candidate.fit(train.logits[fit_rows], train.features[fit_rows], labels[fit_rows])
+        return (score_dataset(candidate, net, val_id, val_id_out, normalizer),
+                score_dataset(candidate, net, validation.outliers, outliers, normalizer))
+
+    chosen, records = [], {}
+    for s in scores:
+        best, record = select_hyperparameters(s, train.features.shape[1], validate)
+        chosen.append(best)
+        records[s.name] = record.to_dict()
+    return chosen, records
+
+
 def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_sets: Mapping[str, ImageSet],
              scores: Sequence[Score], *, id_train: ImageSet | None = None, device: str | None = None,
-             batch_size: int = 1024, positive: Positive | None = None) -> EvalReport:
+             batch_size: int = 1024, positive: Positive | None = None,
+             validation: Validation | None = None) -> EvalReport:
     """Accuracy on ``id_test`` plus AUROC/AUPR-In/AUPR-Out/FPR95 for every score x OOD set (in percent).
 
-    Scores with ``needs_fit`` are fitted on the outputs of ``id_train`` (required for them).
+    Scores with ``needs_head`` get ``net``'s final layer; scores with ``needs_fit`` are fitted on the outputs of
+    ``id_train`` (required for them). With ``validation`` (needs ``id_train``), each score's hyperparameters are
+    first selected on the validation pair (module docstring) and the chosen setting is refitted on all of
+    ``id_train``; ``report.selections`` records the search and ``report.default_rows`` holds the paper-default
+    settings' rows, scored from the same outputs (no second forward pass). The scores passed in are not modified.
     ``positive`` overrides the metrics' positive-class convention (see ``oodtune.metrics``).
     """
     if not ood_sets:
@@ -161,29 +213,51 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
 
     id_out = outputs(id_test)
     acc = accuracy(id_out.logits.cpu(), torch.from_numpy(id_test.labels))
-    if any(s.needs_fit for s in scores):
+    report = EvalReport(id_metrics={"accuracy": 100 * acc}, id_logits=id_out.logits.cpu(),
+                        positive=positive or DEFAULT_POSITIVE)
+    scores = [copy.deepcopy(s) for s in scores]  # the caller's objects are neither fitted nor changed
+    for s in scores:
+        if s.needs_head:
+            s.use_head(*net.head_parameters())
+    defaults: list[Score | None] = [None] * len(scores)  # with selection: the default where it was not chosen
+    if any(s.needs_fit for s in scores) or validation is not None:
         if id_train is None or id_train.labels is None:
-            raise DataError("Mahalanobis/kNN need ID training statistics: pass the labelled ID train split "
+            needing = ", ".join(s.name for s in scores if s.needs_fit) or "hyperparameter selection"
+            raise DataError(f"{needing} need(s) ID training statistics: pass the labelled ID train split "
                             "(id_train=...).")
         tr = outputs(id_train)
         labels = torch.from_numpy(id_train.labels).to(tr.logits.device)
-        for s in scores:
+        if validation is not None:
+            chosen, report.selections = _select(scores, net, normalizer, id_train, tr, labels, validation,
+                                                outputs(validation.outliers))
+            defaults = [d if report.selections[d.name]["chosen"] != report.selections[d.name]["default"] else None
+                        for d in scores]
+            scores = chosen
+        for s in [*scores, *(d for d in defaults if d is not None)]:
             if s.needs_fit:
                 s.fit(tr.logits, tr.features, labels)
     for warning in base_rate_warnings(len(id_test), {name: len(ds) for name, ds in ood_sets.items()}):
         log.warning(warning)
     ood_out = {name: outputs(ds) for name, ds in ood_sets.items()}
-    report = EvalReport(id_metrics={"accuracy": 100 * acc}, id_logits=id_out.logits.cpu(),
-                        positive=positive or DEFAULT_POSITIVE)
-    for s in scores:
+
+    def rows(s: Score) -> list[dict[str, float | str]]:
         id_scores = score_dataset(s, net, id_test, id_out, normalizer)
         report.scores[s.name] = {"id": id_scores}
+        out: list[dict[str, float | str]] = []
         for name, ds in ood_sets.items():
             ood_scores = score_dataset(s, net, ds, ood_out[name], normalizer)
             report.scores[s.name][name] = ood_scores
             m = detection_metrics(id_scores, ood_scores)  # FPR95 under both conventions, one sort
             fpr = m["fpr95_in"] if positive == "in" else m["fpr95"]
-            report.rows.append({"score": s.name, "dataset": name, **{k: m[k] for k in METRIC_KEYS}, "fpr95": fpr,
-                                "fpr95_in": m["fpr95_in"], "n_id": len(id_test), "n_ood": len(ds)})
+            out.append({"score": s.name, "dataset": name, **{k: m[k] for k in METRIC_KEYS}, "fpr95": fpr,
+                        "fpr95_in": m["fpr95_in"], "n_id": len(id_test), "n_ood": len(ds)})
+        return out
+
+    for s, default in zip(scores, defaults, strict=True):
+        default_rows = [] if default is None else rows(default)
+        selected = rows(s)  # scored after the default, so report.scores holds the reported setting
+        report.rows += selected
+        if validation is not None:
+            report.default_rows += default_rows or selected
     report.seconds = time.perf_counter() - t0
     return report

@@ -65,8 +65,9 @@ def export_detector(det: Detector, path: str | os.PathLike, *, overwrite: bool =
     calibration = det.calibrated()
     from_logits = getattr(det.score_fn, "from_logits", None)
     if from_logits is None:
-        raise ConfigError(f"score {det.score_name!r} cannot be exported (it needs feature statistics or input "
-                          "gradients); export msp, maxlogit, entropy or energy, or serve the Python Detector.")
+        raise ConfigError(f"score {det.score_name!r} cannot be exported (it needs features or input gradients); "
+                          "export a logit score (msp, maxlogit, entropy, energy, gen, klm), or serve the Python "
+                          "Detector.")
     program = _Program(det, from_logits, calibration.threshold).to("cpu").eval()
     example = torch.zeros(2, det.resolution, det.resolution, 3, dtype=torch.uint8)
     try:

@@ -124,7 +124,8 @@ def write_evaluation(out: str | os.PathLike, report: EvalReport, meta: RunMeta, 
     same as a table), OUT.csv (the rows) and, with ``save_scores``, OUT-scores.csv; see :func:`evaluation_paths`."""
     js, md, csv_path = evaluation_paths(out)
     data = {"command": command, "checkpoint": str(checkpoint), **provenance(report.positive),
-            "id_dataset": meta.dataset, **report.id_metrics, "rows": evaluation_rows(report)}
+            "id_dataset": meta.dataset, **report.id_metrics, "rows": evaluation_rows(report),
+            **({"selections": report.selections} if report.selections else {})}
     write_json(js, data, overwrite=overwrite)
     convention = metric_convention(report.positive)
     text = (f"# {Path(checkpoint).parent.name}\n\nCommand: `{command}`\n\noodtune {__version__}. Metrics in %; "

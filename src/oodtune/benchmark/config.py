@@ -20,6 +20,10 @@ recipe.
   ``energy``), ``gamma`` (the prior's γ), ``scratch`` (train from random initialisation with the ``[pretrain]``
   schedule), loss options (``m_in``, ``m_out`` — a number or ``"auto"`` —, ``alpha``, ``energy_weight``, ...)
   and training options overriding ``[finetune]`` for this row.
+* ``[matrix]`` (optional) — the score × model matrix (:mod:`.matrix`): ``scores`` (score names), ``hyperparameters``
+  (a list of ``"selected"`` — chosen on the validation pair — and/or ``"default"`` — the papers' values; default
+  both), ``validation_outliers`` (held-out auxiliary outliers; default the protocol's ``aux_val``),
+  ``num_validation_outliers``, ``id_holdout`` (ID train images held out of the fit while selecting; default 1000).
 
 An unknown key, a value of the wrong type, an unknown method/score/dataset/protocol or a loss option the method
 does not use is an error naming the file, the key and the allowed values.
@@ -43,7 +47,7 @@ from ..pixel_losses import build_pixel_loss
 from ..scores import PIXEL_SCORE_NAMES, SCORE_NAMES
 from ..training.config import PRETRAIN, TRAIN_KEYS, TrainConfig
 
-__all__ = ["BenchmarkConfig", "MethodSpec", "load_benchmark_config", "POSTHOC"]
+__all__ = ["BenchmarkConfig", "MatrixSpec", "MethodSpec", "load_benchmark_config", "POSTHOC"]
 
 POSTHOC = frozenset(SCORE_NAMES)
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
@@ -66,7 +70,12 @@ METHOD_KEYS: dict[str, tuple[type, ...]] = {
     "label": (str,), "method": (str,), "score": (str,), "gamma": (float,), "scratch": (bool,), **LOSS_TYPES,
     **{k: v for k, v in TRAIN_TYPES.items() if k not in ("seed", "device")},
 }
-SECTIONS = ("benchmark", "pretrain", "finetune", "methods")
+MATRIX_KEYS: dict[str, tuple[type, ...]] = {
+    "scores": (list,), "hyperparameters": (list,), "validation_outliers": (str,), "num_validation_outliers": (int,),
+    "id_holdout": (int,),
+}
+HYPERPARAMETER_MODES = ("selected", "default")
+SECTIONS = ("benchmark", "pretrain", "finetune", "methods", "matrix")
 
 
 @dataclass
@@ -94,6 +103,21 @@ class MethodSpec:
         return "balanced" in self.method
 
 
+@dataclass(frozen=True)
+class MatrixSpec:
+    """The ``[matrix]`` section: every score in ``scores`` on the pretrained model and on every fine-tuned run, once
+    per hyperparameter mode (``selected`` on the validation pair, or the papers' ``default``)."""
+
+    scores: tuple[str, ...]
+    modes: tuple[str, ...] = HYPERPARAMETER_MODES
+    validation_outliers: str | None = None
+    num_validation_outliers: int | None = None
+    id_holdout: int = 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class BenchmarkConfig:
     """A parsed, validated benchmark TOML (see the module docstring)."""
@@ -117,6 +141,7 @@ class BenchmarkConfig:
     only: list[str] = field(default_factory=list)  # labels/slugs of the rows to run; empty = all
     task: str = "classification"
     id_split: str = "test"
+    matrix: MatrixSpec | None = None
 
     def selected(self, spec: MethodSpec) -> bool:
         """Whether this invocation may train/evaluate ``spec`` (the others are only tabulated)."""
@@ -226,6 +251,33 @@ def _method_spec(chk: _Checker, raw: Any, index: int, segmentation: bool) -> Met
     return spec
 
 
+def _matrix_spec(chk: _Checker, raw: Any, known: set[str], protocol: dict[str, Any], ood: list[str]) -> MatrixSpec:
+    m = chk.table(raw, "matrix")
+    chk.keys(m, MATRIX_KEYS, "[matrix]")
+    scores = m.get("scores", [])
+    if not scores or not all(isinstance(s, str) and s in POSTHOC for s in scores) or len(set(scores)) != len(scores):
+        raise chk.fail("[matrix].scores", f"expected a list of distinct score names from {', '.join(SCORE_NAMES)}; "
+                                          f"got {scores!r}")
+    modes = m.get("hyperparameters", list(HYPERPARAMETER_MODES))
+    if not modes or not all(x in HYPERPARAMETER_MODES for x in modes) or len(set(modes)) != len(modes):
+        raise chk.fail("[matrix].hyperparameters", f"expected a list of {' and/or '.join(HYPERPARAMETER_MODES)}, "
+                                                   f"got {modes!r}")
+    outliers = m.get("validation_outliers", protocol.get("aux_val"))
+    if "selected" in modes:
+        if outliers is None:
+            raise chk.fail("[matrix]", "selected hyperparameters need validation_outliers: held-out auxiliary "
+                                       "outliers such as tin-aux-val")
+        outliers = chk.names([outliers], known, "[matrix].validation_outliers", "dataset")[0]
+        if canonical_name(outliers) in {canonical_name(o) for o in ood}:
+            raise chk.fail("[matrix].validation_outliers", f"{outliers!r} is an OOD test set of this benchmark; "
+                                                           "hyperparameters are never chosen on a test set")
+    for key in ("num_validation_outliers", "id_holdout"):
+        if key in m and m[key] < 1:
+            raise chk.fail(f"[matrix].{key}", f"must be >= 1, got {m[key]}")
+    return MatrixSpec(scores=tuple(scores), modes=tuple(modes), validation_outliers=outliers,
+                      num_validation_outliers=m.get("num_validation_outliers"), id_holdout=m.get("id_holdout", 1000))
+
+
 def load_benchmark_config(path: str | Path, *, data_root: str | None = None, device: str | None = None,
                           out: str | None = None, only: list[str] | None = None) -> BenchmarkConfig:
     """Read and validate a benchmark TOML (module docstring); command-line overrides win over the file.
@@ -263,6 +315,9 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
         raise chk.fail("[benchmark]", "a segmentation benchmark needs pretrained = \"CHECKPOINT\" (segmenters are "
                                       "imported: oodtune import-model WEIGHTS --arch ... --dataset ... --out "
                                       "CHECKPOINT)")
+    if segmentation and "matrix" in raw:
+        raise chk.fail("[matrix]", "the score x model matrix (with hyperparameter selection) is implemented for "
+                                   "classification benchmarks only; remove the [matrix] section")
     methods = [_method_spec(chk, m, i, segmentation) for i, m in enumerate(methods_raw)]
     labels = [m.label for m in methods]
     slugs = [m.slug for m in methods]
@@ -300,6 +355,7 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
         outliers=outliers, ood_near=ood_near, ood_far=ood_far, num_ood=b.get("num_ood"), methods=methods,
         pretrained=b.get("pretrained"), protocol=b.get("protocol"), only=list(only or []),
         task="segmentation" if segmentation else "classification", id_split=b.get("id_split", "test"),
+        matrix=_matrix_spec(chk, raw["matrix"], known, protocol, ood_near + ood_far) if "matrix" in raw else None,
     )
     try:  # every training configuration is built once now, so a bad value fails before any work
         cfg.train_config("pretrain", None, 0)

@@ -33,6 +33,7 @@ from ..runtime import resolve_device
 from ..training.config import TrainConfig
 from ..training.trainer import FINAL
 from .config import BenchmarkConfig, MethodSpec
+from .matrix import PRETRAINED, MatrixModel, run_matrix
 from .provenance import check_finetuned, check_pretrained
 from .store import ID, EvalStore, StoredEvaluation
 from .tables import write_results
@@ -233,7 +234,25 @@ class Benchmark:
                 self._plots(spec, base, *first)
             if cfg.task == "segmentation" and pre is not None:
                 self._anomaly_maps(pre, spec, compute=not tabulate_only)
-        return write_results(cfg, results, command, missing)
+        paths = write_results(cfg, results, command, missing)
+        return paths + (self.matrix(pre, command, report_only=report_only) if cfg.matrix else [])
+
+    def matrix(self, pre: Trained | None, command: str, *, report_only: bool) -> list[Path]:
+        """The score × model matrix (:mod:`.matrix`) over the pretrained model and every finished fine-tuning run
+        whose weights exist; with ``report_only`` (and for rows left out by ``cfg.only``) only stored records are
+        tabulated."""
+        models = [MatrixModel(PRETRAINED, pre.path)] if pre is not None and pre.path.exists() else []
+        frozen = set(models) if report_only else set()
+        for spec in self.cfg.methods:
+            if spec.posthoc:
+                continue
+            for seed in self.cfg.seeds:
+                final = self.run_dir(spec, seed) / FINAL
+                if final.exists():
+                    models.append(MatrixModel(spec.label, final, seed))
+                    if report_only or not self.cfg.selected(spec):
+                        frozen.add(models[-1])
+        return run_matrix(self.cfg, self.source, models, command, tabulate_only=frozen)
 
     def _finetuned(self, pre: Trained | None, spec: MethodSpec, seed: int, *, train: bool) -> Trained | None:
         """The finished run ``spec`` x ``seed``, trained now if allowed; None when it is not available."""

@@ -5,7 +5,7 @@ score or a row to a finished benchmark computes exactly what is missing, and a c
 answered from a stale file:
 
 * the **checkpoint** is identified by the SHA-256 of its file (not by its path);
-* a **score** by its name and its options (:meth:`oodtune.scores.Score.options`, as the checkpoint's task builds
+* a **score** by its name and its options (:meth:`oodtune.scores.Score.params`, as the checkpoint's task builds
   it — e.g. ODIN's temperature, ε and the normalisation std its step is divided by);
 * a **dataset** by its name and size (``num_ood``; ``all`` for the whole set); the ID split the ID metrics and
   ID scores come from (``test``, or ``val`` when the benchmark must not look at the test split) by its name.
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..atomic import file_sha256, write_atomic
 from ..errors import ConfigError
@@ -59,9 +60,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def score_options(score: Score) -> dict[str, Any]:
+    """The settings ``score`` was built with (:meth:`oodtune.scores.Score.params`, tensors as lists)."""
+    return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in score.params().items()}
+
+
 def score_key(score: Score) -> str:
     """``<name>-<hash of its options>``: two scores share cached values only if name and options agree."""
-    return f"{score.name}-{_short_hash(score.options())}"
+    return f"{score.name}-{_short_hash(score_options(score))}"
 
 
 def dataset_key(name: str, num: int | None) -> str:
@@ -165,7 +171,7 @@ class EvalStore:
     def _write_options(folder: Path, score: Score) -> None:
         path = folder / "options.json"
         if not path.exists():
-            write_json(path, {"score": score.name, "options": score.options()})
+            write_json(path, {"score": score.name, "options": score_options(score)})
 
 
 def _write_array(path: Path, values: np.ndarray) -> None:

@@ -3,6 +3,9 @@
 * In-distribution: CIFAR-10 (train for fine-tuning, test for evaluation).
 * Auxiliary outliers (``tin-aux``): Tiny ImageNet-200 *train* images of a fixed half of the 200 classes.
 * Near-OOD test (``tin-near``): Tiny ImageNet-200 *val* images of the *other* half.
+* Held-out auxiliary outliers (``tin-aux-val``): Tiny ImageNet-200 *val* images of the auxiliary half — the
+  auxiliary distribution, but images fine-tuning never sees; only for choosing score hyperparameters
+  (:mod:`oodtune.scores.selection`), never a test set.
 * Both halves exclude every class that overlaps a CIFAR-10 class; the hand-reviewed list, with its rule,
   is the committed file ``oodtune/protocols/tin_cifar10_overlap.txt``.
 
@@ -41,6 +44,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "id_train_split": "train",
         "id_test_split": "test",
         "aux": "tin-aux",
+        "aux_val": "tin-aux-val",
         "near": ["tin-near"],
         "far": ["dtd", "mnist", "fashion-mnist", "omniglot", "gaussian"],
         "resolution": 32,
@@ -102,7 +106,7 @@ def _check_wnids(req: Request) -> None:
 
 
 def _load_half(req: Request, tin_split: str, key: str) -> ImageSet:
-    # tin-aux is training data (split 'train' or the default accepted); tin-near is test-only
+    # tin-aux is training data (split 'train' or the default accepted); tin-near and tin-aux-val are held out
     allowed = ("test", "train", "all") if tin_split == "train" else ("test", "all")
     if req.split not in allowed:
         raise DataError(f"{req.name}: the split is fixed by the protocol; use split='test' (got {req.split!r}).")
@@ -119,3 +123,8 @@ def load_tin_aux(req: Request) -> ImageSet:
 def load_tin_near(req: Request) -> ImageSet:
     """Near-OOD test set: Tiny ImageNet val images of the near-OOD half (unlabelled)."""
     return _load_half(req, "val", "near_ood")
+
+
+def load_tin_aux_val(req: Request) -> ImageSet:
+    """Held-out auxiliary outliers: Tiny ImageNet val images of the auxiliary half (unlabelled)."""
+    return _load_half(req, "val", "auxiliary")

@@ -36,7 +36,7 @@ from oodtune.data.layouts import (
     not_found,
 )
 from oodtune.data.objects import ObjectBank, load_object_bank, pasted_anomaly_set
-from oodtune.data.protocol import load_tin_aux, load_tin_near
+from oodtune.data.protocol import load_tin_aux, load_tin_aux_val, load_tin_near
 from oodtune.data.segmentation import (
     SEGMENTATION_SETS,
     SegmentationSet,
@@ -259,6 +259,9 @@ _LOADERS: dict[str, tuple[Callable[[Request], ImageSet], str]] = {
                  "Omniglot: omniglot*/images_background*/ALPHABET/CHARACTER/*.png (1-bit -> RGB), unlabelled"),
     "tin-aux": (load_tin_aux,
                 "cifar10-offline protocol: Tiny ImageNet train, auxiliary half minus CIFAR-10 overlaps, unlabelled"),
+    "tin-aux-val": (load_tin_aux_val,
+                    "cifar10-offline protocol: Tiny ImageNet val, auxiliary half minus CIFAR-10 overlaps (held-out "
+                    "outliers for choosing score hyperparameters), unlabelled"),
     "tin-near": (load_tin_near,
                  "cifar10-offline protocol: Tiny ImageNet val, other half minus CIFAR-10 overlaps (near-OOD)"),
 }

@@ -5,11 +5,18 @@ linear classification layer (the penultimate representation g(x) in the papers),
 
 How features are found, in order:
 1. models that define ``forward_features(x) -> (B, D)`` and ``head: nn.Linear`` (all oodtune models)
-   are called as ``head(forward_features(x))`` — no hooks, compile-friendly;
+   are called as ``head(forward_features(x))`` — no hooks, compile-friendly. Models that also define
+   ``forward_head`` (timm's) are excluded: their ``forward_features`` returns feature maps or tokens *before*
+   pooling, and ``forward_head`` pools (and may normalise) before the classifier;
 2. otherwise a forward pre-hook, registered for the duration of each call, captures the input of the
-   classification layer. That layer is
-   ``head_name`` if given (a dotted module path such as ``"fc"`` or ``"classifier.1"``), else the *last*
-   ``nn.Linear`` registered in the model.
+   classification layer. That layer is ``head_name`` if given (a dotted module path such as ``"fc"`` or
+   ``"classifier.1"``), else ``model.head`` when it is an ``nn.Linear``, else what ``model.get_classifier()``
+   returns when that is an ``nn.Linear`` (timm: ``fc`` of ResNets, ``head`` of ViTs, ``head.fc`` of ConvNeXts),
+   else the *last* ``nn.Linear`` registered in the model (torchvision: ``fc`` of ResNets, ``classifier.N`` of
+   VGG/MobileNet/EfficientNet).
+
+Scores that rewrite the features or the final layer (ReAct, ASH, DICE, ViM, Residual) read the classification
+layer's weight and bias through :meth:`FeatureModel.head_parameters`.
 """
 
 from __future__ import annotations
@@ -35,6 +42,11 @@ def find_head(model: nn.Module, head_name: str | None = None) -> nn.Linear:
     head = getattr(model, "head", None)
     if isinstance(head, nn.Linear):
         return head
+    get_classifier = getattr(model, "get_classifier", None)  # timm's interface
+    if callable(get_classifier):
+        classifier = get_classifier()
+        if isinstance(classifier, nn.Linear):
+            return classifier
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ModelError(
@@ -51,7 +63,8 @@ class FeatureModel(nn.Module):
         super().__init__()
         self.model = model
         self.head = find_head(model, head_name)
-        self._direct = head_name is None and callable(getattr(model, "forward_features", None))
+        self._direct = (head_name is None and callable(getattr(model, "forward_features", None))
+                        and getattr(model, "head", None) is self.head and not hasattr(model, "forward_head"))
         self._captured: torch.Tensor | None = None
 
     def _capture(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -60,6 +73,13 @@ class FeatureModel(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.head.out_features
+
+    def head_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detached copies of the classification layer's weight (K, D) and bias (K,; zeros without a bias)."""
+        weight = self.head.weight.detach().clone()
+        bias = self.head.bias
+        return weight, (torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if bias is None
+                        else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._direct:

@@ -1,7 +1,11 @@
 """Your own architecture by import path: ``--arch package.module:factory``.
 
 ``factory(num_classes=K)`` must return an ``nn.Module`` whose ``forward(x)`` gives (B, K) logits; it may be an
-``nn.Module`` subclass or a plain Python function. Checkpoints store the path, so the module has to be
+``nn.Module`` subclass or a plain Python function. Models from the ecosystem fit through a one-line factory, e.g.
+``def resnet18(num_classes): return torchvision.models.resnet18(num_classes=num_classes)`` or
+``timm.create_model("resnet18", num_classes=num_classes)``; their classification layer is found as described in
+:mod:`oodtune.models.features`, and a timm model's ``pretrained_cfg`` mean/std (:func:`input_normalisation`) is
+its default input normalisation on import. Checkpoints store the path, so the module has to be
 importable (installed, or its folder on ``PYTHONPATH``) wherever such a checkpoint is used.
 
 Building such a model imports and runs the named module, so a file never decides on its own that this happens:
@@ -24,16 +28,17 @@ import inspect
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from numbers import Real
 from types import ModuleType
 
 from torch import nn
 
 from ..errors import ModelError
 
-__all__ = ["build_imported", "check_trusted", "is_import_path", "trusted_archs"]
+__all__ = ["build_imported", "check_trusted", "input_normalisation", "is_import_path", "trusted_archs"]
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _TRUSTED: ContextVar[frozenset[str]] = ContextVar("oodtune_trusted_archs", default=frozenset())
@@ -113,3 +118,19 @@ def build_imported(spec: str, num_classes: int) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(f"--arch {spec}: {attr}(num_classes=...) returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def input_normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) from a timm-style ``model.pretrained_cfg`` (or the older ``default_cfg``) when it holds per-channel
+    numbers for both, else None."""
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if not isinstance(cfg, Mapping):
+            continue
+        mean, std = cfg.get("mean"), cfg.get("std")
+        if not all(isinstance(v, (tuple, list)) and v and all(isinstance(x, Real) for x in v) for v in (mean, std)):
+            continue
+        means, stds = tuple(float(x) for x in mean), tuple(float(x) for x in std)  # type: ignore[union-attr]
+        if len(means) == len(stds) and all(x > 0 for x in stds):
+            return means, stds
+    return None

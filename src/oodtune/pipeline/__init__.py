@@ -55,14 +55,15 @@ from .classification import (
 from .detect import CALIBRATION_CHOICES, calibrate, predict, with_id_data
 from .segmentation import anomaly_examples, id_test_miou, import_segmenter
 from .source import DataSource, as_source
-from .task import Task, register_task, task_of
+from .task import Task, ValidationSpec, register_task, task_of
 
 __all__ = [
-    "CALIBRATION_CHOICES", "DEFAULT_TEST_FRACTION", "DataSource", "MarginProposal", "Task", "anomaly_examples",
-    "as_source", "calibrate", "default_outliers", "estimate_prior", "evaluate_checkpoint", "finetune",
-    "finetune_config", "fresh_model", "id_parts", "id_test_accuracy", "id_test_miou", "id_test_set", "id_train_set",
-    "import_model", "import_segmenter", "load_task_model", "normalizer_for", "predict", "pretrain", "pretrain_setup",
-    "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of", "with_id_data",
+    "CALIBRATION_CHOICES", "DEFAULT_TEST_FRACTION", "DataSource", "MarginProposal", "Task", "ValidationSpec",
+    "anomaly_examples", "as_source", "calibrate", "default_outliers", "estimate_prior", "evaluate_checkpoint",
+    "finetune", "finetune_config", "fresh_model", "id_parts", "id_test_accuracy", "id_test_miou", "id_test_set",
+    "id_train_set", "import_model", "import_segmenter", "load_task_model", "normalizer_for", "predict", "pretrain",
+    "pretrain_setup", "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
+    "with_id_data",
 ]
 
 Root = DataSource | str | Path | None
@@ -210,12 +211,18 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
 def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: Sequence[str], data_root: Root = None,
                         device: str | None = None, num_ood: int | None = None, batch_size: int = 1024,
                         positive: Positive | None = None, id_split: str = "test", blur: bool = False,
-                        id_data: str | None = None) -> tuple[EvalReport, RunMeta]:
+                        id_data: str | None = None,
+                        validation: ValidationSpec | None = None) -> tuple[EvalReport, RunMeta]:
     """Evaluate a checkpoint with the named scores on the named OOD sets; returns (report, meta). The ID-task
     metrics come from the ID ``id_split`` split (``val`` when choosing hyper-parameters without the test split);
-    ``blur`` Gaussian-blurs segmentation score maps (kernel 7, σ 1) as PEBAL's test code can."""
+    ``blur`` Gaussian-blurs segmentation score maps (kernel 7, σ 1) as PEBAL's test code can.
+
+    Scores keep their papers' hyperparameters, unless ``validation`` names a validation pair (held-out ID train
+    images + held-out auxiliary outliers) to choose them on (:mod:`oodtune.scores.selection`; the choices are in
+    ``report.selections``; classification only)."""
     source = as_source(data_root)
     net, meta, task = load_task_model(checkpoint, id_data=id_data, source=source)
     report = task.evaluate(net, meta, scores, ood, source=source, device=device, num_ood=num_ood,
-                           batch_size=batch_size, positive=positive, id_split=id_split, blur=blur)
+                           batch_size=batch_size, positive=positive, id_split=id_split, blur=blur,
+                           validation=validation)
     return report, meta

@@ -27,7 +27,7 @@ from ..data.synthetic import GENERATORS
 from ..data.tensors import CIFAR_MEAN, CIFAR_STD, Normalizer
 from ..energy import energy
 from ..errors import CheckpointError, ConfigError, DataError, ModelError
-from ..evaluation import EvalReport, compute_outputs, evaluate
+from ..evaluation import EvalReport, Validation, compute_outputs, evaluate
 from ..lock import output_lock
 from ..losses import CompositeLoss, build_method_loss
 from ..metrics import accuracy, long_tail_accuracy
@@ -41,12 +41,13 @@ from ..models import (
     read_state_dict,
     save_checkpoint,
 )
+from ..models.imported import input_normalisation
 from ..prior import count_outlier_predictions
 from ..scores import Score, build_score
 from ..training.config import FINETUNE, PRETRAIN, TrainConfig
 from ..training.trainer import FINAL, Trainer, check_run_dir
 from .source import DataSource, as_source
-from .task import Task, register_task
+from .task import Task, ValidationSpec, register_task
 
 __all__ = ["DEFAULT_TEST_FRACTION", "ClassificationTask", "check_classes", "epoch_accuracy", "fresh_model", "id_parts",
            "id_test_accuracy", "id_test_set", "id_train_set", "import_model", "normalizer_for", "pretrain",
@@ -217,21 +218,26 @@ def pretrain(out: str | Path, *, dataset: str = "cifar10", arch: str = "wrn-40-2
 
 def import_model(weights: str | Path, out: str | Path, *, arch: str, dataset: str = "cifar10",
                  data_root: DataSource | str | Path | None = None, resolution: int = 32,
-                 mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD, head: str | None = None) -> Path:
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 head: str | None = None) -> Path:
     """Turn a classifier trained elsewhere into an oodtune checkpoint at ``out``, so that estimate-prior,
     propose-margins, finetune, evaluate and benchmark work on it.
 
     ``arch`` rebuilds it (a built-in name or ``package.module:factory``), ``weights`` is its saved state_dict
     (see :func:`~oodtune.models.read_state_dict`), ``dataset`` the ID data it was trained on (its class count must
-    match the model's), ``mean``/``std`` the normalisation it was trained with (on [0, 1] pixels), ``head`` the
-    layer whose input is the feature vector.
+    match the model's), ``mean``/``std`` the normalisation it was trained with (on [0, 1] pixels; each defaults to
+    the model's timm-style ``pretrained_cfg`` when it has one, else to CIFAR-10's), ``head`` the layer whose input
+    is the feature vector.
     """
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another --out (nothing is overwritten).")
     check_writable(out.parent, "choose another --out")
     meta, _, net = pretrain_setup(dataset=dataset, arch=arch, data_root=data_root, resolution=resolution,
-                                  stage="imported", mean=mean, std=std, head=head)
+                                  stage="imported", mean=mean or CIFAR_MEAN, std=std or CIFAR_STD, head=head)
+    from_cfg = input_normalisation(net.model)
+    if from_cfg is not None and (mean is None or std is None):
+        meta = meta.replace(mean=tuple(mean or from_cfg[0]), std=tuple(std or from_cfg[1]))
     classes = meta.num_classes
     try:
         net.model.load_state_dict(read_state_dict(weights))
@@ -306,20 +312,37 @@ class ClassificationTask(Task[FeatureModel]):
         pixel units as in the ODIN / energy_ood code (the network sees normalised inputs)."""
         return [build_score(n, std=meta.std) if n.strip().lower() == "odin" else build_score(n) for n in names]
 
+    def validation_pair(self, meta: RunMeta, id_train: ImageSet, spec: ValidationSpec, ood: Sequence[str],
+                        source: DataSource) -> Validation:
+        """The held-out ID train indices and outlier images of ``spec``; refuses an OOD test set as outliers."""
+        if canonical_name(spec.outliers) in {canonical_name(o) for o in ood}:
+            raise ConfigError(f"the validation outliers {spec.outliers!r} are also an OOD test set; choose held-out "
+                              "auxiliary outliers (e.g. tin-aux-val), never a test set.")
+        if not 1 <= spec.id_holdout < len(id_train):
+            raise ConfigError(f"id_holdout must be between 1 and {len(id_train) - 1} (the ID train split has "
+                              f"{len(id_train)} images), got {spec.id_holdout}.")
+        perm = torch.randperm(len(id_train), generator=torch.Generator().manual_seed(spec.seed))
+        outliers = source.load(spec.outliers, "test", meta.resolution, spec.num_outliers)
+        return Validation(holdout=perm[: spec.id_holdout].numpy(), outliers=outliers)
+
     def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None, id_split: str = "test", blur: bool = False) -> EvalReport:
+                 positive: Positive | None, id_split: str = "test", blur: bool = False,
+                 validation: ValidationSpec | None = None) -> EvalReport:
         if blur:
             raise ConfigError("blur smooths per-pixel score maps; it applies to segmentation checkpoints only.")
         built = self.build_scores(meta, scores)
         id_test = id_test_set(meta, source, id_split)
-        id_train = self.train_set(meta, source) if any(s.needs_fit for s in built) else None
+        needs_train = validation is not None or any(s.needs_fit for s in built)
+        id_train = self.train_set(meta, source) if needs_train else None
         # synthetic sets have no natural size: as many images as the ID test set, unless num_ood says otherwise
         ood_sets = {name: source.load(name, "test", meta.resolution,
                                       len(id_test) if num_ood is None and canonical_name(name) in GENERATORS
                                       else num_ood) for name in ood}
+        pair = None if validation is None or id_train is None else \
+            self.validation_pair(meta, id_train, validation, ood, source)
         report = evaluate(net, normalizer_for(meta), id_test, ood_sets, built, id_train=id_train, device=device,
-                          batch_size=batch_size, positive=positive)
+                          batch_size=batch_size, positive=positive, validation=pair)
         if meta.imbalance_ratio and report.id_logits is not None and id_test.labels is not None:
             report.id_metrics.update(long_tail_accuracy(report.id_logits, id_test.labels, meta.class_counts))
         return report

@@ -48,7 +48,7 @@ from ..training.config import TrainConfig
 from ..training.segmentation import SegmentationTrainer
 from ..training.trainer import FINAL
 from .source import DataSource, as_source
-from .task import Task, register_task
+from .task import Task, ValidationSpec, register_task
 
 __all__ = ["SEGMENTATION_FINETUNE", "SegmentationTask", "anomaly_examples", "id_test_miou", "import_segmenter"]
 
@@ -171,7 +171,12 @@ class SegmentationTask(Task[SegmentationModel]):
 
     def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None, id_split: str = "test", blur: bool = False) -> EvalReport:
+                 positive: Positive | None, id_split: str = "test", blur: bool = False,
+                 validation: ValidationSpec | None = None) -> EvalReport:
+        if validation is not None:
+            raise ConfigError("choosing score hyperparameters on a validation pair (--select-on) is implemented for "
+                              "classification checkpoints only; segmentation scores keep their papers' values. "
+                              "Evaluate without it (drop --select-on).")
         built = self.build_scores(meta, scores)
         height = _input_size(meta)[1]
         sets = {name: source.segmentation(name, "test", height=height, num_images=num_ood) for name in ood}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -26,7 +27,21 @@ from ..scores import Score
 from ..training.config import TrainConfig
 from .source import DataSource
 
-__all__ = ["Task", "register_task", "task_of", "TASK_REGISTRY"]
+__all__ = ["Task", "ValidationSpec", "register_task", "task_of", "TASK_REGISTRY"]
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    """The validation pair that score hyperparameters are chosen on (:mod:`oodtune.scores.selection`):
+    ``id_holdout`` images of the checkpoint's ID *train* split, drawn with ``seed`` and held out of the statistics
+    fit while selecting, and the held-out auxiliary outlier set ``outliers`` (``num_outliers``: a seeded
+    subsample). Never an OOD test set."""
+
+    outliers: str
+    id_holdout: int = 1000
+    num_outliers: int | None = None
+    seed: int = 0
+
 
 #: The wrapper a task runs its networks in (classification: FeatureModel; segmentation: SegmentationModel).
 Net = TypeVar("Net", bound=nn.Module)
@@ -80,10 +95,12 @@ class Task(ABC, Generic[Net]):
     @abstractmethod
     def evaluate(self, net: Net, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None, id_split: str = "test", blur: bool = False) -> EvalReport:
+                 positive: Positive | None, id_split: str = "test", blur: bool = False,
+                 validation: ValidationSpec | None = None) -> EvalReport:
         """ID-task metrics on the ID ``id_split`` split (the test split; ``val`` when choosing hyper-parameters)
         and detection metrics of each score on each OOD set (``blur``: Gaussian-blurred pixel score maps, for
-        pixel-wise tasks)."""
+        pixel-wise tasks); with ``validation``, each score's hyperparameters are first chosen on that validation
+        pair (a task that does not implement selection refuses it with a ConfigError)."""
 
 
 TASK_REGISTRY: dict[str, Task[Any]] = {}
