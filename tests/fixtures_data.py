@@ -24,6 +24,23 @@ from PIL import Image
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+
+#: The [pretrain] and [finetune] sections of the tiny benchmark configs in the tests (one step per epoch).
+TINY_TRAINING_TOML = """
+[pretrain]
+epochs = {pretrain_epochs}
+batch_size = 8
+max_steps_per_epoch = 1
+lr = 0.01
+
+[finetune]
+epochs = 1
+batch_size = 8
+outlier_batch_size = 16
+max_steps_per_epoch = 1
+lr = {finetune_lr}
+"""
+
 def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 

@@ -14,7 +14,7 @@ import torch
 
 import oodtune.benchmark.grid as grid
 import oodtune.pipeline as pipe
-from fixtures_data import offline_env
+from fixtures_data import TINY_TRAINING_TOML, offline_env
 from oodtune.benchmark import load_benchmark_config, run_benchmark
 from oodtune.benchmark.store import dataset_key, score_key
 from oodtune.errors import ConfigError
@@ -34,18 +34,7 @@ num_ood = {num_ood}
 seeds = [0]
 out = "{out}"
 
-[pretrain]
-epochs = {epochs}
-batch_size = 8
-max_steps_per_epoch = 1
-lr = 0.01
-
-[finetune]
-epochs = 1
-batch_size = 8
-outlier_batch_size = 16
-max_steps_per_epoch = 1
-lr = {lr}
+{training}
 
 [[methods]]
 label = "MSP"
@@ -73,7 +62,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def config(env: dict[str, Path], out: Path, *, far: str = '["gaussian"]', num_ood: int = 8, epochs: int = 1,
            lr: float = 0.001, extra: str = "") -> Any:
     path = out.parent / f"{out.name}-{abs(hash((far, num_ood, epochs, lr, extra)))}.toml"
-    path.write_text(TOML.format(root=env["root"], out=out, far=far, num_ood=num_ood, epochs=epochs, lr=lr) + extra)
+    path.write_text(TOML.format(root=env["root"], out=out, far=far, num_ood=num_ood,
+                                training=TINY_TRAINING_TOML.format(pretrain_epochs=epochs, finetune_lr=lr)) + extra)
     return load_benchmark_config(path)
 
 

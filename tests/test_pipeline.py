@@ -17,7 +17,7 @@ import torch
 import oodtune.pipeline as pipe
 import oodtune.pipeline.classification as classification
 import oodtune.pipeline.source as source
-from fixtures_data import offline_env
+from fixtures_data import TINY_TRAINING_TOML, offline_env
 from oodtune.benchmark import load_benchmark_config, run_benchmark
 from oodtune.data import load_dataset
 from oodtune.data.longtail import longtail_counts
@@ -26,7 +26,7 @@ from oodtune.errors import CheckpointError
 from oodtune.metrics import LT_KEYS, long_tail_accuracy
 from oodtune.models import read_meta
 from oodtune.scores import SCORE_NAMES
-from oodtune.training.config import TrainConfig
+from oodtune.training.config import FINETUNE, TrainConfig
 
 ARCH = "wrn-10-1"
 ALL_SCORES = list(SCORE_NAMES)
@@ -229,17 +229,7 @@ num_ood = {num_ood}
 seeds = [0, 1]
 {pretrained}
 
-[pretrain]
-epochs = 1
-batch_size = 8
-max_steps_per_epoch = 1
-lr = 0.01
-
-[finetune]
-epochs = 1
-batch_size = 8
-outlier_batch_size = 16
-max_steps_per_epoch = 1
+{training}
 
 [[methods]]
 label = "MSP"
@@ -268,7 +258,8 @@ score = "msp"
 def _write_config(env: dict[str, Path], name: str, out: Path, extra: str = "", pretrained: Path | None = None,
                   methods: str | None = None) -> Path:
     text = BENCH_TOML.format(arch=ARCH, root=env["root"], out=out, num_ood=NUM_OOD,
-                             pretrained=f'pretrained = "{pretrained}"' if pretrained else "")
+                             pretrained=f'pretrained = "{pretrained}"' if pretrained else "",
+                             training=TINY_TRAINING_TOML.format(pretrain_epochs=1, finetune_lr=FINETUNE.lr))
     if methods is not None:
         text = text[: text.index("[[methods]]")] + methods
     path = env["tmp"] / f"{name}.toml"

@@ -116,7 +116,7 @@ def write_results(cfg: BenchmarkConfig, results: dict[str, list[dict[str, Any]]]
         data["missing"] = missing
     js = write_json(cfg.out / "results.json", data, overwrite=True)
     csv_path = write_csv(cfg.out / "results.csv", flat_rows(per_set), overwrite=True)
-    md = [f"# {cfg.name}\n", f"Command: `{command}`\n",
+    md = [f"# {cfg.name}\n\n", f"Command: `{command}`\n\n",
           f"ID: {cfg.id_dataset}, {cfg.arch}; seeds {cfg.seeds}. Fine-tuned rows: mean ± sample std over `runs` "
           "seeds (each seed on its own under \"Per seed\"); post-hoc rows score the single pretrained model. "
           f"{CONVENTIONS} `fine-tune s` is training wall time, torch.compile warm-up included where used; "
