@@ -9,7 +9,7 @@ CPU augmentation and fp32 on the device.
 
 ``OUT/model.pt`` is an ordinary oodtune checkpoint, so ``oodtune evaluate OUT/model.pt --ood ...`` scores it
 like any other. State is written atomically after every epoch (``OUT/last.pt``); the same command started
-again resumes there, so a 100-epoch run can span several short GPU sessions. Once ``OUT/model.pt`` exists
+again resumes there, so a 100-epoch run can span several short GPU calls. Once ``OUT/model.pt`` exists
 the command only evaluates it.
 
     python benchmarks/reference_train.py --data-root DATA --out runs/reference --json results/speed/ref.json

@@ -1,4 +1,4 @@
-"""Training throughput: oodtune's ``Trainer`` vs a reference-style DataLoader loop (issue "Speed").
+"""Training throughput: oodtune's ``Trainer`` vs a reference-style DataLoader loop (the speed benchmark).
 
 Both paths train the same architecture with the same SGD settings and the same loss code, in the same
 process, on CIFAR-10-sized data (real CIFAR-10 with ``--data-root``, else random uint8 of that shape):

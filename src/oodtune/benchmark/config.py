@@ -282,7 +282,7 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
                           out: str | None = None, only: list[str] | None = None) -> BenchmarkConfig:
     """Read and validate a benchmark TOML (module docstring); command-line overrides win over the file.
 
-    ``only``: run just these rows, named by label or slug (e.g. to spend a short GPU session on the rows a
+    ``only``: run just these rows, named by label or slug (e.g. to spend a short GPU run on the rows a
     previous one did not finish); the other rows are tabulated from their finished runs, as with
     ``report_only``. An unknown name is an error that lists the valid ones.
     """
