@@ -16,7 +16,7 @@ import oodtune.benchmark.grid as grid
 import oodtune.pipeline as pipe
 from fixtures_data import TINY_TRAINING_TOML, offline_env
 from oodtune.benchmark import load_benchmark_config, run_benchmark
-from oodtune.benchmark.store import dataset_key, score_key
+from oodtune.benchmark.store import EvalStore, dataset_key, score_key
 from oodtune.errors import ConfigError
 from oodtune.metrics import roc_curve
 from oodtune.scores import build_score
@@ -171,7 +171,7 @@ def test_roc_plot_uses_the_rows_score(env, finished, monkeypatch):
     bench.run("test")
     ckpts = {"pretrained": bench.trained(bench.pretrained_path()),
              "OE": bench.trained(bench.run_dir(bench.cfg.methods[1], 0) / "model.pt")}
-    for (model, name), (fpr, tpr) in drawn["roc-oe.png"].items():
+    for (model, name), (fpr, tpr, *_) in drawn["roc-oe.png"].items():
         ev = bench.evaluate(ckpts[model], ["msp"], compute=False)
         assert ev is not None
         ref_fpr, ref_tpr, _ = roc_curve(ev.scores["msp"]["id"], ev.scores["msp"][name])
@@ -202,3 +202,12 @@ def test_cache_keys_follow_the_inputs():
     assert dataset_key("mnist", None) == "mnist-nall" and dataset_key("mnist", 100) == "mnist-n100"
     a, b = dataset_key("folder:/data/a/set", 5), dataset_key("folder:/data/b/set", 5)
     assert a != b and "/" not in a
+
+
+def test_metrics_against_another_id_split_are_other_files(tmp_path: Path) -> None:
+    """Rows, ID scores and ID metrics depend on the ID split; the raw OOD scores do not."""
+    test, val = EvalStore(tmp_path), EvalStore(tmp_path, id_split="val")
+    scores = tmp_path / "energy-x" / "dtd-n1000.npy"
+    assert test.row_path(scores).name == "dtd-n1000.json" and val.row_path(scores).name == "dtd-n1000-val.json"
+    assert (test.id_file, test.info_file) == ("id", "checkpoint.json")
+    assert (val.id_file, val.info_file) == ("id-val", "checkpoint-val.json")

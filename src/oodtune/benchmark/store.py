@@ -18,8 +18,9 @@ Layout (``OUT/evals``)::
         <name>.json                          other derived values, e.g. the outlier prior and margins
         <score>-<options hash>/options.json  the score's options, for the reader
         <score>-<options hash>/<set>.json    the metrics row the checkpoint's task computed for the set against
-                                             the ID split (exact; both FPR95 conventions for classification,
-                                             pixel metrics and components for segmentation)
+                                             the ID test split (``<set>-val.json``: the validation split; exact;
+                                             both FPR95 conventions for classification, pixel metrics and
+                                             components for segmentation)
         <score>-<options hash>/<set>.npy     raw per-sample scores (float32, higher = more ID; for segmentation
                                              a seeded sample of pixel scores, for the plots); ``id.npy``
                                              (``id-val.npy``) for the ID split
@@ -97,8 +98,8 @@ class EvalStore:
 
     def __init__(self, root: str | Path, *, id_split: str = "test") -> None:
         self.root = Path(root)
-        self.id_file = ID if id_split == "test" else f"{ID}-{id_split}"
-        self.info_file = "checkpoint.json" if id_split == "test" else f"checkpoint-{id_split}.json"
+        suffix = "" if id_split == "test" else f"-{id_split}"
+        self.id_file, self.info_file, self.row_suffix = f"{ID}{suffix}", f"checkpoint{suffix}.json", f"{suffix}.json"
         self._sha: dict[tuple[str, int, int], str] = {}
 
     def sha256(self, checkpoint: str | Path) -> str:
@@ -112,6 +113,11 @@ class EvalStore:
 
     def folder(self, sha256: str) -> Path:
         return self.root / sha256[:16]
+
+    def row_path(self, scores_path: Path) -> Path:
+        """Beside an OOD set's ``.npy`` scores: its metrics row against the ID split (``<set>.json``;
+        ``<set>-val.json`` against the validation split)."""
+        return scores_path.with_name(scores_path.stem + self.row_suffix)
 
     def derived(self, sha256: str, name: str, compute: Callable[[], dict[str, Any]] | None) -> dict[str, Any] | None:
         """A JSON value derived from the checkpoint ``sha256`` alone (``name`` must encode every other input, e.g.
@@ -139,7 +145,7 @@ class EvalStore:
                           for d in [*ood, ID]} for s in scores}
         info_path = folder / self.info_file
         missing = {s: [d for d, p in by_set.items()
-                       if not p.exists() or (d != ID and not p.with_suffix(".json").exists())]
+                       if not p.exists() or (d != ID and not self.row_path(p).exists())]
                    for s, by_set in paths.items()}
         missing = {s: ([*ood, ID] if ID in sets else sets) for s, sets in missing.items() if sets}
         if missing or not info_path.exists():
@@ -152,10 +158,10 @@ class EvalStore:
                 self._write_options(folder / score_key(score), score)
             for name, sets in missing.items():
                 for d in [d for d in sets if d != ID] + [ID]:  # the ID file last: it marks the score complete
-                    if d != ID:
+                    row_path = self.row_path(paths[name][d])
+                    if d != ID and not row_path.exists():
                         row = next(r for r in report.rows if r["score"] == name and r["dataset"] == d)
-                        write_json(paths[name][d].with_suffix(".json"),
-                                   {k: v for k, v in row.items() if k not in ("score", "dataset")}, overwrite=True)
+                        write_json(row_path, {k: v for k, v in row.items() if k not in ("score", "dataset")})
                     if not paths[name][d].exists():
                         _write_array(paths[name][d], report.scores[name][d])
             if not info_path.exists():
@@ -163,7 +169,7 @@ class EvalStore:
         info = json.loads(info_path.read_text())
         return StoredEvaluation(
             sha256=info["sha256"], id_metrics=dict(info["id_metrics"]),
-            rows={s: {d: dict(json.loads(p.with_suffix(".json").read_text())) for d, p in by_set.items() if d != ID}
+            rows={s: {d: dict(json.loads(self.row_path(p).read_text())) for d, p in by_set.items() if d != ID}
                   for s, by_set in paths.items()},
             scores={s: {d: _read_array(p) for d, p in by_set.items()} for s, by_set in paths.items()})
 
