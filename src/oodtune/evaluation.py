@@ -249,8 +249,8 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
             report.scores[s.name][name] = ood_scores
             m = detection_metrics(id_scores, ood_scores)  # FPR95 under both conventions, one sort
             fpr = m["fpr95_in"] if positive == "in" else m["fpr95"]
-            out.append({"score": s.name, "dataset": name, **{k: m[k] for k in METRIC_KEYS}, "fpr95": fpr,
-                        "fpr95_in": m["fpr95_in"], "n_id": len(id_test), "n_ood": len(ds)})
+            out.append({"score": s.name, "dataset": name, **m, "fpr95": fpr, "n_id": len(id_test),
+                        "n_ood": len(ds)})
         return out
 
     for s, default in zip(scores, defaults, strict=True):

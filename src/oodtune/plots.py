@@ -121,9 +121,10 @@ def plot_score_histograms(path: str | Path, id_scores: Any, ood_scores: Mapping[
                              higher_is_id=True, title=title or f"{score} score")
 
 
-def plot_roc_curves(path: str | Path, curves: Mapping[Any, tuple[Any, Any]], title: str = "ROC", *,
+def plot_roc_curves(path: str | Path, curves: Mapping[Any, Sequence[Any]], title: str = "ROC", *,
                     log_fpr: bool = False) -> Path:
-    """ROC curves, ``curves[key] = (fpr, tpr)``, the first two arrays of ``oodtune.metrics.roc_curve``. A key is
+    """ROC curves, ``curves[key] = (fpr, tpr, ...)`` as ``oodtune.metrics.roc_curve`` returns them (arrays after
+    the first two, e.g. thresholds, are not drawn). A key is
     a label, or a ``(model, OOD set)`` pair: then the colour marks the set and the line style the model (the
     first model dashed). The legend shows each curve's AUROC = integral of TPR d(FPR) (trapezoidal). ``log_fpr``
     puts FPR on a log axis (the low-FPR end, where detectors are used, becomes visible). Returns the path."""

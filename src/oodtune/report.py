@@ -192,6 +192,6 @@ def write_evaluation_plots(prefix: str | os.PathLike, report: EvalReport, *, tit
     for i, (score, by_set) in enumerate(report.scores.items()):
         ood = {name: values for name, values in by_set.items() if name != "id"}
         plot_score_histograms(paths[2 * i], by_set["id"], ood, score=score, title=title)
-        curves = {(score, name): roc_curve(by_set["id"], values)[:2] for name, values in ood.items()}
+        curves = {(score, name): roc_curve(by_set["id"], values) for name, values in ood.items()}
         plot_roc_curves(paths[2 * i + 1], curves, title=f"ROC per OOD set: {score} {title}".strip(), log_fpr=log_fpr)
     return paths

@@ -27,7 +27,6 @@ from ..models import RunMeta, read_meta
 from ..models.imported import check_trusted, trusted_archs
 from ..plots import plot_anomaly_maps, plot_class_prior, plot_energy_histograms, plot_roc_curves
 from ..prior import OutlierPrior
-from ..progress import console
 from ..report import write_json
 from ..runtime import resolve_device
 from ..training.config import TrainConfig
@@ -260,7 +259,6 @@ class Benchmark:
         found = self.trained(final)
         if found is not None or not train or pre is None:
             return found
-        console.rule(f"{spec.label} seed {seed}")
         log.info("── %s seed %d ──", spec.label, seed)
         pipeline.finetune(pre.path, final.parent, method=spec.method, data_root=self.source, outliers=self.cfg.outliers,
                           prior=self.prior(pre, spec.gamma) if spec.balanced else None,
@@ -314,7 +312,7 @@ class Benchmark:
 
         plot_energy_histograms(self.out / f"energy-{spec.slug}.png", *energies(after),
                                title=f"{spec.label} (seed {seed})", before=energies(before))
-        curves = {(model, d): roc_curve(ev.scores[spec.score][ID], ev.scores[spec.score][d])[:2]
+        curves = {(model, d): roc_curve(ev.scores[spec.score][ID], ev.scores[spec.score][d])
                   for model, ev in (("pretrained", before), (spec.label, after)) for d in sets}
         plot_roc_curves(self.out / f"roc-{spec.slug}.png", curves,
                         title=f"ROC per OOD set, score {spec.score}: {spec.label} (seed {seed}) vs pretrained")

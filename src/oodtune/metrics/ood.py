@@ -146,6 +146,11 @@ def _check_rule(rule: str) -> None:
 # ----------------------------------------------------------------------------- the shared sort
 
 
+def _rates(tp: np.ndarray, fp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) from cumulative true / false positive counts, with the (0, 0) start prepended."""
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
+
+
 @dataclass(frozen=True)
 class _Ranked:
     """Per distinct score value, in *decreasing* score order: how many ID and OOD samples hold it."""
@@ -202,8 +207,7 @@ class _Ranked:
 
     def rates(self, positive: str) -> tuple[np.ndarray, np.ndarray]:
         """(FPR, TPR) at each threshold, starting at (0, 0); from the counts alone."""
-        tp, fp = self.cumulative(positive)
-        return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
+        return _rates(*self.cumulative(positive))
 
     def roc(self, positive: str, drop_intermediate: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ROC operating points (FPR, TPR, threshold), starting at (0, 0, inf), ties as one step.
@@ -216,7 +220,7 @@ class _Ranked:
         if drop_intermediate and tp.size > 2:
             keep = np.r_[True, (np.diff(tp, 2) != 0) | (np.diff(fp, 2) != 0), True]
             tp, fp, thr = tp[keep], fp[keep], thr[keep]
-        return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]], np.r_[np.inf, thr]
+        return (*_rates(tp, fp), np.r_[np.inf, thr])
 
     def fpr_at_tpr(self, positive: str, tpr: float, rule: str = "first") -> float:
         """FPR at ``tpr`` TPR: the smallest FPR among operating points whose TPR >= ``tpr`` (``rule="first"``),
