@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     "data": 1,
     "models": 2,
     "energy": 3, "margins": 3, "prior": 3, "losses": 3, "pixel_losses": 3, "scores": 3, "metrics": 3,
-    "training": 4, "evaluation": 4, "pixel_evaluation": 4, "detector": 4,
+    "training": 4, "evaluation": 4, "pixel_evaluation": 4, "detector": 4, "detector_record": 4,
     "report": 5, "plots": 5, "export": 5,
     "pipeline": 6,
     "benchmark": 7,

@@ -52,6 +52,11 @@ CLI_WORDS = [
 ]
 
 
+#: ``predict`` exit statuses beyond click's 0 (success), 1 (error) and 2 (usage error); ``predict --help`` and the
+#: README list them (test_deploy_bad_input checks the help against these values).
+EXIT_SOME_FAILED, EXIT_NONE_PREDICTED = 3, 4
+
+
 def cli_message(message: str) -> str:
     """``message`` with the library's parameter names replaced by this CLI's flags."""
     for pattern, flag in CLI_WORDS:
@@ -585,13 +590,17 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
     Records score, threshold, TPR reached, n, the images used and the weights' hash (a detector is never applied
     to another checkpoint). Use it with `oodtune predict CHECKPOINT IMAGES --detector OUT`.
     """
-    from .export import export_detector
+    from .export import check_exportable, export_detector
     from .pipeline import calibrate as run
 
     targets = [p for p in (out, export_path) if p]
     existing = [p for p in targets if Path(p).exists() and not overwrite]
     if existing:  # refuse before spending the forward passes
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another path.")
+    if export_path:
+        check_exportable(score)
+    for target in targets:
+        check_writable(Path(target).parent, "choose another path")
     det = run(checkpoint, score=score, tpr=tpr, data=calibration_data, data_root=data_root, device=device,
               id_data=id_data, check=check)
     cal = det.calibrated()
@@ -622,12 +631,27 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--strict", is_flag=True,
+              help=f"Exit with status {EXIT_SOME_FAILED} when any input could not be predicted (for pipelines).")
 def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | None, fmt: str | None,
-            batch_size: int, device: str, overwrite: bool) -> None:
+            batch_size: int, device: str, overwrite: bool, strict: bool) -> None:
     """One row per image: path, predicted_class, confidence, score, is_ood, error.
 
     IMAGES are image files, folders (searched recursively), glob patterns (quote them: 'shots/**/*.png') and
-    tar/zip archives. A file that cannot be read is a row with its error; the others are still predicted.
+    tar/zip archives. A file that cannot be read (corrupt, a FIFO, a name that is not UTF-8, ...) is a row with
+    its error; the others are still predicted.
+
+    CSV cells that a spreadsheet would run as a formula (text starting with = + - @, a tab or a carriage return)
+    are written with a leading ' (so "=x.png" appears as "'=x.png"); JSON Lines (--format jsonl) hold the exact
+    values.
+
+    \b
+    Exit status:
+      0  every input predicted (or some rows failed, without --strict)
+      1  error before predicting (bad detector file, existing --out, ...)
+      2  usage error (unknown option, bad value)
+      3  some rows failed, with --strict
+      4  no input could be predicted (the error rows are still written)
     """
     from .pipeline import predict as run
     from .report import write_predictions
@@ -639,6 +663,12 @@ def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | 
     total = sum(counts.values())
     console.print(f"{total} input(s): {counts['ood']} flagged OOD, {counts['id']} accepted as ID, "
                   f"{counts['error']} unreadable" + (f"; wrote {out}" if out else ""))
+    if counts["error"] == total:
+        click.echo(f"Error: no input could be predicted ({total} error row(s)).", err=True)
+        sys.exit(EXIT_NONE_PREDICTED)
+    if strict and counts["error"]:
+        click.echo(f"Error: {counts['error']} of {total} input(s) could not be predicted (--strict).", err=True)
+        sys.exit(EXIT_SOME_FAILED)
 
 
 @main.command()
