@@ -124,7 +124,7 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
             res = sc.counter.result(positive=pos)
             row: dict[str, float | str] = {"score": s.name, "dataset": name,
                                            **{k: v for k, v in res.metrics.as_percent().items() if k in METRIC_KEYS},
-                                           "auroc_bound": 100 * res.auroc_bound,
+                                           "auroc_bound": 100 * res.auroc_bound, "ap_bound": 100 * res.ap_bound,
                                            "anomaly_pixels": 100 * res.n_anomaly / (res.n_anomaly + res.n_inlier)}
             if sc.maps is not None:
                 h, w = ds.size[1], ds.size[0]
