@@ -63,6 +63,10 @@ def segmentation_metrics(net: SegmentationModel, normalizer: Normalizer, data: S
     labels ignored; see :class:`~oodtune.metrics.pixel.ConfusionCounter`)."""
     if data.num_classes != net.num_classes:
         raise DataError(f"{data.name} has {data.num_classes} classes but the model {net.num_classes}.")
+    if data.ignore_index is not None and not (data.labels != data.ignore_index).any():
+        raise DataError(f"{data.name}: no labelled pixel -- every pixel of its {len(data)} label map(s) is void "
+                        f"({data.ignore_index}), so mIoU and pixel accuracy are undefined; check that the label maps "
+                        "are this dataset's (class ids, not colour images) and not blank.")
     conf = ConfusionCounter(net.num_classes, net.num_outputs, data.ignore_index)
     for logits, labels in forward_maps(net, data, normalizer, device=device, batch_size=batch_size):
         conf.update(logits.argmax(1).cpu().numpy(), labels)
