@@ -99,6 +99,12 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         if stray:
             raise click.BadParameter(f"{value}: key(s) {', '.join(stray)} are options of no oodtune command "
                                      "(misspelled?).")
+    params = {str(p.name): p for p in command.params}
+    for k, norm in keys.items():  # click would truncate 1.7 to 1 for an integer option
+        param, given = params.get(names.get(norm, "")), section[k]
+        if isinstance(param, click.Option) and isinstance(param.type, click.types.IntParamType) and \
+                not (isinstance(given, int) and not isinstance(given, bool)):
+            raise click.BadParameter(f"{value}: {k} = {given!r} must be an integer.")
     for k, norm in keys.items():  # a file never makes oodtune import code (see oodtune.models.imported)
         if norm == "trust_arch" or (norm == "arch" and isinstance(section[k], str) and is_import_path(section[k])):
             raise click.BadParameter(f"{value}: {k} = {section[k]!r} must be given on the command line, not in a "
