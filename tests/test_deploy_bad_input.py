@@ -245,3 +245,15 @@ def test_calibration_images_that_are_also_test_images_are_detected(env, model, t
                             "--out", tmp_path / "v.json").output and (tmp_path / "v.json").read_text())
     assert default["calibration"]["check"]["n"] == 100
     assert "verified" in default["calibration"]["check"]["data"]
+
+
+def test_readme_and_docs_state_the_exit_codes_and_the_csv_rule() -> None:
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    deploy = (root / "docs" / "deploy.md").read_text(encoding="utf-8")
+    assert f"{EXIT_SOME_FAILED} some rows failed with `--strict`" in readme
+    assert f"{EXIT_NONE_PREDICTED} no input could be predicted" in readme
+    assert f"| {EXIT_SOME_FAILED} | `--strict` and at least one row failed |" in deploy
+    assert f"| {EXIT_NONE_PREDICTED} | no input could be predicted" in deploy
+    for text in (readme, deploy):
+        assert "leading `'`" in text and "`@`" in text
