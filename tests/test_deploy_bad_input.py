@@ -162,6 +162,7 @@ DAMAGE = [
     ("calibration.n", _DELETE), ("calibration.surprise", 1), ("calibration", [1, 2]), ("version", "two"),
     ("score_state.temperature", "hot"), ("classes", "c0"), ("resolution", -3), ("mean", [0.5, 0.5]),
     ("score", "nonsense"), ("calibration.tpr", 1.5), ("calibration.check", 5), ("statistics", 7),
+    ("statistics", "../elsewhere.pt"),
 ]
 
 

@@ -583,7 +583,8 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
                    "(pretrain --val-fraction), else the dataset's val split; train = training images (biased, "
                    "warned); folder:PATH / images:PATH = your held-out ID images. Never the test split.")
 @click.option("--check/--no-check", default=True, show_default=True,
-              help="Measure the acceptance rate reached on the ID test split (disjoint from the calibration set).")
+              help="Measure the acceptance rate reached on the ID test split (test images that are also "
+                   "calibration images, found by content, are left out).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Detector file to write (JSON).")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the detector as a torch.export program (.pt2): uint8 images in, logits, score and "

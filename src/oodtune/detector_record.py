@@ -53,6 +53,15 @@ def _text(optional: bool = False) -> Check:
         f"must be a string{' or null' if optional else ''}, got {v!r}"
 
 
+def _sidecar(v: Any) -> str | None:
+    """The statistics file: null, or a bare file name beside the detector (never a path elsewhere)."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v or v in (".", "..") or "/" in v or "\\" in v:
+        return f"must be null or the bare name of the statistics file beside the detector, got {v!r}"
+    return None
+
+
 def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
 
@@ -93,7 +102,7 @@ RECORD_KEYS: dict[str, Check] = {
     "version": _integer(1), "oodtune_version": _text(), "checkpoint": _text(optional=True),
     "weights_sha256": _sha256, "classes": _classes, "mean": _triple(False), "std": _triple(True),
     "resolution": _integer(1), "head": _text(optional=True), "score": _text(), "score_state": _state,
-    "statistics": _text(optional=True), "fit_source": _text(optional=True), "rule": _text(),
+    "statistics": _sidecar, "fit_source": _text(optional=True), "rule": _text(),
 }
 
 
