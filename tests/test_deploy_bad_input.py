@@ -110,8 +110,9 @@ def test_a_fifo_named_like_an_image_is_an_error_row(env, model, detector, tmp_pa
     rows = {Path(r["path"]).name: r for r in _rows(tmp_path / "p.csv")}
     assert set(rows) == {"good.png", "x.jpg"} and rows["good.png"]["score"]
     assert "not a regular file" in rows["x.jpg"]["error"]
-    res = _predict(model, detector, folder / "x.jpg", "--out", tmp_path / "q.csv")  # named on its own
-    assert res.exit_code == 4 and "not a regular file" in _rows(tmp_path / "q.csv")[0]["error"]
+    os.mkfifo(tmp_path / "y.zip")  # an "archive" that would block when opened
+    res = _predict(model, detector, folder / "x.jpg", tmp_path / "y.zip", "--out", tmp_path / "q.csv")
+    assert res.exit_code == 4 and all("not a regular file" in r["error"] for r in _rows(tmp_path / "q.csv"))
 
 
 def test_exit_codes_when_nothing_or_not_everything_was_predicted(env, model, detector, tmp_path) -> None:

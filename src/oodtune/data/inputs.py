@@ -33,6 +33,7 @@ from PIL import Image
 from oodtune.data.archives import is_archive
 from oodtune.data.images import (
     array_to_resolution,
+    check_regular_file,
     decode_image,
     default_workers,
     is_image_file,
@@ -112,6 +113,11 @@ def _expand_path(path: Path, explicit: bool) -> Iterator[InputFile]:
         for f in files:
             yield InputFile(str(f), f)
     elif is_archive(path):
+        try:
+            check_regular_file(path)  # opening a FIFO named like an archive would block
+        except DataError as exc:
+            yield InputFile(str(path), error=str(exc))
+            return
         yield from _archive_members(path)
     elif explicit or is_image_file(path):  # a file named on purpose is always tried; a glob keeps only images
         yield InputFile(str(path), path)
