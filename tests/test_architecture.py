@@ -13,12 +13,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "oodtune"
 
 #: component (first path element below oodtune) -> layer, bottom (0) to top; kept in sync with the doc.
 LAYERS: dict[str, int] = {
-    "__init__": 0, "errors": 0, "atomic": 0, "lock": 0, "progress": 0, "runtime": 0,
+    "__init__": 0, "errors": 0, "utils": 0,
     "data": 1,
     "models": 2,
-    "energy": 3, "margins": 3, "prior": 3, "losses": 3, "pixel_losses": 3, "scores": 3, "metrics": 3,
-    "training": 4, "evaluation": 4, "pixel_evaluation": 4, "detector": 4,
-    "report": 5, "plots": 5, "export": 5,
+    "functional": 3, "losses": 3, "scores": 3, "metrics": 3,
+    "training": 4, "evaluation": 4,
+    "report": 5, "plots": 5, "deploy": 5,
     "pipeline": 6,
     "benchmark": 7,
     "cli": 8,

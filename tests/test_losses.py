@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import logsumexp
 
-from oodtune.energy import energy
-from oodtune.losses import (
+from oodtune.functional import energy
+from oodtune.losses.margins import margin_coverage, propose_margins
+from oodtune.losses.terms import (
     LOSS_OPTIONS,
     BalancedEnergy,
     CompositeLoss,
@@ -24,7 +25,6 @@ from oodtune.losses import (
     build_method_loss,
     outlier_affinity,
 )
-from oodtune.margins import margin_coverage, propose_margins
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 

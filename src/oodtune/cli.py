@@ -24,19 +24,19 @@ from typing import Any
 import click
 
 from . import __version__
-from .atomic import check_writable
 from .data import available_datasets
 from .data.segmentation import parse_size
 from .errors import OodtuneError
-from .losses import METHODS, loss_option_defaults
+from .losses.pixel import PIXEL_METHODS
+from .losses.prior import DEFAULT_GAMMA
+from .losses.terms import METHODS, loss_option_defaults
 from .models import ARCHITECTURES, trusted_archs
 from .models.imported import is_import_path
-from .pixel_losses import PIXEL_METHODS
-from .prior import DEFAULT_GAMMA
-from .progress import ConsoleHandler, console
-from .runtime import resolve_device
 from .scores import SCORE_NAMES
 from .training.config import COMPILE_MODES, COMPILE_SCOPES, FINETUNE, PRECISIONS, PRETRAIN, TrainConfig
+from .utils.atomic import check_writable
+from .utils.progress import ConsoleHandler, console
+from .utils.runtime import resolve_device
 
 METHODS_HELP = (f"classification: {', '.join(m for m in METHODS if m != 'ce')}, or a '+'-composition such as "
                 f"balanced-energy+sparsity; segmentation: {', '.join(PIXEL_METHODS)}")
@@ -468,9 +468,9 @@ def _default_help(option: str) -> str:
 @train_options(FINETUNE, shown=False)
 def finetune(**kw: Any) -> None:
     """Fine-tune a pretrained checkpoint with an OOD-aware loss (on the ID *train* split only)."""
+    from .losses.prior import OutlierPrior
     from .pipeline import default_outliers, finetune_config
     from .pipeline import finetune as run
-    from .prior import OutlierPrior
 
     prior = OutlierPrior.load(kw["prior_path"]) if kw["prior_path"] else None
     if prior is not None and kw["gamma"] is not None:
@@ -585,7 +585,7 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
     Records score, threshold, TPR reached, n, the images used and the weights' hash (a detector is never applied
     to another checkpoint). Use it with `oodtune predict CHECKPOINT IMAGES --detector OUT`.
     """
-    from .export import export_detector
+    from .deploy.export import export_detector
     from .pipeline import calibrate as run
 
     targets = [p for p in (out, export_path) if p]

@@ -10,7 +10,7 @@ Sections (``configs/*.toml`` are documented examples):
 
 A segmentation ``id_dataset`` (e.g. ``camvid``) makes it a segmentation benchmark: ``pretrained`` is then required
 (segmenters are imported, not pretrained: ``oodtune import-model``), the methods are the pixel methods of
-:mod:`oodtune.pixel_losses`, the post-hoc rows the pixel scores, and fine-tuning starts from the segmentation
+:mod:`oodtune.losses.pixel`, the post-hoc rows the pixel scores, and fine-tuning starts from the segmentation
 recipe.
 * ``[pretrain]`` — training options (:class:`~oodtune.training.config.TrainConfig` fields) plus ``num_train``,
   ``imbalance_ratio`` and ``val_fraction`` (a validation part held out before pretraining, for calibration).
@@ -41,9 +41,9 @@ from typing import Any
 from ..data import PROTOCOLS, available_datasets
 from ..data.registry import canonical_name, is_segmentation_set
 from ..errors import ConfigError
-from ..losses import build_method_loss
+from ..losses.pixel import build_pixel_loss
+from ..losses.terms import build_method_loss
 from ..pipeline.task import TASK_REGISTRY
-from ..pixel_losses import build_pixel_loss
 from ..scores import PIXEL_SCORE_NAMES, SCORE_NAMES
 from ..training.config import PRETRAIN, TRAIN_KEYS, TrainConfig
 

@@ -1,7 +1,7 @@
 """Models: the architecture zoo, the logits+features interface for any classifier, the segmentation wrapper,
 the metadata that travels with a model, and checkpoints."""
 
-from ..atomic import file_sha256
+from ..utils.atomic import file_sha256
 from .checkpoint import (
                          load_feature_model,
                          load_model,

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import write_atomic
 from ..errors import CheckpointError
+from ..utils.atomic import write_atomic
 from .features import FeatureModel
 from .imported import check_trusted, trusted_archs
 from .meta import RunMeta
@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 
 def save_atomic(obj: Any, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """``torch.save`` to ``path`` atomically (temporary file in the same folder + fsync + os.replace); with
-    ``overwrite=False`` an existing ``path`` is never replaced (see :func:`oodtune.atomic.write_atomic`)."""
+    ``overwrite=False`` an existing ``path`` is never replaced (see :func:`oodtune.utils.atomic.write_atomic`)."""
     return write_atomic(path, lambda fh: torch.save(obj, fh), overwrite=overwrite)
 
 

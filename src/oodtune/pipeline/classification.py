@@ -18,18 +18,17 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..atomic import check_writable
 from ..data import ImageSet
 from ..data.longtail import make_longtailed
 from ..data.registry import canonical_name, has_test_split, resolve_dataset
 from ..data.splits import TEST_STREAM, VAL_STREAM, holdout
 from ..data.synthetic import GENERATORS
 from ..data.tensors import CIFAR_MEAN, CIFAR_STD, Normalizer
-from ..energy import energy
 from ..errors import CheckpointError, ConfigError, DataError, ModelError
-from ..evaluation import EvalReport, Validation, compute_outputs, evaluate
-from ..lock import output_lock
-from ..losses import CompositeLoss, build_method_loss
+from ..evaluation.classification import EvalReport, Validation, compute_outputs, evaluate
+from ..functional import energy
+from ..losses.prior import count_outlier_predictions
+from ..losses.terms import CompositeLoss, build_method_loss
 from ..metrics import accuracy, long_tail_accuracy
 from ..metrics.ood import Positive
 from ..models import (
@@ -42,10 +41,11 @@ from ..models import (
     save_checkpoint,
 )
 from ..models.imported import input_normalisation
-from ..prior import count_outlier_predictions
 from ..scores import Score, build_score
 from ..training.config import FINETUNE, PRETRAIN, TrainConfig
 from ..training.trainer import FINAL, Trainer, check_run_dir
+from ..utils.atomic import check_writable
+from ..utils.lock import output_lock
 from .source import DataSource, as_source
 from .task import Task, ValidationSpec, register_task
 

@@ -27,10 +27,12 @@ from ..data import SegmentationSet, is_segmentation_set
 from ..data.objects import paste_object
 from ..data.segmentation import Size
 from ..data.tensors import Normalizer
-from ..energy import energy
 from ..errors import CheckpointError, ConfigError, ModelError
-from ..evaluation import EvalReport
-from ..losses import CompositeLoss
+from ..evaluation.classification import EvalReport
+from ..evaluation.segmentation import evaluate_segmentation, forward_maps, segmentation_metrics
+from ..functional import energy
+from ..losses.pixel import OUTLIER_LABEL, build_pixel_loss, needs_abstention
+from ..losses.terms import CompositeLoss
 from ..metrics.ood import Positive
 from ..models import (
     ESPNET_ARCHS,
@@ -41,8 +43,6 @@ from ..models import (
     read_state_dict,
     save_checkpoint,
 )
-from ..pixel_evaluation import evaluate_segmentation, forward_maps, segmentation_metrics
-from ..pixel_losses import OUTLIER_LABEL, build_pixel_loss, needs_abstention
 from ..scores import PIXEL_SCORE_NAMES, Score, build_score, score_map
 from ..training.config import TrainConfig
 from ..training.segmentation import SegmentationTrainer

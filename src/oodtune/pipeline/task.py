@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..evaluation import EvalReport
-from ..losses import CompositeLoss
+from ..evaluation.classification import EvalReport
+from ..losses.terms import CompositeLoss
 from ..metrics.ood import Positive
 from ..models import RunMeta
 from ..scores import Score

@@ -2,10 +2,10 @@
 
 Each step draws ``batch_size`` frames of the ID training split; when the loss uses outliers, one object of the
 object bank is pasted into each of the first ``outlier_batch_size`` frames (random scale, flip and position,
-:func:`oodtune.data.objects.paste_object`; its pixels get :data:`~oodtune.pixel_losses.OUTLIER_LABEL`); every
+:func:`oodtune.data.objects.paste_object`; its pixels get :data:`~oodtune.losses.pixel.OUTLIER_LABEL`); every
 frame is flipped horizontally with probability 0.5. All draws come from the run's seeded generator, so a seed
 reproduces the batches and a resumed run continues them. One forward pass over the batch; the loss sees the
-labelled pixels and the outlier pixels as rows and the whole batch as maps (:mod:`oodtune.pixel_losses`).
+labelled pixels and the outlier pixels as rows and the whole batch as maps (:mod:`oodtune.losses.pixel`).
 
 Only the checkpoint's ``trainable`` modules are optimised (the others are frozen, BatchNorm included: see
 :class:`~oodtune.models.SegmentationModel`), with Adam as in the reference (PEBAL: Adam, lr 1e-5, poly decay;
@@ -29,10 +29,10 @@ from torch import nn
 from ..data.objects import ObjectBank, paste_object
 from ..data.segmentation import SegmentationSet
 from ..errors import ConfigError, DataError
-from ..losses import LossInputs
+from ..losses.pixel import OUTLIER_LABEL
+from ..losses.terms import LossInputs
 from ..models import SegmentationModel
-from ..pixel_losses import OUTLIER_LABEL
-from ..runtime import autocast
+from ..utils.runtime import autocast
 from .sampling import OutlierSampler
 from .trainer import StepBatch, StepOutputs, Trainer
 

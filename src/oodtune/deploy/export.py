@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import write_atomic
+from ..errors import ConfigError, ModelError
+from ..utils.atomic import write_atomic
 from .detector import RULE, Detector
-from .errors import ConfigError, ModelError
 
 __all__ = ["EXTRA_FILE", "export_detector", "load_exported"]
 

@@ -35,18 +35,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .atomic import write_atomic, write_text_atomic
-from .data.imageset import ImageSet
-from .data.inputs import as_uint8_images, decode_batches
-from .data.tensors import Normalizer
-from .errors import CheckpointError, ConfigError, DataError
-from .evaluation import Outputs, compute_outputs, score_dataset
-from .metrics import acceptance_rate, min_calibration_size, threshold_at_tpr
-from .models import FeatureModel, load_feature_model
-from .progress import format_rate, progress_bar
-from .runtime import resolve_device
-from .scores import Score, Shaper, build_score
+from .. import __version__
+from ..data.imageset import ImageSet
+from ..data.inputs import as_uint8_images, decode_batches
+from ..data.tensors import Normalizer
+from ..errors import CheckpointError, ConfigError, DataError
+from ..evaluation.classification import Outputs, compute_outputs, score_dataset
+from ..metrics import acceptance_rate, min_calibration_size, threshold_at_tpr
+from ..models import FeatureModel, load_feature_model
+from ..scores import Score, Shaper, build_score
+from ..utils.atomic import write_atomic, write_text_atomic
+from ..utils.progress import format_rate, progress_bar
+from ..utils.runtime import resolve_device
 
 __all__ = ["DETECTOR_FORMAT", "Calibration", "Detector", "Predictions", "weights_hash"]
 

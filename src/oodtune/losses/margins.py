@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["FAR", "REFERENCE_MEDIANS", "default_margin_warning", "margin_coverage", "propose_margins"]
 

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .energy import energy
-from .errors import ConfigError
-from .losses import (
+from ..errors import ConfigError
+from ..functional import energy
+from .terms import (
     BalancedEnergy,
     CompositeLoss,
     CrossEntropy,

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .energy import energy
-from .errors import ConfigError, DivergenceError
+from ..errors import ConfigError, DivergenceError
+from ..functional import energy
 
 __all__ = [
     "LossInputs", "LossTerm", "CrossEntropy", "OutlierExposure", "EnergyHinge", "BalancedEnergy", "Sparsity",
