@@ -1,4 +1,4 @@
-"""A calibrated :class:`~oodtune.detector.Detector` as one self-contained file that a service loads with PyTorch
+"""A calibrated :class:`~oodtune.deploy.Detector` as one self-contained file that a service loads with PyTorch
 alone -- no oodtune, no training code -- through ``torch.export``:
 
     program = torch.export.load("detector.pt2").module()

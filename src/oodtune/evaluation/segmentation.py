@@ -22,7 +22,7 @@ import torch
 from ..data.segmentation import ANOMALY, VOID, SegmentationSet
 from ..data.tensors import Normalizer
 from ..errors import DataError, DivergenceError
-from ..losses.pixel import gaussian_blur
+from ..functional import gaussian_blur
 from ..metrics.ood import DEFAULT_POSITIVE, Positive
 from ..metrics.pixel import ConfusionCounter, PixelDetectionCounter, component_metrics
 from ..models import SegmentationModel

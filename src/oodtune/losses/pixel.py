@@ -36,11 +36,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..functional import energy
+from ..functional import energy, gaussian_blur
 from .terms import (
     BalancedEnergy,
     CompositeLoss,
@@ -54,25 +53,12 @@ from .terms import (
 )
 
 __all__ = ["EnergySmoothness", "Gambler", "OUTLIER_LABEL", "OutlierEnergyNorm", "PIXEL_LOSS_OPTIONS",
-           "PIXEL_METHODS", "build_pixel_loss", "gaussian_blur", "needs_abstention"]
+           "PIXEL_METHODS", "build_pixel_loss", "needs_abstention"]
 
 #: Label of pasted outlier pixels in ``LossInputs.labels_map`` (PEBAL uses 254 too; 255 is void).
 OUTLIER_LABEL = 254
 #: PEBAL's reference margins (WRN-38 on Cityscapes).
 PEBAL_M_IN, PEBAL_M_OUT = -12.0, -6.0
-
-
-def gaussian_blur(x: Tensor, kernel_size: int = 7, sigma: float = 1.0) -> Tensor:
-    """Separable Gaussian blur of (B, H, W) maps with reflect padding (torchvision's ``GaussianBlur(7, 1)``,
-    which the reference applies to the Gambler reward and, optionally, to test-time anomaly maps)."""
-    half = kernel_size // 2
-    t = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    y = F.pad(x.unsqueeze(1), (half, half, half, half), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1))
-    y = F.conv2d(y, k.view(1, 1, -1, 1))
-    return y.squeeze(1)
 
 
 def _maps(inp: LossInputs, term: str) -> tuple[Tensor, Tensor]:

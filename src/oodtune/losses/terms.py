@@ -15,7 +15,7 @@ method                        terms (defaults = the reference CIFAR-10 / WRN-40-
 ``a+b``                       CE + the terms of ``a`` and ``b``, e.g. ``balanced-energy+sparsity``
 ============================  =====================================================================
 
-Energies use T=1: E(x) = -log Σ_j exp f_j(x) (same as :func:`oodtune.energy.energy`). All terms compute
+Energies use T=1: E(x) = -log Σ_j exp f_j(x) (same as :func:`oodtune.functional.energy`). All terms compute
 in float32 (float64 is kept, for gradcheck), so bf16 logits from autocast are safe.
 """
 
@@ -50,7 +50,7 @@ class LossInputs:
     labels_in: Tensor  # (B_in,) int64
     features_in: Tensor | None = None  # (B_in, D) penultimate features g(x), for Sparsity
     logits_out: Tensor | None = None  # (B_out, K) auxiliary outliers; None when the method uses none
-    # segmentation (oodtune.pixel_losses): the rows above are pixels; the maps keep the spatial layout
+    # segmentation (oodtune.losses.pixel): the rows above are pixels; the maps keep the spatial layout
     logits_map: Tensor | None = None  # (B, C, H, W) every output channel (C = K + void/abstention channels)
     labels_map: Tensor | None = None  # (B, H, W) int64: class, the ignore value, or the outlier label
 
@@ -212,7 +212,7 @@ class BalancedEnergy(LossTerm):
     Reference run settings: CIFAR-10 m_in=-23, m_out=-5, α(lamb)=10, γ=0.05 (``inf_run_res.sh``) or γ=0.5
     (CIFAR-10-LT, ``inf_run_im_wide.sh``); CIFAR-100 m_in=-27, m_out=-5, α=100, γ=0.005 / 0.5 (LT).
 
-    ``prior_gamma`` is P_γ(y|o) (see :mod:`oodtune.prior`); it is L1-normalised here (as the reference does
+    ``prior_gamma`` is P_γ(y|o) (see :mod:`oodtune.losses.prior`); it is L1-normalised here (as the reference does
     with ``F.normalize(p=1)``), so an unnormalised P^γ is accepted too.
     """
 
