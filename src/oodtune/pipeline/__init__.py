@@ -48,14 +48,13 @@ from .classification import (
     id_test_set,
     id_train_set,
     import_model,
-    normalizer_for,
     pretrain,
     pretrain_setup,
 )
 from .detect import CALIBRATION_CHOICES, calibrate, predict, with_id_data
 from .segmentation import anomaly_examples, id_test_miou, import_segmenter
 from .source import DataSource, as_source
-from .task import Task, ValidationSpec, register_task, task_of
+from .task import Task, ValidationSpec, normalizer_for, register_task, task_of
 
 __all__ = [
     "CALIBRATION_CHOICES", "DEFAULT_TEST_FRACTION", "DataSource", "MarginProposal", "Task", "ValidationSpec",

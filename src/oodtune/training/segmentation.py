@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.objects import ObjectBank, paste_object
+from ..data.objects import ObjectBank, paste_objects
 from ..data.segmentation import SegmentationSet
 from ..errors import ConfigError, DataError
 from ..losses.pixel import OUTLIER_LABEL
@@ -73,8 +73,7 @@ class SegmentationTrainer(Trainer):
         labels = self.train_y[rows].numpy().copy()
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))
         if sampler is not None and isinstance(self.out_x, ObjectBank):
-            for i, k in enumerate(sampler.next().cpu().tolist()):
-                paste_object(frames[i], labels[i], self.out_x.images[k], self.out_x.masks[k], rng, OUTLIER_LABEL)
+            paste_objects(frames, labels, self.out_x, rng, OUTLIER_LABEL, objects=sampler.next().cpu().tolist())
         flip = rng.random(len(frames)) < 0.5
         frames[flip] = frames[flip, :, ::-1]
         labels[flip] = labels[flip, :, ::-1]
