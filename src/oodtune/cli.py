@@ -27,9 +27,9 @@ from . import __version__
 from .data import available_datasets
 from .data.segmentation import parse_size
 from .errors import OodtuneError
-from .losses.pixel import PIXEL_METHODS
+from .losses.options import LOSS_OPTIONS
 from .losses.prior import DEFAULT_GAMMA
-from .losses.terms import METHODS, loss_option_defaults
+from .losses.registry import TASK_LOSSES, option_help
 from .models import ARCHITECTURES, trusted_archs
 from .models.imported import is_import_path
 from .scores import SCORE_NAMES
@@ -38,8 +38,7 @@ from .utils.atomic import check_writable
 from .utils.progress import ConsoleHandler, console
 from .utils.runtime import resolve_device
 
-METHODS_HELP = (f"classification: {', '.join(m for m in METHODS if m != 'ce')}, or a '+'-composition such as "
-                f"balanced-energy+sparsity; segmentation: {', '.join(PIXEL_METHODS)}")
+METHODS_HELP = "; ".join(f"{task}: {r.methods_help}" for task, r in TASK_LOSSES.items())
 OUTLIERS_HELP = "Auxiliary outlier dataset [default: tin-aux for classification, coco-objects for segmentation]."
 #: Library keywords in error messages -> the flag a command-line user types instead.
 CLI_WORDS = [
@@ -431,9 +430,21 @@ def propose_margins(checkpoint: str, outliers: str | None, data_root: Any, devic
                f"{100 * p.coverage_in:.0f}% of ID and {100 * p.coverage_out:.0f}% of outliers)")
 
 
-def _default_help(option: str) -> str:
-    values = set(loss_option_defaults(option).values())
-    return f"(default {', '.join(map(str, sorted(values)))})"
+def loss_option_flags(f: Any) -> Any:
+    """One option per loss option of any task (``oodtune.losses.LOSS_OPTIONS``), its help with each task's default;
+    every one defaults to "not given" (the checkpoint's task default applies)."""
+    for o in reversed(LOSS_OPTIONS.values()):
+        kind: dict[str, Any]
+        if o.auto:
+            kind = {"callback": _finite_or_auto, "metavar": "FLOAT|auto"}
+        elif o.kind is bool:
+            kind = {"flag_value": True, "type": bool}
+        elif o.choices:
+            kind = {"type": click.Choice(o.choices)}
+        else:
+            kind = {"type": o.kind, "callback": _finite}
+        f = click.option(o.flag, o.name, default=None, help=option_help(o.name), **kind)(f)
+    return f
 
 
 @main.command()
@@ -446,19 +457,7 @@ def _default_help(option: str) -> str:
 @click.option("--prior", "prior_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Outlier prior JSON from `oodtune estimate-prior` (balanced-energy).")
 @click.option("--gamma", type=click.FloatRange(0), default=None, help="Override the prior's γ.")
-@click.option("--m-in", default=None, callback=_finite_or_auto, metavar="FLOAT|auto",
-              help=f"In-distribution energy margin {_default_help('m_in')}; auto = proposed from this model's "
-                   "energies as `oodtune propose-margins` does (recorded in the checkpoint).")
-@click.option("--m-out", default=None, callback=_finite_or_auto, metavar="FLOAT|auto",
-              help=f"Outlier energy margin {_default_help('m_out')}; auto as for --m-in.")
-@click.option("--alpha", type=float, default=None, callback=_finite,
-              help=f"Balanced Energy margin scale α {_default_help('alpha')}.")
-@click.option("--energy-weight", type=float, default=None, callback=_finite,
-              help=f"Weight of the energy terms {_default_help('energy_weight')}.")
-@click.option("--oe-weight", type=float, default=None, callback=_finite,
-              help=f"OE weight λ {_default_help('oe_weight')}.")
-@click.option("--sparsity-weight", type=float, default=None, callback=_finite,
-              help=f"Sparsity λ {_default_help('sparsity_weight')}; the public code used 0.02.")
+@loss_option_flags
 @click.option("--outlier-batch-size", type=click.IntRange(1), default=None,
               help=f"Outliers per step [default: {FINETUNE.outlier_batch_size} for classification; segmentation: "
                    "frames of each batch that get a pasted object, default 1].")
@@ -473,8 +472,8 @@ def finetune(**kw: Any) -> None:
     prior = OutlierPrior.load(kw["prior_path"]) if kw["prior_path"] else None
     if prior is not None and kw["gamma"] is not None:
         prior = OutlierPrior(counts=prior.counts, gamma=kw["gamma"], class_names=prior.class_names)
-    names = ("m_in", "m_out", "alpha", "energy_weight", "oe_weight", "sparsity_weight")
-    loss_options = {k: kw[k] for k in names if kw[k] is not None}
+    given = {k: kw.pop(k) for k in LOSS_OPTIONS}
+    loss_options = {k: v for k, v in given.items() if v is not None}
     cfg = pipeline.finetune_config(kw["checkpoint"], **_train_overrides(kw),
                                    outlier_batch_size=kw["outlier_batch_size"])
     outliers = kw["outliers"] or pipeline.default_outliers(kw["checkpoint"])
