@@ -201,7 +201,7 @@ def test_id_only_loss_ignores_given_outliers_and_gets_features() -> None:
     ds, out = random_imageset(128), random_imageset(200, seed=3, labelled=False)
     loss = RecordingLoss(needs_outliers=False, needs_features=True)
     trainer = make_trainer(ds, loss, outliers=out, epochs=1, max_steps_per_epoch=2)
-    assert trainer.out_x is None  # not even copied to the device
+    assert trainer.outlier_images is None  # not even copied to the device
     sizes = _count_forwards(trainer)
     trainer.fit()
     assert sizes == [32, 32]
@@ -273,7 +273,7 @@ def test_whole_step_traces_as_one_graph(method: str) -> None:
     gen = torch.Generator().manual_seed(0)
     sampler = OutlierSampler(len(aux), 64, gen) if loss.needs_outliers else None
     batch = trainer._draw(torch.arange(32), gen, sampler)
-    explained = torch._dynamo.explain(lambda *b: trainer._forward(trainer.net, *b))(*batch)
+    explained = torch._dynamo.explain(lambda b: trainer._forward(trainer.net, b))(batch)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
