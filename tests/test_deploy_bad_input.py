@@ -22,9 +22,8 @@ from fixtures_data import offline_env, write_image
 from helpers_cli import FAST, fails, invoke, ok
 from helpers_training import random_imageset, tiny_net
 from oodtune.cli import EXIT_NONE_PREDICTED, EXIT_SOME_FAILED
-from oodtune.detector import Detector
+from oodtune.deploy import Detector, export_detector, load_exported
 from oodtune.errors import ConfigError
-from oodtune.export import export_detector, load_exported
 from oodtune.report import prediction_lines
 
 CLASSES = ("c0", "c1", "c2", "c3")
@@ -74,6 +73,7 @@ def test_csv_cells_that_a_spreadsheet_would_execute_are_neutralised() -> None:
     assert [r["path"] for r in lines] == hostile and lines[0]["predicted_class"] == rows[0]["predicted_class"]
 
 
+@pytest.mark.e2e
 def test_a_hostile_file_name_is_escaped_in_the_csv_of_predict(env, model, detector, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     write_image(tmp_path / "=HYPERLINK(1).png", (20, 20))
@@ -84,6 +84,7 @@ def test_a_hostile_file_name_is_escaped_in_the_csv_of_predict(env, model, detect
     assert "'" in help_text and "spreadsheet" in help_text.lower()
 
 
+@pytest.mark.e2e
 def test_a_non_utf8_file_name_is_an_error_row_and_the_rest_is_predicted(env, model, detector, tmp_path) -> None:
     folder = tmp_path / "shots"
     write_image(folder / "good.png", (20, 20))
@@ -101,6 +102,7 @@ def test_a_non_utf8_file_name_is_an_error_row_and_the_rest_is_predicted(env, mod
     assert _predict(model, detector, folder, "--strict", "--out", tmp_path / "s.csv").exit_code == 3
 
 
+@pytest.mark.e2e
 def test_a_fifo_named_like_an_image_is_an_error_row(env, model, detector, tmp_path) -> None:
     folder = tmp_path / "shots"
     write_image(folder / "good.png", (20, 20))
@@ -115,6 +117,7 @@ def test_a_fifo_named_like_an_image_is_an_error_row(env, model, detector, tmp_pa
     assert res.exit_code == 4 and all("not a regular file" in r["error"] for r in _rows(tmp_path / "q.csv"))
 
 
+@pytest.mark.e2e
 def test_exit_codes_when_nothing_or_not_everything_was_predicted(env, model, detector, tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     res = _predict(model, detector, tmp_path / "empty", "--out", tmp_path / "e.csv")
@@ -187,6 +190,7 @@ def test_a_non_finite_threshold_is_refused_on_load(saved, tmp_path, value) -> No
         Detector.load(bad, tiny_net(0).model)
 
 
+@pytest.mark.e2e
 def test_a_non_finite_threshold_fails_predict(env, model, detector, tmp_path) -> None:
     record = json.loads(detector.read_text())
     record["calibration"]["threshold"] = math.nan
@@ -195,6 +199,7 @@ def test_a_non_finite_threshold_fails_predict(env, model, detector, tmp_path) ->
     fails("predict", model, tmp_path / "a.png", "--detector", tmp_path / "nan.json", match="finite", code=1)
 
 
+@pytest.mark.e2e
 def test_loading_a_folder_or_a_broken_export_says_what_was_expected(saved, tmp_path) -> None:
     with pytest.raises(ConfigError, match="is a folder, not a detector file"):
         Detector.load(tmp_path, tiny_net(0).model)
@@ -216,6 +221,7 @@ def _must_not_run(*_a: Any, **_k: Any) -> None:
     raise AssertionError("calibration ran although an option was invalid")
 
 
+@pytest.mark.e2e
 def test_calibrate_checks_the_export_before_any_work(env, model, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr("oodtune.pipeline.calibrate", _must_not_run)
     fails("calibrate", model, "--score", "mahalanobis", "--export", tmp_path / "m.pt2", "--out",
@@ -225,6 +231,7 @@ def test_calibrate_checks_the_export_before_any_work(env, model, tmp_path, monke
 
 # -------------------------------------------------------------------------------- calibration vs check set
 
+@pytest.mark.e2e
 def test_calibration_images_that_are_also_test_images_are_detected(env, model, tmp_path) -> None:
     from oodtune.models import read_meta
     from oodtune.pipeline import DataSource

@@ -77,6 +77,7 @@ def seg_ckpt(data_env: dict[str, Path]) -> Path:
                                      data_root=data_env["root"])
 
 
+@pytest.mark.e2e
 def test_an_id_test_set_without_labelled_pixels_is_an_error(data_env, seg_ckpt: Path) -> None:
     for annot in (data_env["root"] / "camvid-segnet" / "testannot").iterdir():
         Image.fromarray(np.full((24, 32), 11, np.uint8)).save(annot)
@@ -85,6 +86,7 @@ def test_an_id_test_set_without_labelled_pixels_is_an_error(data_env, seg_ckpt: 
     assert "nan" not in res.output.lower() and "camvid" in res.output
 
 
+@pytest.mark.e2e
 def test_calibrate_on_a_segmenter_says_it_takes_a_classifier(data_env, seg_ckpt: Path) -> None:
     res = fails("calibrate", seg_ckpt, "--data-root", data_env["root"], "--out", data_env["tmp"] / "d.json",
                 match="segmentation checkpoint", code=1)

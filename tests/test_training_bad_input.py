@@ -55,6 +55,7 @@ def pretrained(env: dict[str, Path]) -> Path:
     return pipe.pretrain(env["tmp"] / "pre", arch="wrn-10-1", data_root=env["root"], config=cfg)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("lr", "steps", "epoch", "what"), [
     ("1e6", "2", 2, "non-finite loss term(s) ce=nan"),  # the loss of the next step is NaN
     ("3e38", "1", 1, "the weights became non-finite"),  # one update of finite loss overflows float32

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["DETECTOR_FORMAT", "DETECTOR_VERSION", "check_state_value", "validate_record"]
 
