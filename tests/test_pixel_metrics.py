@@ -170,3 +170,57 @@ def test_sparse_and_dense_counts_agree() -> None:
     assert switching._counts is not None and sparse.result() and sparse._sparse is not None
     auroc, ap, _ = _sklearn(scores, anomaly)
     assert sparse.result().metrics.auroc == pytest.approx(auroc, abs=sparse.result().auroc_bound + 1e-12)
+
+
+def test_streaming_ap_of_two_anomaly_scores_in_one_key_is_bounded_and_exact_mode_is_exact() -> None:
+    """Binning two *anomaly* scores together changes the precision at each of them: the AP bound says so."""
+    scores = np.array([0.1, 0.9, 0.3, np.nextafter(np.float32(0.3), np.float32(1))], np.float32)
+    anomaly = np.array([False, False, True, True])
+    exact_ap = average_precision_score(anomaly, -scores.astype(np.float64))
+    assert exact_ap == pytest.approx(0.5 * (1 / 2 + 2 / 3))  # 0.5833
+    streaming = PixelDetectionCounter()
+    streaming.update(scores, anomaly)
+    res = streaming.result()
+    assert res.auroc_bound == 0
+    assert abs(res.metrics.aupr_out - exact_ap) <= res.ap_bound + 1e-12 and res.ap_bound > 0
+    exact = PixelDetectionCounter(exact=True)
+    exact.update(scores, anomaly)
+    got = exact.result()
+    assert got.metrics.aupr_out == pytest.approx(exact_ap, abs=1e-12) and got.ap_bound == got.auroc_bound == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_and_streaming_modes_against_sklearn_on_continuous_float32_scores(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(4, 120, 100)).astype(np.float32)
+    anomaly = rng.random((4, 120, 100)) < 0.08
+    scores[anomaly] -= 1.5
+    valid = rng.random((4, 120, 100)) < 0.95
+    auroc, ap, fpr = _sklearn(scores[valid].astype(np.float64), anomaly[valid])
+    exact, coarse = PixelDetectionCounter(exact=True), PixelDetectionCounter(bits=12)
+    for i in range(4):
+        exact.update(scores[i], anomaly[i], valid[i])
+        coarse.update(scores[i], anomaly[i], valid[i])
+    res = exact.result()
+    assert res.metrics.auroc == pytest.approx(auroc, abs=1e-12)
+    assert res.metrics.aupr_out == pytest.approx(ap, abs=1e-12)
+    assert res.metrics.fpr95 == pytest.approx(fpr, abs=1e-12)
+    approx = coarse.result()
+    assert approx.ap_bound > 0 and abs(approx.metrics.aupr_out - ap) <= approx.ap_bound + 1e-12
+    assert abs(approx.metrics.auroc - auroc) <= approx.auroc_bound + 1e-12
+
+
+def test_small_ground_truth_instances_are_voided_after_grouping_predictions_as_the_official_code() -> None:
+    """A 1-pixel ground-truth instance inside a 7-pixel predicted strip: the official code labels the strip as one
+    7-pixel component (kept: >= 5) before voiding the instance (< 2 pixels), so the strip is a false positive."""
+    labels = np.zeros((5, 12), np.uint8)
+    scores = np.ones((5, 12), np.float32)
+    labels[0:2, 9:12] = 1  # a 6-pixel object, found exactly
+    scores[0:2, 9:12] = 0.0
+    scores[3, 2:9] = 0.0  # the strip, 7 pixels
+    labels[3, 5] = 1  # a 1-pixel instance in its middle
+    res = component_metrics([(scores, labels)], threshold=0.5, min_gt_size=2, min_pred_size=5)
+    assert (res.num_gt, res.num_pred) == (1, 2)
+    assert res.siou == pytest.approx(1.0)
+    assert res.ppv == pytest.approx(0.5)  # the object 1, the strip (6 pixels left in the ROI, no object) 0
+    assert res.mean_f1 == pytest.approx(2 / 3)  # every threshold: TP 1, FN 0, FP 1

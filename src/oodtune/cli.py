@@ -59,6 +59,11 @@ CLI_WORDS = [
 ]
 
 
+#: ``predict`` exit statuses beyond click's 0 (success), 1 (error) and 2 (usage error); ``predict --help`` and the
+#: README list them (test_deploy_bad_input checks the help against these values).
+EXIT_SOME_FAILED, EXIT_NONE_PREDICTED = 3, 4
+
+
 def cli_message(message: str) -> str:
     """``message`` with the library's parameter names replaced by this CLI's flags."""
     for pattern, flag in CLI_WORDS:
@@ -101,6 +106,12 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         if stray:
             raise click.BadParameter(f"{value}: key(s) {', '.join(stray)} are options of no oodtune command "
                                      "(misspelled?).")
+    params = {str(p.name): p for p in command.params}
+    for k, norm in keys.items():  # click would truncate 1.7 to 1 for an integer option
+        param, given = params.get(names.get(norm, "")), section[k]
+        if isinstance(param, click.Option) and isinstance(param.type, click.types.IntParamType) and \
+                not (isinstance(given, int) and not isinstance(given, bool)):
+            raise click.BadParameter(f"{value}: {k} = {given!r} must be an integer.")
     for k, norm in keys.items():  # a file never makes oodtune import code (see oodtune.models.imported)
         if norm == "trust_arch" or (norm == "arch" and isinstance(section[k], str) and is_import_path(section[k])):
             raise click.BadParameter(f"{value}: {k} = {section[k]!r} must be given on the command line, not in a "
@@ -580,7 +591,8 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
                    "(pretrain --val-fraction), else the dataset's val split; train = training images (biased, "
                    "warned); folder:PATH / images:PATH = your held-out ID images. Never the test split.")
 @click.option("--check/--no-check", default=True, show_default=True,
-              help="Measure the acceptance rate reached on the ID test split (disjoint from the calibration set).")
+              help="Measure the acceptance rate reached on the ID test split (test images that are also "
+                   "calibration images, found by content, are left out).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Detector file to write (JSON).")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the detector as a torch.export program (.pt2): uint8 images in, logits, score and "
@@ -594,12 +606,16 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
     to another checkpoint). Use it with `oodtune predict CHECKPOINT IMAGES --detector OUT`.
     """
     from . import pipeline
-    from .deploy import export_detector
+    from .deploy import check_exportable, export_detector
 
     targets = [p for p in (out, export_path) if p]
     existing = [p for p in targets if Path(p).exists() and not overwrite]
     if existing:  # refuse before spending the forward passes
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another path.")
+    if export_path:
+        check_exportable(score)
+    for target in targets:
+        check_writable(Path(target).parent, "choose another path")
     det = pipeline.calibrate(checkpoint, score=score, tpr=tpr, data=calibration_data, data_root=data_root,
                              device=device, id_data=id_data, check=check)
     cal = det.calibrated()
@@ -630,12 +646,27 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--strict", is_flag=True,
+              help=f"Exit with status {EXIT_SOME_FAILED} when any input could not be predicted (for pipelines).")
 def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | None, fmt: str | None,
-            batch_size: int, device: str, overwrite: bool) -> None:
+            batch_size: int, device: str, overwrite: bool, strict: bool) -> None:
     """One row per image: path, predicted_class, confidence, score, is_ood, error.
 
     IMAGES are image files, folders (searched recursively), glob patterns (quote them: 'shots/**/*.png') and
-    tar/zip archives. A file that cannot be read is a row with its error; the others are still predicted.
+    tar/zip archives. A file that cannot be read (corrupt, a FIFO, a name that is not UTF-8, ...) is a row with
+    its error; the others are still predicted.
+
+    CSV cells that a spreadsheet would run as a formula (text starting with = + - @, a tab or a carriage return)
+    are written with a leading ' (so "=x.png" appears as "'=x.png"); JSON Lines (--format jsonl) hold the exact
+    values.
+
+    \b
+    Exit status:
+      0  every input predicted (or some rows failed, without --strict)
+      1  error before predicting (bad detector file, existing --out, ...)
+      2  usage error (unknown option, bad value)
+      3  some rows failed, with --strict
+      4  no input could be predicted (the error rows are still written)
     """
     from . import pipeline
     from .report import write_predictions
@@ -647,6 +678,12 @@ def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | 
     total = sum(counts.values())
     console.print(f"{total} input(s): {counts['ood']} flagged OOD, {counts['id']} accepted as ID, "
                   f"{counts['error']} unreadable" + (f"; wrote {out}" if out else ""))
+    if counts["error"] == total:
+        click.echo(f"Error: no input could be predicted ({total} error row(s)).", err=True)
+        sys.exit(EXIT_NONE_PREDICTED)
+    if strict and counts["error"]:
+        click.echo(f"Error: {counts['error']} of {total} input(s) could not be predicted (--strict).", err=True)
+        sys.exit(EXIT_SOME_FAILED)
 
 
 @main.command()

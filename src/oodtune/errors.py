@@ -56,7 +56,10 @@ class DeviceUnavailableError(OodtuneError, RuntimeError):
 
 
 class DivergenceError(OodtuneError, FloatingPointError):
-    """A loss or a model output became NaN/inf (diverged training, or a diverged checkpoint)."""
+    """A loss or a model output became NaN/inf (diverged training, or a diverged checkpoint). ``terms``: the loss
+    terms by name when a loss raised it."""
+
+    terms: dict[str, float] | None = None
 
 
 class StorageError(OodtuneError, OSError):

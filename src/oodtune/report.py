@@ -5,6 +5,7 @@ counts."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -142,6 +143,14 @@ def write_evaluation(out: str | os.PathLike, report: EvalReport, meta: RunMeta, 
 #: Columns of a predictions file (``oodtune predict``).
 PREDICTION_COLUMNS = ("path", "predicted_class", "confidence", "score", "is_ood", "error")
 PREDICTION_FORMATS = ("csv", "jsonl")
+#: First characters that make a spreadsheet (Excel, LibreOffice, Sheets) read a cell as a formula.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would execute as a formula (it starts with ``= + - @``, a tab or a carriage
+    return) prefixed with ``'`` (OWASP "CSV injection"); numbers, booleans, None and other text unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def prediction_format(path: str | os.PathLike | None, fmt: str | None) -> str:
@@ -153,14 +162,18 @@ def prediction_format(path: str | os.PathLike | None, fmt: str | None) -> str:
 
 def prediction_lines(rows: Iterable[dict[str, Any]], fmt: str, counts: Counter[str]) -> Iterator[str]:
     """``rows`` as CSV (with a header) or JSON Lines text, one line at a time; ``counts`` tallies ood / id /
-    error rows as they pass."""
+    error rows as they pass. CSV text cells go through :func:`spreadsheet_safe`; JSON Lines are exact."""
     if fmt not in PREDICTION_FORMATS:
         raise ConfigError(f"unknown predictions format {fmt!r}; use one of {', '.join(PREDICTION_FORMATS)}.")
     if fmt == "csv":
         yield csv_text([], PREDICTION_COLUMNS)
     for row in rows:
         counts["error" if row["error"] else "ood" if row["is_ood"] else "id"] += 1
-        yield json.dumps(row) + "\n" if fmt == "jsonl" else csv_text([row], PREDICTION_COLUMNS).split("\n", 1)[1]
+        if fmt == "jsonl":
+            yield json.dumps(row) + "\n"
+        else:
+            safe = {k: spreadsheet_safe(v) for k, v in row.items()}
+            yield csv_text([safe], PREDICTION_COLUMNS, quoting=csv.QUOTE_NONNUMERIC).split("\n", 1)[1]
 
 
 def write_predictions(out: str | os.PathLike | None, rows: Iterable[dict[str, Any]], *, fmt: str | None = None,

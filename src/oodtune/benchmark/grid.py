@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .. import pipeline
+from ..errors import CheckpointError
 from ..losses.prior import OutlierPrior
 from ..metrics import roc_curve
 from ..models import RunMeta, read_meta
@@ -74,6 +75,9 @@ class Benchmark:
         found = self.trained(self.pretrained_path())
         if found is not None:
             return found
+        if self.cfg.pretrained:
+            raise CheckpointError(f"pretrained = {self.cfg.pretrained}: the checkpoint does not exist; fix the path in "
+                                  "the benchmark config (segmenters are imported first: `oodtune import-model`).")
         p = self.cfg.pretrain
         path = pipeline.pretrain(self.out / "pretrain", dataset=self.cfg.id_dataset, arch=self.cfg.arch,
                                  data_root=self.source, config=self._pretrain_config(), num_train=p.get("num_train"),

@@ -69,6 +69,16 @@ class ImageSet:
             h.update(np.ascontiguousarray(self.labels, dtype=np.int64).data)
         return h.hexdigest()
 
+    def image_digests(self) -> list[bytes]:
+        """One digest (BLAKE2b, 16 bytes) per image of its pixels: two images share a digest exactly when they hold
+        the same pixels (compare sets at one resolution)."""
+        return [hashlib.blake2b(np.ascontiguousarray(img).data, digest_size=16).digest() for img in self.images]
+
+    def shared_with(self, other: ImageSet) -> np.ndarray:
+        """Boolean mask (N,) of this set's images whose pixels also occur in ``other`` (by :meth:`image_digests`)."""
+        theirs = set(other.image_digests())
+        return np.array([d in theirs for d in self.image_digests()], dtype=bool)
+
     def subset(self, indices: np.ndarray, name: str | None = None) -> ImageSet:
         """A new ImageSet holding ``images[indices]`` (and labels) under ``name`` (default: same name)."""
         idx = np.asarray(indices)

@@ -33,6 +33,7 @@ from PIL import Image
 from oodtune.data.archives import is_archive
 from oodtune.data.images import (
     array_to_resolution,
+    check_regular_file,
     decode_image,
     default_workers,
     is_image_file,
@@ -106,20 +107,41 @@ def _archive_members(path: Path) -> Iterator[InputFile]:
 
 def _expand_path(path: Path, explicit: bool) -> Iterator[InputFile]:
     if path.is_dir():
-        files = scan_images(path)
+        files = scan_images(path, regular_only=False)  # a FIFO named like an image: an error row when read
         if not files and explicit:
             yield InputFile(str(path), error="folder holds no image files (*.jpg, *.jpeg, *.png, *.bmp, *.webp)")
         for f in files:
             yield InputFile(str(f), f)
     elif is_archive(path):
+        try:
+            check_regular_file(path)  # opening a FIFO named like an archive would block
+        except DataError as exc:
+            yield InputFile(str(path), error=str(exc))
+            return
         yield from _archive_members(path)
     elif explicit or is_image_file(path):  # a file named on purpose is always tried; a glob keeps only images
         yield InputFile(str(path), path)
 
 
+def _printable(item: InputFile) -> InputFile:
+    """``item``, or an error entry when its name is not valid UTF-8 (undecodable bytes of a file name, kept by
+    Python as surrogates): shown with ``\\xNN`` escapes, since no predictions file can hold the raw bytes."""
+    try:
+        item.name.encode("utf-8")
+        return item
+    except UnicodeEncodeError:
+        shown = item.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return InputFile(shown, error="the file name is not valid UTF-8 (shown with \\x escapes); rename the file")
+
+
 def iter_input_files(specs: Iterable[str | os.PathLike]) -> Iterator[InputFile]:
     """Every input named by ``specs`` (files, folders, archives, glob patterns; see the module docstring), in
-    order: folders and glob matches sorted, archives in member order."""
+    order: folders and glob matches sorted, archives in member order. A name that is not valid UTF-8 is an error
+    entry (shown with escapes)."""
+    return map(_printable, _input_files(specs))
+
+
+def _input_files(specs: Iterable[str | os.PathLike]) -> Iterator[InputFile]:
     for spec in specs:
         text = os.fspath(spec)
         path = Path(text).expanduser()

@@ -130,6 +130,10 @@ def _mirror_entries(folder: Path) -> list[tuple[str, Path, Path, str]]:
         if not obj.get("mask"):
             raise DataError(f"{listing}: object #{i} ({obj['image']}) has no 'mask'; an object bank needs an instance "
                             "mask per object (a copy-paste without masks would paste whole rectangles).")
+        for key in ("image", "mask", "split", *(("category",) if "category" in obj else ())):
+            if not isinstance(obj[key], str):
+                raise DataError(f"{listing}: object #{i} has {key!r} = {obj[key]!r}; it must be a string (a path "
+                                "relative to the listing, or a split name); restore the listing from the archive.")
         out.append((str(obj["split"]), folder / obj["image"], folder / obj["mask"], str(obj.get("category", "?"))))
     return out
 

@@ -173,6 +173,20 @@ class _Pairs:
     classes: tuple[str, ...]
     ignore_index: int | None
     label_fn: LabelFn | None = None
+    raw_values: frozenset[int] | None = None  # with label_fn: the values a raw label map may hold (documented ones)
+
+
+def _check_raw(raw: np.ndarray, allowed: frozenset[int] | None, path: Path, name: str) -> None:
+    """A raw label map holding values its set does not define is an error naming the file and the values (they are
+    never silently mapped to void)."""
+    if allowed is None:
+        return
+    found = np.unique(raw)
+    unknown = [int(v) for v in found if int(v) not in allowed]
+    if unknown:
+        raise DataError(f"{path}: label values {unknown[:8]} are not values of {name}'s label maps (documented: "
+                        f"{sorted(allowed)}); this is not a label map of this dataset, or it was damaged: restore it "
+                        "from the release.")
 
 
 def _decode(pairs: _Pairs, size: Size | None, name: str) -> SegmentationSet:
@@ -202,6 +216,7 @@ def _decode(pairs: _Pairs, size: Size | None, name: str) -> SegmentationSet:
                                 f"{native[0]}x{native[1]}); a set must have one frame size: resize the frames (and "
                                 "label maps, nearest neighbour) to one size, or split the set.")
             raw = _label_array(lab_img, lpath)
+            _check_raw(raw, pairs.raw_values, lpath, name)
             lab = pairs.label_fn(raw) if pairs.label_fn is not None else raw
             bad = ~allowed[lab]
             if bad.any():
@@ -308,7 +323,8 @@ def _load_camvid(root: Path, split: str, cache_dir: Path) -> _Pairs:
 def _load_camvid_cityscapes(root: Path, split: str, cache_dir: Path) -> _Pairs:
     pairs = _load_camvid(root, split, cache_dir)
     mapping = {i: CAMVID_TO_CITYSCAPES[c] for i, c in enumerate(CAMVID_CLASSES)}
-    return _Pairs(pairs.frames, pairs.labels, CITYSCAPES_CLASSES, VOID, _lookup(mapping, VOID))
+    return _Pairs(pairs.frames, pairs.labels, CITYSCAPES_CLASSES, VOID, _lookup(mapping, VOID),
+                  frozenset([*mapping, len(CAMVID_CLASSES)]))  # CamVid's own void (11) stays void
 
 
 def _load_cityscapes(root: Path, split: str, cache_dir: Path) -> _Pairs:
@@ -336,7 +352,8 @@ def _load_cityscapes(root: Path, split: str, cache_dir: Path) -> _Pairs:
     if label_fn is not None and any(p.name.endswith("labelTrainIds.png") for p in labels):
         raise DataError(f"{base / 'gtFine' / split}: some frames have *_labelTrainIds.png and some only *_labelIds.png;"
                         " run cityscapesScripts' createTrainIdLabelImgs so that every frame has train ids.")
-    return _Pairs(frames, labels, CITYSCAPES_CLASSES, VOID, label_fn)
+    return _Pairs(frames, labels, CITYSCAPES_CLASSES, VOID, label_fn,
+                  None if label_fn is None else frozenset(range(34)))  # label ids 0..33 (unlisted ones are void)
 
 
 def _processed_pairs(folder: Path, name: str) -> _Pairs:
@@ -370,12 +387,15 @@ def _load_road_anomaly(root: Path, split: str, cache_dir: Path) -> _Pairs:
         names = json.loads(listing.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{listing}: cannot read the frame list ({exc}); restore it from the release.") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise DataError(f"{listing}: must be a JSON list of frame file names (e.g. [\"animals01.jpg\", ...]), got "
+                        f"{json.dumps(names)[:80]}; restore it from the release.")
     frames = [folder / "frames" / n for n in names]
     labels = [folder / "frames" / f"{Path(n).stem}.labels" / "labels_semantic.png" for n in names]
     missing = [p for p in (*frames, *labels) if not p.is_file()]
     if missing:
         raise DataError(f"{missing[0]}: listed in {listing} but missing; re-extract the release.")
-    return _Pairs(frames, labels, ANOMALY_CLASSES, VOID, _lookup({0: INLIER, 2: ANOMALY}, VOID))
+    return _Pairs(frames, labels, ANOMALY_CLASSES, VOID, _lookup({0: INLIER, 2: ANOMALY}, VOID), frozenset({0, 2}))
 
 
 def _fishyscapes(subsets: Sequence[str]) -> Callable[[Path, str, Path], _Pairs]:

@@ -227,17 +227,18 @@ def read_svhn_mat(path: Path) -> ArraySet:
 
 # --------------------------------------------------------------------------------------- image folders
 
-def scan_images(folder: Path) -> list[Path]:
+def scan_images(folder: Path, *, regular_only: bool = True) -> list[Path]:
     """All image files under ``folder`` (recursive, case-insensitive extensions), sorted by relative path.
 
-    A FIFO, device or socket named like an image is an error (reading it would block), not skipped."""
+    A FIFO, device or socket named like an image is an error (reading it would block), not skipped; with
+    ``regular_only=False`` it is listed, and the caller refuses it when it reads it."""
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found.")
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(f))
-    for path in found:
+    for path in found if regular_only else ():
         check_regular_file(path)
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 

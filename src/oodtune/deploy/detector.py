@@ -38,7 +38,7 @@ from .. import __version__
 from ..data.imageset import ImageSet
 from ..data.inputs import as_uint8_images, decode_batches
 from ..data.tensors import Normalizer
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, OodtuneError
 from ..evaluation.classification import Outputs, compute_outputs, score_dataset
 from ..metrics import acceptance_rate, min_calibration_size, threshold_at_tpr
 from ..models import FeatureModel, load_feature_model, weights_hash
@@ -46,11 +46,10 @@ from ..scores import Score, Shaper, build_score
 from ..utils.atomic import write_atomic, write_text_atomic
 from ..utils.progress import format_rate, progress_bar
 from ..utils.runtime import resolve_device
+from .record import DETECTOR_FORMAT, DETECTOR_VERSION, check_state_value, validate_record
 
 __all__ = ["DETECTOR_FORMAT", "Calibration", "Detector", "Predictions"]
 
-DETECTOR_FORMAT = "oodtune-detector"
-DETECTOR_VERSION = 1
 RULE = "is_ood = score < threshold (score: higher = more in-distribution)"
 
 
@@ -270,8 +269,9 @@ class Detector:
         collect(self.score_fn, "")
         return plain, tensors
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        """Set the score's attributes from a :meth:`_statistics` state (attribute paths as keys)."""
+    def _restore(self, state: dict[str, Any], source: str | os.PathLike = "the saved detector") -> None:
+        """Set the score's attributes from a :meth:`_statistics` state (attribute paths as keys); a value of
+        another kind than the attribute it replaces is refused, naming ``source``."""
         for path, value in state.items():
             *parts, attr = path.split(".")
             obj: Any = self.score_fn
@@ -279,8 +279,10 @@ class Detector:
                 for part in parts:
                     obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
             except (AttributeError, IndexError, ValueError):
-                raise ConfigError(f"the saved score state names {path!r}, which score {self.score_name} does not "
-                                  "have; calibrate again.") from None
+                raise ConfigError(f"{source}: the saved score state names {path!r}, which score {self.score_name} "
+                                  "does not have; calibrate again.") from None
+            if not isinstance(value, torch.Tensor):
+                check_state_value(source, path, getattr(obj, attr, None), value)
             setattr(obj, attr, value)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -304,19 +306,22 @@ class Detector:
 
     @staticmethod
     def read_record(path: str | os.PathLike) -> dict[str, Any]:
-        """The JSON record of a saved detector, validated."""
+        """The JSON record of a saved detector, validated field by field (:mod:`oodtune.deploy.record`)."""
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder, not a detector file; name the JSON file `oodtune calibrate "
+                              "--out` wrote.")
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; make one with `oodtune calibrate`.")
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path} is not a detector file (invalid JSON: {exc}).") from None
-        if not isinstance(record, dict) or record.get("format") != DETECTOR_FORMAT:
-            raise ConfigError(f"{path} is not an oodtune detector file (written by `oodtune calibrate`).")
-        if int(record.get("version", 0)) > DETECTOR_VERSION:
-            raise ConfigError(f"{path} has detector format version {record['version']}, newer than this oodtune "
-                              f"understands ({DETECTOR_VERSION}); upgrade oodtune.")
+        validate_record(record, path)
+        try:
+            build_score(record["score"])
+        except OodtuneError as exc:
+            raise ConfigError(f"{path}: field 'score' names no score oodtune has ({exc}); calibrate again.") from None
         return record
 
     @classmethod
@@ -342,7 +347,7 @@ class Detector:
                 f"(sha256 {det.weights_sha256[:12]}...). A threshold only holds for the model it was set on: "
                 "calibrate a detector for this checkpoint (`oodtune calibrate CHECKPOINT --out DETECTOR.json`), or "
                 "use the checkpoint the detector was made for.")
-        det._restore(record.get("score_state") or {})
+        det._restore(record.get("score_state") or {}, path)
         if record.get("statistics"):
             stats = path.with_name(record["statistics"])
             try:
@@ -350,7 +355,7 @@ class Detector:
             except (OSError, RuntimeError) as exc:
                 raise CheckpointError(f"cannot read the fitted statistics {stats} of {path}: {exc}; keep the "
                                       "two files together, or calibrate again.") from None
-            det._restore(tensors)
+            det._restore(tensors, stats)
         det.fit_source = record.get("fit_source")
         if record.get("calibration") is not None:
             det.calibration = Calibration(**record["calibration"])

@@ -17,6 +17,7 @@ Exported scores are those computed from the logits alone (msp, maxlogit, entropy
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +27,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from ..scores import Score, build_score
 from ..utils.atomic import write_atomic
 from .detector import RULE, Detector
 
-__all__ = ["EXTRA_FILE", "export_detector", "load_exported"]
+__all__ = ["EXTRA_FILE", "check_exportable", "export_detector", "load_exported"]
 
 EXTRA_FILE = "oodtune_detector.json"
 
@@ -57,17 +59,25 @@ class _Program(nn.Module):
         return logits, score, score < self.threshold
 
 
+def check_exportable(score: str | Score) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The logits -> score function of ``score``; a :class:`ConfigError` for a score that cannot be exported
+    (called by ``oodtune calibrate --export`` before any work)."""
+    fn = build_score(score) if isinstance(score, str) else score
+    from_logits = getattr(fn, "from_logits", None)
+    if from_logits is None:
+        raise ConfigError(f"score {fn.name!r} cannot be exported (it needs features or input gradients); "
+                          "export a logit score (msp, maxlogit, entropy, energy, gen, klm), or serve the Python "
+                          "Detector.")
+    return from_logits
+
+
 def export_detector(det: Detector, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``det`` (calibrated, with a logit score) as a ``torch.export`` program to ``path`` (``.pt2``)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) or choose another output path.")
     calibration = det.calibrated()
-    from_logits = getattr(det.score_fn, "from_logits", None)
-    if from_logits is None:
-        raise ConfigError(f"score {det.score_name!r} cannot be exported (it needs features or input gradients); "
-                          "export a logit score (msp, maxlogit, entropy, energy, gen, klm), or serve the Python "
-                          "Detector.")
+    from_logits = check_exportable(det.score_fn)
     program = _Program(det, from_logits, calibration.threshold).to("cpu").eval()
     example = torch.zeros(2, det.resolution, det.resolution, 3, dtype=torch.uint8)
     try:
@@ -88,9 +98,30 @@ def export_detector(det: Detector, path: str | os.PathLike, *, overwrite: bool =
 
 
 def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """(the callable program, its detector record) of a file written by :func:`export_detector`."""
+    """(the callable program, its detector record) of a file written by :func:`export_detector`; a folder, a
+    truncated or foreign file is a :class:`ConfigError` naming it."""
+    path = Path(path)
+    expected = "expected a .pt2 file written by `oodtune calibrate --export` (export_detector)"
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not an exported detector; {expected}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {expected}.")
     extra = {EXTRA_FILE: ""}
-    program = torch.export.load(str(path), extra_files=extra).module()
+    torch_log = logging.getLogger("torch.export")
+    level = torch_log.level
+    torch_log.setLevel(logging.CRITICAL)  # torch logs its own traceback before raising
+    try:
+        program = torch.export.load(str(path), extra_files=extra).module()
+    except Exception as exc:  # zipfile, torch and pickle errors: all mean "not a readable exported program"
+        raise ConfigError(f"{path} is not an exported oodtune detector ({type(exc).__name__}: {str(exc)[:200]}); "
+                          f"{expected}.") from exc
+    finally:
+        torch_log.setLevel(level)
     if not extra[EXTRA_FILE]:
-        raise ConfigError(f"{path} is an exported program but not an oodtune detector (no {EXTRA_FILE}).")
-    return program, json.loads(extra[EXTRA_FILE])
+        raise ConfigError(f"{path} is an exported program but not an exported oodtune detector (no {EXTRA_FILE}); "
+                          f"{expected}.")
+    try:
+        return program, json.loads(extra[EXTRA_FILE])
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not an exported oodtune detector (its {EXTRA_FILE} is not JSON: {exc}); "
+                          f"{expected}.") from None

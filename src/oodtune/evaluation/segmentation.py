@@ -63,6 +63,10 @@ def segmentation_metrics(net: SegmentationModel, normalizer: Normalizer, data: S
     labels ignored; see :class:`~oodtune.metrics.pixel.ConfusionCounter`)."""
     if data.num_classes != net.num_classes:
         raise DataError(f"{data.name} has {data.num_classes} classes but the model {net.num_classes}.")
+    if data.ignore_index is not None and not (data.labels != data.ignore_index).any():
+        raise DataError(f"{data.name}: no labelled pixel -- every pixel of its {len(data)} label map(s) is void "
+                        f"({data.ignore_index}), so mIoU and pixel accuracy are undefined; check that the label maps "
+                        "are this dataset's (class ids, not colour images) and not blank.")
     conf = ConfusionCounter(net.num_classes, net.num_outputs, data.ignore_index)
     for logits, labels in forward_maps(net, data, normalizer, device=device, batch_size=batch_size):
         conf.update(logits.argmax(1).cpu().numpy(), labels)
@@ -124,7 +128,7 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
             res = sc.counter.result(positive=pos)
             row: dict[str, float | str] = {"score": s.name, "dataset": name,
                                            **{k: v for k, v in res.metrics.as_percent().items() if k in METRIC_KEYS},
-                                           "auroc_bound": 100 * res.auroc_bound,
+                                           "auroc_bound": 100 * res.auroc_bound, "ap_bound": 100 * res.ap_bound,
                                            "anomaly_pixels": 100 * res.n_anomaly / (res.n_anomaly + res.n_inlier)}
             if sc.maps is not None:
                 h, w = ds.size[1], ds.size[0]

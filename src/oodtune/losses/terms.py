@@ -336,10 +336,12 @@ class CompositeLoss(nn.Module):
         parts = {k: v.detach() for k, v in values.items()}
         if self.check_finite and not bool(torch.isfinite(total)):
             bad = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-            raise DivergenceError(
+            error = DivergenceError(
                 f"non-finite loss ({bad}). The learning rate is probably too high, or the energy margins "
                 "m_in/m_out are far from the model's energies (see `oodtune propose-margins`)."
             )
+            error.terms = {k: float(v) for k, v in parts.items()}
+            raise error
         return total, parts
 
 

@@ -6,15 +6,29 @@ in-distribution", the anomaly pixels are the positive class of AP = AUPR-Out and
 can hold 10^8-10^10 pixels, so scores are not kept: each pixel's float32 score is mapped to an order-preserving
 integer key (the IEEE-754 bits with the sign folded) truncated to its top ``bits`` bits, and the pixels of each
 class are counted per key. Pixels that share a key are treated as one tie group, exactly as equal scores are
-(tied scores form one ROC step and count one half in AUROC). The result is therefore **exact** whenever no key
-holds an anomaly and an inlier pixel with *different* scores, and otherwise off by at most
+(tied scores form one ROC step and count one half in AUROC). AUROC and FPR95 are therefore **exact** whenever no
+key holds an anomaly and an inlier pixel with *different* scores; otherwise AUROC is off by at most
 
     |ΔAUROC| ≤ ½ · Σ_b n_in(b) · n_out(b) / (N_in · N_out)     (``auroc_bound``, reported with every result)
 
-With the default 24 bits a key spans a relative score range of 2⁻¹⁵ (e.g. 3e-4 at energy −10). Memory: two int64
-counters per key (2·2²⁴·8 B = 256 MiB, twice that while merging) plus a buffer of at most ``buffer_pixels`` uint32
-keys (64 MiB), whatever the data set's size; while a set's pixels are fewer than 1/16 of the counters, only the
-occupied keys are kept (sorted), so small sets cost little. Tests compare with scikit-learn.
+AP is **not** exact even then: two *anomaly* pixels of different scores in one key share one precision (that of
+the whole group) instead of each having its own. With T anomaly and F inlier pixels in the keys below key b
+(more anomalous), n = n_out(b) and m = n_in(b), the precision at each anomaly pixel of b lies between
+(T + k) / (T + F + m + k) (its k-th anomaly, every inlier of b before it) and (T + n) / (T + F + n) (all of b's
+anomalies tied, before its inliers), so
+
+    AP_lo = Σ_b [n - (F + m)(ψ(D + n + 1) - ψ(D + 1))] / N_out ≤ AP ≤ Σ_b n (T + n) / (T + F + n) / N_out,
+    D = T + F + m
+
+(ψ: digamma, the closed form of Σ_k 1 / (D + k)); ``ap_bound`` = max(AP_hi - AP, AP - AP_lo) is reported beside
+``auroc_bound``. With the default 24 bits a key spans a relative score range of 2⁻¹⁵ (e.g. 3e-4 at energy −10).
+Memory: two int64 counters per key (2·2²⁴·8 B = 256 MiB, twice that while merging) plus a buffer of at most
+``buffer_pixels`` uint32 keys (64 MiB), whatever the data set's size; while a set's pixels are fewer than 1/16 of
+the counters, only the occupied keys are kept (sorted), so small sets cost little.
+
+``exact=True`` keys every pixel by its full float32 score (32 bits, no truncation) and counts the occupied keys
+only: every metric is then exact (both bounds 0), at a memory cost of 16 bytes per distinct (score, class) pair --
+for sets whose pixels fit in memory. Tests compare both modes with scikit-learn.
 
 **Segmentation** (:class:`ConfusionCounter`): the confusion matrix of labelled pixels (void ignored) against the
 argmax over *all* output channels, so a prediction of an extra channel (void / abstention) on a labelled pixel is
@@ -23,12 +37,14 @@ the predictions); pixel accuracy = Σ TP / labelled pixels.
 
 **Components** (:func:`component_metrics`): the SegmentMeIfYouCan component-level metrics (Chan et al., NeurIPS
 2021 datasets track): the anomaly score is thresholded at the pixel-level threshold of best F1, anomaly
-connected components (8-connectivity) are compared with predicted ones: sIoU(k) = |k ∩ K̂(k)| / |(k ∪ K̂(k)) \\ A(k)|
+connected components (8-connectivity) are compared with predicted ones, in the order of their code: predicted
+components are grouped on the non-void pixels first (and those smaller than ``min_pred_size`` dropped), *then*
+ground-truth components smaller than ``min_gt_size`` become void, and both are restricted to the remaining
+pixels: sIoU(k) = |k ∩ K̂(k)| / |(k ∪ K̂(k)) \\ A(k)|
 per ground-truth component k (K̂(k): predicted components touching k; A(k): pixels of other ground-truth
 components), PPV(k̂) = |k̂ ∩ K(k̂)| / |k̂| per predicted component, and the F1 of TP = #{sIoU ≥ τ}, FN = #{sIoU < τ},
-FP = #{PPV < τ} averaged over τ = 0.25, 0.30, ..., 0.75 ("mean F1"). As in their code, ground-truth components
-smaller than ``min_gt_size`` become void and predicted components smaller than ``min_pred_size`` are dropped (their
-anomaly track uses 100 / 500 pixels at 2048x1024; we scale them by the evaluated pixel count).
+FP = #{PPV < τ} averaged over τ = 0.25, 0.30, ..., 0.75 ("mean F1"). Their anomaly track uses 100 / 500 pixels
+at 2048x1024 for ``min_gt_size`` / ``min_pred_size``; we scale them by the evaluated pixel count.
 """
 
 from __future__ import annotations
@@ -41,8 +57,8 @@ import numpy as np
 from ..errors import ConfigError
 from .ood import DEFAULT_POSITIVE, OODMetrics, Positive, metrics_from_counts
 
-__all__ = ["ComponentMetrics", "ConfusionCounter", "PixelDetectionCounter", "PixelMetrics", "component_metrics",
-           "score_keys"]
+__all__ = ["ComponentMetrics", "ConfusionCounter", "PixelDetectionCounter", "PixelMetrics", "ap_range",
+           "component_metrics", "score_keys"]
 
 DEFAULT_BITS = 24
 
@@ -63,6 +79,7 @@ class PixelMetrics:
     n_inlier: int
     n_anomaly: int
     auroc_bound: float  # max |AUROC - exact AUROC| from pixels sharing a key (0 = exact)
+    ap_bound: float  # max |AP - exact AP| (AP = AUPR-Out, anomaly positive) from pixels sharing a key (0 = exact)
     best_f1_threshold: float  # score at which the anomaly pixel F1 is highest (pixels with score <= it: anomaly)
     best_f1: float
 
@@ -70,10 +87,11 @@ class PixelMetrics:
 class PixelDetectionCounter:
     """Streams (score map, anomaly mask, valid mask) batches into per-key pixel counts (module docstring)."""
 
-    def __init__(self, bits: int = DEFAULT_BITS, buffer_pixels: int = 1 << 24) -> None:
+    def __init__(self, bits: int = DEFAULT_BITS, buffer_pixels: int = 1 << 24, *, exact: bool = False) -> None:
         if not 8 <= bits <= 28:
             raise ConfigError(f"bits must be in [8, 28], got {bits}")
-        self.bits = bits
+        self.exact = exact
+        self.bits = 32 if exact else bits  # exact: full float32 keys, occupied keys only (module docstring)
         self.buffer_pixels = int(buffer_pixels)
         self._counts: np.ndarray | None = None  # dense (2 ** (bits + 1),) int64, index key * 2 + is_anomaly
         self._sparse: tuple[np.ndarray, np.ndarray] | None = None  # (occupied indices, counts) while small
@@ -93,7 +111,11 @@ class PixelDetectionCounter:
         scores = scores.ravel().astype(np.float32, copy=False)
         if not np.isfinite(scores).all():
             raise ConfigError("pixel scores contain NaN/inf; the model produced non-finite outputs.")
-        packed = (score_keys(scores, self.bits) << np.uint32(1)) | anomaly.ravel()
+        keys = score_keys(scores, self.bits)
+        if self.exact:  # 33-bit packed keys
+            packed = (keys.astype(np.uint64) << np.uint64(1)) | anomaly.ravel().astype(np.uint64)
+        else:
+            packed = (keys << np.uint32(1)) | anomaly.ravel()
         self._buffer.append(packed)
         self._buffered += packed.size
         if self._buffered >= self.buffer_pixels:
@@ -105,13 +127,13 @@ class PixelDetectionCounter:
         size = 2 ** (self.bits + 1)
         packed = np.concatenate(self._buffer)
         self._buffer, self._buffered = [], 0
-        if self._counts is None and packed.size * 16 <= size:  # a few pixels: count the occupied keys only
+        if self._counts is None and (self.exact or packed.size * 16 <= size):  # count the occupied keys only
             keys, counts = np.unique(packed, return_counts=True)
             if self._sparse is not None:
                 keys, inverse = np.unique(np.concatenate([self._sparse[0], keys]), return_inverse=True)
                 counts = np.bincount(inverse, weights=np.concatenate([self._sparse[1], counts])).astype(np.int64)
             self._sparse = (keys, counts)
-            if keys.size * 16 > size:  # grown large: switch to dense counters
+            if not self.exact and keys.size * 16 > size:  # grown large: switch to dense counters
                 self._densify(size)
             return
         if self._counts is None:
@@ -145,7 +167,7 @@ class PixelDetectionCounter:
     def upper_edge(self, key: int) -> float:
         """The largest float32 score whose key is ``key``: ``score <= upper_edge(k)`` selects every pixel of keys
         up to ``k``."""
-        high = np.uint32((key << (32 - self.bits)) | ((1 << (32 - self.bits)) - 1))
+        high = np.uint32(((int(key) << (32 - self.bits)) | ((1 << (32 - self.bits)) - 1)) & 0xFFFFFFFF)
         raw = high & np.uint32(0x7FFFFFFF) if high & np.uint32(0x80000000) else ~high
         value = float(np.asarray(raw, dtype=np.uint32).view(np.float32))
         return value if np.isfinite(value) else float(np.finfo(np.float32).max)
@@ -159,12 +181,29 @@ class PixelDetectionCounter:
                               "anomaly pixels; is this an anomaly set (labels 0 / 1 / 255)?")
         metrics = metrics_from_counts(n_in, n_out, positive=positive, tpr=tpr)
         bound = 0.5 * float(np.dot(n_in.astype(np.float64), n_out)) / (float(total_in) * float(total_out))
+        ap_low, ap_high = ap_range(n_in, n_out)
+        ap_bound = 0.0 if self.exact else max(ap_high - metrics.aupr_out, metrics.aupr_out - ap_low, 0.0)
         # best pixel F1 with anomaly positive: thresholds run from the most anomalous (lowest score) key up
         tp, fp = np.cumsum(n_out[::-1]), np.cumsum(n_in[::-1])
         f1 = 2 * tp / (tp + fp + total_out)
         best = int(np.argmax(f1))
-        return PixelMetrics(metrics, total_in, total_out, bound, self.upper_edge(int(keys[::-1][best])),
-                            float(f1[best]))
+        return PixelMetrics(metrics, total_in, total_out, 0.0 if self.exact else bound, ap_bound,
+                            self.upper_edge(int(keys[::-1][best])), float(f1[best]))
+
+
+def ap_range(n_in: np.ndarray, n_out: np.ndarray) -> tuple[float, float]:
+    """(lowest, highest) exact AP (anomaly positive) of pixels counted per key, ``n_in`` / ``n_out`` in decreasing
+    score order, whatever the scores inside each key (module docstring)."""
+    from scipy.special import digamma
+
+    m, n = n_in[::-1].astype(np.float64), n_out[::-1].astype(np.float64)  # most anomalous key first
+    t = np.cumsum(n) - n  # anomalies in the keys before
+    f = np.cumsum(m) - m  # inliers in the keys before
+    total = float(n.sum())
+    high = float(np.sum(np.divide(n * (t + n), t + f + n, out=np.zeros_like(n), where=n > 0))) / total
+    d = t + f + m
+    low = float(np.sum(n - (f + m) * (digamma(d + n + 1) - digamma(d + 1)))) / total
+    return low, high
 
 
 class ConfusionCounter:
@@ -226,8 +265,13 @@ def _frame_components(score: np.ndarray, labels: np.ndarray, threshold: float, m
     from scipy import ndimage
 
     structure = np.ones((3, 3), dtype=bool)
-    gt, n_gt = ndimage.label(labels == 1, structure)
     roi = labels != 255
+    pred, n_pred = ndimage.label((score <= threshold) & roi, structure)  # grouped before small objects are voided
+    if n_pred:
+        sizes = np.bincount(pred.ravel(), minlength=n_pred + 1)
+        small = np.flatnonzero(sizes < min_pred)
+        pred[np.isin(pred, small[small > 0])] = 0
+    gt, n_gt = ndimage.label(labels == 1, structure)
     if n_gt:
         sizes = np.bincount(gt.ravel(), minlength=n_gt + 1)
         small = np.flatnonzero(sizes < min_gt)
@@ -235,11 +279,6 @@ def _frame_components(score: np.ndarray, labels: np.ndarray, threshold: float, m
         if small.size:
             roi &= ~np.isin(gt, small)
             gt[np.isin(gt, small)] = 0
-    pred, n_pred = ndimage.label((score <= threshold) & roi, structure)
-    if n_pred:
-        sizes = np.bincount(pred.ravel(), minlength=n_pred + 1)
-        small = np.flatnonzero(sizes < min_pred)
-        pred[np.isin(pred, small[small > 0])] = 0
     gt, pred = gt[roi], pred[roi]
     sious, ppvs = [], []
     for k in np.unique(gt[gt > 0]):

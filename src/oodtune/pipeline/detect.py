@@ -9,8 +9,10 @@ Which ID images set the threshold (``data``), in order of preference for ``"auto
    insists on ``"train"`` -- accepted with a warning and recorded as biased, because scores of training images
    are optimistic and the threshold then accepts fewer new ID images than requested.
 
-The ID *test* split is never used to choose the threshold; it is the disjoint set on which the acceptance rate
-reached is checked (recorded in the detector).
+The ID *test* split is never used to choose the threshold; it is the set on which the acceptance rate reached is
+checked (recorded in the detector). Its disjointness from the calibration images is verified by content: test
+images that are also calibration images (e.g. ``images:DIR`` holding copies of test images) are left out of the
+check, with a warning.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..data import ImageSet
 from ..data.registry import canonical_name, resolve_dataset
 from ..deploy.detector import Detector
 from ..errors import ConfigError, DataError
-from ..models import RunMeta, load_feature_model
+from ..models import RunMeta, load_feature_model, read_meta
 from .classification import id_parts, id_test_set, id_train_set
 from .source import DataSource, as_source
 
-__all__ = ["CALIBRATION_CHOICES", "calibrate", "calibration_set", "predict", "with_id_data"]
+__all__ = ["CALIBRATION_CHOICES", "calibrate", "calibration_set", "disjoint_check_set", "predict", "with_id_data"]
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +92,11 @@ def calibrate(checkpoint: str | Path, *, score: str = "energy", tpr: float = 0.9
     images (``data``, module docstring); Mahalanobis/kNN statistics fitted on the ID train split first. With
     ``check``, the acceptance rate reached is measured on the ID test split and recorded."""
     source = as_source(data_root)
+    task = read_meta(checkpoint).task
+    if task != "classification":  # before building the model: a segmenter has no classifier head to look for
+        raise ConfigError(f"{checkpoint} is a {task} checkpoint; calibrate takes an image classifier (one score per "
+                          "image): pass a classification checkpoint.")
     net, meta = load_feature_model(checkpoint)
-    if meta.task != "classification":
-        raise ConfigError(f"{checkpoint} is a {meta.task} checkpoint; calibrate and predict work on image "
-                          "classifiers (one score per image).")
     meta = with_id_data(meta, id_data, source)
     det = Detector(net, classes=meta.classes, mean=meta.mean, std=meta.std, resolution=meta.resolution, score=score,
                    head=meta.head, device=device, checkpoint=checkpoint)
@@ -100,10 +105,28 @@ def calibrate(checkpoint: str | Path, *, score: str = "energy", tpr: float = 0.9
         train = id_train_set(meta, source)
         det.fit(train, train.labels, source=f"{meta.dataset}: training split as the checkpoint records it "
                                             f"({len(train)} images)")
-    test = id_test_set(meta, source) if check else None
-    det.calibrate(images, tpr, data=what, held_out=held_out, check_images=test,
-                  check_data=f"{meta.dataset}: ID test set (disjoint from the calibration images)")
+    test, check_data = disjoint_check_set(id_test_set(meta, source), images, meta.dataset) if check else (None, "")
+    det.calibrate(images, tpr, data=what, held_out=held_out, check_images=test, check_data=check_data)
     return det
+
+
+def disjoint_check_set(test: ImageSet, calibration: ImageSet, dataset: str) -> tuple[ImageSet | None, str]:
+    """(the ID test images that are not calibration images, their description): disjointness is verified by
+    content (same pixels, :meth:`~oodtune.data.ImageSet.shared_with`); shared images are left out of the check with
+    a warning, and no check remains (None) when every test image is shared."""
+    shared = test.shared_with(calibration)
+    k, n = int(shared.sum()), len(test)
+    if k == 0:
+        return test, f"{dataset}: ID test set ({n} images; disjoint from the calibration images, verified by content)"
+    if k == n:
+        log.warning("all %d ID test images are also calibration images (same pixels): the acceptance rate cannot be "
+                    "checked on new images; calibrate on held-out images that are not test images.", n)
+        return None, ""
+    log.warning("%d of the %d ID test images are also calibration images (same pixels); the check leaves them out "
+                "(calibrate on held-out images that are not test images).", k, n)
+    return test.subset(np.flatnonzero(~shared)), (
+        f"{dataset}: ID test set without the {k} of its {n} images that are also calibration images ({n - k} images; "
+        "disjoint from the calibration images, verified by content)")
 
 
 def predict(checkpoint: str | Path, inputs: Sequence[str], *, detector: str | Path, device: str | None = None,

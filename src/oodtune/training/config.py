@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "PRECISIONS", "TrainConfig", "PRETRAIN", "FINETUNE",
+__all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "INTEGER_FIELDS", "PRECISIONS", "TrainConfig", "PRETRAIN", "FINETUNE",
            "SEGMENTATION_FINETUNE", "TRAIN_KEYS"]
 
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
@@ -42,6 +42,11 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap for smoke tests / CPU-scale runs
 
     def __post_init__(self) -> None:
+        for name in INTEGER_FIELDS:  # 1.7 epochs is a mistake, never silently 1
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool)) and not (
+                    value is None and name == "max_steps_per_epoch"):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.outlier_batch_size < 1:
             raise ConfigError(f"epochs, batch_size and outlier_batch_size must be >= 1: {self}")
         for name in ("lr", "momentum", "weight_decay"):
@@ -67,6 +72,8 @@ class TrainConfig:
 
 
 TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+#: Fields that take whole numbers only (a float, bool or string is refused, on every path into TrainConfig).
+INTEGER_FIELDS = ("epochs", "batch_size", "outlier_batch_size", "seed", "max_steps_per_epoch")
 
 #: Pretraining from scratch: the OE / Energy papers' WRN recipe (100 epochs, SGD+Nesterov, lr 0.1, cosine).
 PRETRAIN = TrainConfig()

@@ -40,6 +40,7 @@ from ..utils.lock import output_lock
 from ..utils.progress import Bar, format_rate, progress_bar
 from ..utils.runtime import DistInfo, autocast, compile_mode, init_distributed, local_device, resolve_device
 from .config import TrainConfig
+from .divergence import describe_terms, diverged, first_non_finite, non_finite_weights
 from .sampling import OutlierSampler, index_batches
 
 LAST = "last.pt"
@@ -328,6 +329,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.device)
         seen = processed = 0
+        totals: list[torch.Tensor] = []  # per-step losses, inspected only if the epoch diverged
         t0 = time.perf_counter()
         batches = index_batches(len(self.train_x), self.cfg.batch_size, gen, rank=self.dist.rank, world=self.dist.world)
         for step, idx in enumerate(batches):
@@ -336,7 +338,12 @@ class Trainer:
             batch = self._draw(idx, gen, sampler)
             if self.compile != "none":
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs are consumed
-            out = step_fn(batch)
+            try:
+                out = step_fn(batch)
+            except DivergenceError as exc:
+                what = describe_terms(exc.terms) if exc.terms is not None else str(exc)
+                raise self._diverged(epoch, step + 1, what) from None
+            totals.append(out.loss.detach())
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
@@ -350,7 +357,11 @@ class Trainer:
             if step % 20 == 0:
                 bar.update(rate=format_rate(processed, time.perf_counter() - t0))
         if not torch.isfinite(torch.stack(list(sums.values())).sum()):
-            raise DivergenceError(f"non-finite loss in epoch {epoch + 1}; lower the learning rate or check margins.")
+            raise self._diverged(epoch, first_non_finite(totals), describe_terms(sums) + " (summed over the epoch)")
+        bad = non_finite_weights(self.net)
+        if bad:  # a finite loss whose update overflowed the weights
+            raise self._diverged(epoch, len(totals), f"the weights became non-finite in this step's update ({bad[0]}"
+                                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}) although its loss was finite")
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "seconds": seconds}
         row.update({k: float(v) / steps for k, v in sums.items()})
@@ -363,6 +374,9 @@ class Trainer:
             log.info("epoch %d/%d %s (%s, %.1fs)", epoch + 1, self.cfg.epochs, parts_txt,
                      format_rate(row["images_per_s"], 1.0), seconds)
         return row
+
+    def _diverged(self, epoch: int, step: int, what: str) -> DivergenceError:
+        return diverged(epoch, step, what, lr=self.cfg.lr, last=None if self.run_dir is None else self.run_dir / LAST)
 
     def _save_state(self, epoch: int, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
                     gen: torch.Generator, history: list[dict[str, float]],

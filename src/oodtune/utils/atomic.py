@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from ..errors import StorageError
 
@@ -187,11 +187,13 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = T
     return write_atomic(path, lambda fh: fh.write(text.encode("utf-8")), overwrite=overwrite)
 
 
-def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """``rows`` as CSV text with a header: ``columns``, or every key in the order it first appears."""
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
+             quoting: Literal[0, 1, 2, 3] = csv.QUOTE_MINIMAL) -> str:
+    """``rows`` as CSV text with a header: ``columns``, or every key in the order it first appears; ``quoting``
+    as in :mod:`csv` (``csv.QUOTE_NONNUMERIC`` also quotes text holding a lone carriage return)."""
     cols = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n", quoting=quoting)
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
