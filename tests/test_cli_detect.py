@@ -90,13 +90,18 @@ def test_predict_files_and_refuse_foreign_detector(env, detector, with_val):
     assert "5 input(s)" in res.output and "2 unreadable" in res.output
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["path", "predicted_class", "confidence", "score", "is_ood", "error"]
+    assert list(rows[0]) == ["path", "predicted_class", "confidence", "score", "margin", "is_ood", "error"]
+    threshold = json.loads(detector.read_text())["calibration"]["threshold"]
+    for r in rows[:3]:  # margin = score - threshold, negative exactly when flagged
+        assert float(r["margin"]) == pytest.approx(float(r["score"]) - threshold, abs=1e-5)
+        assert (float(r["margin"]) < 0) == (r["is_ood"] == "True")
+    assert rows[3]["margin"] == "" and rows[3]["is_ood"] == ""
     assert [Path(r["path"]).name for r in rows] == ["0.png", "1.png", "2.png", "z-broken.jpg", "nope.png"]
     assert rows[0]["is_ood"] in ("True", "False") and not rows[0]["error"] and "cannot decode" in rows[3]["error"]
     fails("predict", with_val, shots, "--detector", detector, "--out", out, match="--overwrite", code=1)
     ok("predict", with_val, shots / "0.png", "--detector", detector, "--out", tmp / "preds.jsonl")
     line = json.loads((tmp / "preds.jsonl").read_text().splitlines()[0])
-    assert set(line) == {"path", "predicted_class", "confidence", "score", "is_ood", "error"}
+    assert set(line) == {"path", "predicted_class", "confidence", "score", "margin", "is_ood", "error"}
     other = _pretrain(env, "pre-other", "--seed", "1")
     fails("predict", other, shots, "--detector", detector, match="calibrate a detector for this checkpoint", code=1)
 

@@ -11,6 +11,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 import logging
 import os
 import re
@@ -578,35 +579,49 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
               help="Also write the detector as a torch.export program (.pt2): uint8 images in, logits, score and "
                    "is_ood out; loads with PyTorch alone.")
 @click.option("--overwrite", is_flag=True, help="Replace existing --out / --export files.")
+@click.option("--blur", is_flag=True,
+              help="Segmentation: threshold Gaussian-blurred score maps (as evaluate --blur); recorded in the "
+                   "detector, which predict then applies.")
 def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, check: bool, out: str,
-              export_path: str | None, overwrite: bool, data_root: Any, device: str, id_data: str | None) -> None:
+              export_path: str | None, overwrite: bool, blur: bool, data_root: Any, device: str,
+              id_data: str | None) -> None:
     """Choose the OOD threshold on held-out ID images so that the fraction TPR of them is accepted.
 
     Records score, threshold, TPR reached, n, the images used and the weights' hash (a detector is never applied
-    to another checkpoint). Use it with `oodtune predict CHECKPOINT IMAGES --detector OUT`.
+    to another checkpoint). Use it with `oodtune predict CHECKPOINT IMAGES --detector OUT`. For a segmentation
+    checkpoint the threshold is per pixel: TPR of the non-void pixels of the held-out ID frames are accepted.
     """
     from .export import export_detector
     from .pipeline import calibrate as run
+    from .pixel_detector import PixelCalibration, SegmentationDetector
 
     targets = [p for p in (out, export_path) if p]
     existing = [p for p in targets if Path(p).exists() and not overwrite]
     if existing:  # refuse before spending the forward passes
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another path.")
     det = run(checkpoint, score=score, tpr=tpr, data=calibration_data, data_root=data_root, device=device,
-              id_data=id_data, check=check)
+              id_data=id_data, check=check, blur=blur)
     cal = det.calibrated()
-    click.echo(f"score {score}: threshold {cal.threshold:.6g} (is_ood = score < threshold) accepts "
-               f"{100 * cal.achieved:.2f}% of {cal.n} calibration images [{cal.data}]")
-    click.echo(f"expected acceptance of new ID images: {100 * cal.expected:.2f}% ± {100 * cal.expected_std:.2f}%")
+    pixels = isinstance(cal, PixelCalibration)
+    unit = f"pixels of {cal.frames} frames" if isinstance(cal, PixelCalibration) else "images"
+    rule = "a pixel is anomalous when score < threshold" if pixels else "is_ood = score < threshold"
+    click.echo(f"score {score}: threshold {cal.threshold:.6g} ({rule}) accepts "
+               f"{100 * cal.achieved:.2f}% of {cal.n} calibration {unit} [{cal.data}]")
+    spread = "frame-clustered standard error" if pixels else "std"
+    click.echo(f"expected acceptance of new ID {'pixels' if pixels else 'images'}: {100 * cal.expected:.2f}% "
+               f"± {100 * cal.expected_std:.2f}% ({spread})")
     if cal.check is not None:
         c = cal.check
         verdict = "within" if abs(c["z"]) <= 2 else "OUTSIDE"
-        click.echo(f"check on {c['n']} ID test images: {100 * c['acceptance']:.2f}% ± {100 * c['std']:.2f}% accepted "
+        what = f"{c['n']} pixels of {c['frames']} ID test frames" if pixels else f"{c['n']} ID test images"
+        click.echo(f"check on {what}: {100 * c['acceptance']:.2f}% ± {100 * c['std']:.2f}% accepted "
                    f"(z = {c['z']:+.2f}: {verdict} 2 standard errors of the expectation)")
     det.save(out, overwrite=overwrite)
     console.print(f"saved {out}")
     if export_path:
-        console.print(f"saved {export_detector(det, export_path, overwrite=overwrite)}")
+        saved = det.export(export_path, overwrite=overwrite) if isinstance(det, SegmentationDetector) \
+            else export_detector(det, export_path, overwrite=overwrite)
+        console.print(f"saved {saved}")
 
 
 @main.command()
@@ -615,30 +630,89 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
 @click.argument("images", nargs=-1, required=True)
 @click.option("--detector", required=True, type=click.Path(dir_okay=False),
               help="Detector file from `oodtune calibrate` for this checkpoint.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Predictions file: CSV, or JSON Lines for a .jsonl name [default: CSV on stdout].")
+@click.option("--out", type=click.Path(), default=None,
+              help="Predictions file: CSV, or JSON Lines for a .jsonl name [default: CSV on stdout]. Segmentation: "
+                   "the folder for the maps and OUT/predictions.jsonl (required).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
               help="Override the format chosen from --out's suffix.")
-@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Images per forward pass [default: 256; segmentation: 8 frames].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file (segmentation: files in --out).")
+@click.option("--blur/--no-blur", default=None,
+              help="Segmentation: Gaussian-blurred score maps, as evaluate --blur [default: as the detector was "
+                   "calibrated; anything else is refused].")
+@click.option("--map-format", type=click.Choice(["png", "npy"]), default="png", show_default=True,
+              help="Segmentation: anomaly maps as 16-bit PNG (scaling in the detector file) or float32 .npy.")
 def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | None, fmt: str | None,
-            batch_size: int, device: str, overwrite: bool) -> None:
-    """One row per image: path, predicted_class, confidence, score, is_ood, error.
+            batch_size: int | None, device: str, overwrite: bool, blur: bool | None, map_format: str) -> None:
+    """One row per image: path, predicted_class, confidence, score, margin (score - threshold), is_ood, error.
 
     IMAGES are image files, folders (searched recursively), glob patterns (quote them: 'shots/**/*.png') and
     tar/zip archives. A file that cannot be read is a row with its error; the others are still predicted.
+
+    A segmentation checkpoint writes, per frame, into the folder --out: the anomaly map, the binary mask, an
+    overlay JPEG, and one row of OUT/predictions.jsonl (anomalous-pixel share, connected components, predicted
+    class histogram); see docs/deploy.md.
     """
+    from .data.inputs import skipped_text
+    from .models import read_meta
     from .pipeline import predict as run
     from .report import write_predictions
 
-    if out and Path(out).exists() and not overwrite:
-        raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
-    counts = write_predictions(out, run(checkpoint, images, detector=detector, device=device, batch_size=batch_size),
-                               fmt=fmt, overwrite=overwrite)
-    total = sum(counts.values())
-    console.print(f"{total} input(s): {counts['ood']} flagged OOD, {counts['id']} accepted as ID, "
-                  f"{counts['error']} unreadable" + (f"; wrote {out}" if out else ""))
+    skipped: Counter[str] = Counter()
+    if read_meta(checkpoint).task == "segmentation":
+        _predict_frames(checkpoint, images, detector, out, fmt, batch_size or 8, device, overwrite, blur,
+                        map_format, skipped)
+    else:
+        if blur is not None:
+            raise click.UsageError("--blur/--no-blur apply to segmentation checkpoints only.")
+        if out and Path(out).is_dir():
+            raise click.ClickException(f"{out} is a folder; --out names the predictions file.")
+        if out and Path(out).exists() and not overwrite:
+            raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
+        rows = run(checkpoint, images, detector=detector, device=device, batch_size=batch_size or 256,
+                   skipped=skipped)
+        counts = write_predictions(out, rows, fmt=fmt, overwrite=overwrite)
+        total = sum(counts.values())
+        console.print(f"{total} input(s): {counts['ood']} flagged OOD, {counts['id']} accepted as ID, "
+                      f"{counts['error']} unreadable" + (f"; wrote {out}" if out else ""))
+    if skipped:
+        console.print(skipped_text(skipped))
+
+
+def _predict_frames(checkpoint: str, images: tuple[str, ...], detector: str, out: str | None, fmt: str | None,
+                    batch_size: int, device: str, overwrite: bool, blur: bool | None, map_format: str,
+                    skipped: Any) -> None:
+    """``predict`` for a segmentation checkpoint: maps into the folder ``out``, rows to OUT/predictions.jsonl."""
+    from .pipeline.pixel_detect import predict_frames
+    from .report import write_predictions
+
+    if out is None:
+        raise click.UsageError("a segmentation checkpoint writes maps per frame: give --out FOLDER.")
+    if fmt == "csv":
+        raise click.UsageError("segmentation rows have nested fields (component sizes, class histogram): they are "
+                               "written as JSON Lines; drop --format csv.")
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise click.ClickException(f"{out} is a file; a segmentation checkpoint writes a folder of maps: choose "
+                                   "another --out.")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise click.ClickException(f"{out} is not empty; pass --overwrite (files of the same name are replaced) or "
+                                   "choose another --out.")
+    rows_path = folder / "predictions.jsonl"
+    tally: Counter[str] = Counter()
+
+    def counted(rows: Any) -> Any:
+        for row in rows:
+            tally["error" if row["error"] else "anomalous" if row["components"] else "clean"] += 1
+            yield row
+
+    rows = predict_frames(checkpoint, images, detector=detector, out=folder, device=device, batch_size=batch_size,
+                          blur=blur, map_format=map_format, skipped=skipped)
+    write_predictions(rows_path, counted(rows), fmt="jsonl", overwrite=True)
+    console.print(f"{sum(tally.values())} frame(s): {tally['anomalous']} with anomalous pixels, {tally['clean']} "
+                  f"without, {tally['error']} unreadable; wrote {rows_path} and the maps beside it")
 
 
 @main.command()

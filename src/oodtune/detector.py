@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,15 +94,18 @@ class Predictions:
     scores: np.ndarray  # (N,) float32, higher = more in-distribution
     is_ood: np.ndarray | None  # (N,) bool, None before calibration
     classes: tuple[str, ...]
+    threshold: float | None = None  # the calibrated threshold (None before calibration)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def rows(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """One dict per image: path (from ``names``), predicted_class, confidence, score, is_ood, error (None)."""
+        """One dict per image: path (from ``names``), predicted_class, confidence, score, margin (score -
+        threshold: negative = flagged OOD; None before calibration), is_ood, error (None)."""
         names = list(names) if names is not None else [str(i) for i in range(len(self))]
         return [{"path": names[i], "predicted_class": self.classes[int(self.labels[i])],
                  "confidence": float(self.confidence[i]), "score": float(self.scores[i]),
+                 "margin": None if self.threshold is None else float(self.scores[i]) - self.threshold,
                  "is_ood": None if self.is_ood is None else bool(self.is_ood[i]), "error": None}
                 for i in range(len(self))]
 
@@ -196,23 +200,24 @@ class Detector:
         conf, labels = probs.max(dim=1)
         scores = self._scores(ds, out, show_progress)
         is_ood = None if self.calibration is None else scores < self.calibration.threshold
-        return Predictions(labels.cpu().numpy(), conf.float().cpu().numpy(), scores, is_ood, self.classes)
+        return Predictions(labels.cpu().numpy(), conf.float().cpu().numpy(), scores, is_ood, self.classes,
+                           self.threshold)
 
     def predict_files(self, inputs: Iterable[str | os.PathLike], *, batch_size: int = 256,
-                      workers: int | None = None) -> Iterator[dict[str, Any]]:
+                      workers: int | None = None, skipped: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
         """One row per input file (files, folders, globs, archives; see :mod:`oodtune.data.inputs`), in order, as
         :meth:`Predictions.rows`; a file that cannot be read is a row with ``error`` set and the other fields
-        None."""
+        None. ``skipped`` counts the non-image files passed over in folders, archives and glob matches."""
         with progress_bar("predict", total=None) as bar:
             t0, done = time.perf_counter(), 0
-            for batch in decode_batches(inputs, self.resolution, batch_size, workers):
+            for batch in decode_batches(inputs, self.resolution, batch_size, workers, skipped=skipped):
                 pixels = [d.pixels for d in batch if d.pixels is not None]
                 names = [d.name for d in batch if d.pixels is not None]
                 rows = iter(self.predict(np.stack(pixels), batch_size=batch_size).rows(names) if pixels else [])
                 for d in batch:
                     yield next(rows) if d.pixels is not None else {
-                        "path": d.name, "predicted_class": None, "confidence": None, "score": None, "is_ood": None,
-                        "error": d.error}
+                        "path": d.name, "predicted_class": None, "confidence": None, "score": None, "margin": None,
+                        "is_ood": None, "error": d.error}
                 done += len(batch)
                 bar.advance(len(batch))
                 bar.update(rate=format_rate(done, time.perf_counter() - t0))
@@ -306,7 +311,7 @@ class Detector:
             write_atomic(stats, lambda fh: torch.save(tensors, fh))
         record = {
             "format": DETECTOR_FORMAT, "version": DETECTOR_VERSION, "oodtune_version": __version__,
-            "checkpoint": self.checkpoint, "weights_sha256": self.weights_sha256, "classes": list(self.classes),
+            "task": "classification", "checkpoint": self.checkpoint, "weights_sha256": self.weights_sha256, "classes": list(self.classes),
             "mean": list(self.normalizer.mean), "std": list(self.normalizer.std), "resolution": self.resolution,
             "head": self.head, "score": self.score_name, "score_state": plain,
             "statistics": None if stats is None else stats.name, "fit_source": self.fit_source, "rule": RULE,
@@ -338,6 +343,9 @@ class Detector:
         ``nn.Module`` it was made for. Refused when the weights differ from those it was calibrated on."""
         path = Path(path)
         record = cls.read_record(path)
+        if record.get("task", "classification") != "classification":
+            raise ConfigError(f"{path} is a detector for a {record['task']} checkpoint; load it with "
+                              "oodtune.pixel_detector.SegmentationDetector.load (the CLI picks it itself).")
         source = model if model is not None else record.get("checkpoint")
         if source is None:
             raise ConfigError(f"{path} was made for an in-memory model; pass that model: Detector.load(path, model).")

@@ -140,7 +140,7 @@ def write_evaluation(out: str | os.PathLike, report: EvalReport, meta: RunMeta, 
 
 
 #: Columns of a predictions file (``oodtune predict``).
-PREDICTION_COLUMNS = ("path", "predicted_class", "confidence", "score", "is_ood", "error")
+PREDICTION_COLUMNS = ("path", "predicted_class", "confidence", "score", "margin", "is_ood", "error")
 PREDICTION_FORMATS = ("csv", "jsonl")
 
 
@@ -159,7 +159,7 @@ def prediction_lines(rows: Iterable[dict[str, Any]], fmt: str, counts: Counter[s
     if fmt == "csv":
         yield csv_text([], PREDICTION_COLUMNS)
     for row in rows:
-        counts["error" if row["error"] else "ood" if row["is_ood"] else "id"] += 1
+        counts["error" if row["error"] else "ood" if row.get("is_ood") else "id"] += 1
         yield json.dumps(row) + "\n" if fmt == "jsonl" else csv_text([row], PREDICTION_COLUMNS).split("\n", 1)[1]
 
 

@@ -16,6 +16,7 @@ reached is checked (recorded in the detector).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from ..data import ImageSet
 from ..data.registry import canonical_name, resolve_dataset
 from ..detector import Detector
 from ..errors import ConfigError, DataError
-from ..models import RunMeta, load_feature_model
+from ..pixel_detector import SegmentationDetector
+from ..models import RunMeta, load_feature_model, read_meta
 from .classification import id_parts, id_test_set, id_train_set
-from .source import DataSource, as_source
+from .pixel_detect import calibrate_segmenter
+from .source import DataSource, as_source, with_id_data
 
 __all__ = ["CALIBRATION_CHOICES", "calibrate", "calibration_set", "predict", "with_id_data"]
 
@@ -34,11 +37,6 @@ log = logging.getLogger(__name__)
 
 #: Values of ``data`` besides a folder:/images: path.
 CALIBRATION_CHOICES = ("auto", "val", "train")
-
-
-def with_id_data(meta: RunMeta, id_data: str | None, source: DataSource) -> RunMeta:
-    """``meta`` with its ID dataset renamed to ``id_data`` (a moved folder, another data root's copy)."""
-    return meta if id_data is None else meta.replace(dataset=resolve_dataset(id_data, source.root))
 
 
 def _validation(meta: RunMeta, source: DataSource) -> tuple[ImageSet, str]:
@@ -59,6 +57,9 @@ def calibration_set(meta: RunMeta, data: str | None, source: DataSource) -> tupl
         try:
             ds, what = _validation(meta, source)
         except DataError as exc:
+            if "no data found under" in str(exc) or "not found" in str(exc):
+                raise DataError(f"cannot load the held-out ID images of {meta.dataset} from the data root "
+                                f"{source.root}: {exc}") from None
             raise DataError(
                 f"no held-out ID images to calibrate on ({exc}). Fix: pretrain with --val-fraction 0.1 (held out "
                 "before training, recorded in the checkpoint), or name held-out ID images with --calibration-data "
@@ -83,15 +84,19 @@ def calibration_set(meta: RunMeta, data: str | None, source: DataSource) -> tupl
 
 def calibrate(checkpoint: str | Path, *, score: str = "energy", tpr: float = 0.95, data: str | None = None,
               data_root: DataSource | str | Path | None = None, device: str | None = None,
-              id_data: str | None = None, check: bool = True) -> Detector:
+              id_data: str | None = None, check: bool = True, blur: bool = False) -> Detector | SegmentationDetector:
     """A :class:`Detector` of ``checkpoint`` with ``score``, its threshold set to accept ``tpr`` of held-out ID
     images (``data``, module docstring); Mahalanobis/kNN statistics fitted on the ID train split first. With
-    ``check``, the acceptance rate reached is measured on the ID test split and recorded."""
+    ``check``, the acceptance rate reached is measured on the ID test split and recorded. A segmentation
+    checkpoint gets a :class:`SegmentationDetector` with a pixel threshold
+    (:func:`~.pixel_detect.calibrate_segmenter`; ``blur`` as ``evaluate --blur``)."""
+    if read_meta(checkpoint).task == "segmentation":
+        return calibrate_segmenter(checkpoint, score=score, tpr=tpr, data=data, data_root=data_root, device=device,
+                                   id_data=id_data, check=check, blur=blur)
+    if blur:
+        raise ConfigError("--blur smooths per-pixel maps of segmentation checkpoints; drop it for a classifier.")
     source = as_source(data_root)
     net, meta = load_feature_model(checkpoint)
-    if meta.task != "classification":
-        raise ConfigError(f"{checkpoint} is a {meta.task} checkpoint; calibrate and predict work on image "
-                          "classifiers (one score per image).")
     meta = with_id_data(meta, id_data, source)
     det = Detector(net, classes=meta.classes, mean=meta.mean, std=meta.std, resolution=meta.resolution, score=score,
                    head=meta.head, device=device, checkpoint=checkpoint)
@@ -107,9 +112,10 @@ def calibrate(checkpoint: str | Path, *, score: str = "energy", tpr: float = 0.9
 
 
 def predict(checkpoint: str | Path, inputs: Sequence[str], *, detector: str | Path, device: str | None = None,
-            batch_size: int = 256) -> Iterator[dict[str, Any]]:
-    """Rows (path, predicted_class, confidence, score, is_ood, error) for every input file; ``detector`` (a
-    saved detector) must have been calibrated for ``checkpoint``'s weights."""
+            batch_size: int = 256, skipped: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Rows (path, predicted_class, confidence, score, margin, is_ood, error) for every input file; ``detector``
+    (a saved detector) must have been calibrated for ``checkpoint``'s weights; ``skipped`` counts the non-image
+    files passed over. Segmentation checkpoints: :func:`~.pixel_detect.predict_frames`."""
     det = Detector.load(detector, checkpoint, device=device)
     det.calibrated()
-    return det.predict_files(inputs, batch_size=batch_size)
+    return det.predict_files(inputs, batch_size=batch_size, skipped=skipped)
