@@ -190,3 +190,16 @@ def test_detectors_stay_with_their_model_and_task(seg: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="segmentation checkpoint"):
         Detector.load(seg["tmp"] / "det.json", seg["ckpt"])
     fails("predict", seg["ckpt"], seg["root"], "--detector", seg["tmp"] / "det.json", match="give --out FOLDER")
+
+
+def test_evaluate_plots_score_maps_and_can_skip_the_miou(seg: dict[str, Any]) -> None:
+    prefix = seg["tmp"] / "fig"
+    args = ("evaluate", seg["ckpt"], "--ood", "road-anomaly", "--score", "energy", "--data-root", seg["root"],
+            "--device", "cpu")
+    res = ok(*args, "--plot", prefix, "--no-id-metrics")
+    assert "mIoU" not in res.output and "AUROC" in res.output
+    for name in ("fig-energy-hist.png", "fig-energy-roc.png", "fig-energy-maps-road-anomaly.png"):
+        assert (seg["tmp"] / name).stat().st_size > 0
+    fails(*args, "--plot", prefix, match="--overwrite")  # the maps are planned outputs too
+    res = ok(*args)
+    assert "ID mIoU" in res.output and "skip with --no-id-metrics" in res.output

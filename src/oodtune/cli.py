@@ -32,6 +32,7 @@ from .errors import OodtuneError
 from .losses import METHODS, loss_option_defaults
 from .models import ARCHITECTURES, trusted_archs
 from .models.imported import is_import_path
+from .pipeline.classification import EPOCH_EVAL_IMAGES
 from .pixel_losses import PIXEL_METHODS
 from .prior import DEFAULT_GAMMA
 from .progress import ConsoleHandler, console
@@ -46,6 +47,7 @@ OUTLIERS_HELP = "Auxiliary outlier dataset [default: tin-aux for classification,
 CLI_WORDS = [
     (re.compile(r"\boverwrite=True\b"), "--overwrite"),
     (re.compile(r"\(argument root=, or env OODTUNE_DATA\)"), "(--data-root, or env OODTUNE_DATA)"),
+    (re.compile(r"\bset with data_root= or env OODTUNE_DATA\b"), "set it with --data-root or env OODTUNE_DATA"),
     (re.compile(r"\bdata_root=(\.\.\.)?"), "--data-root"),
     (re.compile(r"\bpass download=True\b"), "pass --download"),
     (re.compile(r"\bhead_name=('\.\.\.')?"), "--head NAME"),
@@ -301,20 +303,24 @@ def datasets() -> None:
 @click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="For a folder: dataset without train/ and test/ folders: the part held out as its test set "
                    "[default: 0.2].")
+@click.option("--eval-images", type=click.IntRange(0), default=EPOCH_EVAL_IMAGES, show_default=True,
+              help="Report test (and validation) accuracy after every epoch on this many images of each (a fixed "
+                   "seeded sample; 0 = not at all; the final model's accuracy is measured by `oodtune evaluate`).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, resume).")
 @train_options(PRETRAIN, shown=True)
 def pretrain(**kw: Any) -> None:
     """Train a classifier from scratch with cross-entropy (SGD+Nesterov, cosine, crop+flip).
 
-    Test (and validation) accuracy is reported after every epoch; OUT/history.csv logs each epoch. Interrupted
-    runs resume from OUT/last.pt when started again with the same options.
+    Test (and validation) accuracy is reported after every epoch (on --eval-images of each); OUT/history.csv logs
+    each epoch. Interrupted runs resume from OUT/last.pt when started again with the same options.
     """
     from .pipeline import pretrain as run
 
     cfg = PRETRAIN.replace(**_train_overrides(kw))
     path = run(kw["out"], dataset=kw["dataset"], arch=kw["arch"], data_root=kw["data_root"], config=cfg,
                imbalance_ratio=kw["imbalance_ratio"], num_train=kw["num_train"], head=kw["head"],
-               resolution=kw["resolution"], val_fraction=kw["val_fraction"], test_fraction=kw["test_fraction"])
+               resolution=kw["resolution"], val_fraction=kw["val_fraction"], test_fraction=kw["test_fraction"],
+               eval_images=kw["eval_images"])
     console.print(f"saved {path}")
 
 
@@ -511,16 +517,21 @@ def finetune(**kw: Any) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT files.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="PREFIX",
               help="Also draw PREFIX-SCORE-hist.png (score histograms, ID vs each OOD set) and PREFIX-SCORE-roc.png "
-                   "(ROC per OOD set), AUROC in the legends.")
+                   "(ROC per OOD set), the table's AUROC in the legends; segmentation also PREFIX-SCORE-maps-SET.png "
+                   "(score maps of 4 frames of each anomaly set).")
 @click.option("--roc-log-fpr", is_flag=True, help="With --plot: FPR on a log axis.")
+@click.option("--id-metrics/--no-id-metrics", default=True, show_default=True,
+              help="Segmentation: compute the ID test mIoU first (a pass over every ID test frame); "
+                   "--no-id-metrics when only the anomaly metrics are wanted.")
 @id_data_option
 def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num_ood: int | None,
              positive: str | None, select_on: str | None, id_holdout: int, blur: bool, out: str | None,
-             save_scores: bool, overwrite: bool, plot: str | None, roc_log_fpr: bool, data_root: Any, device: str,
-             id_data: str | None) -> None:
+             save_scores: bool, overwrite: bool, plot: str | None, roc_log_fpr: bool, id_metrics: bool,
+             data_root: Any, device: str, id_data: str | None) -> None:
     """Accuracy + AUROC / AUPR-In / AUPR-Out / FPR95 for each score on each OOD set."""
-    from .pipeline import ValidationSpec, evaluate_checkpoint
-    from .plots import short_name
+    from .models import read_meta
+    from .pipeline import ValidationSpec, anomaly_examples, evaluate_checkpoint
+    from .plots import plot_anomaly_maps, short_name
     from .report import (
         evaluation_paths,
         evaluation_plot_paths,
@@ -533,8 +544,10 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
 
     if save_scores and not out:
         raise click.UsageError("--save-scores writes OUT-scores.csv: give --out OUT too.")
+    segmentation = read_meta(checkpoint).task == "segmentation"
+    maps = evaluation_plot_paths(plot, scores, ood)[2 * len(scores):] if plot and segmentation else []
     planned = [*(evaluation_paths(out) if out else []), *([scores_path(out)] if out and save_scores else []),
-               *(evaluation_plot_paths(plot, scores) if plot else [])]
+               *(evaluation_plot_paths(plot, scores) if plot else []), *maps]
     existing = [str(p) for p in planned if p.exists() and not overwrite]
     if existing:  # refuse before spending the evaluation
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out/--plot.")
@@ -543,7 +556,7 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
     validation = ValidationSpec(outliers=select_on, id_holdout=id_holdout) if select_on else None
     report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
                                        num_ood=num_ood, positive=positive, blur=blur,  # type: ignore[arg-type]
-                                       id_data=id_data, validation=validation)
+                                       id_data=id_data, validation=validation, id_metrics=id_metrics)
     for name, sel in report.selections.items():
         if sel["tried"]:
             click.echo(f"{name}: chose {sel['chosen']} (paper default {sel['default']}) on the validation pair")
@@ -555,6 +568,14 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
         console.print("wrote " + ", ".join(map(str, written)))
     if plot:
         paths = write_evaluation_plots(plot, report, title=short_name(str(checkpoint)), log_fpr=roc_log_fpr)
+        targets = iter(maps)
+        for score in scores if segmentation else ():
+            for dataset in ood:
+                frames, labels, smaps = anomaly_examples(checkpoint, dataset, 4, data_root=data_root, device=device,
+                                                         score=score)
+                paths.append(plot_anomaly_maps(next(targets), frames, labels, {short_name(str(checkpoint)): smaps},
+                                               score=score, title=f"{dataset}: {score} score maps" +
+                                               (" (before --blur)" if blur else "")))
         console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -582,8 +603,10 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
 @click.option("--blur", is_flag=True,
               help="Segmentation: threshold Gaussian-blurred score maps (as evaluate --blur); recorded in the "
                    "detector, which predict then applies.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="PNG",
+              help="Also draw the histogram of the calibration scores (and the check's) with the threshold.")
 def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, check: bool, out: str,
-              export_path: str | None, overwrite: bool, blur: bool, data_root: Any, device: str,
+              export_path: str | None, overwrite: bool, blur: bool, plot: str | None, data_root: Any, device: str,
               id_data: str | None) -> None:
     """Choose the OOD threshold on held-out ID images so that the fraction TPR of them is accepted.
 
@@ -595,7 +618,7 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
     from .pipeline import calibrate as run
     from .pixel_detector import PixelCalibration, SegmentationDetector
 
-    targets = [p for p in (out, export_path) if p]
+    targets = [p for p in (out, export_path, plot) if p]
     existing = [p for p in targets if Path(p).exists() and not overwrite]
     if existing:  # refuse before spending the forward passes
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another path.")
@@ -618,6 +641,14 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
                    f"(z = {c['z']:+.2f}: {verdict} 2 standard errors of the expectation)")
     det.save(out, overwrite=overwrite)
     console.print(f"saved {out}")
+    if plot and det.calibration_scores is not None:
+        from .plots import plot_calibration, short_name
+
+        cal_scores, check_scores = det.calibration_scores
+        drawn = plot_calibration(plot, cal_scores, cal.threshold, score=score, tpr=tpr, check_scores=check_scores,
+                                 unit="pixels (sample)" if pixels else "images",
+                                 title=f"calibration of {short_name(checkpoint)}")
+        console.print(f"saved {drawn}")
     if export_path:
         saved = det.export(export_path, overwrite=overwrite) if isinstance(det, SegmentationDetector) \
             else export_detector(det, export_path, overwrite=overwrite)

@@ -144,6 +144,8 @@ class Detector:
         self.weights_sha256 = weights_hash(self.net.model)
         self.calibration: Calibration | None = None
         self.fit_source: str | None = None
+        #: the scores of the last calibration (and of its check), for plots; not saved
+        self.calibration_scores: tuple[np.ndarray, np.ndarray | None] | None = None
 
     # -- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -251,15 +253,17 @@ class Detector:
                             "lower TPR.")
         threshold, achieved = threshold_at_tpr(scores, tpr)
         expected, expected_std = _expected_acceptance(int(math.ceil(tpr * scores.size - 1e-9)), scores.size)
-        check = None
+        check, check_scores = None, None
         if check_images is not None:
             check_set = self._imageset(check_images)
-            rate, std = acceptance_rate(self.score(check_set, batch_size=batch_size, show_progress=True), threshold)
+            check_scores = self.score(check_set, batch_size=batch_size, show_progress=True)
+            rate, std = acceptance_rate(check_scores, threshold)
             combined = math.sqrt(expected_std ** 2 + expected * (1 - expected) / len(check_set))
             check = {"data": check_data, "n": len(check_set), "acceptance": rate, "std": std,
                      "z": (rate - expected) / combined}
         self.calibration = Calibration(threshold, tpr, achieved, int(scores.size), data, held_out, expected,
                                        expected_std, check)
+        self.calibration_scores = (scores, check_scores)
         return self.calibration
 
     # -- files ---------------------------------------------------------------------------------------------

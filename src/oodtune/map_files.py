@@ -53,7 +53,7 @@ def overlay(frame: np.ndarray, pred: FramePrediction, map_scale: float) -> np.nd
     """uint8 (H, W, 3): ``frame`` with the heat map of the anomaly and the mask outline (module docstring)."""
     level = np.clip(0.5 + map_scale * pred.anomaly.astype(np.float64) / 65536.0, 0.0, 1.0)  # 0.5 = threshold
     heat = colormaps["magma"](level)[..., :3] * 255.0
-    alpha = (0.75 * level ** 2)[..., None]
+    alpha = (0.7 * np.clip((level - 0.4) / 0.3, 0.0, 1.0))[..., None]  # 0 well inside the ID range
     out = frame.astype(np.float64) * (1 - alpha) + heat * alpha
     outline = pred.mask & ~ndimage.binary_erosion(pred.mask)
     out[outline] = OUTLINE_RGB

@@ -68,6 +68,8 @@ ANOMALY_PNG_ZERO = 32768
 MAP_SPREAD_LEVELS = 16384
 #: The extra file of an exported segmentation detector (as for classifiers, :mod:`oodtune.export`).
 EXTRA_FILE = "oodtune_detector.json"
+#: Pixel scores kept (seeded sample) for the calibration histogram.
+PLOT_SAMPLE = 100_000
 #: Connected components of the mask are 8-connected.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -182,6 +184,8 @@ class SegmentationDetector:
         self.checkpoint = None if checkpoint is None else str(Path(checkpoint).resolve())
         self.weights_sha256 = weights_hash(self.net.model)
         self.calibration: PixelCalibration | None = None
+        #: a seeded sample of the last calibration's pixel scores (and of its check's), for plots; not saved
+        self.calibration_scores: tuple[np.ndarray, np.ndarray | None] | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, score: str = "energy", *, blur: bool = False,
@@ -323,12 +327,16 @@ class SegmentationDetector:
                                           [s.size for s in per_frame])
         low, high = np.quantile(scores, [0.001, 0.999])
         spread = max(threshold - float(low), float(high) - threshold, 1e-6)
+        rng = np.random.default_rng(0)
+        sample = rng.choice(scores, size=min(PLOT_SAMPLE, scores.size), replace=False)
         del scores
-        check = None
+        check, check_sample = None, None
         if check_frames is not None:
             check_scores = self._pixel_scores(check_frames, batch_size)
             rate, std = _clustered_rate([int((s >= threshold).sum()) for s in check_scores],
                                         [s.size for s in check_scores])
+            pooled = np.concatenate(check_scores)
+            check_sample = rng.choice(pooled, size=min(PLOT_SAMPLE, pooled.size), replace=False)
             combined = math.sqrt(expected_std ** 2 + std ** 2)
             check = {"data": check_data, "n": int(sum(s.size for s in check_scores)), "frames": len(check_scores),
                      "acceptance": rate, "std": std, "z": (rate - achieved) / combined if combined > 0 else 0.0}
@@ -336,6 +344,7 @@ class SegmentationDetector:
             threshold=threshold, tpr=tpr, achieved=achieved, n=int(sum(s.size for s in per_frame)), data=data,
             held_out=held_out, expected=achieved, expected_std=expected_std, check=check, frames=len(per_frame),
             blur=self.blur, map_scale=MAP_SPREAD_LEVELS / spread)
+        self.calibration_scores = (sample, check_sample)
         return self.calibration
 
     # -- files ---------------------------------------------------------------------------------------------

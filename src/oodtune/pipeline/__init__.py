@@ -212,18 +212,18 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
 def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: Sequence[str], data_root: Root = None,
                         device: str | None = None, num_ood: int | None = None, batch_size: int = 1024,
                         positive: Positive | None = None, id_split: str = "test", blur: bool = False,
-                        id_data: str | None = None,
-                        validation: ValidationSpec | None = None) -> tuple[EvalReport, RunMeta]:
+                        id_data: str | None = None, validation: ValidationSpec | None = None,
+                        id_metrics: bool = True) -> tuple[EvalReport, RunMeta]:
     """Evaluate a checkpoint with the named scores on the named OOD sets; returns (report, meta). The ID-task
     metrics come from the ID ``id_split`` split (``val`` when choosing hyper-parameters without the test split);
     ``blur`` Gaussian-blurs segmentation score maps (kernel 7, σ 1) as PEBAL's test code can.
 
     Scores keep their papers' hyperparameters, unless ``validation`` names a validation pair (held-out ID train
     images + held-out auxiliary outliers) to choose them on (:mod:`oodtune.scores.selection`; the choices are in
-    ``report.selections``; classification only)."""
+    ``report.selections``; classification only). ``id_metrics=False`` skips segmentation's mIoU pass."""
     source = as_source(data_root)
     net, meta, task = load_task_model(checkpoint, id_data=id_data, source=source)
     report = task.evaluate(net, meta, scores, ood, source=source, device=device, num_ood=num_ood,
                            batch_size=batch_size, positive=positive, id_split=id_split, blur=blur,
-                           validation=validation)
+                           validation=validation, id_metrics=id_metrics)
     return report, meta

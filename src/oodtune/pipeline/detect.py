@@ -40,30 +40,28 @@ CALIBRATION_CHOICES = ("auto", "val", "train")
 
 
 def _validation(meta: RunMeta, source: DataSource) -> tuple[ImageSet, str]:
-    if meta.val_fraction:
+    if meta.val_fraction:  # a data root without the dataset fails here, with the root named (not re-worded below)
         val = id_parts(meta, source)[1]
         if val is not None:
             return val, (f"{meta.dataset}: validation part held out of the train split before training "
                          f"({meta.val_fraction:.0%}, seed {meta.data_seed})")
-    if meta.test_fraction:  # a folder without split folders: its "val" would be the whole folder
-        raise DataError(f"{meta.dataset} has no validation split and none was held out.")
-    return source.load(meta.dataset, "val", meta.resolution), f"{meta.dataset}: its validation split"
+    try:
+        if meta.test_fraction:  # a folder without split folders: its "val" would be the whole folder
+            raise DataError(f"{meta.dataset} has no validation split and none was held out")
+        return source.load(meta.dataset, "val", meta.resolution), f"{meta.dataset}: its validation split"
+    except DataError as exc:
+        raise DataError(
+            f"no held-out ID images to calibrate on ({exc}; data root searched: {source.root}, set with "
+            "data_root= or env OODTUNE_DATA). Fix: pretrain with --val-fraction 0.1 (held out before training, "
+            "recorded in the checkpoint), or name held-out ID images with --calibration-data folder:PATH (or "
+            "images:PATH); --calibration-data train uses training images (biased).") from None
 
 
 def calibration_set(meta: RunMeta, data: str | None, source: DataSource) -> tuple[ImageSet, str, bool]:
     """(images, description, held_out) to calibrate on; see the module docstring for ``data``."""
     choice = "auto" if data is None else data
     if choice in ("auto", "val"):
-        try:
-            ds, what = _validation(meta, source)
-        except DataError as exc:
-            if "no data found under" in str(exc) or "not found" in str(exc):
-                raise DataError(f"cannot load the held-out ID images of {meta.dataset} from the data root "
-                                f"{source.root}: {exc}") from None
-            raise DataError(
-                f"no held-out ID images to calibrate on ({exc}). Fix: pretrain with --val-fraction 0.1 (held out "
-                "before training, recorded in the checkpoint), or name held-out ID images with --calibration-data "
-                "folder:PATH (or images:PATH); --calibration-data train uses training images (biased).") from None
+        ds, what = _validation(meta, source)
         return ds, what, True
     if choice == "train":
         log.warning("calibrating on the training images the model was fitted to: their scores are optimistic, so "

@@ -15,6 +15,7 @@ Fine-tuning defaults (:data:`SEGMENTATION_FINETUNE`): PEBAL's recipe where it tr
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ ESPNET_TRAINABLE = ("conv", "classifier")
 #: Pixels kept per frame when the pretrained model's pixel energies are collected (margins).
 ENERGY_PIXELS_PER_FRAME = 2000
 PRIOR_SEED = 0
+#: ID train frames (seeded sample) whose pixel energies propose or check margins.
+MARGIN_FRAMES = 100
+log = logging.getLogger(__name__)
 
 
 def normalizer_for(meta: RunMeta) -> Normalizer:
@@ -87,12 +91,19 @@ def _state_digest(net: nn.Module) -> str:
 
 
 def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, source: DataSource,
-                       device: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass of the pretrained ``net`` over the ID train frames, each with one ``train`` object pasted (seeded):
-    (argmax counts over the K classes on pasted pixels, energies of a seeded sample of labelled ID pixels, energies
-    of every pasted pixel). Memoised per network and outlier bank."""
+                       device: str | None, frames: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass of the pretrained ``net`` over the ID train frames (``frames``: the first of a seeded shuffle;
+    None: all), each with one ``train`` object pasted (seeded): (argmax counts over the K classes on pasted pixels,
+    energies of a seeded sample of labelled ID pixels, energies of every pasted pixel). Memoised per network,
+    outlier bank and frame count."""
     def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         train = _id_set(meta, source, "train")
+        if frames is not None and frames < len(train):
+            keep = np.sort(np.random.default_rng(PRIOR_SEED).choice(len(train), size=frames, replace=False))
+            log.info("energies of the pretrained model on %d of %d ID train frames with pasted objects (seeded "
+                     "sample)", frames, len(train))
+            train = train.subset(keep)
         bank = source.objects(outliers, "train")
         rng = np.random.default_rng(PRIOR_SEED)
         images, labels = train.images.copy(), train.labels.copy()
@@ -116,7 +127,8 @@ def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, sou
                 e_in.append(torch.from_numpy(vals[keep]))
         return counts, torch.cat(e_in), torch.cat(e_out)
 
-    return source.memo(("pasted-train-pass", _state_digest(net), meta.dataset, meta.input_size, outliers), run)
+    return source.memo(("pasted-train-pass", _state_digest(net), meta.dataset, meta.input_size, outliers, frames),
+                       run)
 
 
 class SegmentationTask(Task[SegmentationModel]):
@@ -151,7 +163,7 @@ class SegmentationTask(Task[SegmentationModel]):
 
     def energies(self, net: SegmentationModel, meta: RunMeta, outliers: str, source: DataSource,
                  device: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        _, e_in, e_out = _pasted_train_pass(net, meta, outliers, source, device)
+        _, e_in, e_out = _pasted_train_pass(net, meta, outliers, source, device, MARGIN_FRAMES)
         return e_in, e_out
 
     def train(self, net: SegmentationModel, meta: RunMeta, loss: CompositeLoss, config: TrainConfig, *,
@@ -172,7 +184,7 @@ class SegmentationTask(Task[SegmentationModel]):
     def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
                  positive: Positive | None, id_split: str = "test", blur: bool = False,
-                 validation: ValidationSpec | None = None) -> EvalReport:
+                 validation: ValidationSpec | None = None, id_metrics: bool = True) -> EvalReport:
         if validation is not None:
             raise ConfigError("choosing score hyperparameters on a validation pair (--select-on) is implemented for "
                               "classification checkpoints only; segmentation scores keep their papers' values. "
@@ -181,8 +193,8 @@ class SegmentationTask(Task[SegmentationModel]):
         height = _input_size(meta)[1]
         sets = {name: source.segmentation(name, "test", height=height, num_images=num_ood) for name in ood}
         return evaluate_segmentation(net, normalizer_for(meta), _id_set(meta, source, id_split), sets,
-                                     built, device=device,
-                                     batch_size=min(batch_size, 8), positive=positive, blur=blur)
+                                     built, device=device, batch_size=min(batch_size, 8), positive=positive,
+                                     blur=blur, id_metrics=id_metrics)
 
 
 register_task(SegmentationTask())
@@ -258,11 +270,11 @@ def id_test_miou(checkpoint: str | Path, *, data_root: DataSource | str | Path |
 
 
 def anomaly_examples(checkpoint: str | Path, dataset: str, count: int = 4, *,
-                     data_root: DataSource | str | Path | None = None, device: str | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(frames (n, H, W, 3), labels (n, H, W), energy maps E = -logsumexp over the K classes (n, H, W)) of ``count``
-    frames spread evenly over the anomaly set ``dataset`` (its first and last included), under ``checkpoint``
-    (for the before/after figures)."""
+                     data_root: DataSource | str | Path | None = None, device: str | None = None,
+                     score: str = "energy") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(frames (n, H, W, 3), labels (n, H, W), per-pixel ``score`` maps, higher = more in-distribution (n, H, W))
+    of ``count`` frames spread evenly over the anomaly set ``dataset`` (its first and last included), under
+    ``checkpoint`` (for the anomaly-map figures)."""
     from . import load_task_model
 
     if count < 1:
@@ -270,6 +282,7 @@ def anomaly_examples(checkpoint: str | Path, dataset: str, count: int = 4, *,
     net, meta, _ = load_task_model(checkpoint)
     data = as_source(data_root).segmentation(dataset, "test", height=_input_size(meta)[1])
     subset = data.subset(np.unique(np.linspace(0, len(data) - 1, count).round().astype(int)))
-    maps = [-score_map(build_score("energy"), logits, meta.num_classes).cpu().numpy()
+    fn = build_score(score)
+    maps = [score_map(fn, logits, meta.num_classes).cpu().numpy()
             for logits, _ in forward_maps(net, subset, normalizer_for(meta), device=device)]
     return subset.images, subset.labels, np.concatenate(maps)

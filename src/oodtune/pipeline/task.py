@@ -96,11 +96,13 @@ class Task(ABC, Generic[Net]):
     def evaluate(self, net: Net, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
                  positive: Positive | None, id_split: str = "test", blur: bool = False,
-                 validation: ValidationSpec | None = None) -> EvalReport:
+                 validation: ValidationSpec | None = None, id_metrics: bool = True) -> EvalReport:
         """ID-task metrics on the ID ``id_split`` split (the test split; ``val`` when choosing hyper-parameters)
         and detection metrics of each score on each OOD set (``blur``: Gaussian-blurred pixel score maps, for
         pixel-wise tasks); with ``validation``, each score's hyperparameters are first chosen on that validation
-        pair (a task that does not implement selection refuses it with a ConfigError)."""
+        pair (a task that does not implement selection refuses it with a ConfigError). ``id_metrics=False`` lets a
+        task skip ID-task metrics that cost a pass of their own (segmentation's mIoU); classification's accuracy
+        comes with the ID scores and is always reported."""
 
 
 TASK_REGISTRY: dict[str, Task[Any]] = {}
