@@ -50,7 +50,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodtune.pixel_detector import SegmentationDetector, load_exported_segmenter
+from oodtune.export import load_exported
+from oodtune.pixel_detector import SegmentationDetector
 
 out = Path(sys.argv[1])
 rows = [json.loads(line) for line in (out / "maps" / "predictions.jsonl").read_text().splitlines()]
@@ -60,7 +61,7 @@ for r in rows:
     print(f"  {Path(r['path']).name:22s} {100 * r['anomalous_share']:5.1f}% anomalous pixels, "
           f"{r['components']:3d} components (largest {max(r['component_pixels'], default=0)} px), mostly {top}")
 det = SegmentationDetector.load(out / "detector.json", out / "seg.pt", device="cpu")
-program, _ = load_exported_segmenter(out / "detector.pt2")
+program, _ = load_exported(out / "detector.pt2")
 frames = det.frames([r["path"] for r in rows])
 python = det.predict(frames)
 with torch.no_grad():

@@ -20,9 +20,10 @@ from helpers_cli import fails, ok
 from oodtune import pipeline
 from oodtune.data import load_segmentation
 from oodtune.errors import CheckpointError, ConfigError
+from oodtune.export import load_exported
 from oodtune.map_files import anomaly_png
 from oodtune.models import load_model
-from oodtune.pixel_detector import ANOMALY_PNG_ZERO, SegmentationDetector, load_exported_segmenter
+from oodtune.pixel_detector import ANOMALY_PNG_ZERO, SegmentationDetector
 
 
 def _spread_weights(path: Path) -> Path:
@@ -163,8 +164,8 @@ def test_predict_streams_its_inputs(seg: dict[str, Any]) -> None:
 def test_exported_program_equals_the_python_path(seg: dict[str, Any]) -> None:
     det = pipeline.calibrate(seg["ckpt"], tpr=0.9, data_root=seg["root"], device="cpu", check=False)
     path = det.export(seg["tmp"] / "det.pt2")
-    program, record = load_exported_segmenter(path)
-    assert record["threshold" if "threshold" in record else "calibration"] and record["outputs"][0] == "class_map"
+    program, record = load_exported(path)
+    assert record["task"] == "segmentation" and record["outputs"] == ["class_map", "anomaly", "mask"]
     camvid = load_segmentation("camvid", seg["root"], "test", size=(32, 24)).images
     road = np.stack(det.frames([str(p) for p in sorted((seg["root"] / "RoadAnomaly_jpg" / "frames").glob("*.jpg"))]))
     for frames in (camvid, road):  # the model's own size, and another aspect ratio
@@ -181,7 +182,8 @@ def test_exported_program_equals_the_python_path(seg: dict[str, Any]) -> None:
 def test_detectors_stay_with_their_model_and_task(seg: dict[str, Any]) -> None:
     det = pipeline.calibrate(seg["ckpt"], tpr=0.9, data_root=seg["root"], device="cpu", check=False)
     det.save(seg["tmp"] / "det.json")
-    other = pipeline.import_segmenter(_spread_weights(write_espnet_weights(seg["tmp"] / "other.pth", seed=1)), seg["tmp"] / "o.pt",
+    weights = _spread_weights(write_espnet_weights(seg["tmp"] / "other.pth", seed=1))
+    other = pipeline.import_segmenter(weights, seg["tmp"] / "o.pt",
                                       arch="espnet-camvid", dataset="camvid", data_root=seg["root"])
     with pytest.raises(CheckpointError, match="other weights"):
         SegmentationDetector.load(seg["tmp"] / "det.json", other)

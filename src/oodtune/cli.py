@@ -11,13 +11,13 @@ and keeps its traceback.
 from __future__ import annotations
 
 import functools
-from collections import Counter
 import logging
 import os
 import re
 import shlex
 import sys
 import tomllib
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

@@ -315,7 +315,8 @@ class Detector:
             write_atomic(stats, lambda fh: torch.save(tensors, fh))
         record = {
             "format": DETECTOR_FORMAT, "version": DETECTOR_VERSION, "oodtune_version": __version__,
-            "task": "classification", "checkpoint": self.checkpoint, "weights_sha256": self.weights_sha256, "classes": list(self.classes),
+            "task": "classification", "checkpoint": self.checkpoint, "weights_sha256": self.weights_sha256,
+            "classes": list(self.classes),
             "mean": list(self.normalizer.mean), "std": list(self.normalizer.std), "resolution": self.resolution,
             "head": self.head, "score": self.score_name, "score_state": plain,
             "statistics": None if stats is None else stats.name, "fit_source": self.fit_source, "rule": RULE,

@@ -88,7 +88,8 @@ def export_detector(det: Detector, path: str | os.PathLike, *, overwrite: bool =
 
 
 def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """(the callable program, its detector record) of a file written by :func:`export_detector`."""
+    """(the callable program, its detector record) of a file written by :func:`export_detector` or
+    :meth:`oodtune.pixel_detector.SegmentationDetector.export`."""
     extra = {EXTRA_FILE: ""}
     program = torch.export.load(str(path), extra_files=extra).module()
     if not extra[EXTRA_FILE]:

@@ -58,7 +58,7 @@ from .runtime import resolve_device
 from .scores import PIXEL_SCORE_NAMES, LogitScore, build_score
 
 __all__ = ["ANOMALY_PNG_ZERO", "PIXEL_RULE", "FramePrediction", "PixelCalibration", "SegmentationDetector",
-           "SegmentationProgram", "frame_summary", "load_exported_segmenter"]
+           "SegmentationProgram", "frame_summary"]
 
 PIXEL_RULE = ("anomaly = threshold - score; a pixel is anomalous when anomaly > 0, i.e. score < threshold "
               "(score: higher = more in-distribution)")
@@ -66,7 +66,7 @@ PIXEL_RULE = ("anomaly = threshold - score; a pixel is anomalous when anomaly > 
 ANOMALY_PNG_ZERO = 32768
 #: Share of the 16-bit range on either side of the threshold that the calibration pixels' central 99.8 % fill.
 MAP_SPREAD_LEVELS = 16384
-#: The extra file of an exported segmentation detector (as for classifiers, :mod:`oodtune.export`).
+#: The extra file of an exported detector (as for classifiers; :func:`oodtune.export.load_exported` reads both).
 EXTRA_FILE = "oodtune_detector.json"
 #: Pixel scores kept (seeded sample) for the calibration histogram.
 PLOT_SAMPLE = 100_000
@@ -222,7 +222,8 @@ class SegmentationDetector:
         if threshold is None:
             threshold = 0.0 if self.calibration is None else self.calibration.threshold
         score = build_score(self.score_name)
-        assert isinstance(score, LogitScore)
+        if not isinstance(score, LogitScore):  # pragma: no cover - PIXEL_SCORE_NAMES are logit scores
+            raise ConfigError(f"score {self.score_name!r} is not a pixel score.")
         return SegmentationProgram(self.net, score, mean=self.mean, std=self.std, bgr=self.bgr, blur=self.blur,
                                    threshold=threshold).to(self.device).eval()
 
@@ -396,7 +397,8 @@ class SegmentationDetector:
         """Write the calibrated detector as a ``torch.export`` program (``.pt2``): uint8 (N, H, W, 3) RGB frames at
         the model's input height in (:mod:`oodtune.data.frames`; batch size dynamic, and the width too -- any
         multiple of 8 -- when the network exports so, else the trained width), (class map, anomaly map, mask) out;
-        the record rides along as the extra file ``EXTRA_FILE``."""
+        the record rides along as the extra file ``EXTRA_FILE`` (:func:`oodtune.export.load_exported` returns
+        both)."""
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) or choose another output path.")
@@ -427,11 +429,3 @@ class SegmentationDetector:
         extra = {EXTRA_FILE: json.dumps(record, indent=2)}
         return write_atomic(path, lambda fh: torch.export.save(exported, fh, extra_files=extra))
 
-
-def load_exported_segmenter(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """(the callable program, its detector record) of a file written by :meth:`SegmentationDetector.export`."""
-    extra = {EXTRA_FILE: ""}
-    program = torch.export.load(str(path), extra_files=extra).module()
-    if not extra[EXTRA_FILE]:
-        raise ConfigError(f"{path} is an exported program but not an oodtune detector (no {EXTRA_FILE}).")
-    return program, json.loads(extra[EXTRA_FILE])

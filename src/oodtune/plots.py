@@ -87,7 +87,7 @@ def _save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     return out
 
 
-def _histogram_figure(path: str | Path, panels: list[tuple[str, Any, Mapping[str, Any]]], *, xlabel: str,
+def _histogram_figure(path: str | Path, panels: Sequence[tuple[str, Any, Mapping[str, Any]]], *, xlabel: str,
                       title: str, aurocs: Mapping[str, float] | None = None, note: str = "") -> Path:
     """One panel per (label, ID values, {OOD set: values}) of a score (higher = more in-distribution); all panels
     share bins and both axes. The legend's AUROC of a set is ``aurocs[set]`` (%) when given (the table's number,
@@ -123,7 +123,7 @@ def plot_energy_histograms(path: str | Path, id_energy: Any, ood_energies: Mappi
     convention of every oodtune plot and score), ID (black) vs each OOD set (one colour each, AUROC in the legend);
     with ``before=(id_energy, ood_energies)`` of the model before fine-tuning, two panels "before" | "after" on
     the same bins and axes (the sparsity paper's Figure 1). Returns the path."""
-    def negated(id_e: Any, ood_e: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def negated(id_e: Any, ood_e: Mapping[str, Any]) -> tuple[Any, Mapping[str, Any]]:
         return -_finite(id_e, "id_energy"), {n: -_finite(v, f"ood_energies[{n!r}]") for n, v in ood_e.items()}
 
     panels = [("before fine-tuning", *negated(*before)), ("after fine-tuning", *negated(id_energy, ood_energies))] \
@@ -263,10 +263,9 @@ def plot_anomaly_maps(path: str | Path, frames: Any, labels: Any, maps: Mapping[
         hi = max(float(a[i].max()) for a in arrays.values())
         axes[i][0].imshow(imgs[i])
         axes[i][1].imshow(gt[i])
-        shown = None
-        for ax, a in zip(axes[i][2:], arrays.values(), strict=True):
-            shown = ax.imshow(a[i], cmap="magma_r", vmin=lo, vmax=hi)
-        fig.colorbar(shown, ax=list(axes[i][2:]), shrink=0.9, label=f"{score_label(score)}\n({HIGHER_IS_ID})")
+        shown = [ax.imshow(a[i], cmap="magma_r", vmin=lo, vmax=hi)
+                 for ax, a in zip(axes[i][2:], arrays.values(), strict=True)]
+        fig.colorbar(shown[0], ax=list(axes[i][2:]), shrink=0.9, label=f"{score_label(score)}\n({HIGHER_IS_ID})")
         for ax in axes[i]:
             ax.set_axis_off()
     for ax, name in zip(axes[0], ["image", "ground truth (red = anomaly)", *arrays], strict=True):

@@ -131,7 +131,7 @@ def _archive_members(path: Path, skipped: Counter[str] | None = None) -> Iterato
 
 def _other_files(folder: Path) -> Iterator[str]:
     """Names of the visible regular files under ``folder`` that are not images (what :func:`scan_images` skips)."""
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+    for _, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         yield from (f for f in filenames if not f.startswith(".") and not is_image_file(f))
 

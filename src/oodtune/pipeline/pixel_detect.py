@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import SegmentationSet
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..map_files import frame_files, write_frame_files
 from ..models import RunMeta, read_meta
 from ..pixel_detector import SegmentationDetector, frame_summary
@@ -30,7 +30,8 @@ SEGMENTATION_CALIBRATION_CHOICES = ("auto", "val", "train")
 
 
 def _frames(meta: RunMeta, source: DataSource, split: str) -> SegmentationSet:
-    assert meta.input_size is not None  # a segmentation checkpoint records it
+    if meta.input_size is None:
+        raise CheckpointError("a segmentation checkpoint must record its input_size; re-import the model.")
     return source.segmentation(meta.dataset, split, size=(meta.input_size[0], meta.input_size[1]))
 
 
@@ -83,8 +84,8 @@ def predict_frames(checkpoint: str | Path, inputs: Sequence[str], *, detector: s
                           f"only for such maps: drop --{'no-' if not blur else ''}blur, or calibrate a detector "
                           f"{'with' if blur else 'without'} --blur.")
     out = Path(out)
-    empty = {k: None for k in ("width", "height", "anomalous_share", "components", "component_pixels",
-                               "max_anomaly", "class_pixels", *frame_files(out, 0, "x", map_format))}
+    empty = dict.fromkeys(("width", "height", "anomalous_share", "components", "component_pixels", "max_anomaly",
+                           "class_pixels", *frame_files(out, 0, "x", map_format)))
     for index, (item, pred) in enumerate(det.predict_files(inputs, batch_size=batch_size, skipped=skipped)):
         if pred is None or item.pixels is None:
             yield {"path": item.name, **empty, "threshold": cal.threshold, "error": item.error}
