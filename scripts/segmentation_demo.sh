@@ -50,8 +50,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodtune.export import load_exported
-from oodtune.pixel_detector import SegmentationDetector
+from oodtune.deploy.export import load_exported
+from oodtune.deploy.pixel_detector import SegmentationDetector
 
 out = Path(sys.argv[1])
 rows = [json.loads(line) for line in (out / "maps" / "predictions.jsonl").read_text().splitlines()]

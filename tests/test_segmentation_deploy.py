@@ -19,11 +19,11 @@ from fixtures_segmentation import write_espnet_weights, write_segmentation_root
 from helpers_cli import fails, ok
 from oodtune import pipeline
 from oodtune.data import load_segmentation
+from oodtune.deploy.export import load_exported
+from oodtune.deploy.map_files import anomaly_png
+from oodtune.deploy.pixel_detector import ANOMALY_PNG_ZERO, SegmentationDetector
 from oodtune.errors import CheckpointError, ConfigError
-from oodtune.export import load_exported
-from oodtune.map_files import anomaly_png
 from oodtune.models import load_model
-from oodtune.pixel_detector import ANOMALY_PNG_ZERO, SegmentationDetector
 
 
 def _spread_weights(path: Path) -> Path:
@@ -93,6 +93,7 @@ def _frames_folder(seg: dict[str, Any]) -> Path:
     return folder
 
 
+@pytest.mark.e2e
 def test_cli_calibrate_and_predict_write_maps(seg: dict[str, Any]) -> None:
     det_path, maps = seg["tmp"] / "det.json", seg["tmp"] / "maps"
     res = ok("calibrate", seg["ckpt"], "--data-root", seg["root"], "--device", "cpu", "--tpr", "0.9", "--out",
@@ -187,13 +188,14 @@ def test_detectors_stay_with_their_model_and_task(seg: dict[str, Any]) -> None:
                                       arch="espnet-camvid", dataset="camvid", data_root=seg["root"])
     with pytest.raises(CheckpointError, match="other weights"):
         SegmentationDetector.load(seg["tmp"] / "det.json", other)
-    from oodtune.detector import Detector
+    from oodtune.deploy.detector import Detector
 
     with pytest.raises(ConfigError, match="segmentation checkpoint"):
         Detector.load(seg["tmp"] / "det.json", seg["ckpt"])
     fails("predict", seg["ckpt"], seg["root"], "--detector", seg["tmp"] / "det.json", match="give --out FOLDER")
 
 
+@pytest.mark.e2e
 def test_evaluate_plots_score_maps_and_can_skip_the_miou(seg: dict[str, Any]) -> None:
     prefix = seg["tmp"] / "fig"
     args = ("evaluate", seg["ckpt"], "--ood", "road-anomaly", "--score", "energy", "--data-root", seg["root"],

@@ -23,10 +23,10 @@ from typing import Any
 
 from ..data import ImageSet
 from ..data.registry import canonical_name, resolve_dataset
-from ..detector import Detector
+from ..deploy.detector import Detector
+from ..deploy.pixel_detector import SegmentationDetector
 from ..errors import ConfigError, DataError
 from ..models import RunMeta, load_feature_model, read_meta
-from ..pixel_detector import SegmentationDetector
 from .classification import id_parts, id_test_set, id_train_set
 from .pixel_detect import calibrate_segmenter
 from .source import DataSource, as_source, with_id_data

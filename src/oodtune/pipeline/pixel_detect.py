@@ -1,5 +1,5 @@
 """Detector steps for segmenters: calibrate a pixel threshold on held-out ID frames, predict anomaly maps for a
-user's frames (:mod:`oodtune.pixel_detector`).
+user's frames (:mod:`oodtune.deploy.pixel_detector`).
 
 Which ID frames set the threshold (``data``): ``auto`` / ``val`` = the validation split of the checkpoint's ID
 data set (CamVid's 101 ``val`` frames; void pixels ignored); ``train`` = its training frames (accepted with a
@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..data import SegmentationSet
+from ..deploy.map_files import frame_files, write_frame_files
+from ..deploy.pixel_detector import SegmentationDetector, frame_summary
 from ..errors import CheckpointError, ConfigError
-from ..map_files import frame_files, write_frame_files
 from ..models import RunMeta, read_meta
-from ..pixel_detector import SegmentationDetector, frame_summary
 from .source import DataSource, as_source, with_id_data
 
 __all__ = ["SEGMENTATION_CALIBRATION_CHOICES", "calibrate_segmenter", "predict_frames"]
@@ -74,7 +74,7 @@ def calibrate_segmenter(checkpoint: str | Path, *, score: str = "energy", tpr: f
 def predict_frames(checkpoint: str | Path, inputs: Sequence[str], *, detector: str | Path, out: str | Path,
                    device: str | None = None, batch_size: int = 8, blur: bool | None = None,
                    map_format: str = "png", skipped: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
-    """For every input frame: its anomaly map, mask and overlay written under ``out`` (:mod:`oodtune.map_files`)
+    """For every input frame: its anomaly map, mask and overlay written under ``out`` (:mod:`oodtune.deploy.map_files`)
     and one row (path, size, anomalous_share, components, component_pixels, max_anomaly, class_pixels,
     threshold, the written files, error). ``blur`` must match the detector's (None: the detector's)."""
     det = SegmentationDetector.load(detector, checkpoint, device=device)

@@ -1,4 +1,4 @@
-"""The files ``oodtune predict`` writes for each frame of a segmenter (:mod:`oodtune.pixel_detector`), named
+"""The files ``oodtune predict`` writes for each frame of a segmenter (:mod:`oodtune.deploy.pixel_detector`), named
 ``NNNNNN-STEM`` after the frame's position in the input order and its file name (so names never collide):
 
 * ``NNNNNN-STEM.anomaly.png`` -- the anomaly map a = threshold - score as a 16-bit greyscale PNG, value
@@ -24,8 +24,8 @@ from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage
 
-from .atomic import write_atomic
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..utils.atomic import write_atomic
 from .pixel_detector import ANOMALY_PNG_ZERO, FramePrediction
 
 __all__ = ["MAP_FORMATS", "anomaly_png", "frame_files", "overlay", "write_frame_files"]

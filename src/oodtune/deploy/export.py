@@ -1,4 +1,4 @@
-"""A calibrated :class:`~oodtune.detector.Detector` as one self-contained file that a service loads with PyTorch
+"""A calibrated :class:`~oodtune.deploy.Detector` as one self-contained file that a service loads with PyTorch
 alone -- no oodtune, no training code -- through ``torch.export``:
 
     program = torch.export.load("detector.pt2").module()
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import write_atomic
+from ..errors import ConfigError, ModelError
+from ..utils.atomic import write_atomic
 from .detector import RULE, Detector
-from .errors import ConfigError, ModelError
 
 __all__ = ["EXTRA_FILE", "export_detector", "load_exported"]
 
@@ -89,7 +89,7 @@ def export_detector(det: Detector, path: str | os.PathLike, *, overwrite: bool =
 
 def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """(the callable program, its detector record) of a file written by :func:`export_detector` or
-    :meth:`oodtune.pixel_detector.SegmentationDetector.export`."""
+    :meth:`oodtune.deploy.pixel_detector.SegmentationDetector.export`."""
     extra = {EXTRA_FILE: ""}
     program = torch.export.load(str(path), extra_files=extra).module()
     if not extra[EXTRA_FILE]:

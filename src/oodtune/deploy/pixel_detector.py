@@ -23,7 +23,7 @@ z-score against the expectation (combined standard errors), as the classifier's 
 **Outputs** are computed by one module, :class:`SegmentationProgram` (uint8 frames in; class map, anomaly map,
 mask out), which the Python path runs eagerly and :meth:`SegmentationDetector.export` captures with
 ``torch.export``, so both give the same maps. A detector is saved as the same JSON record as the classifier's
-(:mod:`oodtune.detector`), with ``task: segmentation``, and applies only to the weights it was calibrated on.
+(:mod:`oodtune.deploy.detector`), with ``task: segmentation``, and applies only to the weights it was calibrated on.
 """
 
 from __future__ import annotations
@@ -43,19 +43,19 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from . import __version__
-from .atomic import write_atomic, write_text_atomic
-from .data.frames import decode_frame, frame_batches
-from .data.inputs import DecodedInput
-from .data.segmentation import SegmentationSet, anomaly_size
-from .detector import DETECTOR_FORMAT, DETECTOR_VERSION, Calibration, Detector, weights_hash
-from .errors import CheckpointError, ConfigError, DataError, ModelError
-from .metrics import threshold_at_tpr
-from .models import SegmentationModel, load_model
-from .pixel_losses import gaussian_blur
-from .progress import format_rate, progress_bar
-from .runtime import resolve_device
-from .scores import PIXEL_SCORE_NAMES, LogitScore, build_score
+from .. import __version__
+from ..data.frames import decode_frame, frame_batches
+from ..data.inputs import DecodedInput
+from ..data.segmentation import SegmentationSet, anomaly_size
+from ..errors import CheckpointError, ConfigError, DataError, ModelError
+from ..functional import gaussian_blur
+from ..metrics import threshold_at_tpr
+from ..models import SegmentationModel, load_model, weights_hash
+from ..scores import PIXEL_SCORE_NAMES, LogitScore, build_score
+from ..utils.atomic import write_atomic, write_text_atomic
+from ..utils.progress import format_rate, progress_bar
+from ..utils.runtime import resolve_device
+from .detector import DETECTOR_FORMAT, DETECTOR_VERSION, Calibration, Detector
 
 __all__ = ["ANOMALY_PNG_ZERO", "PIXEL_RULE", "FramePrediction", "PixelCalibration", "SegmentationDetector",
            "SegmentationProgram", "frame_summary"]
@@ -66,7 +66,7 @@ PIXEL_RULE = ("anomaly = threshold - score; a pixel is anomalous when anomaly > 
 ANOMALY_PNG_ZERO = 32768
 #: Share of the 16-bit range on either side of the threshold that the calibration pixels' central 99.8 % fill.
 MAP_SPREAD_LEVELS = 16384
-#: The extra file of an exported detector (as for classifiers; :func:`oodtune.export.load_exported` reads both).
+#: The extra file of an exported detector (as for classifiers; :func:`oodtune.deploy.export.load_exported` reads both).
 EXTRA_FILE = "oodtune_detector.json"
 #: Pixel scores kept (seeded sample) for the calibration histogram.
 PLOT_SAMPLE = 100_000
@@ -76,7 +76,7 @@ EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 @dataclass(frozen=True)
 class PixelCalibration(Calibration):
-    """How a pixel threshold was set: :class:`~oodtune.detector.Calibration` with ``n`` = calibration pixels,
+    """How a pixel threshold was set: :class:`~oodtune.deploy.detector.Calibration` with ``n`` = calibration pixels,
     ``expected`` = ``achieved`` and ``expected_std`` = the frame-clustered standard error (module docstring), plus
     the frames, the blur and the 16-bit scaling of anomaly maps."""
 
@@ -397,7 +397,7 @@ class SegmentationDetector:
         """Write the calibrated detector as a ``torch.export`` program (``.pt2``): uint8 (N, H, W, 3) RGB frames at
         the model's input height in (:mod:`oodtune.data.frames`; batch size dynamic, and the width too -- any
         multiple of 8 -- when the network exports so, else the trained width), (class map, anomaly map, mask) out;
-        the record rides along as the extra file ``EXTRA_FILE`` (:func:`oodtune.export.load_exported` returns
+        the record rides along as the extra file ``EXTRA_FILE`` (:func:`oodtune.deploy.export.load_exported` returns
         both)."""
         path = Path(path)
         if path.exists() and not overwrite:
