@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +45,15 @@ from ..models import (
     weights_hash,
 )
 from ..scores import PIXEL_SCORE_NAMES, Score, build_score, score_map
-from ..training.config import TrainConfig
+from ..training.config import SEGMENTATION_FINETUNE, TrainConfig
 from ..training.segmentation import SegmentationTrainer
 from ..training.trainer import FINAL
 from .source import DataSource, as_source
 from .task import Task, ValidationSpec, normalizer_for, register_task
 
-__all__ = ["SEGMENTATION_FINETUNE", "SegmentationTask", "anomaly_examples", "id_test_miou", "import_segmenter"]
+__all__ = ["SEGMENTATION_FINETUNE", "SegmentationEvaluation", "SegmentationTask", "anomaly_examples", "id_test_miou",
+           "import_segmenter"]
 
-#: PEBAL's fine-tuning recipe, as far as it transfers (module docstring).
-SEGMENTATION_FINETUNE = TrainConfig(epochs=40, lr=1e-5, batch_size=8, outlier_batch_size=1, weight_decay=0.0)
 #: ImageNet statistics: the normalisation of a user segmenter when none is given.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 #: The last decoder block of the built-in ESPNets: the 3x3 fusion CBR and the final 2x transposed convolution.
@@ -115,7 +115,16 @@ def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, sou
                        run)
 
 
-class SegmentationTask(Task[SegmentationModel]):
+@dataclass(frozen=True)
+class SegmentationEvaluation:
+    """The segmentation task's evaluation options: ``blur`` Gaussian-blurs the per-pixel score maps (kernel 7, σ 1)
+    before the metrics, as PEBAL's test code can; ``id_metrics=False`` skips the mIoU pass over the ID test frames."""
+
+    blur: bool = False
+    id_metrics: bool = True  # False: no mIoU pass over the ID test frames
+
+
+class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
     """Frames in, per-pixel logits out; scores and metrics per pixel (see the module docstring)."""
 
     name = "segmentation"
@@ -165,20 +174,25 @@ class SegmentationTask(Task[SegmentationModel]):
                               f"{', '.join(PIXEL_SCORE_NAMES)}.")
         return [build_score(s) for s in names]
 
-    def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
-                 source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None, id_split: str = "test", blur: bool = False,
-                 validation: ValidationSpec | None = None, id_metrics: bool = True) -> EvalReport:
+    def evaluation_options(self, *, blur: bool = False,
+                           validation: ValidationSpec | None = None,
+                           id_metrics: bool = True) -> SegmentationEvaluation:
         if validation is not None:
             raise ConfigError("choosing score hyperparameters on a validation pair (--select-on) is implemented for "
                               "classification checkpoints only; segmentation scores keep their papers' values. "
                               "Evaluate without it (drop --select-on).")
+        return SegmentationEvaluation(blur=blur, id_metrics=id_metrics)
+
+    def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
+                 source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
+                 positive: Positive | None, options: SegmentationEvaluation,
+                 id_split: str = "test") -> EvalReport:
         built = self.build_scores(meta, scores)
         height = _input_size(meta)[1]
         sets = {name: source.segmentation(name, "test", height=height, num_images=num_ood) for name in ood}
         return evaluate_segmentation(net, normalizer_for(meta), _id_set(meta, source, id_split), sets,
                                      built, device=device, batch_size=min(batch_size, 8), positive=positive,
-                                     blur=blur, id_metrics=id_metrics)
+                                     blur=options.blur, id_metrics=options.id_metrics)
 
 
 register_task(SegmentationTask())
