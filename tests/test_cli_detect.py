@@ -79,6 +79,19 @@ def test_calibration_data_choices(env, with_val):
     fails("calibrate", without_val, "--data-root", root, "--out", tmp / "y.json", match="--val-fraction", code=1)
     fails("calibrate", with_val, "--data-root", root, "--tpr", "0.99", "--out", tmp / "z.json",
           match="at least 1000", code=1)
+    empty = tmp / "empty-root"
+    empty.mkdir()
+    res = fails("calibrate", with_val, "--data-root", empty, "--out", tmp / "w.json", match=f"under {empty}", code=1)
+    assert "--data-root" in res.output and "OODTUNE_DATA" in res.output and "--val-fraction" not in res.output
+    res = fails("calibrate", without_val, "--data-root", root, "--out", tmp / "y.json", match=f"searched: {root}")
+    assert "set it with --data-root or env OODTUNE_DATA" in res.output
+
+
+def test_calibrate_draws_the_threshold_on_the_histogram(env, with_val):
+    plot = env["tmp"] / "calibration.png"
+    ok("calibrate", with_val, "--data-root", env["root"], "--device", "cpu", "--tpr", "0.8", "--out",
+       env["tmp"] / "d-plot.json", "--plot", plot)
+    assert plot.stat().st_size > 0
 
 
 def test_predict_files_and_refuse_foreign_detector(env, detector, with_val):
@@ -92,21 +105,39 @@ def test_predict_files_and_refuse_foreign_detector(env, detector, with_val):
     assert "5 input(s)" in res.output and "2 unreadable" in res.output
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["path", "predicted_class", "confidence", "score", "is_ood", "error"]
+    assert list(rows[0]) == ["path", "predicted_class", "confidence", "score", "margin", "is_ood", "error"]
+    threshold = json.loads(detector.read_text())["calibration"]["threshold"]
+    for r in rows[:3]:  # margin = score - threshold, negative exactly when flagged
+        assert float(r["margin"]) == pytest.approx(float(r["score"]) - threshold, abs=1e-5)
+        assert (float(r["margin"]) < 0) == (r["is_ood"] == "True")
+    assert rows[3]["margin"] == "" and rows[3]["is_ood"] == ""
     assert [Path(r["path"]).name for r in rows] == ["0.png", "1.png", "2.png", "z-broken.jpg", "nope.png"]
     assert rows[0]["is_ood"] in ("True", "False") and not rows[0]["error"] and "cannot decode" in rows[3]["error"]
     fails("predict", with_val, shots, "--detector", detector, "--out", out, match="--overwrite", code=1)
     ok("predict", with_val, shots / "0.png", "--detector", detector, "--out", tmp / "preds.jsonl")
     line = json.loads((tmp / "preds.jsonl").read_text().splitlines()[0])
-    assert set(line) == {"path", "predicted_class", "confidence", "score", "is_ood", "error"}
+    assert set(line) == {"path", "predicted_class", "confidence", "score", "margin", "is_ood", "error"}
     other = _pretrain(env, "pre-other", "--seed", "1")
     fails("predict", other, shots, "--detector", detector, match="calibrate a detector for this checkpoint", code=1)
 
 
+def test_pretrain_per_epoch_accuracy_on_a_sample_or_none(env):
+    res = ok("pretrain", "--data-root", env["root"], "--arch", "wrn-10-1", "--resolution", "16", "--out",
+             env["tmp"] / "pre-sample", "--eval-images", "30", *FAST)
+    assert "30 of 100 test images" in res.output and "--eval-images" in res.output
+    history = torch.load(env["tmp"] / "pre-sample" / "model.pt", weights_only=True)["meta"]["history"]
+    assert "test_acc" in history[0] and round(history[0]["test_acc"] * 30, 6) % 1 == 0  # a share of 30 images
+    res = ok("pretrain", "--data-root", env["root"], "--arch", "wrn-10-1", "--resolution", "16", "--out",
+             env["tmp"] / "pre-none", "--eval-images", "0", *FAST)
+    history = torch.load(env["tmp"] / "pre-none" / "model.pt", weights_only=True)["meta"]["history"]
+    assert "test_acc" not in history[0] and "no per-epoch accuracy" in res.output
+
+
 def test_finetune_auto_margins_and_evaluate_outputs(env, with_val):
     root, tmp = env["root"], env["tmp"]
-    ok("finetune", with_val, "--method", "energy-oe", "--m-in", "auto", "--m-out", "auto", "--data-root", root,
+    res = ok("finetune", with_val, "--method", "energy-oe", "--m-in", "auto", "--m-out", "auto", "--data-root", root,
        "--outlier-batch-size", "16", "--out", tmp / "eoe", *FAST)
+    assert "energies of the pretrained model on" in res.output and "(seeded samples)" in res.output
     meta = torch.load(tmp / "eoe" / "model.pt", weights_only=True)["meta"]
     margins = meta["loss_options"]
     assert isinstance(margins["m_in"], float) and margins["m_in"] < margins["m_out"]

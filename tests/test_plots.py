@@ -83,9 +83,9 @@ def figures(monkeypatch):
     kept = []
     real = plots._save
 
-    def keep(fig, path):
+    def keep(fig, path, **kw):
         kept.append(fig)
-        return real(fig, path)
+        return real(fig, path, **kw)
 
     monkeypatch.setattr(plots, "_save", keep)
     return kept
@@ -132,3 +132,51 @@ def test_prior_shows_p_and_p_gamma(tmp_path, figures):
 def test_short_names():
     assert short_name("folder:/very/long/path/set") == "folder:set"
     assert short_name("/runs/x/bal/model.pt") == "bal/model.pt" and short_name("mnist") == "mnist"
+
+
+def test_sampled_figures_show_the_tables_auroc_and_say_sampled(tmp_path, figures):
+    """A segmentation report's plotted scores are a pixel sample: legends carry the table's number (over all
+    pixels), and the figure says it is sampled, with n."""
+    from oodtune.evaluation import EvalReport
+    from oodtune.report import write_evaluation_plots
+
+    rng = np.random.default_rng(2)
+    report = EvalReport(id_metrics={}, rows=[{"score": "energy", "dataset": "road-anomaly", "auroc": 70.5}],
+                        scores={"energy": {"road-anomaly": rng.normal(0, 1, 300), "id": rng.normal(1, 1, 400)}})
+    write_evaluation_plots(tmp_path / "p", report)
+    hist, roc = figures[0], figures[1]
+    assert "road-anomaly (AUROC 70.5)" in _legend(hist.axes[0])
+    assert "energy score -E(x)" in hist.axes[0].get_xlabel() and "higher = more in-distribution" in \
+        hist.axes[0].get_xlabel()
+    assert "sampled, n = ID 400, road-anomaly 300" in hist._suptitle.get_text()
+    assert any(t.startswith("road-anomaly: energy (AUROC 70.5)") for t in _legend(roc.axes[0]))
+    assert "sampled, n = ID 400" in roc.axes[0].get_title()
+    full = EvalReport(id_metrics={}, rows=[{"score": "msp", "dataset": "svhn", "auroc": 61.0, "n_ood": 300,
+                                            "n_id": 400}],
+                      scores={"msp": {"svhn": rng.normal(0, 1, 300), "id": rng.normal(1, 1, 400)}})
+    write_evaluation_plots(tmp_path / "q", full)
+    assert "sampled" not in figures[2]._suptitle.get_text()
+
+
+def test_anomaly_maps_have_colour_bars_and_name_the_direction(tmp_path, figures):
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (2, 12, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 2, (2, 12, 16)).astype(np.uint8)
+    maps = {"before": rng.normal(0, 1, (2, 12, 16)), "after": rng.normal(0, 1, (2, 12, 16))}
+    assert_png(plots.plot_anomaly_maps(tmp_path / "m.png", frames, labels, maps, score="energy"))
+    fig = figures[0]
+    bars = [ax for ax in fig.axes if "higher = more in-distribution" in ax.get_ylabel()]
+    assert len(bars) == 2 and all("energy score -E(x)" in ax.get_ylabel() for ax in bars)  # one per frame
+    assert {ax.get_title() for ax in fig.axes} >= {"before\n(bright = anomalous)", "after\n(bright = anomalous)"}
+    with pytest.raises(plots.ConfigError, match="same n"):
+        plots.plot_anomaly_maps(tmp_path / "x.png", frames, labels, {"a": np.zeros((1, 12, 16))})
+
+
+def test_calibration_histogram_draws_the_threshold(tmp_path, figures):
+    rng = np.random.default_rng(4)
+    plots.plot_calibration(tmp_path / "c.png", rng.normal(0, 1, 500), -1.64, score="energy", tpr=0.95,
+                           check_scores=rng.normal(0, 1, 300))
+    ax = figures[0].axes[0]
+    threshold = [ln for ln in ax.get_lines() if ln.get_label().startswith("threshold")]
+    assert len(threshold) == 1 and threshold[0].get_xdata()[0] == pytest.approx(-1.64)
+    assert any("n = 300" in t for t in _legend(ax)) and "higher = more in-distribution" in ax.get_xlabel()

@@ -86,13 +86,6 @@ def test_an_id_test_set_without_labelled_pixels_is_an_error(data_env, seg_ckpt: 
     assert "nan" not in res.output.lower() and "camvid" in res.output
 
 
-@pytest.mark.e2e
-def test_calibrate_on_a_segmenter_says_it_takes_a_classifier(data_env, seg_ckpt: Path) -> None:
-    res = fails("calibrate", seg_ckpt, "--data-root", data_env["root"], "--out", data_env["tmp"] / "d.json",
-                match="segmentation checkpoint", code=1)
-    assert "classifier" in res.output and "--head" not in res.output
-
-
 def test_a_segmentation_benchmark_names_its_missing_pretrained_file(data_env, tmp_path: Path) -> None:
     write_segmentation_root(data_env["root"])
     config = tmp_path / "seg.toml"

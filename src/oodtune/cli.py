@@ -17,6 +17,7 @@ import re
 import shlex
 import sys
 import tomllib
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from .losses.prior import DEFAULT_GAMMA
 from .losses.registry import TASK_LOSSES, option_help
 from .models import ARCHITECTURES, trusted_archs
 from .models.imported import is_import_path
+from .pipeline.classification import EPOCH_EVAL_IMAGES
 from .scores import SCORE_NAMES
 from .training.config import (
     COMPILE_MODES,
@@ -52,6 +54,7 @@ OUTLIERS_HELP = "Auxiliary outlier dataset [default: tin-aux for classification,
 CLI_WORDS = [
     (re.compile(r"\boverwrite=True\b"), "--overwrite"),
     (re.compile(r"\(argument root=, or env OODTUNE_DATA\)"), "(--data-root, or env OODTUNE_DATA)"),
+    (re.compile(r"\bset with data_root= or env OODTUNE_DATA\b"), "set it with --data-root or env OODTUNE_DATA"),
     (re.compile(r"\bdata_root=(\.\.\.)?"), "--data-root"),
     (re.compile(r"\bpass download=True\b"), "pass --download"),
     (re.compile(r"\bhead_name=('\.\.\.')?"), "--head NAME"),
@@ -326,20 +329,24 @@ def datasets() -> None:
 @click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="For a folder: dataset without train/ and test/ folders: the part held out as its test set "
                    "[default: 0.2].")
+@click.option("--eval-images", type=click.IntRange(0), default=EPOCH_EVAL_IMAGES, show_default=True,
+              help="Report test (and validation) accuracy after every epoch on this many images of each (a fixed "
+                   "seeded sample; 0 = not at all; the final model's accuracy is measured by `oodtune evaluate`).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, resume).")
 @train_options(PRETRAIN, shown=True)
 def pretrain(**kw: Any) -> None:
     """Train a classifier from scratch with cross-entropy (SGD+Nesterov, cosine, crop+flip).
 
-    Test (and validation) accuracy is reported after every epoch; OUT/history.csv logs each epoch. Interrupted
-    runs resume from OUT/last.pt when started again with the same options.
+    Test (and validation) accuracy is reported after every epoch (on --eval-images of each); OUT/history.csv logs
+    each epoch. Interrupted runs resume from OUT/last.pt when started again with the same options.
     """
     from . import pipeline
 
     cfg = PRETRAIN.replace(**_train_overrides(kw))
     path = pipeline.pretrain(kw["out"], dataset=kw["dataset"], arch=kw["arch"], data_root=kw["data_root"], config=cfg,
                imbalance_ratio=kw["imbalance_ratio"], num_train=kw["num_train"], head=kw["head"],
-               resolution=kw["resolution"], val_fraction=kw["val_fraction"], test_fraction=kw["test_fraction"])
+               resolution=kw["resolution"], val_fraction=kw["val_fraction"], test_fraction=kw["test_fraction"],
+               eval_images=kw["eval_images"])
     console.print(f"saved {path}")
 
 
@@ -529,16 +536,21 @@ def finetune(**kw: Any) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT files.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="PREFIX",
               help="Also draw PREFIX-SCORE-hist.png (score histograms, ID vs each OOD set) and PREFIX-SCORE-roc.png "
-                   "(ROC per OOD set), AUROC in the legends.")
+                   "(ROC per OOD set), the table's AUROC in the legends; segmentation also PREFIX-SCORE-maps-SET.png "
+                   "(score maps of 4 frames of each anomaly set).")
 @click.option("--roc-log-fpr", is_flag=True, help="With --plot: FPR on a log axis.")
+@click.option("--id-metrics/--no-id-metrics", default=True, show_default=True,
+              help="Segmentation: compute the ID test mIoU first (a pass over every ID test frame); "
+                   "--no-id-metrics when only the anomaly metrics are wanted.")
 @id_data_option
 def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num_ood: int | None,
              positive: str | None, select_on: str | None, id_holdout: int, blur: bool, out: str | None,
-             save_scores: bool, overwrite: bool, plot: str | None, roc_log_fpr: bool, data_root: Any, device: str,
-             id_data: str | None) -> None:
+             save_scores: bool, overwrite: bool, plot: str | None, roc_log_fpr: bool, id_metrics: bool,
+             data_root: Any, device: str, id_data: str | None) -> None:
     """Accuracy + AUROC / AUPR-In / AUPR-Out / FPR95 for each score on each OOD set."""
     from . import pipeline
-    from .plots import short_name
+    from .models import read_meta
+    from .plots import plot_anomaly_maps, short_name
     from .report import (
         evaluation_paths,
         evaluation_plot_paths,
@@ -551,8 +563,10 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
 
     if save_scores and not out:
         raise click.UsageError("--save-scores writes OUT-scores.csv: give --out OUT too.")
+    segmentation = read_meta(checkpoint).task == "segmentation"
+    maps = evaluation_plot_paths(plot, scores, ood)[2 * len(scores):] if plot and segmentation else []
     planned = [*(evaluation_paths(out) if out else []), *([scores_path(out)] if out and save_scores else []),
-               *(evaluation_plot_paths(plot, scores) if plot else [])]
+               *(evaluation_plot_paths(plot, scores) if plot else []), *maps]
     existing = [str(p) for p in planned if p.exists() and not overwrite]
     if existing:  # refuse before spending the evaluation
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out/--plot.")
@@ -561,7 +575,7 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
     validation = pipeline.ValidationSpec(outliers=select_on, id_holdout=id_holdout) if select_on else None
     report, meta = pipeline.evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
                                        num_ood=num_ood, positive=positive, blur=blur,  # type: ignore[arg-type]
-                                       id_data=id_data, validation=validation)
+                                       id_data=id_data, validation=validation, id_metrics=id_metrics)
     for name, sel in report.selections.items():
         if sel["tried"]:
             click.echo(f"{name}: chose {sel['chosen']} (paper default {sel['default']}) on the validation pair")
@@ -573,6 +587,14 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
         console.print("wrote " + ", ".join(map(str, written)))
     if plot:
         paths = write_evaluation_plots(plot, report, title=short_name(str(checkpoint)), log_fpr=roc_log_fpr)
+        targets = iter(maps)
+        for score in scores if segmentation else ():
+            for dataset in ood:
+                frames, labels, smaps = pipeline.anomaly_examples(checkpoint, dataset, 4, data_root=data_root,
+                                                                  device=device, score=score)
+                paths.append(plot_anomaly_maps(next(targets), frames, labels, {short_name(str(checkpoint)): smaps},
+                                               score=score, title=f"{dataset}: {score} score maps" +
+                                               (" (before --blur)" if blur else "")))
         console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -598,17 +620,25 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
               help="Also write the detector as a torch.export program (.pt2): uint8 images in, logits, score and "
                    "is_ood out; loads with PyTorch alone.")
 @click.option("--overwrite", is_flag=True, help="Replace existing --out / --export files.")
+@click.option("--blur", is_flag=True,
+              help="Segmentation: threshold Gaussian-blurred score maps (as evaluate --blur); recorded in the "
+                   "detector, which predict then applies.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="PNG",
+              help="Also draw the histogram of the calibration scores (and the check's) with the threshold.")
 def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, check: bool, out: str,
-              export_path: str | None, overwrite: bool, data_root: Any, device: str, id_data: str | None) -> None:
+              export_path: str | None, overwrite: bool, blur: bool, plot: str | None, data_root: Any, device: str,
+              id_data: str | None) -> None:
     """Choose the OOD threshold on held-out ID images so that the fraction TPR of them is accepted.
 
     Records score, threshold, TPR reached, n, the images used and the weights' hash (a detector is never applied
-    to another checkpoint). Use it with `oodtune predict CHECKPOINT IMAGES --detector OUT`.
+    to another checkpoint). Use it with `oodtune predict CHECKPOINT IMAGES --detector OUT`. For a segmentation
+    checkpoint the threshold is per pixel: TPR of the non-void pixels of the held-out ID frames are accepted.
     """
     from . import pipeline
     from .deploy import check_exportable, export_detector
+    from .deploy.pixel_detector import PixelCalibration, SegmentationDetector
 
-    targets = [p for p in (out, export_path) if p]
+    targets = [p for p in (out, export_path, plot) if p]
     existing = [p for p in targets if Path(p).exists() and not overwrite]
     if existing:  # refuse before spending the forward passes
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another path.")
@@ -617,20 +647,36 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
     for target in targets:
         check_writable(Path(target).parent, "choose another path")
     det = pipeline.calibrate(checkpoint, score=score, tpr=tpr, data=calibration_data, data_root=data_root,
-                             device=device, id_data=id_data, check=check)
+                             device=device, id_data=id_data, check=check, blur=blur)
     cal = det.calibrated()
-    click.echo(f"score {score}: threshold {cal.threshold:.6g} (is_ood = score < threshold) accepts "
-               f"{100 * cal.achieved:.2f}% of {cal.n} calibration images [{cal.data}]")
-    click.echo(f"expected acceptance of new ID images: {100 * cal.expected:.2f}% ± {100 * cal.expected_std:.2f}%")
+    pixels = isinstance(cal, PixelCalibration)
+    unit = f"pixels of {cal.frames} frames" if isinstance(cal, PixelCalibration) else "images"
+    rule = "a pixel is anomalous when score < threshold" if pixels else "is_ood = score < threshold"
+    click.echo(f"score {score}: threshold {cal.threshold:.6g} ({rule}) accepts "
+               f"{100 * cal.achieved:.2f}% of {cal.n} calibration {unit} [{cal.data}]")
+    spread = "frame-clustered standard error" if pixels else "std"
+    click.echo(f"expected acceptance of new ID {'pixels' if pixels else 'images'}: {100 * cal.expected:.2f}% "
+               f"± {100 * cal.expected_std:.2f}% ({spread})")
     if cal.check is not None:
         c = cal.check
         verdict = "within" if abs(c["z"]) <= 2 else "OUTSIDE"
-        click.echo(f"check on {c['n']} ID test images: {100 * c['acceptance']:.2f}% ± {100 * c['std']:.2f}% accepted "
+        what = f"{c['n']} pixels of {c['frames']} ID test frames" if pixels else f"{c['n']} ID test images"
+        click.echo(f"check on {what}: {100 * c['acceptance']:.2f}% ± {100 * c['std']:.2f}% accepted "
                    f"(z = {c['z']:+.2f}: {verdict} 2 standard errors of the expectation)")
     det.save(out, overwrite=overwrite)
     console.print(f"saved {out}")
+    if plot and det.calibration_scores is not None:
+        from .plots import plot_calibration, short_name
+
+        cal_scores, check_scores = det.calibration_scores
+        drawn = plot_calibration(plot, cal_scores, cal.threshold, score=score, tpr=tpr, check_scores=check_scores,
+                                 unit="pixels (sample)" if pixels else "images",
+                                 title=f"calibration of {short_name(checkpoint)}")
+        console.print(f"saved {drawn}")
     if export_path:
-        console.print(f"saved {export_detector(det, export_path, overwrite=overwrite)}")
+        saved = det.export(export_path, overwrite=overwrite) if isinstance(det, SegmentationDetector) \
+            else export_detector(det, export_path, overwrite=overwrite)
+        console.print(f"saved {saved}")
 
 
 @main.command()
@@ -639,18 +685,26 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
 @click.argument("images", nargs=-1, required=True)
 @click.option("--detector", required=True, type=click.Path(dir_okay=False),
               help="Detector file from `oodtune calibrate` for this checkpoint.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Predictions file: CSV, or JSON Lines for a .jsonl name [default: CSV on stdout].")
+@click.option("--out", type=click.Path(), default=None,
+              help="Predictions file: CSV, or JSON Lines for a .jsonl name [default: CSV on stdout]. Segmentation: "
+                   "the folder for the maps and OUT/predictions.jsonl (required).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
               help="Override the format chosen from --out's suffix.")
-@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Images per forward pass [default: 256; segmentation: 8 frames].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file (segmentation: files in --out).")
 @click.option("--strict", is_flag=True,
               help=f"Exit with status {EXIT_SOME_FAILED} when any input could not be predicted (for pipelines).")
+@click.option("--blur/--no-blur", default=None,
+              help="Segmentation: Gaussian-blurred score maps, as evaluate --blur [default: as the detector was "
+                   "calibrated; anything else is refused].")
+@click.option("--map-format", type=click.Choice(["png", "npy"]), default="png", show_default=True,
+              help="Segmentation: anomaly maps as 16-bit PNG (scaling in the detector file) or float32 .npy.")
 def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | None, fmt: str | None,
-            batch_size: int, device: str, overwrite: bool, strict: bool) -> None:
-    """One row per image: path, predicted_class, confidence, score, is_ood, error.
+            batch_size: int | None, device: str, overwrite: bool, strict: bool, blur: bool | None,
+            map_format: str) -> None:
+    """One row per image: path, predicted_class, confidence, score, margin (score - threshold), is_ood, error.
 
     IMAGES are image files, folders (searched recursively), glob patterns (quote them: 'shots/**/*.png') and
     tar/zip archives. A file that cannot be read (corrupt, a FIFO, a name that is not UTF-8, ...) is a row with
@@ -659,6 +713,10 @@ def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | 
     CSV cells that a spreadsheet would run as a formula (text starting with = + - @, a tab or a carriage return)
     are written with a leading ' (so "=x.png" appears as "'=x.png"); JSON Lines (--format jsonl) hold the exact
     values.
+
+    A segmentation checkpoint writes, per frame, into the folder --out: the anomaly map, the binary mask, an
+    overlay JPEG, and one row of OUT/predictions.jsonl (anomalous-pixel share, connected components, predicted
+    class histogram); see docs/deploy.md.
 
     \b
     Exit status:
@@ -669,21 +727,71 @@ def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | 
       4  no input could be predicted (the error rows are still written)
     """
     from . import pipeline
+    from .data.inputs import skipped_text
+    from .models import read_meta
     from .report import write_predictions
 
-    if out and Path(out).exists() and not overwrite:
-        raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
-    rows = pipeline.predict(checkpoint, images, detector=detector, device=device, batch_size=batch_size)
-    counts = write_predictions(out, rows, fmt=fmt, overwrite=overwrite)
-    total = sum(counts.values())
-    console.print(f"{total} input(s): {counts['ood']} flagged OOD, {counts['id']} accepted as ID, "
-                  f"{counts['error']} unreadable" + (f"; wrote {out}" if out else ""))
-    if counts["error"] == total:
+    skipped: Counter[str] = Counter()
+    if read_meta(checkpoint).task == "segmentation":
+        total, failed = _predict_frames(checkpoint, images, detector, out, fmt, batch_size or 8, device, overwrite,
+                                        blur, map_format, skipped)
+    else:
+        if blur is not None:
+            raise click.UsageError("--blur/--no-blur apply to segmentation checkpoints only.")
+        if out and Path(out).is_dir():
+            raise click.ClickException(f"{out} is a folder; --out names the predictions file.")
+        if out and Path(out).exists() and not overwrite:
+            raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
+        rows = pipeline.predict(checkpoint, images, detector=detector, device=device, batch_size=batch_size or 256,
+                                skipped=skipped)
+        counts = write_predictions(out, rows, fmt=fmt, overwrite=overwrite)
+        total, failed = sum(counts.values()), counts["error"]
+        console.print(f"{total} input(s): {counts['ood']} flagged OOD, {counts['id']} accepted as ID, "
+                      f"{failed} unreadable" + (f"; wrote {out}" if out else ""))
+    if skipped:
+        console.print(skipped_text(skipped))
+    if failed == total:
         click.echo(f"Error: no input could be predicted ({total} error row(s)).", err=True)
         sys.exit(EXIT_NONE_PREDICTED)
-    if strict and counts["error"]:
-        click.echo(f"Error: {counts['error']} of {total} input(s) could not be predicted (--strict).", err=True)
+    if strict and failed:
+        click.echo(f"Error: {failed} of {total} input(s) could not be predicted (--strict).", err=True)
         sys.exit(EXIT_SOME_FAILED)
+
+
+def _predict_frames(checkpoint: str, images: tuple[str, ...], detector: str, out: str | None, fmt: str | None,
+                    batch_size: int, device: str, overwrite: bool, blur: bool | None, map_format: str,
+                    skipped: Any) -> tuple[int, int]:
+    """``predict`` for a segmentation checkpoint: maps into the folder ``out``, rows to OUT/predictions.jsonl;
+    returns (frames, unreadable frames)."""
+    from . import pipeline
+    from .report import write_predictions
+
+    if out is None:
+        raise click.UsageError("a segmentation checkpoint writes maps per frame: give --out FOLDER.")
+    if fmt == "csv":
+        raise click.UsageError("segmentation rows have nested fields (component sizes, class histogram): they are "
+                               "written as JSON Lines; drop --format csv.")
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise click.ClickException(f"{out} is a file; a segmentation checkpoint writes a folder of maps: choose "
+                                   "another --out.")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise click.ClickException(f"{out} is not empty; pass --overwrite (files of the same name are replaced) or "
+                                   "choose another --out.")
+    rows_path = folder / "predictions.jsonl"
+    tally: Counter[str] = Counter()
+
+    def counted(rows: Any) -> Any:
+        for row in rows:
+            tally["error" if row["error"] else "anomalous" if row["components"] else "clean"] += 1
+            yield row
+
+    rows = pipeline.predict_frames(checkpoint, images, detector=detector, out=folder, device=device,
+                                   batch_size=batch_size, blur=blur, map_format=map_format, skipped=skipped)
+    write_predictions(rows_path, counted(rows), fmt="jsonl", overwrite=True)
+    console.print(f"{sum(tally.values())} frame(s): {tally['anomalous']} with anomalous pixels, {tally['clean']} "
+                  f"without, {tally['error']} unreadable; wrote {rows_path} and the maps beside it")
+    return sum(tally.values()), tally["error"]
 
 
 @main.command()

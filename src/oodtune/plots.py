@@ -10,7 +10,11 @@
   P(y|o) = (1/|O|) sum_{o in O} [argmax_c f_c(o) = y] estimated by the pre-trained model, and the
   P_γ = normalise(P^γ) the loss actually uses.
 * ``plot_anomaly_maps`` — anomaly segmentation: per frame, the image | its ground truth (anomaly red, void black)
-  | the energy map before | after fine-tuning (one colour scale per frame, bright = high energy = anomalous).
+  | score maps (e.g. before | after fine-tuning; one colour scale and colour bar per frame, bright = low score =
+  anomalous).
+
+Every score axis and colour bar says its direction; energy is always drawn as the energy score -E (higher = more
+in-distribution), like every oodtune score.
 
 Colours come from the Okabe–Ito palette (distinguishable with the common colour-vision deficiencies); ID data
 is black. Legends give each OOD set's AUROC. Names that hold a path (``folder:PATH``) are shortened to their
@@ -41,6 +45,14 @@ DPI = 150
 LINESTYLES = ("--", "-", ":", "-.")
 
 EnergySets = tuple[Any, Mapping[str, Any]]
+#: How every axis names the score direction, and the energy score (one convention: -E, higher = more ID).
+HIGHER_IS_ID = "higher = more in-distribution"
+ENERGY_LABEL = "energy score -E(x)"
+
+
+def score_label(score: str) -> str:
+    """The axis name of a score: ``energy`` is the energy score -E(x); others keep their name."""
+    return ENERGY_LABEL if score == "energy" else f"{score} score"
 
 
 def short_name(name: str) -> str:
@@ -75,9 +87,11 @@ def _save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     return out
 
 
-def _histogram_figure(path: str | Path, panels: list[tuple[str, Any, Mapping[str, Any]]], *, xlabel: str,
-                      higher_is_id: bool, title: str) -> Path:
-    """One panel per (label, ID values, {OOD set: values}); all panels share bins and both axes."""
+def _histogram_figure(path: str | Path, panels: Sequence[tuple[str, Any, Mapping[str, Any]]], *, xlabel: str,
+                      title: str, aurocs: Mapping[str, float] | None = None, note: str = "") -> Path:
+    """One panel per (label, ID values, {OOD set: values}) of a score (higher = more in-distribution); all panels
+    share bins and both axes. The legend's AUROC of a set is ``aurocs[set]`` (%) when given (the table's number,
+    e.g. over all pixels while the histogram shows a sample: say so in ``note``), else computed from the values."""
     checked = []
     for label, v_id, v_ood in panels:
         if not v_ood:
@@ -92,42 +106,70 @@ def _histogram_figure(path: str | Path, panels: list[tuple[str, Any, Mapping[str
         ax.hist(v_id, bins=bins, density=True, color=ID_COLOR, alpha=0.15)
         ax.hist(v_id, bins=bins, density=True, color=ID_COLOR, histtype="step", linewidth=1.6, label="ID")
         for i, (name, v) in enumerate(v_ood.items()):
-            area = auroc(v_id, v) if higher_is_id else auroc(-v_id, -v)
+            area = aurocs[name] if aurocs and name in aurocs else 100 * auroc(v_id, v)
             ax.hist(v, bins=bins, density=True, color=_color(i), histtype="step", linewidth=1.5,
-                    label=f"{short_name(name)} (AUROC {100 * area:.1f})")
+                    label=f"{short_name(name)} (AUROC {area:.1f})")
         ax.set_xlabel(xlabel)
         ax.set_title(label)
         ax.legend(fontsize="small")
     axes[0].set_ylabel("density")
-    fig.suptitle(title)
+    fig.suptitle(f"{title}\n{note}" if note else title, fontsize="medium")
     return _save(fig, path)
 
 
 def plot_energy_histograms(path: str | Path, id_energy: Any, ood_energies: Mapping[str, Any], *,
                            title: str = "Energy distribution", before: EnergySets | None = None) -> Path:
-    """Energy histograms, ID (black) vs each OOD set (one colour each, AUROC in the legend); with
-    ``before=(id_energy, ood_energies)`` of the model before fine-tuning, two panels "before" | "after" on the
-    same bins and axes (the sparsity paper's Figure 1). Returns the path."""
-    panels = [("before fine-tuning", *before), ("after fine-tuning", id_energy, ood_energies)] if before \
-        else [("", id_energy, ood_energies)]
-    return _histogram_figure(path, panels, xlabel="energy E(x)  (lower = more in-distribution)", higher_is_id=False,
-                             title=title)
+    """Histograms of the energies E(x) given, drawn as the energy score -E(x) (higher = more in-distribution, the
+    convention of every oodtune plot and score), ID (black) vs each OOD set (one colour each, AUROC in the legend);
+    with ``before=(id_energy, ood_energies)`` of the model before fine-tuning, two panels "before" | "after" on
+    the same bins and axes (the sparsity paper's Figure 1). Returns the path."""
+    def negated(id_e: Any, ood_e: Mapping[str, Any]) -> tuple[Any, Mapping[str, Any]]:
+        return -_finite(id_e, "id_energy"), {n: -_finite(v, f"ood_energies[{n!r}]") for n, v in ood_e.items()}
+
+    panels = [("before fine-tuning", *negated(*before)), ("after fine-tuning", *negated(id_energy, ood_energies))] \
+        if before else [("", *negated(id_energy, ood_energies))]
+    return _histogram_figure(path, panels, xlabel=f"{ENERGY_LABEL}  ({HIGHER_IS_ID})", title=title)
 
 
 def plot_score_histograms(path: str | Path, id_scores: Any, ood_scores: Mapping[str, Any], *, score: str,
-                          title: str = "") -> Path:
-    """Histograms of a score (higher = more in-distribution), ID vs each OOD set, AUROC in the legend."""
-    return _histogram_figure(path, [("", id_scores, ood_scores)], xlabel=f"{score}  (higher = more in-distribution)",
-                             higher_is_id=True, title=title or f"{score} score")
+                          title: str = "", aurocs: Mapping[str, float] | None = None, note: str = "") -> Path:
+    """Histograms of a score (higher = more in-distribution), ID vs each OOD set, AUROC in the legend
+    (``aurocs``/``note``: see :func:`_histogram_figure`)."""
+    return _histogram_figure(path, [("", id_scores, ood_scores)], xlabel=f"{score_label(score)}  ({HIGHER_IS_ID})",
+                             title=title or f"{score} score", aurocs=aurocs, note=note)
+
+
+def plot_calibration(path: str | Path, scores: Any, threshold: float, *, score: str, tpr: float,
+                     check_scores: Any = None, unit: str = "images", title: str = "") -> Path:
+    """Histogram of the calibration ``scores`` (higher = more in-distribution; and of ``check_scores``, the ID
+    test set's, when given) with the threshold drawn: everything left of it is flagged. Returns the path."""
+    cal = _finite(scores, "scores")
+    sets = {f"calibration {unit} (n = {cal.size:,})": cal}
+    if check_scores is not None:
+        check = _finite(check_scores, "check_scores")
+        sets[f"ID test {unit}, the check (n = {check.size:,})"] = check
+    bins = np.histogram_bin_edges(np.concatenate([*sets.values(), [threshold]]), bins=80).tolist()
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for i, (label, values) in enumerate(sets.items()):
+        ax.hist(values, bins=bins, density=True, color=ID_COLOR if i == 0 else _color(1), alpha=0.25 if i == 0 else 1,
+                histtype="stepfilled" if i == 0 else "step", linewidth=1.5, label=label)
+    ax.axvline(threshold, color=_color(3), linewidth=1.8,
+               label=f"threshold {threshold:.4g}: accepts {100 * tpr:g}% (left of it = flagged)")
+    ax.set(xlabel=f"{score_label(score)}  ({HIGHER_IS_ID})", ylabel="density", title=title or "calibration")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
 
 
 def plot_roc_curves(path: str | Path, curves: Mapping[Any, Sequence[Any]], title: str = "ROC", *,
-                    log_fpr: bool = False) -> Path:
+                    log_fpr: bool = False, aurocs: Mapping[Any, float] | None = None, note: str = "") -> Path:
     """ROC curves, ``curves[key] = (fpr, tpr, ...)`` as ``oodtune.metrics.roc_curve`` returns them (arrays after
     the first two, e.g. thresholds, are not drawn). A key is
     a label, or a ``(model, OOD set)`` pair: then the colour marks the set and the line style the model (the
     first model dashed). The legend shows each curve's AUROC = integral of TPR d(FPR) (trapezoidal). ``log_fpr``
-    puts FPR on a log axis (the low-FPR end, where detectors are used, becomes visible). Returns the path."""
+    puts FPR on a log axis (the low-FPR end, where detectors are used, becomes visible). ``aurocs[key]`` (%)
+    replaces a curve's own area in the legend (the table's number when the curve is drawn from a sample; say so
+    in ``note``, shown under the title). Returns the path."""
     if not curves:
         raise ConfigError("curves is empty; pass {label: (fpr, tpr)} for at least one model.")
     keys = [k if isinstance(k, tuple) else (k, "") for k in curves]
@@ -142,7 +184,7 @@ def plot_roc_curves(path: str | Path, curves: Mapping[Any, Sequence[Any]], title
         f, t = _finite(fpr, f"fpr of {label!r}"), _finite(tpr, f"tpr of {label!r}")
         if f.shape != t.shape:
             raise ConfigError(f"{label!r}: fpr has {f.size} points but tpr has {t.size}; pass matching arrays.")
-        area = float(np.sum(np.diff(f) * (t[1:] + t[:-1]) / 2))
+        area = aurocs[key] / 100 if aurocs and key in aurocs else float(np.sum(np.diff(f) * (t[1:] + t[:-1]) / 2))
         smallest = min(smallest, float(f[f > 0].min()) if (f > 0).any() else 1.0)
         color = _color(sets.index(name)) if name else _color(models.index(model))
         style = LINESTYLES[models.index(model) % len(LINESTYLES)] if name and len(models) > 1 else "-"
@@ -150,7 +192,7 @@ def plot_roc_curves(path: str | Path, curves: Mapping[Any, Sequence[Any]], title
     chance = np.geomspace(smallest, 1, 50) if log_fpr else np.array([0.0, 1.0])
     ax.plot(chance, chance, color="grey", linestyle=":", linewidth=0.8, label="chance")
     ax.set(ylim=(0, 1.01), xlabel="false positive rate" + (" (log scale)" if log_fpr else ""),
-           ylabel="true positive rate", title=title)
+           ylabel="true positive rate", title=f"{title}\n{note}" if note else title)
     if log_fpr:
         ax.set_xscale("log")
         ax.set_xlim(smallest, 1)
@@ -197,31 +239,37 @@ def plot_class_prior(path: str | Path, id_counts: Sequence[float], outlier_prior
     return _save(fig, path)
 
 
-def plot_anomaly_maps(path: str | Path, frames: Any, labels: Any, before: Any, after: Any, *,
+def plot_anomaly_maps(path: str | Path, frames: Any, labels: Any, maps: Mapping[str, Any], *, score: str = "energy",
                       title: str = "anomaly maps") -> Path:
-    """Rows of image | ground truth | energy before | energy after for (n, H, W, 3) uint8 ``frames``, (n, H, W)
-    ``labels`` (0 = in-distribution, 1 = anomaly, 255 = void) and (n, H, W) energy maps. Returns the path."""
+    """Rows of image | ground truth | one score map per entry of ``maps`` (column title -> (n, H, W) per-pixel
+    scores, higher = more in-distribution) for (n, H, W, 3) uint8 ``frames`` and (n, H, W) ``labels`` (0 =
+    in-distribution, 1 = anomaly, 255 = void). The maps of a row share one colour scale, reversed magma so that
+    bright = low score = anomalous, with a colour bar naming the score and its direction. Returns the path."""
     imgs, labs = np.asarray(frames), np.asarray(labels)
-    e_before, e_after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    arrays = {name: np.asarray(m, dtype=np.float64) for name, m in maps.items()}
     n = len(imgs)
-    if not (n and imgs.ndim == 4 and labs.shape == imgs.shape[:3] == e_before.shape == e_after.shape):
-        raise ConfigError(f"frames {imgs.shape}, labels {labs.shape} and energy maps {e_before.shape} / "
-                          f"{e_after.shape} must describe the same n >= 1 frames.")
+    if not (n and arrays and imgs.ndim == 4 and all(labs.shape == imgs.shape[:3] == a.shape for a in arrays.values())):
+        raise ConfigError(f"frames {imgs.shape}, labels {labs.shape} and score maps "
+                          f"{[a.shape for a in arrays.values()]} must describe the same n >= 1 frames.")
     gt = np.zeros((*labs.shape, 3))
     gt[labs == 0] = (0.55, 0.55, 0.55)
     gt[labs == 1] = (0.9, 0.1, 0.1)
     aspect = imgs.shape[2] / imgs.shape[1]
-    fig = Figure(figsize=(4 * 1.5 * aspect, 1.5 * n + 0.4), layout="constrained")
-    axes = fig.subplots(n, 4, squeeze=False)
+    cols = 2 + len(arrays)
+    fig = Figure(figsize=(cols * 1.5 * aspect + 1.0, 1.5 * n + 0.6), layout="constrained")
+    axes = fig.subplots(n, cols, squeeze=False)
     for i in range(n):
-        lo = float(min(_finite(e_before[i], "before").min(), _finite(e_after[i], "after").min()))
-        hi = float(max(e_before[i].max(), e_after[i].max()))
-        panels = [(imgs[i], "image", None), (gt[i], "ground truth", None), (e_before[i], "energy before", "magma"),
-                  (e_after[i], "energy after", "magma")]
-        for ax, (img, name, cmap) in zip(axes[i], panels, strict=True):
-            ax.imshow(img, cmap=cmap, vmin=lo if cmap else None, vmax=hi if cmap else None)
+        lo = min(float(_finite(a[i], name).min()) for name, a in arrays.items())
+        hi = max(float(a[i].max()) for a in arrays.values())
+        axes[i][0].imshow(imgs[i])
+        axes[i][1].imshow(gt[i])
+        shown = [ax.imshow(a[i], cmap="magma_r", vmin=lo, vmax=hi)
+                 for ax, a in zip(axes[i][2:], arrays.values(), strict=True)]
+        fig.colorbar(shown[0], ax=list(axes[i][2:]), shrink=0.9, label=f"{score_label(score)}\n({HIGHER_IS_ID})")
+        for ax in axes[i]:
             ax.set_axis_off()
-            if i == 0:
-                ax.set_title(name, fontsize="small")
+    for ax, name in zip(axes[0], ["image", "ground truth (red = anomaly)", *arrays], strict=True):
+        ax.set_title(name if name in ("image", "ground truth (red = anomaly)") else f"{name}\n(bright = anomalous)",
+                     fontsize="small")
     fig.suptitle(title, fontsize="medium")
     return _save(fig, path, dpi=100)

@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .evaluation.classification import METRIC_KEYS, EvalReport
 from .metrics import DEFAULT_POSITIVE, metric_convention, roc_curve
 from .models import RunMeta
-from .plots import plot_roc_curves, plot_score_histograms
+from .plots import plot_roc_curves, plot_score_histograms, short_name
 from .utils.atomic import csv_text, write_atomic, write_csv, write_text_atomic
 
 METRIC_LABELS = {"auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑", "fpr95": "FPR95↓"}
@@ -141,7 +141,7 @@ def write_evaluation(out: str | os.PathLike, report: EvalReport, meta: RunMeta, 
 
 
 #: Columns of a predictions file (``oodtune predict``).
-PREDICTION_COLUMNS = ("path", "predicted_class", "confidence", "score", "is_ood", "error")
+PREDICTION_COLUMNS = ("path", "predicted_class", "confidence", "score", "margin", "is_ood", "error")
 PREDICTION_FORMATS = ("csv", "jsonl")
 #: First characters that make a spreadsheet (Excel, LibreOffice, Sheets) read a cell as a formula.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -168,7 +168,7 @@ def prediction_lines(rows: Iterable[dict[str, Any]], fmt: str, counts: Counter[s
     if fmt == "csv":
         yield csv_text([], PREDICTION_COLUMNS)
     for row in rows:
-        counts["error" if row["error"] else "ood" if row["is_ood"] else "id"] += 1
+        counts["error" if row["error"] else "ood" if row.get("is_ood") else "id"] += 1
         if fmt == "jsonl":
             yield json.dumps(row) + "\n"
         else:
@@ -191,20 +191,39 @@ def write_predictions(out: str | os.PathLike | None, rows: Iterable[dict[str, An
     return counts
 
 
-def evaluation_plot_paths(prefix: str | os.PathLike, scores: Sequence[str]) -> list[Path]:
-    """PREFIX-SCORE-hist.png and PREFIX-SCORE-roc.png for each score."""
+def evaluation_plot_paths(prefix: str | os.PathLike, scores: Sequence[str], ood: Sequence[str] = ()) -> list[Path]:
+    """PREFIX-SCORE-hist.png and PREFIX-SCORE-roc.png for each score, and PREFIX-SCORE-maps-SET.png for each
+    anomaly set ``ood`` (segmentation)."""
     base = Path(prefix)
-    return [base.with_name(f"{base.name}-{s}-{kind}.png") for s in scores for kind in ("hist", "roc")]
+    return [*(base.with_name(f"{base.name}-{s}-{kind}.png") for s in scores for kind in ("hist", "roc")),
+            *(base.with_name(f"{base.name}-{s}-maps-{short_name(d).replace(':', '-')}.png") for s in scores
+              for d in ood)]
+
+
+def _sample_note(report: EvalReport, score: str) -> tuple[dict[str, float], str]:
+    """(the table's AUROC per OOD set, a note when the plotted values are a sample of what the table counts)."""
+    rows = [r for r in report.rows if r["score"] == score]
+    aurocs = {str(r["dataset"]): float(r["auroc"]) for r in rows}
+    by_set = report.scores[score]
+    sampled = any("n_ood" not in r or r["n_ood"] != len(by_set[str(r["dataset"])]) for r in rows)
+    if not sampled:
+        return aurocs, ""
+    sizes = ", ".join(f"{short_name(d)} {len(v):,}" for d, v in by_set.items() if d != "id")
+    return aurocs, (f"curves from a sample (sampled, n = ID {len(by_set['id']):,}, {sizes}); AUROC in the legend "
+                    "over all pixels, as in the table")
 
 
 def write_evaluation_plots(prefix: str | os.PathLike, report: EvalReport, *, title: str = "",
                            log_fpr: bool = False) -> list[Path]:
     """For each score of ``report``: histograms of the score on ID vs each OOD set and ROC curves per OOD set
-    (AUROC in the legends; ``log_fpr``: log FPR axis). Returns the paths (:func:`evaluation_plot_paths`)."""
+    (``log_fpr``: log FPR axis). The legends give the table's AUROC; curves drawn from a sample (segmentation
+    pixels) say so, with its size. Returns the paths (:func:`evaluation_plot_paths`)."""
     paths = evaluation_plot_paths(prefix, list(report.scores))
     for i, (score, by_set) in enumerate(report.scores.items()):
         ood = {name: values for name, values in by_set.items() if name != "id"}
-        plot_score_histograms(paths[2 * i], by_set["id"], ood, score=score, title=title)
+        aurocs, note = _sample_note(report, score)
+        plot_score_histograms(paths[2 * i], by_set["id"], ood, score=score, title=title, aurocs=aurocs, note=note)
         curves = {(score, name): roc_curve(by_set["id"], values) for name, values in ood.items()}
-        plot_roc_curves(paths[2 * i + 1], curves, title=f"ROC per OOD set: {score} {title}".strip(), log_fpr=log_fpr)
+        plot_roc_curves(paths[2 * i + 1], curves, title=f"ROC per OOD set: {score} {title}".strip(), log_fpr=log_fpr,
+                        aurocs={(score, name): a for name, a in aurocs.items()}, note=note)
     return paths

@@ -291,8 +291,8 @@ class Benchmark:
                 write_json(self.out / "margins.json", margins, overwrite=True)
 
     def _anomaly_maps(self, pre: Trained, spec: MethodSpec, *, compute: bool) -> None:
-        """Frame | ground truth | energy map before | after fine-tuning (seed ``seeds[0]``) for a few frames of the
-        first OOD set (OUT/maps-SLUG.png); drawn once, while both checkpoints' weights exist."""
+        """Frame | ground truth | energy score map before | after fine-tuning (seed ``seeds[0]``) for a few frames
+        of the first OOD set (OUT/maps-SLUG.png); drawn once, while both checkpoints' weights exist."""
         path = self.out / f"maps-{spec.slug}.png"
         after = self.run_dir(spec, self.cfg.seeds[0]) / FINAL
         if path.exists() or not compute or not after.exists() or not pre.path.exists():
@@ -302,8 +302,9 @@ class Benchmark:
                                                            device=self.cfg.device)
         _, _, tuned = pipeline.anomaly_examples(after, dataset, MAP_FRAMES, data_root=self.source,
                                                 device=self.cfg.device)
-        plot_anomaly_maps(path, frames, labels, before, tuned,
-                          title=f"{dataset}: energy before | after {spec.label} (seed {self.cfg.seeds[0]})")
+        columns = {"pretrained": before, f"{spec.label} (seed {self.cfg.seeds[0]})": tuned}
+        plot_anomaly_maps(path, frames, labels, columns,
+                          title=f"{dataset}: energy score maps before | after fine-tuning")
 
     def _plots(self, spec: MethodSpec, before: StoredEvaluation, seed: int, after: StoredEvaluation) -> None:
         """Energy histograms before | after fine-tuning (the first finished seed) and ROC curves of the row's own

@@ -102,9 +102,15 @@ def check_regular_file(path: str | os.PathLike) -> None:
                         "remove it from the dataset folder.")
 
 
-def decode_image(path: str | os.PathLike | BinaryIO, resolution: int, *, name: str | None = None) -> np.ndarray:
+#: How to fix a corrupt file of a dataset (the default) and of a user's own inputs.
+DATASET_FIX = "replace it with a good copy (re-download / re-extract the dataset) or delete it"
+USER_FILE_FIX = "open it in an image viewer, save or copy it again, or remove it from the inputs"
+
+
+def decode_image(path: str | os.PathLike | BinaryIO, resolution: int, *, name: str | None = None,
+                 fix: str = DATASET_FIX) -> np.ndarray:
     """Decode one image file -- a path, or an open binary file (e.g. ``io.BytesIO``) that errors call ``name`` --
-    to a ``(resolution, resolution, 3)`` uint8 RGB array.
+    to a ``(resolution, resolution, 3)`` uint8 RGB array. ``fix`` is what the error of a corrupt file advises.
 
     Raises :class:`DataError` naming the file when it cannot be read or decoded, is too large (see the module
     docstring) or is not a regular file.
@@ -125,8 +131,8 @@ def decode_image(path: str | os.PathLike | BinaryIO, resolution: int, *, name: s
             from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(
-            f"{shown}: cannot decode image ({type(exc).__name__}: {exc}). The file is corrupt or truncated: "
-            "replace it with a good copy (re-download / re-extract the dataset) or delete it."
+            f"{shown}: cannot decode image ({type(exc).__name__}: {exc}). The file is corrupt, truncated or not "
+            f"an image: {fix}."
         ) from None
     if arr.shape != (resolution, resolution, 3):  # pragma: no cover - defensive
         raise DataError(f"{shown}: decoded to shape {arr.shape}, expected {(resolution, resolution, 3)}.")

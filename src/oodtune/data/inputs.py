@@ -20,7 +20,8 @@ import io
 import os
 import tarfile
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from PIL import Image
 
 from oodtune.data.archives import is_archive
 from oodtune.data.images import (
+    IMAGE_EXTENSIONS,
+    USER_FILE_FIX,
     array_to_resolution,
     check_regular_file,
     decode_image,
@@ -44,7 +47,8 @@ from oodtune.data.imageset import ImageSet
 from oodtune.data.sources import scan_images
 from oodtune.errors import DataError
 
-__all__ = ["MAX_MEMBER_BYTES", "DecodedInput", "InputFile", "as_uint8_images", "decode_batches", "iter_input_files"]
+__all__ = ["MAX_MEMBER_BYTES", "DecodedInput", "InputFile", "as_uint8_images", "decode_batches",
+           "iter_input_files", "skipped_text"]
 
 #: Archive members larger than this are reported as errors instead of being read into memory.
 MAX_MEMBER_BYTES = 256 * 2**20
@@ -69,7 +73,22 @@ class DecodedInput:
     error: str | None = None
 
 
-def _archive_members(path: Path) -> Iterator[InputFile]:
+def skipped_text(skipped: Counter[str]) -> str:
+    """'3 non-image file(s) skipped (.gif 2, .txt 1): only .bmp, .jpeg, ... are read' ('' when none)."""
+    if not skipped:
+        return ""
+    kinds = ", ".join(f"{k} {n}" for k, n in skipped.most_common())
+    return (f"{sum(skipped.values())} file(s) in folders, archives or glob matches skipped ({kinds}): only "
+            f"{' '.join(sorted(IMAGE_EXTENSIONS))} files are read; convert the others or name them one by one")
+
+
+def _skip(name: str, skipped: Counter[str] | None) -> None:
+    """Count a passed-over file under its suffix (``.gif``, ``(no suffix)``)."""
+    if skipped is not None:
+        skipped[Path(name).suffix.lower() or "(no suffix)"] += 1
+
+
+def _archive_members(path: Path, skipped: Counter[str] | None = None) -> Iterator[InputFile]:
     """The image members of a tar/zip archive, read in memory in archive order; errors as entries."""
     def too_big(name: str, size: int) -> InputFile:
         return InputFile(name, error=f"archive member of {size:,} bytes exceeds the {MAX_MEMBER_BYTES:,}-byte limit")
@@ -79,7 +98,10 @@ def _archive_members(path: Path) -> Iterator[InputFile]:
             with zipfile.ZipFile(path) as zf:
                 for info in zf.infolist():
                     name = f"{path}!{info.filename}"
-                    if info.is_dir() or not is_image_file(info.filename):
+                    if info.is_dir():
+                        continue
+                    if not is_image_file(info.filename):
+                        _skip(info.filename, skipped)
                         continue
                     if info.file_size > MAX_MEMBER_BYTES:
                         yield too_big(name, info.file_size)
@@ -92,7 +114,10 @@ def _archive_members(path: Path) -> Iterator[InputFile]:
             with tarfile.open(path, "r:*") as tf:
                 for member in tf:  # streaming: a .tar.gz is read once, front to back
                     name = f"{path}!{member.name}"
-                    if not member.isfile() or not is_image_file(member.name):
+                    if not member.isfile():
+                        continue
+                    if not is_image_file(member.name):
+                        _skip(member.name, skipped)
                         continue
                     if member.size > MAX_MEMBER_BYTES:
                         yield too_big(name, member.size)
@@ -105,9 +130,18 @@ def _archive_members(path: Path) -> Iterator[InputFile]:
                                          "or incomplete")
 
 
-def _expand_path(path: Path, explicit: bool) -> Iterator[InputFile]:
+def _other_files(folder: Path) -> Iterator[str]:
+    """Names of the visible regular files under ``folder`` that are not images (what :func:`scan_images` skips)."""
+    for _, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        yield from (f for f in filenames if not f.startswith(".") and not is_image_file(f))
+
+
+def _expand_path(path: Path, explicit: bool, skipped: Counter[str] | None) -> Iterator[InputFile]:
     if path.is_dir():
         files = scan_images(path, regular_only=False)  # a FIFO named like an image: an error row when read
+        for other in _other_files(path) if skipped is not None else ():
+            _skip(other, skipped)
         if not files and explicit:
             yield InputFile(str(path), error="folder holds no image files (*.jpg, *.jpeg, *.png, *.bmp, *.webp)")
         for f in files:
@@ -118,9 +152,11 @@ def _expand_path(path: Path, explicit: bool) -> Iterator[InputFile]:
         except DataError as exc:
             yield InputFile(str(path), error=str(exc))
             return
-        yield from _archive_members(path)
+        yield from _archive_members(path, skipped)
     elif explicit or is_image_file(path):  # a file named on purpose is always tried; a glob keeps only images
         yield InputFile(str(path), path)
+    elif path.is_file():
+        _skip(path.name, skipped)
 
 
 def _printable(item: InputFile) -> InputFile:
@@ -134,25 +170,27 @@ def _printable(item: InputFile) -> InputFile:
         return InputFile(shown, error="the file name is not valid UTF-8 (shown with \\x escapes); rename the file")
 
 
-def iter_input_files(specs: Iterable[str | os.PathLike]) -> Iterator[InputFile]:
+def iter_input_files(specs: Iterable[str | os.PathLike], skipped: Counter[str] | None = None
+                     ) -> Iterator[InputFile]:
     """Every input named by ``specs`` (files, folders, archives, glob patterns; see the module docstring), in
     order: folders and glob matches sorted, archives in member order. A name that is not valid UTF-8 is an error
-    entry (shown with escapes)."""
-    return map(_printable, _input_files(specs))
+    entry (shown with escapes). Non-image files found in folders, archives and glob matches are passed over and,
+    with ``skipped``, counted there by suffix."""
+    return map(_printable, _input_files(specs, skipped))
 
 
-def _input_files(specs: Iterable[str | os.PathLike]) -> Iterator[InputFile]:
+def _input_files(specs: Iterable[str | os.PathLike], skipped: Counter[str] | None) -> Iterator[InputFile]:
     for spec in specs:
         text = os.fspath(spec)
         path = Path(text).expanduser()
         if path.exists():
-            yield from _expand_path(path, explicit=True)
+            yield from _expand_path(path, True, skipped)
         elif _GLOB_CHARS & set(text):
             matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
             if not matches:
                 yield InputFile(text, error="the pattern matches no file")
             for m in matches:
-                yield from _expand_path(Path(m), explicit=False)
+                yield from _expand_path(Path(m), False, skipped)
         else:
             yield InputFile(text, error="no such file or folder")
 
@@ -162,27 +200,30 @@ def _decode(item: InputFile, resolution: int) -> DecodedInput:
         return DecodedInput(item.name, None, item.error or "nothing to read")
     try:
         source = io.BytesIO(item.source) if isinstance(item.source, bytes) else item.source
-        return DecodedInput(item.name, decode_image(source, resolution, name=item.name))
+        return DecodedInput(item.name, decode_image(source, resolution, name=item.name, fix=USER_FILE_FIX))
     except DataError as exc:
         return DecodedInput(item.name, None, str(exc))
 
 
 def decode_batches(specs: Iterable[str | os.PathLike], resolution: int, batch_size: int = 256,
-                   workers: int | None = None) -> Iterator[list[DecodedInput]]:
-    """The inputs of ``specs`` decoded to ``resolution``, ``batch_size`` at a time, in order.
+                   workers: int | None = None, *, skipped: Counter[str] | None = None,
+                   decoder: Callable[[InputFile], DecodedInput] | None = None) -> Iterator[list[DecodedInput]]:
+    """The inputs of ``specs`` decoded to ``resolution`` (or by ``decoder``), ``batch_size`` at a time, in order;
+    ``skipped`` counts the non-image files passed over (:func:`iter_input_files`).
 
     Decoding runs on ``workers`` threads (default :func:`~oodtune.data.images.default_workers`; PIL releases the
     GIL while it decodes and resizes). A file that cannot be decoded is a :class:`DecodedInput` with ``error``.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}.")
-    items = iter_input_files(specs)
+    items = iter_input_files(specs, skipped)
+    decode = decoder or (lambda it: _decode(it, resolution))
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
         while True:
             chunk = [item for _, item in zip(range(batch_size), items, strict=False)]
             if not chunk:
                 return
-            yield list(pool.map(lambda it: _decode(it, resolution), chunk))
+            yield list(pool.map(decode, chunk))
 
 
 # ----------------------------------------------------------------------------------------- in-memory images

@@ -1,10 +1,15 @@
 """A model shipped as an OOD detector: the calibrated :class:`Detector` (:mod:`.detector`: model + score +
 threshold + weights hash, save/load, predictions on files) and its self-contained ``torch.export`` program
-(:mod:`.export`); :mod:`.record`: the closed schema a saved detector file is validated against."""
+(:mod:`.export`); :mod:`.record`: the closed schema a saved detector file is validated against; for segmenters
+the :class:`SegmentationDetector` (:mod:`.pixel_detector`: a pixel threshold, frames -> class map, anomaly map,
+mask) and the files it writes per frame (:mod:`.map_files`)."""
 
-from . import detector, export, record
+from . import detector, export, map_files, pixel_detector, record
 from .detector import *  # noqa: F403
 from .export import *  # noqa: F403
+from .map_files import *  # noqa: F403
+from .pixel_detector import *  # noqa: F403
 from .record import *  # noqa: F403
 
-__all__ = [*detector.__all__, *export.__all__, *[n for n in record.__all__ if n not in detector.__all__]]
+__all__ = [*detector.__all__, *export.__all__, *pixel_detector.__all__, *map_files.__all__,
+           *[n for n in record.__all__ if n not in detector.__all__]]

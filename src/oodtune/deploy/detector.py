@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,15 +81,18 @@ class Predictions:
     scores: np.ndarray  # (N,) float32, higher = more in-distribution
     is_ood: np.ndarray | None  # (N,) bool, None before calibration
     classes: tuple[str, ...]
+    threshold: float | None = None  # the calibrated threshold (None before calibration)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def rows(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """One dict per image: path (from ``names``), predicted_class, confidence, score, is_ood, error (None)."""
+        """One dict per image: path (from ``names``), predicted_class, confidence, score, margin (score -
+        threshold: negative = flagged OOD; None before calibration), is_ood, error (None)."""
         names = list(names) if names is not None else [str(i) for i in range(len(self))]
         return [{"path": names[i], "predicted_class": self.classes[int(self.labels[i])],
                  "confidence": float(self.confidence[i]), "score": float(self.scores[i]),
+                 "margin": None if self.threshold is None else float(self.scores[i]) - self.threshold,
                  "is_ood": None if self.is_ood is None else bool(self.is_ood[i]), "error": None}
                 for i in range(len(self))]
 
@@ -127,6 +131,8 @@ class Detector:
         self.weights_sha256 = weights_hash(self.net.model)
         self.calibration: Calibration | None = None
         self.fit_source: str | None = None
+        #: the scores of the last calibration (and of its check), for plots; not saved
+        self.calibration_scores: tuple[np.ndarray, np.ndarray | None] | None = None
 
     # -- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -183,23 +189,24 @@ class Detector:
         conf, labels = probs.max(dim=1)
         scores = self._scores(ds, out, show_progress)
         is_ood = None if self.calibration is None else scores < self.calibration.threshold
-        return Predictions(labels.cpu().numpy(), conf.float().cpu().numpy(), scores, is_ood, self.classes)
+        return Predictions(labels.cpu().numpy(), conf.float().cpu().numpy(), scores, is_ood, self.classes,
+                           self.threshold)
 
     def predict_files(self, inputs: Iterable[str | os.PathLike], *, batch_size: int = 256,
-                      workers: int | None = None) -> Iterator[dict[str, Any]]:
+                      workers: int | None = None, skipped: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
         """One row per input file (files, folders, globs, archives; see :mod:`oodtune.data.inputs`), in order, as
         :meth:`Predictions.rows`; a file that cannot be read is a row with ``error`` set and the other fields
-        None."""
+        None. ``skipped`` counts the non-image files passed over in folders, archives and glob matches."""
         with progress_bar("predict", total=None) as bar:
             t0, done = time.perf_counter(), 0
-            for batch in decode_batches(inputs, self.resolution, batch_size, workers):
+            for batch in decode_batches(inputs, self.resolution, batch_size, workers, skipped=skipped):
                 pixels = [d.pixels for d in batch if d.pixels is not None]
                 names = [d.name for d in batch if d.pixels is not None]
                 rows = iter(self.predict(np.stack(pixels), batch_size=batch_size).rows(names) if pixels else [])
                 for d in batch:
                     yield next(rows) if d.pixels is not None else {
-                        "path": d.name, "predicted_class": None, "confidence": None, "score": None, "is_ood": None,
-                        "error": d.error}
+                        "path": d.name, "predicted_class": None, "confidence": None, "score": None, "margin": None,
+                        "is_ood": None, "error": d.error}
                 done += len(batch)
                 bar.advance(len(batch))
                 bar.update(rate=format_rate(done, time.perf_counter() - t0))
@@ -233,15 +240,17 @@ class Detector:
                             "lower TPR.")
         threshold, achieved = threshold_at_tpr(scores, tpr)
         expected, expected_std = _expected_acceptance(int(math.ceil(tpr * scores.size - 1e-9)), scores.size)
-        check = None
+        check, check_scores = None, None
         if check_images is not None:
             check_set = self._imageset(check_images)
-            rate, std = acceptance_rate(self.score(check_set, batch_size=batch_size, show_progress=True), threshold)
+            check_scores = self.score(check_set, batch_size=batch_size, show_progress=True)
+            rate, std = acceptance_rate(check_scores, threshold)
             combined = math.sqrt(expected_std ** 2 + expected * (1 - expected) / len(check_set))
             check = {"data": check_data, "n": len(check_set), "acceptance": rate, "std": std,
                      "z": (rate - expected) / combined}
         self.calibration = Calibration(threshold, tpr, achieved, int(scores.size), data, held_out, expected,
                                        expected_std, check)
+        self.calibration_scores = (scores, check_scores)
         return self.calibration
 
     # -- files ---------------------------------------------------------------------------------------------
@@ -296,7 +305,8 @@ class Detector:
             write_atomic(stats, lambda fh: torch.save(tensors, fh))
         record = {
             "format": DETECTOR_FORMAT, "version": DETECTOR_VERSION, "oodtune_version": __version__,
-            "checkpoint": self.checkpoint, "weights_sha256": self.weights_sha256, "classes": list(self.classes),
+            "task": "classification", "checkpoint": self.checkpoint, "weights_sha256": self.weights_sha256,
+            "classes": list(self.classes),
             "mean": list(self.normalizer.mean), "std": list(self.normalizer.std), "resolution": self.resolution,
             "head": self.head, "score": self.score_name, "score_state": plain,
             "statistics": None if stats is None else stats.name, "fit_source": self.fit_source, "rule": RULE,
@@ -331,6 +341,9 @@ class Detector:
         ``nn.Module`` it was made for. Refused when the weights differ from those it was calibrated on."""
         path = Path(path)
         record = cls.read_record(path)
+        if record.get("task", "classification") != "classification":
+            raise ConfigError(f"{path} is a detector for a {record['task']} checkpoint; load it with "
+                              "oodtune.deploy.pixel_detector.SegmentationDetector.load (the CLI picks it itself).")
         source = model if model is not None else record.get("checkpoint")
         if source is None:
             raise ConfigError(f"{path} was made for an in-memory model; pass that model: Detector.load(path, model).")

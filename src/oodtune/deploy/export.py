@@ -98,8 +98,9 @@ def export_detector(det: Detector, path: str | os.PathLike, *, overwrite: bool =
 
 
 def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """(the callable program, its detector record) of a file written by :func:`export_detector`; a folder, a
-    truncated or foreign file is a :class:`ConfigError` naming it."""
+    """(the callable program, its detector record) of a file written by :func:`export_detector` or
+    :meth:`oodtune.deploy.pixel_detector.SegmentationDetector.export`; a folder, a truncated or foreign file is a
+    :class:`ConfigError` naming it."""
     path = Path(path)
     expected = "expected a .pt2 file written by `oodtune calibrate --export` (export_detector)"
     if path.is_dir():

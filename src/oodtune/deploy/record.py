@@ -3,6 +3,8 @@
 A detector file is JSON a person may open, edit or damage. :func:`validate_record` checks the whole record
 before anything is built from it: no unknown field, no missing one, every value of its type and in its range
 (a threshold is a finite number: NaN would silently disable OOD flagging, since ``score < NaN`` is never true).
+An image classifier's detector and a segmenter's (``task: "segmentation"``: a pixel threshold, the frame size
+and the 16-bit scaling of anomaly maps) each have their own closed set of fields.
 The first problem found is one :class:`~oodtune.errors.ConfigError` naming the file and the field (dotted:
 ``calibration.threshold``).
 """
@@ -97,13 +99,39 @@ CALIBRATION_KEYS: dict[str, Check] = {
     "threshold": _number(), "tpr": _number(0, 1, low_open=True, high_open=True), "achieved": _number(0, 1),
     "n": _integer(1), "data": _text(), "held_out": _boolean, "expected": _number(0, 1), "expected_std": _number(0),
 }
-RECORD_KEYS: dict[str, Check] = {
+def _one_of(*values: str) -> Check:
+    return lambda v: None if v in values else f"must be one of {', '.join(map(repr, values))}, got {v!r}"
+
+
+def _size(v: Any) -> str | None:
+    ok = isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v)
+    return None if ok else f"must be [width, height] in pixels (two integers >= 1), got {v!r}"
+
+
+def _scale(v: Any) -> str | None:
+    return None if v is None else _number(0, low_open=True)(v)
+
+
+COMMON_KEYS: dict[str, Check] = {
     "format": lambda v: None if v == DETECTOR_FORMAT else f"must be {DETECTOR_FORMAT!r}, got {v!r}",
     "version": _integer(1), "oodtune_version": _text(), "checkpoint": _text(optional=True),
     "weights_sha256": _sha256, "classes": _classes, "mean": _triple(False), "std": _triple(True),
-    "resolution": _integer(1), "head": _text(optional=True), "score": _text(), "score_state": _state,
-    "statistics": _sidecar, "fit_source": _text(optional=True), "rule": _text(),
+    "score": _text(), "rule": _text(),
 }
+RECORD_KEYS: dict[str, Check] = {  # an image classifier's detector (``task`` is absent in older files)
+    **COMMON_KEYS, "resolution": _integer(1), "head": _text(optional=True), "score_state": _state,
+    "statistics": _sidecar, "fit_source": _text(optional=True),
+}
+ANOMALY_PNG_KEYS: dict[str, Check] = {"zero": _integer(0), "levels_per_unit": _scale, "formula": _text()}
+PIXEL_RECORD_KEYS: dict[str, Check] = {  # a segmenter's detector: a pixel threshold and 16-bit map scaling
+    **COMMON_KEYS, "task": _one_of("segmentation"), "channel_order": _one_of("rgb", "bgr"), "input_size": _size,
+    "blur": _boolean, "anomaly_png": lambda v: None if isinstance(v, dict) else f"must be an object, got {v!r}",
+}
+PIXEL_CALIBRATION_KEYS: dict[str, Check] = {
+    **CALIBRATION_KEYS, "frames": _integer(1), "blur": _boolean, "map_scale": _number(0, low_open=True),
+    "unit": _one_of("pixels"),
+}
+PIXEL_CHECK_KEYS: dict[str, Check] = {**CHECK_KEYS, "frames": _integer(1)}
 
 
 def _fail(path: os.PathLike | str, field: str, problem: str) -> ConfigError:
@@ -136,13 +164,19 @@ def validate_record(record: Any, path: os.PathLike | str) -> dict[str, Any]:
     if isinstance(version, int) and not isinstance(version, bool) and version > DETECTOR_VERSION:
         raise ConfigError(f"{path} has detector format version {version}, newer than this oodtune understands "
                           f"({DETECTOR_VERSION}); upgrade oodtune.")
-    _check_object(path, record, RECORD_KEYS, "", optional=("calibration",))
+    pixels = record.get("task", "classification") != "classification"
+    if pixels:
+        _check_object(path, record, PIXEL_RECORD_KEYS, "", optional=("calibration",))
+        _check_object(path, record["anomaly_png"], ANOMALY_PNG_KEYS, "anomaly_png")
+    else:
+        _check_object(path, record, RECORD_KEYS, "", optional=("calibration", "task"))
     calibration = record.get("calibration")
     if calibration is not None:
-        _check_object(path, calibration, CALIBRATION_KEYS, "calibration", optional=("check",))
+        _check_object(path, calibration, PIXEL_CALIBRATION_KEYS if pixels else CALIBRATION_KEYS, "calibration",
+                      optional=("check",))
         check = calibration.get("check")
         if check is not None:
-            _check_object(path, check, CHECK_KEYS, "calibration.check")
+            _check_object(path, check, PIXEL_CHECK_KEYS if pixels else CHECK_KEYS, "calibration.check")
     return record
 
 

@@ -12,6 +12,7 @@ anomaly pixels, spread evenly over the frames) for histograms and ROC plots.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,6 +33,8 @@ from ..utils.runtime import resolve_device
 from .classification import METRIC_KEYS, EvalReport
 
 __all__ = ["evaluate_segmentation", "forward_maps", "segmentation_metrics"]
+
+log = logging.getLogger(__name__)
 
 #: SegmentMeIfYouCan's anomaly-track component size limits (pixels at 2048x1024), scaled to the evaluated size.
 SMIYC_MIN_GT, SMIYC_MIN_PRED, SMIYC_PIXELS = 100, 500, 2048 * 1024
@@ -101,18 +104,22 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
                           anomaly_sets: Mapping[str, SegmentationSet], scores: Sequence[Score], *,
                           device: str | None = None, batch_size: int = 8, positive: Positive | None = None,
                           blur: bool = False, components: bool = True, sample: int = 20000,
-                          seed: int = 0) -> EvalReport:
+                          seed: int = 0, id_metrics: bool = True) -> EvalReport:
     """mIoU / pixel accuracy on ``id_test`` plus, per score and anomaly set, AUROC / AUPR-In / AUPR-Out (= AP) /
     FPR95 over all non-void pixels (anomaly pixels positive by default), the AUROC error bound of the streaming
-    counts, and the SegmentMeIfYouCan sIoU / PPV / mean F1 (all in %); see the module docstring."""
+    counts, and the SegmentMeIfYouCan sIoU / PPV / mean F1 (all in %); see the module docstring.
+    ``id_metrics=False`` skips the mIoU pass over ``id_test`` (the report's ``id_metrics`` are then empty)."""
     if not anomaly_sets:
         raise DataError("no anomaly sets given; name at least one (e.g. --ood road-anomaly).")
     for name, ds in anomaly_sets.items():
         if not ds.is_anomaly_set:
             raise DataError(f"{name} is not an anomaly set (labels 0 = in-distribution, 1 = anomaly, 255 = void).")
     t0 = time.perf_counter()
+    if id_metrics:
+        log.info("ID metrics: mIoU on the %d %s frames first (skip with --no-id-metrics when only the anomaly "
+                 "metrics are wanted)", len(id_test), id_test.name)
     report = EvalReport(id_metrics=segmentation_metrics(net, normalizer, id_test, device=device,
-                                                       batch_size=batch_size))
+                                                       batch_size=batch_size) if id_metrics else {})
     pos: Positive = positive or DEFAULT_POSITIVE
     pooled_in: dict[str, list[np.ndarray]] = {s.name: [] for s in scores}
     for name, ds in anomaly_sets.items():

@@ -51,16 +51,18 @@ from .classification import (
     pretrain,
     pretrain_setup,
 )
-from .detect import CALIBRATION_CHOICES, calibrate, predict, with_id_data
+from .detect import CALIBRATION_CHOICES, calibrate, predict
+from .pixel_detect import calibrate_segmenter, predict_frames
 from .segmentation import anomaly_examples, id_test_miou, import_segmenter
-from .source import DataSource, as_source
+from .source import DataSource, as_source, with_id_data
 from .task import Task, ValidationSpec, normalizer_for, register_task, task_of
 
 __all__ = [
     "CALIBRATION_CHOICES", "DEFAULT_TEST_FRACTION", "DataSource", "MarginProposal", "Task", "ValidationSpec",
-    "anomaly_examples", "as_source", "calibrate", "default_outliers", "estimate_prior", "evaluate_checkpoint",
-    "finetune", "finetune_config", "fresh_model", "id_parts", "id_test_accuracy", "id_test_miou", "id_test_set",
-    "id_train_set", "import_model", "import_segmenter", "load_task_model", "normalizer_for", "predict", "pretrain",
+    "anomaly_examples", "as_source", "calibrate", "calibrate_segmenter", "default_outliers", "estimate_prior",
+    "evaluate_checkpoint", "finetune", "finetune_config", "fresh_model", "id_parts", "id_test_accuracy",
+    "id_test_miou", "id_test_set", "id_train_set", "import_model", "import_segmenter", "load_task_model",
+    "normalizer_for", "predict", "predict_frames", "pretrain",
     "pretrain_setup", "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
     "with_id_data",
 ]
@@ -210,18 +212,18 @@ def finetune(checkpoint: str | Path, out: str | Path, *, method: str, data_root:
 def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: Sequence[str], data_root: Root = None,
                         device: str | None = None, num_ood: int | None = None, batch_size: int = 1024,
                         positive: Positive | None = None, id_split: str = "test", blur: bool = False,
-                        id_data: str | None = None,
-                        validation: ValidationSpec | None = None) -> tuple[EvalReport, RunMeta]:
+                        id_data: str | None = None, validation: ValidationSpec | None = None,
+                        id_metrics: bool = True) -> tuple[EvalReport, RunMeta]:
     """Evaluate a checkpoint with the named scores on the named OOD sets; returns (report, meta). The ID-task
     metrics come from the ID ``id_split`` split (``val`` when choosing hyper-parameters without the test split);
     ``blur`` Gaussian-blurs segmentation score maps (kernel 7, σ 1) as PEBAL's test code can.
 
     Scores keep their papers' hyperparameters, unless ``validation`` names a validation pair (held-out ID train
     images + held-out auxiliary outliers) to choose them on (:mod:`oodtune.scores.selection`; the choices are in
-    ``report.selections``; classification only)."""
+    ``report.selections``; classification only). ``id_metrics=False`` skips segmentation's mIoU pass."""
     source = as_source(data_root)
     net, meta, task = load_task_model(checkpoint, id_data=id_data, source=source)
-    options = task.evaluation_options(blur=blur, validation=validation)  # before any forward pass
+    options = task.evaluation_options(blur=blur, validation=validation, id_metrics=id_metrics)  # before any pass
     report = task.evaluate(net, meta, scores, ood, source=source, device=device, num_ood=num_ood,
                            batch_size=batch_size, positive=positive, options=options, id_split=id_split)
     return report, meta

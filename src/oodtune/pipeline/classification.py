@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -175,12 +176,33 @@ def pretrain_setup(*, dataset: str = "cifar10", arch: str = "wrn-40-2",
     return meta, train, FeatureModel(model, head)
 
 
-def epoch_accuracy(meta: RunMeta, data_root: DataSource | str | Path | None) -> Callable[[nn.Module],
-                                                                                         dict[str, float]]:
+#: Images of the ID test set (and of the validation part) whose accuracy pretraining reports after every epoch.
+EPOCH_EVAL_IMAGES = 2000
+#: ID train images and auxiliary outliers (each) whose energies propose or check margins (seeded samples).
+MARGIN_IMAGES = 10000
+
+
+def _seeded_subset(ds: ImageSet, count: int | None) -> ImageSet:
+    """``count`` images of ``ds`` drawn with seed 0 (the same every epoch), or all of them."""
+    if count is None or count >= len(ds):
+        return ds
+    idx = np.sort(np.random.default_rng(0).choice(len(ds), size=count, replace=False))
+    return ds.subset(idx, f"{ds.name}-sample{count}")
+
+
+def epoch_accuracy(meta: RunMeta, data_root: DataSource | str | Path | None,
+                   images: int | None = EPOCH_EVAL_IMAGES) -> Callable[[nn.Module], dict[str, float]] | None:
     """A trainer hook that measures ``test_acc`` (and ``val_acc`` when a validation part is held out) after each
-    epoch: reported, never used to choose anything."""
+    epoch on a fixed seeded sample of ``images`` images of each (None: all; 0: no hook, None returned):
+    reported, never used to choose anything."""
+    if images == 0:
+        log.info("pretrain: no per-epoch accuracy (--eval-images 0); `oodtune evaluate` measures the final model")
+        return None
     _, val, _ = id_parts(meta, data_root)
-    sets = {"test_acc": id_test_set(meta, data_root), **({"val_acc": val} if val is not None else {})}
+    full = {"test_acc": id_test_set(meta, data_root), **({"val_acc": val} if val is not None else {})}
+    sets = {key: _seeded_subset(ds, images) for key, ds in full.items()}
+    log.info("pretrain: accuracy after every epoch on %s (--eval-images sets the sample; 0 turns it off)",
+             ", ".join(f"{len(sets[k])} of {len(full[k])} {k.split('_')[0]} images" for k in sets))
 
     def measure(net: nn.Module) -> dict[str, float]:  # the trainer's FeatureModel
         fm = cast(FeatureModel, net)
@@ -194,9 +216,10 @@ def pretrain(out: str | Path, *, dataset: str = "cifar10", arch: str = "wrn-40-2
              data_root: DataSource | str | Path | None = None, config: TrainConfig | None = None,
              resolution: int = 32, imbalance_ratio: float | None = None, num_train: int | None = None,
              data_seed: int = 0, head: str | None = None, val_fraction: float | None = None,
-             test_fraction: float | None = None) -> Path:
+             test_fraction: float | None = None, eval_images: int | None = EPOCH_EVAL_IMAGES) -> Path:
     """Standard cross-entropy training from scratch (:data:`~oodtune.training.config.PRETRAIN` recipe by
-    default), reporting test (and validation) accuracy after every epoch; returns the path of ``OUT/model.pt``.
+    default), reporting test (and validation) accuracy after every epoch on ``eval_images`` of each (a fixed
+    seeded sample; None = all, 0 = none); returns the path of ``OUT/model.pt``.
     ``val_fraction``/``test_fraction``: see :func:`pretrain_setup`. ``OUT`` is locked against other writers from
     the start."""
     config = config or PRETRAIN
@@ -208,7 +231,7 @@ def pretrain(out: str | Path, *, dataset: str = "cifar10", arch: str = "wrn-40-2
                                           seed=config.seed, head=head, val_fraction=val_fraction,
                                           test_fraction=test_fraction)
         Trainer(net, train, build_method_loss("ce"), config, normalizer=normalizer_for(meta), run_dir=out, meta=meta,
-                epoch_metrics=epoch_accuracy(meta, source)).fit()
+                epoch_metrics=epoch_accuracy(meta, source, eval_images)).fit()
     return Path(out) / FINAL
 
 
@@ -300,8 +323,13 @@ class ClassificationTask(Task[FeatureModel, ClassificationEvaluation]):
 
     def energies(self, net: FeatureModel, meta: RunMeta, outliers: str, source: DataSource,
                  device: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        e_in = energy(self._logits(net, meta, self.train_set(meta, source), device)).cpu()
-        e_out = energy(self._logits(net, meta, source.load(outliers, "train", meta.resolution), device)).cpu()
+        """Energies of a seeded sample of :data:`MARGIN_IMAGES` ID train images and as many outliers (margins
+        are quantiles of these: a sample of 10k gives them to about 1 % of the spread)."""
+        full = {"ID train": self.train_set(meta, source), outliers: source.load(outliers, "train", meta.resolution)}
+        sets = {k: _seeded_subset(v, MARGIN_IMAGES) for k, v in full.items()}
+        log.info("energies of the pretrained model on %s (seeded samples)",
+                 " and ".join(f"{len(sets[k])} of {len(full[k])} {k} images" for k in sets))
+        e_in, e_out = (energy(self._logits(net, meta, ds, device)).cpu() for ds in sets.values())
         return e_in, e_out
 
     def train(self, net: FeatureModel, meta: RunMeta, loss: CompositeLoss, config: TrainConfig, *,
@@ -330,9 +358,13 @@ class ClassificationTask(Task[FeatureModel, ClassificationEvaluation]):
         return Validation(holdout=perm[: spec.id_holdout].numpy(), outliers=outliers)
 
     def evaluation_options(self, *, blur: bool = False,
-                           validation: ValidationSpec | None = None) -> ClassificationEvaluation:
+                           validation: ValidationSpec | None = None,
+                           id_metrics: bool = True) -> ClassificationEvaluation:
         if blur:
             raise ConfigError("blur smooths per-pixel score maps; it applies to segmentation checkpoints only.")
+        if not id_metrics:
+            raise ConfigError("--no-id-metrics skips segmentation's mIoU pass; a classifier's accuracy comes with "
+                              "the ID scores at no extra cost: drop it.")
         return ClassificationEvaluation(validation=validation)
 
     def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,

@@ -18,6 +18,7 @@ check, with a warning.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,12 @@ import numpy as np
 from ..data import ImageSet
 from ..data.registry import canonical_name, resolve_dataset
 from ..deploy.detector import Detector
+from ..deploy.pixel_detector import SegmentationDetector
 from ..errors import ConfigError, DataError
 from ..models import RunMeta, load_feature_model, read_meta
 from .classification import id_parts, id_test_set, id_train_set
-from .source import DataSource, as_source
+from .pixel_detect import calibrate_segmenter
+from .source import DataSource, as_source, with_id_data
 
 __all__ = ["CALIBRATION_CHOICES", "calibrate", "calibration_set", "disjoint_check_set", "predict", "with_id_data"]
 
@@ -40,33 +43,29 @@ log = logging.getLogger(__name__)
 CALIBRATION_CHOICES = ("auto", "val", "train")
 
 
-def with_id_data(meta: RunMeta, id_data: str | None, source: DataSource) -> RunMeta:
-    """``meta`` with its ID dataset renamed to ``id_data`` (a moved folder, another data root's copy)."""
-    return meta if id_data is None else meta.replace(dataset=resolve_dataset(id_data, source.root))
-
-
 def _validation(meta: RunMeta, source: DataSource) -> tuple[ImageSet, str]:
-    if meta.val_fraction:
+    if meta.val_fraction:  # a data root without the dataset fails here, with the root named (not re-worded below)
         val = id_parts(meta, source)[1]
         if val is not None:
             return val, (f"{meta.dataset}: validation part held out of the train split before training "
                          f"({meta.val_fraction:.0%}, seed {meta.data_seed})")
-    if meta.test_fraction:  # a folder without split folders: its "val" would be the whole folder
-        raise DataError(f"{meta.dataset} has no validation split and none was held out.")
-    return source.load(meta.dataset, "val", meta.resolution), f"{meta.dataset}: its validation split"
+    try:
+        if meta.test_fraction:  # a folder without split folders: its "val" would be the whole folder
+            raise DataError(f"{meta.dataset} has no validation split and none was held out")
+        return source.load(meta.dataset, "val", meta.resolution), f"{meta.dataset}: its validation split"
+    except DataError as exc:
+        raise DataError(
+            f"no held-out ID images to calibrate on ({exc}; data root searched: {source.root}, set with "
+            "data_root= or env OODTUNE_DATA). Fix: pretrain with --val-fraction 0.1 (held out before training, "
+            "recorded in the checkpoint), or name held-out ID images with --calibration-data folder:PATH (or "
+            "images:PATH); --calibration-data train uses training images (biased).") from None
 
 
 def calibration_set(meta: RunMeta, data: str | None, source: DataSource) -> tuple[ImageSet, str, bool]:
     """(images, description, held_out) to calibrate on; see the module docstring for ``data``."""
     choice = "auto" if data is None else data
     if choice in ("auto", "val"):
-        try:
-            ds, what = _validation(meta, source)
-        except DataError as exc:
-            raise DataError(
-                f"no held-out ID images to calibrate on ({exc}). Fix: pretrain with --val-fraction 0.1 (held out "
-                "before training, recorded in the checkpoint), or name held-out ID images with --calibration-data "
-                "folder:PATH (or images:PATH); --calibration-data train uses training images (biased).") from None
+        ds, what = _validation(meta, source)
         return ds, what, True
     if choice == "train":
         log.warning("calibrating on the training images the model was fitted to: their scores are optimistic, so "
@@ -87,15 +86,18 @@ def calibration_set(meta: RunMeta, data: str | None, source: DataSource) -> tupl
 
 def calibrate(checkpoint: str | Path, *, score: str = "energy", tpr: float = 0.95, data: str | None = None,
               data_root: DataSource | str | Path | None = None, device: str | None = None,
-              id_data: str | None = None, check: bool = True) -> Detector:
+              id_data: str | None = None, check: bool = True, blur: bool = False) -> Detector | SegmentationDetector:
     """A :class:`Detector` of ``checkpoint`` with ``score``, its threshold set to accept ``tpr`` of held-out ID
     images (``data``, module docstring); Mahalanobis/kNN statistics fitted on the ID train split first. With
-    ``check``, the acceptance rate reached is measured on the ID test split and recorded."""
+    ``check``, the acceptance rate reached is measured on the ID test split and recorded. A segmentation
+    checkpoint gets a :class:`SegmentationDetector` with a pixel threshold
+    (:func:`~.pixel_detect.calibrate_segmenter`; ``blur`` as ``evaluate --blur``)."""
+    if read_meta(checkpoint).task == "segmentation":
+        return calibrate_segmenter(checkpoint, score=score, tpr=tpr, data=data, data_root=data_root, device=device,
+                                   id_data=id_data, check=check, blur=blur)
+    if blur:
+        raise ConfigError("--blur smooths per-pixel maps of segmentation checkpoints; drop it for a classifier.")
     source = as_source(data_root)
-    task = read_meta(checkpoint).task
-    if task != "classification":  # before building the model: a segmenter has no classifier head to look for
-        raise ConfigError(f"{checkpoint} is a {task} checkpoint; calibrate takes an image classifier (one score per "
-                          "image): pass a classification checkpoint.")
     net, meta = load_feature_model(checkpoint)
     meta = with_id_data(meta, id_data, source)
     det = Detector(net, classes=meta.classes, mean=meta.mean, std=meta.std, resolution=meta.resolution, score=score,
@@ -130,9 +132,10 @@ def disjoint_check_set(test: ImageSet, calibration: ImageSet, dataset: str) -> t
 
 
 def predict(checkpoint: str | Path, inputs: Sequence[str], *, detector: str | Path, device: str | None = None,
-            batch_size: int = 256) -> Iterator[dict[str, Any]]:
-    """Rows (path, predicted_class, confidence, score, is_ood, error) for every input file; ``detector`` (a
-    saved detector) must have been calibrated for ``checkpoint``'s weights."""
+            batch_size: int = 256, skipped: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Rows (path, predicted_class, confidence, score, margin, is_ood, error) for every input file; ``detector``
+    (a saved detector) must have been calibrated for ``checkpoint``'s weights; ``skipped`` counts the non-image
+    files passed over. Segmentation checkpoints: :func:`~.pixel_detect.predict_frames`."""
     det = Detector.load(detector, checkpoint, device=device)
     det.calibrated()
-    return det.predict_files(inputs, batch_size=batch_size)
+    return det.predict_files(inputs, batch_size=batch_size, skipped=skipped)

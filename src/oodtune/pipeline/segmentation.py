@@ -14,6 +14,7 @@ Fine-tuning defaults (:data:`SEGMENTATION_FINETUNE`): PEBAL's recipe where it tr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,9 @@ ESPNET_TRAINABLE = ("conv", "classifier")
 #: Pixels kept per frame when the pretrained model's pixel energies are collected (margins).
 ENERGY_PIXELS_PER_FRAME = 2000
 PRIOR_SEED = 0
+#: ID train frames (seeded sample) whose pixel energies propose or check margins.
+MARGIN_FRAMES = 100
+log = logging.getLogger(__name__)
 
 
 def _input_size(meta: RunMeta) -> Size:
@@ -73,12 +77,19 @@ def _id_set(meta: RunMeta, source: DataSource, split: str) -> SegmentationSet:
 
 
 def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, source: DataSource,
-                       device: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass of the pretrained ``net`` over the ID train frames, each with one ``train`` object pasted (seeded):
-    (argmax counts over the K classes on pasted pixels, energies of a seeded sample of labelled ID pixels, energies
-    of every pasted pixel). Memoised per network and outlier bank."""
+                       device: str | None, frames: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass of the pretrained ``net`` over the ID train frames (``frames``: the first of a seeded shuffle;
+    None: all), each with one ``train`` object pasted (seeded): (argmax counts over the K classes on pasted pixels,
+    energies of a seeded sample of labelled ID pixels, energies of every pasted pixel). Memoised per network,
+    outlier bank and frame count."""
     def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         train = _id_set(meta, source, "train")
+        if frames is not None and frames < len(train):
+            keep = np.sort(np.random.default_rng(PRIOR_SEED).choice(len(train), size=frames, replace=False))
+            log.info("energies of the pretrained model on %d of %d ID train frames with pasted objects (seeded "
+                     "sample)", frames, len(train))
+            train = train.subset(keep)
         bank = source.objects(outliers, "train")
         rng = np.random.default_rng(PRIOR_SEED)
         images, labels = train.images.copy(), train.labels.copy()
@@ -100,15 +111,17 @@ def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, sou
                 e_in.append(torch.from_numpy(vals[keep]))
         return counts, torch.cat(e_in), torch.cat(e_out)
 
-    return source.memo(("pasted-train-pass", weights_hash(net), meta.dataset, meta.input_size, outliers), run)
+    return source.memo(("pasted-train-pass", weights_hash(net), meta.dataset, meta.input_size, outliers, frames),
+                       run)
 
 
 @dataclass(frozen=True)
 class SegmentationEvaluation:
     """The segmentation task's evaluation options: ``blur`` Gaussian-blurs the per-pixel score maps (kernel 7, σ 1)
-    before the metrics, as PEBAL's test code can."""
+    before the metrics, as PEBAL's test code can; ``id_metrics=False`` skips the mIoU pass over the ID test frames."""
 
     blur: bool = False
+    id_metrics: bool = True  # False: no mIoU pass over the ID test frames
 
 
 class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
@@ -143,7 +156,7 @@ class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
 
     def energies(self, net: SegmentationModel, meta: RunMeta, outliers: str, source: DataSource,
                  device: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        _, e_in, e_out = _pasted_train_pass(net, meta, outliers, source, device)
+        _, e_in, e_out = _pasted_train_pass(net, meta, outliers, source, device, MARGIN_FRAMES)
         return e_in, e_out
 
     def train(self, net: SegmentationModel, meta: RunMeta, loss: CompositeLoss, config: TrainConfig, *,
@@ -162,12 +175,13 @@ class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
         return [build_score(s) for s in names]
 
     def evaluation_options(self, *, blur: bool = False,
-                           validation: ValidationSpec | None = None) -> SegmentationEvaluation:
+                           validation: ValidationSpec | None = None,
+                           id_metrics: bool = True) -> SegmentationEvaluation:
         if validation is not None:
             raise ConfigError("choosing score hyperparameters on a validation pair (--select-on) is implemented for "
                               "classification checkpoints only; segmentation scores keep their papers' values. "
                               "Evaluate without it (drop --select-on).")
-        return SegmentationEvaluation(blur=blur)
+        return SegmentationEvaluation(blur=blur, id_metrics=id_metrics)
 
     def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
@@ -177,8 +191,8 @@ class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
         height = _input_size(meta)[1]
         sets = {name: source.segmentation(name, "test", height=height, num_images=num_ood) for name in ood}
         return evaluate_segmentation(net, normalizer_for(meta), _id_set(meta, source, id_split), sets,
-                                     built, device=device,
-                                     batch_size=min(batch_size, 8), positive=positive, blur=options.blur)
+                                     built, device=device, batch_size=min(batch_size, 8), positive=positive,
+                                     blur=options.blur, id_metrics=options.id_metrics)
 
 
 register_task(SegmentationTask())
@@ -254,11 +268,11 @@ def id_test_miou(checkpoint: str | Path, *, data_root: DataSource | str | Path |
 
 
 def anomaly_examples(checkpoint: str | Path, dataset: str, count: int = 4, *,
-                     data_root: DataSource | str | Path | None = None, device: str | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(frames (n, H, W, 3), labels (n, H, W), energy maps E = -logsumexp over the K classes (n, H, W)) of ``count``
-    frames spread evenly over the anomaly set ``dataset`` (its first and last included), under ``checkpoint``
-    (for the before/after figures)."""
+                     data_root: DataSource | str | Path | None = None, device: str | None = None,
+                     score: str = "energy") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(frames (n, H, W, 3), labels (n, H, W), per-pixel ``score`` maps, higher = more in-distribution (n, H, W))
+    of ``count`` frames spread evenly over the anomaly set ``dataset`` (its first and last included), under
+    ``checkpoint`` (for the anomaly-map figures)."""
     from . import load_task_model
 
     if count < 1:
@@ -266,6 +280,7 @@ def anomaly_examples(checkpoint: str | Path, dataset: str, count: int = 4, *,
     net, meta, _ = load_task_model(checkpoint)
     data = as_source(data_root).segmentation(dataset, "test", height=_input_size(meta)[1])
     subset = data.subset(np.unique(np.linspace(0, len(data) - 1, count).round().astype(int)))
-    maps = [-score_map(build_score("energy"), logits, meta.num_classes).cpu().numpy()
+    fn = build_score(score)
+    maps = [score_map(fn, logits, meta.num_classes).cpu().numpy()
             for logits, _ in forward_maps(net, subset, normalizer_for(meta), device=device)]
     return subset.images, subset.labels, np.concatenate(maps)

@@ -15,9 +15,11 @@ from ..data import (
     load_objects,
     load_segmentation,
 )
+from ..data.registry import resolve_dataset
 from ..data.segmentation import Size
+from ..models import RunMeta
 
-__all__ = ["DataSource", "as_source"]
+__all__ = ["DataSource", "as_source", "with_id_data"]
 
 T = TypeVar("T")
 
@@ -62,3 +64,8 @@ class DataSource:
 def as_source(data: DataSource | str | Path | None) -> DataSource:
     """``data`` itself when it is a DataSource, else a new one over that root."""
     return data if isinstance(data, DataSource) else DataSource(data)
+
+
+def with_id_data(meta: RunMeta, id_data: str | None, source: DataSource) -> RunMeta:
+    """``meta`` with its ID dataset renamed to ``id_data`` (a moved folder, another data root's copy)."""
+    return meta if id_data is None else meta.replace(dataset=resolve_dataset(id_data, source.root))
