@@ -207,3 +207,27 @@ def test_evaluate_plots_score_maps_and_can_skip_the_miou(seg: dict[str, Any]) ->
     fails(*args, "--plot", prefix, match="--overwrite")  # the maps are planned outputs too
     res = ok(*args)
     assert "ID mIoU" in res.output and "skip with --no-id-metrics" in res.output
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    (("calibration", "threshold"), float("nan"), "calibration.threshold"),
+    (("calibration", "frames"), 0, "calibration.frames"),
+    (("input_size",), [32], "input_size"),
+    (("channel_order",), "rgba", "channel_order"),
+    (("anomaly_png", "levels_per_unit"), "many", "anomaly_png.levels_per_unit"),
+    (("blur",), "yes", "blur"),
+    (("resolution",), 32, "resolution"),  # a classifier's field has no place in a segmenter's detector
+])
+def test_a_damaged_segmentation_detector_file_names_the_field(seg: dict[str, Any], field: tuple[str, ...],
+                                                              value: Any, named: str) -> None:
+    det = pipeline.calibrate(seg["ckpt"], tpr=0.9, data_root=seg["root"], device="cpu", check=False)
+    record = det.record()
+    SegmentationDetector.load(det.save(seg["tmp"] / "good.json"))  # the record as written passes
+    target = record
+    for key in field[:-1]:
+        target = target[key]
+    target[field[-1]] = value
+    bad = seg["tmp"] / "bad.json"
+    bad.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=f"field '{named}'"):
+        SegmentationDetector.load(bad)
