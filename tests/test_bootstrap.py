@@ -10,9 +10,9 @@ from oodtune.metrics import detection_metrics
 from oodtune.metrics.bootstrap import (
     COMPARED_METRICS,
     LEVELS,
-    _cells,
     compare_paired,
     draw_replicates,
+    paired_cells,
     verdict,
     weighted_detection_metrics,
 )
@@ -68,26 +68,28 @@ def test_bad_weights_are_refused():
         weighted_detection_metrics([1.0, 2.0], [0.0], np.zeros((1, 2)), np.ones((1, 1)))
 
 
+def _resampled_group_metrics(cell, names, w):
+    """The metrics of the explicitly resampled arrays, averaged over the OOD sets ``names``."""
+    rows = [detection_metrics(np.repeat(cell["id"], w["id"]), np.repeat(cell[s], w[s])) for s in names]
+    return {k: np.mean([row[k] for row in rows]) for k in COMPARED_METRICS}
+
+
 @pytest.mark.parametrize("levels", [LEVELS, ("models",), ("seeds", "images"), ("images",)])
 def test_vectorised_bootstrap_equals_a_naive_loop(levels):
     a, b = _design(2, 0.6, 0.3, models=3, seeds=2, ties=True)
     n_boot, seed = 40, 7
     got = {(i.group, i.metric): i for i in compare_paired(a, b, GROUPS, n_boot=n_boot, seed=seed, levels=levels,
                                                           block=16)}
-    _, models, pairs = _cells(a, b)
+    _, models, pairs = paired_cells(a, b)
     sizes = {n: len(pairs[0][0][n]) for n in ["id", "a", "b", "c"]}
     reps = {key: [] for key in got}
     for draws in draw_replicates(models, sizes, n_boot, seed, levels=levels, block=16):
         for r in range(len(draws.cells)):
+            w = {name: weights[r] for name, weights in draws.images.items()}
             for g, names in GROUPS.items():
                 per_cell = []
                 for x, y in pairs:
-                    def m(cell):
-                        w = draws.images
-                        rows = [detection_metrics(np.repeat(cell["id"], w["id"][r]), np.repeat(cell[s], w[s][r]))
-                                for s in names]
-                        return {k: np.mean([row[k] for row in rows]) for k in COMPARED_METRICS}
-                    ma, mb = m(x), m(y)
+                    ma, mb = _resampled_group_metrics(x, names, w), _resampled_group_metrics(y, names, w)
                     per_cell.append({k: ma[k] - mb[k] for k in COMPARED_METRICS})
                 for k in COMPARED_METRICS:
                     reps[(g, k)].append(sum(wc * d[k] for wc, d in zip(draws.cells[r], per_cell, strict=True)))

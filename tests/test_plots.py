@@ -132,3 +132,14 @@ def test_prior_shows_p_and_p_gamma(tmp_path, figures):
 def test_short_names():
     assert short_name("folder:/very/long/path/set") == "folder:set"
     assert short_name("/runs/x/bal/model.pt") == "bal/model.pt" and short_name("mnist") == "mnist"
+
+
+def test_forest_plot_draws_every_comparison_and_refuses_nothing_to_draw(tmp_path):
+    from oodtune.plots import plot_forest
+    rows = [{"comparison": c, "group": g, "metric": m, "difference": 0.5, "low": -0.1, "high": 1.0,
+             "verdict": "not established"} for c in ("A vs B", "C vs D") for g in ("near", "far")
+            for m in ("auroc", "fpr95")]
+    path = plot_forest(tmp_path / "forest.png", rows, ["auroc", "fpr95"], {"auroc": "AUROC"}, title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="no comparison rows"):
+        plot_forest(tmp_path / "empty.png", [], ["auroc"], {})

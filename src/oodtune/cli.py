@@ -662,18 +662,25 @@ def examples() -> None:
               help="Run only this row of the config (label or slug, e.g. 'energyoe'); repeatable. The other "
                    "rows are tabulated from their finished runs.")
 @click.option("--report-only", is_flag=True,
-              help="Train nothing: tabulate the runs already finished and list the missing ones.")
+              help="Train nothing: tabulate the runs already finished (and the comparisons' CIs) and list the "
+                   "missing ones.")
+@click.option("--n-boot", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Bootstrap replicates of each [[comparisons]] CI.")
+@click.option("--bootstrap-seed", type=int, default=0, show_default=True, help="Seed of the bootstrap draws.")
 def benchmark(config: str, data_root: str | None, device: str | None, out: str | None, only: tuple[str, ...],
-              report_only: bool) -> None:
-    """Run a grid (methods x seeds x OOD sets) from one pretrained checkpoint; resumes if interrupted.
+              report_only: bool, n_boot: int, bootstrap_seed: int) -> None:
+    """Run a grid (methods x seeds x OOD sets) from one pretrained checkpoint — or from one per
+    [benchmark].pretrain_seeds (nested seeds) —; resumes if interrupted.
 
     CONFIG is a TOML file, or the name of an example (`oodtune examples`). Writes OUT/results.json, results.md,
-    results.csv and plots (energy histograms, ROC curves).
+    results.csv and plots (energy histograms, ROC curves); with [[comparisons]], OUT/comparisons.md / .json (paired
+    differences with hierarchical bootstrap CIs and verdicts) and OUT/forest.png.
     """
-    from .benchmark import find_config, load_benchmark_config, run_benchmark
+    from .benchmark import find_config, load_benchmark_config, run_nested
 
     cfg = load_benchmark_config(find_config(config), data_root=data_root, device=device, out=out, only=list(only))
-    paths = run_benchmark(cfg, command=_command_line(), report_only=report_only)
+    paths = run_nested(cfg, command=_command_line(), report_only=report_only, n_boot=n_boot,
+                       bootstrap_seed=bootstrap_seed)
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 

@@ -40,7 +40,7 @@ from ..errors import ConfigError
 from .ood import _check_scores, _check_tpr
 
 __all__ = ["COMPARED_METRICS", "HIGHER_IS_BETTER", "LEVELS", "VERDICTS", "Draws", "Interval", "compare_paired",
-           "draw_replicates", "verdict", "weighted_detection_metrics"]
+           "draw_replicates", "paired_cells", "verdict", "weighted_detection_metrics"]
 
 #: The metrics every comparison reports (percent): AUROC, AUPR-Out and FPR95 under both conventions.
 COMPARED_METRICS = ("auroc", "aupr_out", "fpr95", "fpr95_in")
@@ -197,7 +197,7 @@ def verdict(low: float, high: float, metric: str) -> str:
     return "not established"
 
 
-def _cells(a: MethodCells, b: MethodCells) -> tuple[list[Hashable], list[list[int]], list[tuple[CellScores,
+def paired_cells(a: MethodCells, b: MethodCells) -> tuple[list[Hashable], list[list[int]], list[tuple[CellScores,
                                                                                                    CellScores]]]:
     """The (model, seed) cells where both methods have scores; a post-hoc side (seed None) joins every seed."""
     def get(m: MethodCells, key: tuple[Hashable, Hashable]) -> CellScores | None:
@@ -219,7 +219,7 @@ def compare_paired(a: MethodCells, b: MethodCells, groups: Mapping[str, Sequence
     design); raises ConfigError when no cell is shared or the cells were not scored on the same images."""
     if n_boot < 1 or not 0 < confidence < 1:
         raise ConfigError(f"need n_boot >= 1 and 0 < confidence < 1, got {n_boot} and {confidence}")
-    model_ids, models, pairs = _cells(a, b)
+    model_ids, models, pairs = paired_cells(a, b)
     if not pairs:
         raise ConfigError("the two methods share no (pretrained model, seed) cell; nothing to compare yet.")
     sets = list(dict.fromkeys(s for names in groups.values() for s in names))
