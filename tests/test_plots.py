@@ -135,6 +135,7 @@ def test_short_names():
 
 
 def test_forest_plot_draws_every_comparison_and_refuses_nothing_to_draw(tmp_path):
+    from oodtune.errors import ConfigError
     from oodtune.plots import plot_forest
     rows = [{"comparison": c, "group": g, "metric": m, "difference": 0.5, "low": -0.1, "high": 1.0,
              "verdict": "not established"} for c in ("A vs B", "C vs D") for g in ("near", "far")
