@@ -47,6 +47,7 @@ from .classification import (
     id_test_accuracy,
     id_test_set,
     id_train_set,
+    id_unseen_set,
     import_model,
     normalizer_for,
     pretrain,
@@ -61,8 +62,8 @@ __all__ = [
     "CALIBRATION_CHOICES", "DEFAULT_TEST_FRACTION", "DataSource", "MarginProposal", "Task", "ValidationSpec",
     "anomaly_examples", "as_source", "calibrate", "default_outliers", "estimate_prior", "evaluate_checkpoint",
     "finetune", "finetune_config", "fresh_model", "id_parts", "id_test_accuracy", "id_test_miou", "id_test_set",
-    "id_train_set", "import_model", "import_segmenter", "load_task_model", "normalizer_for", "predict", "pretrain",
-    "pretrain_setup", "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
+    "id_train_set", "id_unseen_set", "import_model", "import_segmenter", "load_task_model", "normalizer_for", "predict",
+    "pretrain", "pretrain_setup", "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
     "with_id_data",
 ]
 
