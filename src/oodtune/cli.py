@@ -496,10 +496,11 @@ def finetune(**kw: Any) -> None:
 @click.option("--positive", type=click.Choice(["in", "out"]), default=None,
               help="Which class the metrics treat as positive (default: see oodtune.metrics).")
 @click.option("--select-on", default=None, metavar="OUTLIERS",
-              help="Choose each score's hyperparameters on held-out ID train images vs these held-out auxiliary "
-                   "outliers (e.g. tin-aux-val; never an OOD test set) instead of keeping the papers' values.")
+              help="Choose each score's hyperparameters on never-trained-on ID images (the part held out before "
+                   "pretraining, --val-fraction) vs these held-out auxiliary outliers (e.g. tin-aux-val; never an "
+                   "OOD test set); the papers' value is kept unless the validation gain exceeds its standard error.")
 @click.option("--id-holdout", type=click.IntRange(1), default=1000, show_default=True,
-              help="ID train images held out of the statistics fit for --select-on.")
+              help="How many never-trained-on ID images --select-on scores.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write OUT.json, OUT.md and OUT.csv with the table (a .json, .md or .csv suffix on OUT is "
                    "dropped).")

@@ -184,7 +184,7 @@ def write_matrix(cfg: BenchmarkConfig, records: list[dict[str, Any]], command: s
           f"ID: {cfg.id_dataset}, {cfg.arch}; seeds {cfg.seeds}. Each cell: the score's metric averaged over the OOD "
           "sets of the heading, mean ± sample std over the fine-tuning seeds (the pretrained model is one run); "
           "the best score of each row in bold. Metrics in %, scores \"higher = more in-distribution\".\n"]
-    titles = {"selected": f"Hyperparameters selected on the validation pair (held-out ID train images × "
+    titles = {"selected": f"Hyperparameters selected on the validation pair (never-trained-on ID images × "
                           f"{spec.validation_outliers})",
               "default": "Paper-default hyperparameters"}
     for mode in spec.modes:

@@ -218,8 +218,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: S
     metrics come from the ID ``id_split`` split (``val`` when choosing hyper-parameters without the test split);
     ``blur`` Gaussian-blurs segmentation score maps (kernel 7, σ 1) as PEBAL's test code can.
 
-    Scores keep their papers' hyperparameters, unless ``validation`` names a validation pair (held-out ID train
-    images + held-out auxiliary outliers) to choose them on (:mod:`oodtune.scores.selection`; the choices are in
+    Scores keep their papers' hyperparameters, unless ``validation`` names a validation pair (never-trained-on
+    ID images + held-out auxiliary outliers) to choose them on (:mod:`oodtune.scores.selection`; the choices are in
     ``report.selections``; classification only)."""
     source = as_source(data_root)
     net, meta, task = load_task_model(checkpoint, id_data=id_data, source=source)
