@@ -130,3 +130,20 @@ def test_nested_config_is_checked(env, edit, match):
     with pytest.raises(ConfigError, match=match) as info:
         load_benchmark_config(path)
     assert re.search(re.escape(str(path)), str(info.value))
+
+
+def test_one_process_per_pretrained_model(env, nested, monkeypatch):
+    """--pretrain-seed: a process runs only its models' grids (the other models' runs are only read)."""
+    visited: list[Path] = []
+    real = run_nested.__globals__["run_benchmark"]
+
+    def spy(sub: Any, *args: Any, **kwargs: Any) -> Any:
+        visited.append(sub.out)
+        return real(sub, *args, **kwargs)
+    monkeypatch.setitem(run_nested.__globals__, "run_benchmark", spy)
+    cfg = load_benchmark_config(_config(env, "nested"))
+    run_nested(cfg, "test", report_only=True, n_boot=60, models=[1])
+    assert visited == [nested["out"] / "pretrain-s1"]
+    assert json.loads((nested["out"] / "comparisons.json").read_text())["rows"] == nested["cmp"]["rows"]
+    with pytest.raises(ConfigError, match="not in \\[benchmark\\].pretrain_seeds"):
+        run_nested(cfg, "test", report_only=True, models=[7])

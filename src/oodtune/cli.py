@@ -668,8 +668,11 @@ def examples() -> None:
 @click.option("--n-boot", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Bootstrap replicates of each [[comparisons]] CI.")
 @click.option("--bootstrap-seed", type=int, default=0, show_default=True, help="Seed of the bootstrap draws.")
+@click.option("--pretrain-seed", "pretrain_seed", multiple=True, type=int, metavar="SEED",
+              help="Nested seeds: run only the pretrained model of this [benchmark].pretrain_seeds entry (and its "
+                   "rows); repeatable. Several processes with different seeds can share one benchmark.")
 def benchmark(config: str, data_root: str | None, device: str | None, out: str | None, only: tuple[str, ...],
-              report_only: bool, n_boot: int, bootstrap_seed: int) -> None:
+              report_only: bool, n_boot: int, bootstrap_seed: int, pretrain_seed: tuple[int, ...]) -> None:
     """Run a grid (methods x seeds x OOD sets) from one pretrained checkpoint — or from one per
     [benchmark].pretrain_seeds (nested seeds) —; resumes if interrupted.
 
@@ -681,7 +684,7 @@ def benchmark(config: str, data_root: str | None, device: str | None, out: str |
 
     cfg = load_benchmark_config(find_config(config), data_root=data_root, device=device, out=out, only=list(only))
     paths = run_nested(cfg, command=_command_line(), report_only=report_only, n_boot=n_boot,
-                       bootstrap_seed=bootstrap_seed)
+                       bootstrap_seed=bootstrap_seed, models=pretrain_seed)
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 

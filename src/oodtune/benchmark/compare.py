@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..lock import output_lock
 from ..metrics.bootstrap import COMPARED_METRICS, LEVELS, MethodCells, compare_paired, paired_cells
 from ..plots import plot_forest
@@ -168,15 +169,22 @@ def write_comparisons(cfg: BenchmarkConfig, command: str, *, n_boot: int = 2000,
 
 
 def run_nested(cfg: BenchmarkConfig, command: str, *, report_only: bool = False, trust_arch: Sequence[str] = (),
-               n_boot: int = 2000, bootstrap_seed: int = 0) -> list[Path]:
-    """Run (or resume) every sub-benchmark in turn, then write the comparisons from what has finished; with
-    ``report_only`` nothing is trained or evaluated."""
+               n_boot: int = 2000, bootstrap_seed: int = 0, models: Sequence[int] = ()) -> list[Path]:
+    """Run (or resume) every sub-benchmark in turn — only those of the pretrain seeds in ``models`` when given,
+    so that several processes can share the models of one nested benchmark — then write the comparisons from
+    what has finished; with ``report_only`` nothing is trained or evaluated. Each sub-benchmark's folder is
+    locked while it runs, the benchmark's own folder while the comparisons are written."""
+    unknown = sorted(set(models) - set(cfg.pretrain_seeds))
+    if unknown:
+        raise ConfigError(f"--pretrain-seed {', '.join(map(str, unknown))}: not in [benchmark].pretrain_seeds "
+                          f"{cfg.pretrain_seeds}")
     paths: list[Path] = []
+    for p, sub in sub_benchmarks(cfg):
+        if models and p not in models:
+            continue
+        if p is not None:
+            log.info("── pretrained model s%d (%s) ──", p, sub.out)
+        paths += run_benchmark(sub, command, report_only=report_only, trust_arch=trust_arch)
     with output_lock(cfg.out):
-        for p, sub in sub_benchmarks(cfg):
-            if p is not None:
-                log.info("── pretrained model s%d (%s) ──", p, sub.out)
-            paths += run_benchmark(sub, command, report_only=report_only, trust_arch=trust_arch, lock=p is not None)
         paths += write_comparisons(cfg, command, n_boot=n_boot, seed=bootstrap_seed)
     return paths
-

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,14 +319,14 @@ class Benchmark:
 
 
 def run_benchmark(cfg: BenchmarkConfig, command: str, *, report_only: bool = False,
-                  trust_arch: Sequence[str] = (), lock: bool = True) -> list[Path]:
+                  trust_arch: Sequence[str] = ()) -> list[Path]:
     """Run (or resume) the benchmark; returns the written result files.
 
     The output folder is locked against a second writer for the whole run and the device is checked first. An
     architecture given as an import path (the config's ``arch``, or that of its ``pretrained`` checkpoint) is
     built only if it is in ``trust_arch`` (the command line's ``--trust-arch``): a file never makes oodtune import
-    code. ``lock=False``: the caller already holds the lock of ``cfg.out``."""
-    with output_lock(cfg.out) if lock else nullcontext(cfg.out), trusted_archs(*trust_arch):
+    code."""
+    with output_lock(cfg.out), trusted_archs(*trust_arch):
         resolve_device(cfg.device)
         if not cfg.pretrained:
             check_trusted(cfg.arch, "the benchmark config")
