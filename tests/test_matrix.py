@@ -92,10 +92,15 @@ def test_matrix_covers_every_score_on_every_model(bench):
     assert summary["all"]["auroc"]["EnergyOE"]["knn"] == pytest.approx([np.mean(per_seed), np.std(per_seed, ddof=1)])
     near = [next(x["fpr95"] for x in r["rows"] if x["score"] == "vim" and x["dataset"] == "tin-near") for r in tuned]
     assert summary["near"]["fpr95"]["EnergyOE"]["vim"] == pytest.approx([np.mean(near), np.std(near, ddof=1)])
+    near_in = [next(x["fpr95_in"] for x in r["rows"] if x["score"] == "vim" and x["dataset"] == "tin-near")
+               for r in tuned]
+    assert summary["near"]["fpr95_in"]["EnergyOE"]["vim"] == pytest.approx([np.mean(near_in), np.std(near_in, ddof=1)])
     for heading in ("## Hyperparameters selected on the validation pair", "## Paper-default hyperparameters",
-                    "### AUROC↑, average over all OOD sets", "### FPR95↓, average over near OOD sets",
-                    "### Chosen hyperparameters", "### AUROC↑ change from the pretrained model (same score)",
-                    "### FPR95↓ of each score minus energy's on the same model"):
+                    "### AUROC↑, average over all OOD sets", "### FPR95↓ OOD+, average over near OOD sets",
+                    "### FPR95↓ ID+, average over far OOD sets", "### Chosen hyperparameters",
+                    "### AUROC↑ change from the pretrained model (same score)",
+                    "### FPR95↓ ID+ of each score minus energy's on the same model",
+                    "**FPR95 ID+**: ID is the positive"):
         assert heading in md
     assert md.count("**") >= 2 * 3 * 8  # one bold (best) cell per table row
 
