@@ -369,8 +369,9 @@ def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: 
         console.print(f"saved {path}")
         if check_accuracy:
             m = id_test_miou(path, data_root=data_root, device=device)
-            console.print(f"{dataset} test mIoU of the imported model: {m['miou']:.2f}% "
-                          f"(pixel accuracy {m['pixel_accuracy']:.2f}%)")
+            console.print(f"{dataset} test mIoU of the imported model: {m['miou']:.2f}% with the argmax over all "
+                          f"outputs, {m['miou_classes']:.2f}% over the classes only (pixel accuracy "
+                          f"{m['pixel_accuracy']:.2f}% / {m['pixel_accuracy_classes']:.2f}%)")
         return
     path = run(weights, out, arch=arch, dataset=dataset, data_root=data_root, resolution=resolution, mean=mean,
                std=std, head=head)
