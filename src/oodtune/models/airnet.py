@@ -75,7 +75,8 @@ class AirNet(nn.Module):
     def __init__(self, num_classes: int, width: int = 64) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, STEM, 2, padding=0, bias=True)
-        nn.init.zeros_(self.stem.bias)
+        with torch.no_grad():
+            self.stem.bias.zero_()  # type: ignore[union-attr]
         self.blocks = nn.Sequential(_Block(STEM, width), _Block(width, 4 * width), _Block(4 * width, 4 * width))
         self.head = nn.Linear(4 * width, num_classes, bias=False)
 
