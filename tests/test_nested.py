@@ -18,6 +18,8 @@ from oodtune.benchmark import load_benchmark_config, run_nested
 from oodtune.errors import ConfigError
 from oodtune.metrics.bootstrap import VERDICTS
 
+pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
+
 CONFIG = """
 pretrain = {{ epochs = 1, batch_size = 8, max_steps_per_epoch = 2, lr = 0.01 }}
 finetune = {{ epochs = 1, batch_size = 8, outlier_batch_size = 16, max_steps_per_epoch = 1 }}

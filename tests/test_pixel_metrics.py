@@ -179,7 +179,7 @@ def test_miou_under_both_protocols(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import torch
 
-    import oodtune.pixel_evaluation as pe
+    import oodtune.evaluation.segmentation as pe
     logits = torch.tensor([[2.0, 1.0, 0.0, 0.0], [1.0, 2.0, 1.0, 0.0], [3.0, 0.0, 0.0, 5.0]]).reshape(1, 3, 1, 4)
     labels = np.array([[[0, 0, 1, 1]]])
     monkeypatch.setattr(pe, "forward_maps", lambda *a, **k: iter([(logits, labels)]))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..lock import output_lock
+from ..utils.lock import output_lock
 from ..metrics.bootstrap import COMPARED_METRICS, LEVELS, MethodCells, compare_paired, paired_cells
 from ..plots import plot_forest
 from ..report import markdown_table, provenance, write_json, write_text_atomic
