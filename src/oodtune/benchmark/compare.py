@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..utils.lock import output_lock
 from ..metrics.bootstrap import COMPARED_METRICS, LEVELS, MethodCells, compare_paired, paired_cells
 from ..plots import plot_forest
 from ..report import markdown_table, provenance, write_json, write_text_atomic
 from ..training.trainer import FINAL
+from ..utils.lock import output_lock
 from .config import BenchmarkConfig
 from .grid import Benchmark, run_benchmark
 from .tables import METRIC_HEADERS, write_results
