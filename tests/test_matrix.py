@@ -20,6 +20,7 @@ from oodtune.benchmark import load_benchmark_config, run_benchmark
 from oodtune.evaluation.classification import compute_outputs
 from oodtune.models import load_feature_model
 from oodtune.scores import KNN, build_score
+from oodtune.training.config import PRETRAIN
 
 pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
 
@@ -27,7 +28,7 @@ NUM_OOD = 16
 SCORES = ["msp", "energy", "knn", "react+energy", "vim"]
 
 CONFIG = """
-pretrain = {{ epochs = 1, batch_size = 8, max_steps_per_epoch = 2, lr = 0.01 }}
+pretrain = {{ epochs = 1, batch_size = 8, max_steps_per_epoch = 2, lr = 0.01, val_fraction = 0.3 }}
 finetune = {{ epochs = 1, batch_size = 8, outlier_batch_size = 16, max_steps_per_epoch = 1 }}
 methods = [{{ label = "EnergyOE", method = "energy-oe" }}]
 
@@ -93,10 +94,15 @@ def test_matrix_covers_every_score_on_every_model(bench):
     assert summary["all"]["auroc"]["EnergyOE"]["knn"] == pytest.approx([np.mean(per_seed), np.std(per_seed, ddof=1)])
     near = [next(x["fpr95"] for x in r["rows"] if x["score"] == "vim" and x["dataset"] == "tin-near") for r in tuned]
     assert summary["near"]["fpr95"]["EnergyOE"]["vim"] == pytest.approx([np.mean(near), np.std(near, ddof=1)])
+    near_in = [next(x["fpr95_in"] for x in r["rows"] if x["score"] == "vim" and x["dataset"] == "tin-near")
+               for r in tuned]
+    assert summary["near"]["fpr95_in"]["EnergyOE"]["vim"] == pytest.approx([np.mean(near_in), np.std(near_in, ddof=1)])
     for heading in ("## Hyperparameters selected on the validation pair", "## Paper-default hyperparameters",
-                    "### AUROC↑, average over all OOD sets", "### FPR95↓, average over near OOD sets",
-                    "### Chosen hyperparameters", "### AUROC↑ change from the pretrained model (same score)",
-                    "### FPR95↓ of each score minus energy's on the same model"):
+                    "### AUROC↑, average over all OOD sets", "### FPR95↓ OOD+, average over near OOD sets",
+                    "### FPR95↓ ID+, average over far OOD sets", "### Chosen hyperparameters",
+                    "### AUROC↑ change from the pretrained model (same score)",
+                    "### FPR95↓ ID+ of each score minus energy's on the same model",
+                    "**FPR95 ID+**: ID is the positive"):
         assert heading in md
     assert md.count("**") >= 2 * 3 * 8  # one bold (best) cell per table row
 
@@ -187,13 +193,54 @@ def test_pipeline_fits_only_on_the_checkpoints_train_split(env, bench, monkeypat
     net, _ = load_feature_model(ckpt)
     train = pipe.id_train_set(meta, env["root"])
     feats = compute_outputs(net, train, pipe.normalizer_for(meta), device="cpu").features
-    holdout = torch.randperm(len(train), generator=torch.Generator().manual_seed(7))[:30]
-    kept = torch.from_numpy(np.setdiff1d(np.arange(len(train)), holdout.numpy()))
     sel = report.selections["knn"]
     tried = len(sel["tried"])
     assert len(SpyKNN.fits) == tried + 1 + (sel["chosen"] != sel["default"])  # + the default, for default_rows
-    assert all(torch.allclose(f, feats[kept]) for f in SpyKNN.fits[:tried])
-    assert all(torch.allclose(f, feats) for f in SpyKNN.fits[tried:])
+    assert all(torch.allclose(f, feats) for f in SpyKNN.fits)
+
+
+TINY = PRETRAIN.replace(epochs=1, batch_size=8, max_steps_per_epoch=1, device="cpu")
+
+
+def _image_keys(images: np.ndarray) -> set[bytes]:
+    return {img.tobytes() for img in images}
+
+
+@pytest.mark.parametrize("pretrain", ["val_fraction", "num_train"])
+def test_no_selection_image_is_a_training_image(env, bench, monkeypatch, pretrain):
+    """A spy on the validation pair evaluate receives: its ID images are never-trained-on images (the part held out
+    before pretraining; for a model trained on a subsample, pool images outside it), none of them a training
+    image of the checkpoint."""
+    if pretrain == "val_fraction":
+        ckpt = bench["out"] / "runs" / "energyoe-s0" / "model.pt"
+    else:
+        ckpt = pipe.pretrain(env["tmp"] / "subsample", dataset="cifar10", arch="wrn-10-1", data_root=env["root"],
+                             num_train=60, config=TINY)
+    seen: list[Any] = []
+    real = classification.evaluate
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["validation"])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(classification, "evaluate", spy)
+    spec = pipe.ValidationSpec(outliers="tin-aux-val", id_holdout=20, seed=3)
+    _, meta = pipe.evaluate_checkpoint(ckpt, scores=["knn"], ood=["gaussian"], data_root=env["root"], device="cpu",
+                                       num_ood=NUM_OOD, validation=spec)
+    pair = seen[0]
+    assert len(pair.id_images) == 20
+    train = _image_keys(pipe.id_train_set(meta, env["root"]).images)
+    chosen = _image_keys(pair.id_images.images)
+    assert not chosen & train, "a selection image is a training image"
+    assert chosen <= _image_keys(pipe.id_unseen_set(meta, env["root"]).images)
+    assert chosen <= _image_keys(pipe.id_parts(meta, env["root"])[1 if pretrain == "val_fraction" else 0].images)
+
+
+def test_a_model_trained_on_every_image_has_nothing_to_select_on(env, bench):
+    ckpt = pipe.pretrain(env["tmp"] / "everything", dataset="cifar10", arch="wrn-10-1", data_root=env["root"],
+                         config=TINY)
+    with pytest.raises(ValueError, match="trained on every ID train image"):
+        pipe.evaluate_checkpoint(ckpt, scores=["knn"], ood=["gaussian"], data_root=env["root"], device="cpu",
+                                 num_ood=NUM_OOD, validation=pipe.ValidationSpec(outliers="tin-aux-val", id_holdout=5))
 
 
 def test_validation_outliers_may_not_be_a_test_set(env, bench):
@@ -202,7 +249,7 @@ def test_validation_outliers_may_not_be_a_test_set(env, bench):
         pipe.evaluate_checkpoint(ckpt, scores=["knn"], ood=["tin-near", "gaussian"], data_root=env["root"],
                                  device="cpu", num_ood=NUM_OOD,
                                  validation=pipe.ValidationSpec(outliers="tin-near", id_holdout=10))
-    with pytest.raises(ValueError, match="id_holdout must be between 1 and 99"):
+    with pytest.raises(ValueError, match="id_holdout must be between 1 and 30"):
         pipe.evaluate_checkpoint(ckpt, scores=["knn"], ood=["gaussian"], data_root=env["root"], device="cpu",
                                  num_ood=NUM_OOD, validation=pipe.ValidationSpec(outliers="tin-aux-val",
                                                                                  id_holdout=100))

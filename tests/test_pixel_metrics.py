@@ -224,3 +224,21 @@ def test_small_ground_truth_instances_are_voided_after_grouping_predictions_as_t
     assert res.siou == pytest.approx(1.0)
     assert res.ppv == pytest.approx(0.5)  # the object 1, the strip (6 pixels left in the ROI, no object) 0
     assert res.mean_f1 == pytest.approx(2 / 3)  # every threshold: TP 1, FN 0, FP 1
+
+
+def test_miou_under_both_protocols(monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 classes + 1 extra output (void). Argmax over all outputs: pixels 0 and 3 go to the extra channel, wrong
+    for every class; over the classes only: pixel 0 is right, pixel 3 goes to class 0."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import oodtune.evaluation.segmentation as pe
+    logits = torch.tensor([[2.0, 1.0, 0.0, 0.0], [1.0, 2.0, 1.0, 0.0], [3.0, 0.0, 0.0, 5.0]]).reshape(1, 3, 1, 4)
+    labels = np.array([[[0, 0, 1, 1]]])
+    monkeypatch.setattr(pe, "forward_maps", lambda *a, **k: iter([(logits, labels)]))
+    net = SimpleNamespace(num_classes=2, num_outputs=3)
+    data = SimpleNamespace(num_classes=2, ignore_index=255, name="toy", labels=labels)
+    m = pe.segmentation_metrics(net, None, data)  # type: ignore[arg-type]
+    assert m["miou"] == pytest.approx(100 * (0 + 1 / 3) / 2) and m["pixel_accuracy"] == pytest.approx(25.0)
+    assert m["miou_classes"] == pytest.approx(100 / 3) and m["pixel_accuracy_classes"] == pytest.approx(50.0)

@@ -180,3 +180,15 @@ def test_calibration_histogram_draws_the_threshold(tmp_path, figures):
     threshold = [ln for ln in ax.get_lines() if ln.get_label().startswith("threshold")]
     assert len(threshold) == 1 and threshold[0].get_xdata()[0] == pytest.approx(-1.64)
     assert any("n = 300" in t for t in _legend(ax)) and "higher = more in-distribution" in ax.get_xlabel()
+
+
+def test_forest_plot_draws_every_comparison_and_refuses_nothing_to_draw(tmp_path):
+    from oodtune.errors import ConfigError
+    from oodtune.plots import plot_forest
+    rows = [{"comparison": c, "group": g, "metric": m, "difference": 0.5, "low": -0.1, "high": 1.0,
+             "verdict": "not established"} for c in ("A vs B", "C vs D") for g in ("near", "far")
+            for m in ("auroc", "fpr95")]
+    path = plot_forest(tmp_path / "forest.png", rows, ["auroc", "fpr95"], {"auroc": "AUROC"}, title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="no comparison rows"):
+        plot_forest(tmp_path / "empty.png", [], ["auroc"], {})

@@ -76,10 +76,10 @@ def test_prior_margins_finetune_and_evaluate(seg_root: dict[str, Path]) -> None:
     assert meta.method == "balanced-pebal" and meta.history[0]["gambler"] > 0
     report, _ = pipeline.evaluate_checkpoint(out, scores=["energy", "msp"], ood=["road-anomaly", "camvid-pasted"],
                                              data_root=source)
-    assert set(report.id_metrics) == {"miou", "pixel_accuracy"}
+    assert set(report.id_metrics) == {"miou", "pixel_accuracy", "miou_classes", "pixel_accuracy_classes"}
     rows = {(r["score"], r["dataset"]): r for r in report.rows}
     assert set(rows) == {(s, d) for s in ("energy", "msp") for d in ("road-anomaly", "camvid-pasted")}
-    assert all(0 <= r["auroc"] <= 100 and "siou" in r for r in rows.values())
+    assert all(0 <= r["auroc"] <= 100 and "siou" in r and 0 <= r["fpr95_in"] <= 100 for r in rows.values())
     assert report.scores["energy"]["id"].size and report.scores["energy"]["road-anomaly"].size
     with pytest.raises(ConfigError, match="do not apply to segmentation"):
         pipeline.evaluate_checkpoint(out, scores=["knn"], ood=["road-anomaly"], data_root=source)
@@ -175,7 +175,8 @@ def test_command_line_import_and_evaluate(seg_root: dict[str, Path]) -> None:
     assert read_meta(tmp / "cli.pt").input_size == (16, 16)
     res = ok("evaluate", tmp / "cli.pt", "--score", "energy", "--ood", "road-anomaly", "--data-root", root,
              "--device", "cpu")
-    assert "ID mIoU (camvid test)" in res.output and "sIoU" in res.output
+    assert "ID mIoU (camvid test, argmax over all outputs)" in res.output and "sIoU" in res.output
+    assert "ID mIoU (camvid test, argmax over the classes only)" in res.output
     blurred = ok("evaluate", tmp / "cli.pt", "--score", "energy", "--ood", "road-anomaly", "--blur", "--data-root",
                  root, "--device", "cpu")
     assert blurred.output != res.output

@@ -16,7 +16,7 @@ from oodtune.evaluation.classification import Validation, compute_outputs, evalu
 from oodtune.metrics import auroc
 from oodtune.models import FeatureModel
 from oodtune.scores import KNN, Energy, LogitScore, Score, build_score
-from oodtune.scores.selection import RULE, select_hyperparameters
+from oodtune.scores.selection import RULE, gain_standard_error, select_hyperparameters
 
 
 class Shift(LogitScore):
@@ -61,6 +61,38 @@ def test_failing_candidates_are_recorded_not_hidden():
         select_hyperparameters(Shift(), 8, _fake_validate(dict.fromkeys((1, 2, 3, 4))))
 
 
+def test_the_default_is_kept_unless_the_gain_exceeds_its_standard_error():
+    """a=3 separates the sets far better than the default: chosen. a=2 moves one of 10 outliers below one of 10 ID
+    scores: +1 AUROC point, whose paired-bootstrap SE is about sqrt(E[w^2]^2 - 1) = 1.7 points (w: the
+    multiplicity of an image), so the default stays."""
+    s_id, s_out = np.arange(10.0) + 0.5, np.arange(10.0) - 6.0
+
+    chosen, sel = select_hyperparameters(Shift(), 8, lambda c: (s_id, s_out - (3.0 if c.a == 3 else 0.0)))
+    assert chosen.a == 3 and sel.gain > sel.gain_se
+    flip = {1: 3.6, 2: 3.4}  # a=2 moves the outlier just below ID score 3.5: +1 point, within its SE
+
+    def small(candidate: Score) -> tuple[np.ndarray, np.ndarray]:
+        out = s_out.copy()
+        out[9] = flip.get(candidate.a, 3.6)
+        return s_id, out
+    chosen, sel = select_hyperparameters(Shift(), 8, small)
+    assert sel.gain == pytest.approx(1.0) and sel.gain < sel.gain_se
+    assert chosen.a == 1 and sel.chosen == sel.default == {"a": 1}
+
+
+def test_gain_standard_error_matches_a_naive_paired_bootstrap():
+    rng = np.random.default_rng(3)
+    best = (rng.normal(1, 1, 30), rng.normal(0, 1, 40))
+    default = (best[0] + rng.normal(0, 0.3, 30), best[1] + rng.normal(0, 0.3, 40))
+    draws = np.random.default_rng(0)
+    w_id = draws.multinomial(30, np.full(30, 1 / 30), size=50)
+    w_out = draws.multinomial(40, np.full(40, 1 / 40), size=50)
+    diffs = [100 * (auroc(np.repeat(best[0], a), np.repeat(best[1], b))
+                    - auroc(np.repeat(default[0], a), np.repeat(default[1], b)))
+             for a, b in zip(w_id, w_out, strict=True)]
+    assert gain_standard_error(best, default, replicates=50, seed=0) == pytest.approx(np.std(diffs, ddof=1), abs=1e-9)
+
+
 def test_scores_without_hyperparameters_are_left_alone():
     score = build_score("msp")
     chosen, sel = select_hyperparameters(score, 8, lambda c: pytest.fail("nothing to validate"))
@@ -103,25 +135,25 @@ def test_statistics_only_ever_come_from_id_train(select):
     id_train, id_test = _images(60, 0, 120), _images(30, 1, 120)
     ood = {"far": _images(20, 2, 30, labelled=False)}
     outliers = _images(25, 3, 220, labelled=False)
-    holdout = np.arange(0, 60, 4)  # 15 held-out ID train images
+    val_id = _images(15, 4, 120)  # never-trained-on ID images
     SpyKNN.fits.clear()
     score = SpyKNN(k=5)
     report = evaluate(net, norm, id_test, ood, [score, Energy()], id_train=id_train, device="cpu",
-                      validation=Validation(holdout, outliers) if select else None)
+                      validation=Validation(val_id, outliers) if select else None)
     train = compute_outputs(net, id_train, norm, device="cpu").features
-    kept = torch.from_numpy(np.setdiff1d(np.arange(60), holdout))
-    others = [compute_outputs(net, ds, norm, device="cpu").features for ds in (id_test, ood["far"], outliers)]
-    if select:  # one fit per grid setting on train minus the held-out rows, then the final fit on all of it
+    others = [compute_outputs(net, ds, norm, device="cpu").features for ds in (id_test, ood["far"], outliers, val_id)]
+    if select:  # one fit per grid setting on ID train, then the final fit on it
         tried = report.selections["knn"]["tried"]
         assert [t["k"] for t in tried] == [5, 50, 1, 10, 20, 100, 200]  # the current setting first
         sel = report.selections["knn"]
         finals = 1 + (sel["chosen"] != sel["default"])  # the chosen setting, and the default for default_rows
         assert len(SpyKNN.fits) == len(tried) + finals
-        assert all(torch.equal(f, train[kept]) for f in SpyKNN.fits[: len(tried)])
-        assert all(torch.equal(f, train) for f in SpyKNN.fits[len(tried):])
-        assert {t["k"] for t in tried if "error" in t} == {50, 100, 200}  # more neighbours than the 45 fit points
+        assert all(torch.equal(f, train) for f in SpyKNN.fits)
+        assert {t["k"] for t in tried if "error" in t} == {100, 200}  # more neighbours than the 60 fit points
         best = max((t for t in tried if "auroc" in t), key=lambda t: t["auroc"])
-        assert report.selections["knn"]["chosen"] == {"k": best["k"]}
+        default = next(t for t in tried if t["k"] == 5)
+        gain_kept = best["auroc"] - default["auroc"] <= sel["gain_se"] if sel["gain_se"] is not None else False
+        assert report.selections["knn"]["chosen"] == {"k": 5 if gain_kept else best["k"]}
         assert report.selections["energy"]["chosen"]["temperature"] in Energy.grid["temperature"]
     else:
         assert len(SpyKNN.fits) == 1 and report.selections == {}
@@ -138,7 +170,7 @@ def test_selected_setting_is_what_gets_reported():
     ood = {"far": _images(20, 2, 30, labelled=False)}
     outliers = _images(25, 3, 220, labelled=False)
     report = evaluate(net, norm, id_test, ood, [build_score("knn")], id_train=id_train, device="cpu",
-                      validation=Validation(np.arange(10), outliers))
+                      validation=Validation(_images(10, 4, 120), outliers))
     k = report.selections["knn"]["chosen"]["k"]
     out = {n: compute_outputs(net, ds, norm, device="cpu") for n, ds in (("tr", id_train), ("id", id_test),
                                                                           ("far", ood["far"]))}
@@ -154,17 +186,17 @@ def test_selected_setting_is_what_gets_reported():
     assert (report.default_rows == report.rows) == (k == 50)
 
 
-@pytest.mark.parametrize("holdout", [np.array([], dtype=int), np.arange(60), np.array([3, 99])])
-def test_bad_holdout_is_refused(holdout):
-    with pytest.raises(DataError, match="validation hold-out"):
+def test_validation_images_of_another_resolution_are_refused():
+    small = ImageSet(np.zeros((4, 4, 4, 3), np.uint8), np.zeros(4, np.int64), ("a", "b", "c"), "small")
+    with pytest.raises(DataError, match="small"):
         evaluate(_net(), Normalizer(), _images(30, 1, 120), {"far": _images(20, 2, 30, False)}, [build_score("knn")],
-                 id_train=_images(60, 0, 120), device="cpu", validation=Validation(holdout, _images(5, 3, 9, False)))
+                 id_train=_images(60, 0, 120), device="cpu", validation=Validation(small, _images(5, 3, 9, False)))
 
 
 def test_selection_needs_the_train_split():
     with pytest.raises(DataError, match="hyperparameter selection need"):
         evaluate(_net(), Normalizer(), _images(30, 1, 120), {"far": _images(20, 2, 30, False)}, [build_score("msp")],
-                 device="cpu", validation=Validation(np.arange(3), _images(5, 3, 9, False)))
+                 device="cpu", validation=Validation(_images(3, 4, 120), _images(5, 3, 9, False)))
 
 
 class Scaled(LogitScore):
@@ -184,6 +216,6 @@ def test_user_scores_without_a_grid_work_with_and_without_selection():
     args = (net, norm, _images(30, 1, 120), {"far": _images(20, 2, 30, labelled=False)}, [Scaled(2.0)])
     plain = evaluate(*args, device="cpu")
     selected = evaluate(*args, id_train=_images(60, 0, 120), device="cpu",
-                        validation=Validation(np.arange(10), _images(25, 3, 220, labelled=False)))
+                        validation=Validation(_images(10, 4, 120), _images(25, 3, 220, labelled=False)))
     assert plain.rows == selected.rows == selected.default_rows
     assert selected.selections["scaled-maxlogit"]["tried"] == []

@@ -401,8 +401,9 @@ def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: 
         console.print(f"saved {path}")
         if check_accuracy:
             m = pipeline.id_test_miou(path, data_root=data_root, device=device)
-            console.print(f"{dataset} test mIoU of the imported model: {m['miou']:.2f}% "
-                          f"(pixel accuracy {m['pixel_accuracy']:.2f}%)")
+            console.print(f"{dataset} test mIoU of the imported model: {m['miou']:.2f}% with the argmax over all "
+                          f"outputs, {m['miou_classes']:.2f}% over the classes only (pixel accuracy "
+                          f"{m['pixel_accuracy']:.2f}% / {m['pixel_accuracy_classes']:.2f}%)")
         return
     path = pipeline.import_model(weights, out, arch=arch, dataset=dataset, data_root=data_root,
                                  resolution=resolution, mean=mean, std=std, head=head)
@@ -522,10 +523,11 @@ def finetune(**kw: Any) -> None:
 @click.option("--positive", type=click.Choice(["in", "out"]), default=None,
               help="Which class the metrics treat as positive (default: see oodtune.metrics).")
 @click.option("--select-on", default=None, metavar="OUTLIERS",
-              help="Choose each score's hyperparameters on held-out ID train images vs these held-out auxiliary "
-                   "outliers (e.g. tin-aux-val; never an OOD test set) instead of keeping the papers' values.")
+              help="Choose each score's hyperparameters on never-trained-on ID images (the part held out before "
+                   "pretraining, --val-fraction) vs these held-out auxiliary outliers (e.g. tin-aux-val; never an "
+                   "OOD test set); the papers' value is kept unless the validation gain exceeds its standard error.")
 @click.option("--id-holdout", type=click.IntRange(1), default=1000, show_default=True,
-              help="ID train images held out of the statistics fit for --select-on.")
+              help="How many never-trained-on ID images --select-on scores.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write OUT.json, OUT.md and OUT.csv with the table (a .json, .md or .csv suffix on OUT is "
                    "dropped).")
@@ -815,18 +817,28 @@ def examples() -> None:
               help="Run only this row of the config (label or slug, e.g. 'energyoe'); repeatable. The other "
                    "rows are tabulated from their finished runs.")
 @click.option("--report-only", is_flag=True,
-              help="Train nothing: tabulate the runs already finished and list the missing ones.")
+              help="Train nothing: tabulate the runs already finished (and the comparisons' CIs) and list the "
+                   "missing ones.")
+@click.option("--n-boot", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Bootstrap replicates of each [[comparisons]] CI.")
+@click.option("--bootstrap-seed", type=int, default=0, show_default=True, help="Seed of the bootstrap draws.")
+@click.option("--pretrain-seed", "pretrain_seed", multiple=True, type=int, metavar="SEED",
+              help="Nested seeds: run only the pretrained model of this [benchmark].pretrain_seeds entry (and its "
+                   "rows); repeatable. Several processes with different seeds can share one benchmark.")
 def benchmark(config: str, data_root: str | None, device: str | None, out: str | None, only: tuple[str, ...],
-              report_only: bool) -> None:
-    """Run a grid (methods x seeds x OOD sets) from one pretrained checkpoint; resumes if interrupted.
+              report_only: bool, n_boot: int, bootstrap_seed: int, pretrain_seed: tuple[int, ...]) -> None:
+    """Run a grid (methods x seeds x OOD sets) from one pretrained checkpoint — or from one per
+    [benchmark].pretrain_seeds (nested seeds) —; resumes if interrupted.
 
     CONFIG is a TOML file, or the name of an example (`oodtune examples`). Writes OUT/results.json, results.md,
-    results.csv and plots (energy histograms, ROC curves).
+    results.csv and plots (energy histograms, ROC curves); with [[comparisons]], OUT/comparisons.md / .json (paired
+    differences with hierarchical bootstrap CIs and verdicts) and OUT/forest.png.
     """
-    from .benchmark import find_config, load_benchmark_config, run_benchmark
+    from .benchmark import find_config, load_benchmark_config, run_nested
 
     cfg = load_benchmark_config(find_config(config), data_root=data_root, device=device, out=out, only=list(only))
-    paths = run_benchmark(cfg, command=_command_line(), report_only=report_only)
+    paths = run_nested(cfg, command=_command_line(), report_only=report_only, n_boot=n_boot,
+                       bootstrap_seed=bootstrap_seed, models=pretrain_seed)
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 

@@ -9,6 +9,8 @@
 * ``plot_class_prior`` — Balanced Energy: ID class counts next to the outlier class prior
   P(y|o) = (1/|O|) sum_{o in O} [argmax_c f_c(o) = y] estimated by the pre-trained model, and the
   P_γ = normalise(P^γ) the loss actually uses.
+* ``plot_forest`` — the paired differences of a benchmark's comparisons with their 95 % CIs, one panel per metric
+  (a forest plot): the dot is the difference, the bar the CI, the dashed line 0; colour = verdict.
 * ``plot_anomaly_maps`` — anomaly segmentation: per frame, the image | its ground truth (anomaly red, void black)
   | score maps (e.g. before | after fine-tuning; one colour scale and colour bar per frame, bright = low score =
   anomalous).
@@ -273,3 +275,34 @@ def plot_anomaly_maps(path: str | Path, frames: Any, labels: Any, maps: Mapping[
                      fontsize="small")
     fig.suptitle(title, fontsize="medium")
     return _save(fig, path, dpi=100)
+
+
+#: Colour of each verdict in a forest plot.
+VERDICT_COLORS = {"established": "#009E73", "refuted": "#D55E00", "not established": "#7F7F7F"}
+
+
+def plot_forest(path: str | Path, rows: Sequence[Mapping[str, Any]], metrics: Sequence[str],
+                headers: Mapping[str, str], *, title: str = "") -> Path:
+    """A forest plot: per ``metric`` a panel, per (``comparison``, ``group``) a line with the ``difference`` (dot)
+    and the CI ``low``..``high`` (bar), coloured by ``verdict``; the x axis notes which side favours the first
+    method (higher AUROC/AUPR, lower FPR). ``rows`` carry those keys and ``metric``. Returns the path."""
+    if not rows:
+        raise ConfigError("no comparison rows to plot; finish at least one run of both rows of a comparison.")
+    lines = list(dict.fromkeys((r["comparison"], r["group"]) for r in rows))
+    fig = Figure(figsize=(3.2 * len(metrics) + 2.5, 0.35 * len(lines) + 1.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharey=True))
+    for ax, metric in zip(axes, metrics, strict=True):
+        for r in (r for r in rows if r["metric"] == metric):
+            y = len(lines) - 1 - lines.index((r["comparison"], r["group"]))
+            color = VERDICT_COLORS.get(r["verdict"], ID_COLOR)
+            ax.plot([r["low"], r["high"]], [y, y], color=color, linewidth=2)
+            ax.plot([r["difference"]], [y], "o", color=color, markersize=4)
+        ax.axvline(0.0, color="grey", linestyle="--", linewidth=0.8)
+        side = "→" if metric.startswith("au") else "←"
+        ax.set_xlabel(f"{headers.get(metric, metric)}\ndifference (points; {side} first better)", fontsize="small")
+    axes[0].set_yticks(range(len(lines)), [f"{c} · {g}" for c, g in reversed(lines)], fontsize="small")
+    handles = [axes[0].plot([], [], "o-", color=c, label=v)[0] for v, c in VERDICT_COLORS.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize="small")
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    return _save(fig, path)

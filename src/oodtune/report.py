@@ -105,8 +105,11 @@ def evaluation_table(report: EvalReport) -> str:
 
 def id_metrics_text(report: EvalReport, meta: RunMeta) -> str:
     """'ID accuracy (cifar10 test): 91.53%' style line(s) for the ID-task metrics."""
-    names = {"accuracy": "ID accuracy", "miou": "ID mIoU", "pixel_accuracy": "ID pixel accuracy"}
-    return "\n".join(f"{names.get(k, k)} ({meta.dataset} test): {v:.2f}%" for k, v in report.id_metrics.items())
+    names = {"accuracy": ("ID accuracy", ""), "miou": ("ID mIoU", ", argmax over all outputs"),
+             "miou_classes": ("ID mIoU", ", argmax over the classes only"), "pixel_accuracy": ("ID pixel accuracy", ""),
+             "pixel_accuracy_classes": ("ID pixel accuracy", ", argmax over the classes only")}
+    return "\n".join(f"{names.get(k, (k, ''))[0]} ({meta.dataset} test{names.get(k, (k, ''))[1]}): {v:.2f}%"
+                     for k, v in report.id_metrics.items())
 
 
 def write_scores(path: str | os.PathLike, report: EvalReport, *, overwrite: bool = False) -> Path:

@@ -6,7 +6,8 @@ Sections (``configs/*.toml`` are documented examples):
   :data:`oodtune.data.PROTOCOLS`; keys given here override it), ``id_dataset``, ``arch``, ``outliers``,
   ``ood_near``, ``ood_far``, ``num_ood``, ``seeds``, ``out``, ``data_root``, ``device``, ``pretrained`` (an
   existing checkpoint instead of pretraining one), ``id_split`` (the ID split the ID-task metrics are measured
-  on, default ``test``; ``val`` for a validation grid).
+  on, default ``test``; ``val`` for a validation grid), ``pretrain_seeds`` (nested seeds: one independently
+  pretrained model per seed, each with every row x ``seeds``, under ``OUT/pretrain-s<seed>``; :mod:`.nested`).
 
 A segmentation ``id_dataset`` (e.g. ``camvid``) makes it a segmentation benchmark: ``pretrained`` is then required
 (segmenters are imported, not pretrained: ``oodtune import-model``), the methods are the pixel methods of
@@ -23,7 +24,10 @@ recipe.
 * ``[matrix]`` (optional) — the score × model matrix (:mod:`.matrix`): ``scores`` (score names), ``hyperparameters``
   (a list of ``"selected"`` — chosen on the validation pair — and/or ``"default"`` — the papers' values; default
   both), ``validation_outliers`` (held-out auxiliary outliers; default the protocol's ``aux_val``),
-  ``num_validation_outliers``, ``id_holdout`` (ID train images held out of the fit while selecting; default 1000).
+  ``num_validation_outliers``, ``id_holdout`` (never-trained-on ID images the selection scores; default 1000).
+* ``[[comparisons]]`` (optional) — one claim each, "row ``better`` beats row ``than``" (labels of ``[[methods]]``),
+  optionally ``label``: the paired difference with a hierarchical bootstrap CI and its verdict
+  (:mod:`.compare`, :mod:`oodtune.metrics.bootstrap`).
 
 An unknown key, a value of the wrong type, an unknown method/score/dataset/protocol or a loss option the method
 does not use is an error naming the file, the key and the allowed values.
@@ -49,7 +53,7 @@ from ..pipeline.task import TASK_REGISTRY
 from ..scores import PIXEL_SCORE_NAMES, SCORE_NAMES
 from ..training.config import PRETRAIN, TRAIN_KEYS, TrainConfig
 
-__all__ = ["BenchmarkConfig", "MatrixSpec", "MethodSpec", "load_benchmark_config", "POSTHOC"]
+__all__ = ["BenchmarkConfig", "Comparison", "MatrixSpec", "MethodSpec", "load_benchmark_config", "POSTHOC"]
 
 POSTHOC = frozenset(SCORE_NAMES)
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
@@ -60,7 +64,7 @@ TRAIN_TYPES: dict[str, tuple[type, ...]] = {
 BENCHMARK_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,), "protocol": (str,), "id_dataset": (str,), "arch": (str,), "outliers": (str,), "ood_near": (list,),
     "ood_far": (list,), "num_ood": (int,), "seeds": (list,), "out": (str,), "data_root": (str,), "device": (str,),
-    "pretrained": (str,), "id_split": (str,),
+    "pretrained": (str,), "id_split": (str,), "pretrain_seeds": (list,),
 }
 PRETRAIN_EXTRA: dict[str, tuple[type, ...]] = {"num_train": (int,), "imbalance_ratio": (float,),
                                                "val_fraction": (float,)}
@@ -75,7 +79,8 @@ MATRIX_KEYS: dict[str, tuple[type, ...]] = {
     "id_holdout": (int,),
 }
 HYPERPARAMETER_MODES = ("selected", "default")
-SECTIONS = ("benchmark", "pretrain", "finetune", "methods", "matrix")
+COMPARISON_KEYS: dict[str, tuple[type, ...]] = {"better": (str,), "than": (str,), "label": (str,)}
+SECTIONS = ("benchmark", "pretrain", "finetune", "methods", "matrix", "comparisons")
 
 
 @dataclass
@@ -118,6 +123,18 @@ class MatrixSpec:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """The claim "row ``better`` beats row ``than``" (labels of two rows), named ``label``."""
+
+    better: str
+    than: str
+    label: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class BenchmarkConfig:
     """A parsed, validated benchmark TOML (see the module docstring)."""
@@ -142,6 +159,8 @@ class BenchmarkConfig:
     task: str = "classification"
     id_split: str = "test"
     matrix: MatrixSpec | None = None
+    pretrain_seeds: list[int] = field(default_factory=list)  # nested seeds (one pretrained model each); [] = one
+    comparisons: list[Comparison] = field(default_factory=list)
 
     def selected(self, spec: MethodSpec) -> bool:
         """Whether this invocation may train/evaluate ``spec`` (the others are only tabulated)."""
@@ -287,6 +306,43 @@ def _matrix_spec(chk: _Checker, raw: Any, known: set[str], protocol: dict[str, A
                       num_validation_outliers=m.get("num_validation_outliers"), id_holdout=m.get("id_holdout", 1000))
 
 
+def _comparisons(chk: _Checker, raw: Any, labels: list[str]) -> list[Comparison]:
+    if not isinstance(raw, list) or not raw:
+        raise chk.fail("[[comparisons]]", "must be an array of tables ([[comparisons]] blocks with better = ROW, "
+                                          "than = ROW)")
+    out = []
+    for i, c in enumerate(raw):
+        where = f"[[comparisons]] #{i + 1}"
+        c = chk.table(c, where)
+        chk.keys(c, COMPARISON_KEYS, where)
+        for key in ("better", "than"):
+            if c.get(key) not in labels:
+                raise chk.fail(f"{where}.{key}", f"expected the label of a [[methods]] row ({', '.join(labels)}), "
+                                                 f"got {c.get(key)!r}")
+        if c["better"] == c["than"]:
+            raise chk.fail(where, f"compares {c['better']!r} with itself")
+        out.append(Comparison(c["better"], c["than"], c.get("label", f"{c['better']} vs {c['than']}")))
+    if len({c.label for c in out}) != len(out):
+        raise chk.fail("[[comparisons]]", "labels must be distinct")
+    return out
+
+
+def _pretrain_seeds(chk: _Checker, b: dict[str, Any], pre: dict[str, Any]) -> list[int]:
+    seeds = b.get("pretrain_seeds", [])
+    if "pretrain_seeds" not in b:
+        return []
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or \
+            len(set(seeds)) != len(seeds):
+        raise chk.fail("[benchmark].pretrain_seeds", f"expected a non-empty list of distinct integers, got {seeds!r}")
+    if "pretrained" in b:
+        raise chk.fail("[benchmark]", "pretrain_seeds pretrains one model per seed; it cannot be combined with "
+                                      "pretrained = CHECKPOINT (remove one of them)")
+    if "seed" in pre:
+        raise chk.fail("[pretrain].seed", "with [benchmark].pretrain_seeds each model's seed comes from that list; "
+                                          "remove [pretrain].seed")
+    return list(seeds)
+
+
 def load_benchmark_config(path: str | Path, *, data_root: str | None = None, device: str | None = None,
                           out: str | None = None, only: list[str] | None = None) -> BenchmarkConfig:
     """Read and validate a benchmark TOML (module docstring); command-line overrides win over the file.
@@ -365,7 +421,12 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
         pretrained=b.get("pretrained"), protocol=b.get("protocol"), only=list(only or []),
         task="segmentation" if segmentation else "classification", id_split=b.get("id_split", "test"),
         matrix=_matrix_spec(chk, raw["matrix"], known, protocol, ood_near + ood_far) if "matrix" in raw else None,
+        pretrain_seeds=_pretrain_seeds(chk, b, pre),
+        comparisons=_comparisons(chk, raw["comparisons"], labels) if "comparisons" in raw else [],
     )
+    if cfg.comparisons and segmentation:
+        raise chk.fail("[[comparisons]]", "comparisons resample per-image scores; a segmentation benchmark stores a "
+                                          "pixel sample only. Remove [[comparisons]].")
     try:  # every training configuration is built once now, so a bad value fails before any work
         cfg.train_config("pretrain", None, 0)
         for spec in methods:

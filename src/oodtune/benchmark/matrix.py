@@ -24,15 +24,18 @@ import numpy as np
 
 from .. import pipeline
 from ..errors import ConfigError
-from ..evaluation.classification import METRIC_KEYS
-from ..report import METRIC_LABELS, fmt, markdown_table, write_json, write_text_atomic
+from ..metrics import DETECTION_KEYS
+from ..report import fmt, markdown_table, write_json, write_text_atomic
 from .config import BenchmarkConfig, MatrixSpec
-from .tables import mean_std
+from .tables import CONVENTIONS, METRIC_HEADERS, mean_std
 
 __all__ = ["MatrixModel", "matrix_record", "run_matrix", "summarize_matrix", "write_matrix"]
 
 PRETRAINED = "Pretrained (no fine-tuning)"
-LOWER_IS_BETTER = {"fpr95"}
+LOWER_IS_BETTER = {"fpr95", "fpr95_in"}
+#: The metrics of the matrix: AUROC, AUPR-In, AUPR-Out and FPR95 under both conventions (tables.CONVENTIONS).
+METRIC_KEYS = DETECTION_KEYS
+FPR_KEYS = ("fpr95", "fpr95_in")
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,8 @@ def summarize_matrix(cfg: BenchmarkConfig, records: list[dict[str, Any]]) -> dic
                                                                  for r in records if r["model"] == label])
                                                for score in spec.scores}
                                        for label in labels}
-                              for metric in METRIC_KEYS}
+                              for metric in METRIC_KEYS if all(metric in row for r in records
+                                                                for row in _rows(r, mode))}
                      for bucket, sets in buckets.items() if sets}
         out[mode]["runs"] = {label: sum(r["model"] == label for r in records) for label in labels}
         out[mode]["accuracy"] = {label: mean_std([r["accuracy"] for r in records if r["model"] == label])
@@ -183,29 +187,30 @@ def write_matrix(cfg: BenchmarkConfig, records: list[dict[str, Any]], command: s
     md = [f"# Score × model matrix: {cfg.name}\n\n", f"Command: `{command}`\n\n",
           f"ID: {cfg.id_dataset}, {cfg.arch}; seeds {cfg.seeds}. Each cell: the score's metric averaged over the OOD "
           "sets of the heading, mean ± sample std over the fine-tuning seeds (the pretrained model is one run); "
-          "the best score of each row in bold. Metrics in %, scores \"higher = more in-distribution\".\n"]
-    titles = {"selected": f"Hyperparameters selected on the validation pair (held-out ID train images × "
+          "the best score of each row in bold. Metrics in %, scores \"higher = more in-distribution\". "
+          f"{CONVENTIONS}\n"]
+    titles = {"selected": f"Hyperparameters selected on the validation pair (never-trained-on ID images × "
                           f"{spec.validation_outliers})",
               "default": "Paper-default hyperparameters"}
     for mode in spec.modes:
         mode_summary = summary[mode]
         md.append(f"\n## {titles[mode]}\n")
-        for bucket, metrics in [("all", METRIC_KEYS), ("near", ("auroc", "fpr95")), ("far", ("auroc", "fpr95"))]:
+        for bucket, metrics in [("all", METRIC_KEYS), ("near", ("auroc", *FPR_KEYS)), ("far", ("auroc", *FPR_KEYS))]:
             if bucket not in mode_summary:
                 continue
-            for metric in metrics:
+            for metric in (m for m in metrics if m in mode_summary[bucket]):
                 table = mode_summary[bucket][metric]
                 rows = [_row(label, table[label], metric, mode_summary["runs"][label], mode_summary["accuracy"][label])
                         for label in table]
-                md.append(f"\n### {METRIC_LABELS[metric]}, average over {bucket} OOD sets\n\n")
+                md.append(f"\n### {METRIC_HEADERS[metric]}, average over {bucket} OOD sets\n\n")
                 md.append(markdown_table(rows, ["model", "runs", "acc", *scores], ["model", "runs", "ID acc", *scores]))
-        for metric in ("auroc", "fpr95"):
+        for metric in (m for m in ("auroc", *FPR_KEYS) if m in mode_summary["all"]):
             table = mode_summary["all"][metric]
             if PRETRAINED in table and len(table) > 1:
-                md.append(f"\n### {METRIC_LABELS[metric]} change from the pretrained model (same score), all OOD "
+                md.append(f"\n### {METRIC_HEADERS[metric]} change from the pretrained model (same score), all OOD "
                           "sets\n\n" + markdown_table(_difference_rows(table, PRETRAINED), ["model", *scores]))
             if "energy" in scores:
-                md.append(f"\n### {METRIC_LABELS[metric]} of each score minus energy's on the same model, all OOD "
+                md.append(f"\n### {METRIC_HEADERS[metric]} of each score minus energy's on the same model, all OOD "
                           "sets\n\n" + markdown_table(_difference_rows(table, "energy"), ["model", *scores]))
         if mode == "selected":
             tuned = [s for s in scores if any(r["selections"][s]["tried"] for r in records)]

@@ -5,7 +5,7 @@ A *record* is one evaluated checkpoint (:meth:`.grid.Benchmark.record`): ``seed`
 ``checkpoint_sha256``, the ID-task metrics at the top level (``accuracy``, long-tailed ``acc_*``),
 ``train_seconds`` (None for post-hoc rows, shown as "–"), ``history`` (per-epoch training losses) and ``rows``
 with one metrics dict per OOD set, FPR95 under both conventions (:data:`oodtune.metrics.DETECTION_KEYS`; pixel-wise
-rows from streaming counters carry the OOD-positive one and the SegmentMeIfYouCan components).
+rows also carry the SegmentMeIfYouCan components).
 "mean ± std" uses the sample std (ddof=1), as is usual for "over N runs"; a single run is shown as its plain
 value.
 """
@@ -25,7 +25,8 @@ from .config import BenchmarkConfig
 __all__ = ["CONVENTIONS", "ID_METRICS", "SET_METRICS", "mean_std", "per_seed", "summarize", "write_results"]
 
 #: ID-task metrics a record may carry -> column header.
-ID_METRICS = {"accuracy": "ID acc", "miou": "mIoU", "pixel_accuracy": "pixel acc"}
+ID_METRICS = {"accuracy": "ID acc", "miou": "mIoU (argmax all outputs)", "miou_classes": "mIoU (argmax classes)",
+              "pixel_accuracy": "pixel acc"}
 #: Secondary per-set metrics a row may carry (segmentation: SegmentMeIfYouCan components) -> column header.
 SET_METRICS = {"siou": "sIoU↑", "ppv": "PPV↑", "mean_f1": "mean F1↑"}
 METRIC_HEADERS = dict(zip(DETECTION_KEYS, ["AUROC↑", "AUPR-In↑", "AUPR-Out↑", "FPR95↓ OOD+", "FPR95↓ ID+"],
@@ -78,7 +79,7 @@ def summarize(results: dict[str, list[dict[str, Any]]], groups: dict[str, str]
                                "train_seconds": mean_std([r.get("train_seconds") for r in runs])}
         for key in (*ID_METRICS, *LT_KEYS):
             if key in runs[0]:
-                row[key] = mean_std([r[key] for r in runs])
+                row[key] = mean_std([r.get(key) for r in runs])
         averaged = [_averages(r, groups) for r in runs]
         for key in averaged[0]:
             row[key] = mean_std([a[key] for a in averaged])

@@ -3,7 +3,7 @@
 Output-based scores (every score but ODIN) share one forward pass per dataset: logits and features are computed
 once and every score reads them; ODIN, which perturbs its inputs, runs its own. Scores that need ID statistics
 are ``fit`` on the ID *train* split only; scores that need the final layer get it from the network. With a
-:class:`Validation` pair, each score's hyperparameters are first chosen on held-out ID train images vs held-out
+:class:`Validation` pair, each score's hyperparameters are first chosen on never-trained-on ID images vs held-out
 auxiliary outliers (:mod:`oodtune.scores.selection`). All metrics treat scores as "higher = more
 in-distribution".
 """
@@ -156,31 +156,22 @@ def base_rate_warnings(n_id: int, n_ood: Mapping[str, int]) -> list[str]:
 
 @dataclass(frozen=True)
 class Validation:
-    """The validation pair of hyperparameter selection: ``holdout``, indices of ID *train* images that are held
-    out of the statistics fit while selecting, and held-out auxiliary ``outliers`` (never an OOD test set)."""
+    """The validation pair of hyperparameter selection: ``id_images``, ID images the network was never trained on
+    (the validation part held out before pretraining; :func:`oodtune.pipeline.id_unseen_set`), and held-out
+    auxiliary ``outliers`` (never an OOD test set)."""
 
-    holdout: np.ndarray
+    id_images: ImageSet
     outliers: ImageSet
 
 
-def _select(scores: Sequence[Score], net: FeatureModel, normalizer: Normalizer, id_train: ImageSet, train: Outputs,
-            labels: torch.Tensor, validation: Validation, outliers: Outputs) -> tuple[list[Score], dict[str, Any]]:
-    """Each score replaced by its best grid setting on the validation pair (unfitted), and the selection records."""
-    holdout = np.unique(np.asarray(validation.holdout, dtype=np.int64))
-    if holdout.size == 0 or holdout.size >= len(id_train) or holdout[0] < 0 or holdout[-1] >= len(id_train):
-        raise DataError(f"the validation hold-out must be 1 to {len(id_train) - 1} distinct indices into the "
-                        f"{len(id_train)} ID train images, got {holdout.size} in [{holdout.min(initial=0)}, "
-                        f"{holdout.max(initial=0)}].")
-    kept = np.setdiff1d(np.arange(len(id_train)), holdout)
-    dev = train.logits.device
-    fit_rows, val_rows = torch.from_numpy(kept).to(dev), torch.from_numpy(holdout).to(dev)
-    val_id = id_train.subset(holdout, name=f"{id_train.name} (held out)")
-    val_id_out = Outputs(train.logits[val_rows], train.features[val_rows])
-
+def _select(scores: Sequence[Score], net: FeatureModel, normalizer: Normalizer, train: Outputs, labels: torch.Tensor,
+            validation: Validation, val_id: Outputs, outliers: Outputs) -> tuple[list[Score], dict[str, Any]]:
+    """Each score replaced by its chosen grid setting on the validation pair (unfitted), and the selection records.
+    Candidates are fitted on all of ID train: no validation image is a training image."""
     def validate(candidate: Score) -> tuple[np.ndarray, np.ndarray]:
         if candidate.needs_fit:
-            candidate.fit(train.logits[fit_rows], train.features[fit_rows], labels[fit_rows])
-        return (score_dataset(candidate, net, val_id, val_id_out, normalizer),
+            candidate.fit(train.logits, train.features, labels)
+        return (score_dataset(candidate, net, validation.id_images, val_id, normalizer),
                 score_dataset(candidate, net, validation.outliers, outliers, normalizer))
 
     chosen, records = [], {}
@@ -198,11 +189,11 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
     """Accuracy on ``id_test`` plus AUROC/AUPR-In/AUPR-Out/FPR95 for every score x OOD set (in percent).
 
     Scores with ``needs_head`` get ``net``'s final layer; scores with ``needs_fit`` are fitted on the outputs of
-    ``id_train`` (required for them). With ``validation`` (needs ``id_train``), each score's hyperparameters are
-    first selected on the validation pair (module docstring) and the chosen setting is refitted on all of
-    ``id_train``; ``report.selections`` records the search and ``report.default_rows`` holds the paper-default
-    settings' rows, scored from the same outputs (no second forward pass). The scores passed in are not modified.
-    ``positive`` overrides the metrics' positive-class convention (see ``oodtune.metrics``).
+    ``id_train`` (required for them). With ``validation`` (needs ``id_train``), each score's hyperparameters are first
+    selected on the validation pair (module docstring; every candidate fitted on all of ``id_train``);
+    ``report.selections`` records the search and ``report.default_rows`` holds the paper-default settings' rows, scored
+    from the same outputs (no second forward pass). The scores passed in are not modified. ``positive`` overrides the
+    metrics' positive-class convention (see ``oodtune.metrics``).
     """
     if not ood_sets:
         raise DataError("no OOD sets given; name at least one (e.g. --ood dtd --ood gaussian).")
@@ -233,8 +224,9 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
         tr = outputs(id_train)
         labels = torch.from_numpy(id_train.labels).to(tr.logits.device)
         if validation is not None:
-            chosen, report.selections = _select(scores, net, normalizer, id_train, tr, labels, validation,
-                                                outputs(validation.outliers))
+            _check_resolution(validation.id_images, resolution)
+            chosen, report.selections = _select(scores, net, normalizer, tr, labels, validation,
+                                                outputs(validation.id_images), outputs(validation.outliers))
             defaults = [d if report.selections[d.name]["chosen"] != report.selections[d.name]["default"] else None
                         for d in scores]
             scores = chosen

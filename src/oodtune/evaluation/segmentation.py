@@ -62,18 +62,24 @@ def forward_maps(net: SegmentationModel, data: SegmentationSet, normalizer: Norm
 
 def segmentation_metrics(net: SegmentationModel, normalizer: Normalizer, data: SegmentationSet, *,
                          device: str | None = None, batch_size: int = 8) -> dict[str, float]:
-    """mIoU and pixel accuracy (%) of ``net`` on the ID set ``data`` (argmax over every output channel; void
-    labels ignored; see :class:`~oodtune.metrics.pixel.ConfusionCounter`)."""
+    """mIoU and pixel accuracy (%) of ``net`` on the ID set ``data``, void labels ignored
+    (:class:`~oodtune.metrics.pixel.ConfusionCounter`), under both protocols of a network with more outputs than
+    classes (ESPNet-CamVid: 12 outputs, 11 classes + void): ``miou`` / ``pixel_accuracy`` take the argmax over
+    every output channel (a pixel predicted as an extra channel is wrong for every class), ``miou_classes`` /
+    ``pixel_accuracy_classes`` the argmax over the class channels only. Equal when there are no extra outputs."""
     if data.num_classes != net.num_classes:
         raise DataError(f"{data.name} has {data.num_classes} classes but the model {net.num_classes}.")
     if data.ignore_index is not None and not (data.labels != data.ignore_index).any():
         raise DataError(f"{data.name}: no labelled pixel -- every pixel of its {len(data)} label map(s) is void "
                         f"({data.ignore_index}), so mIoU and pixel accuracy are undefined; check that the label maps "
                         "are this dataset's (class ids, not colour images) and not blank.")
-    conf = ConfusionCounter(net.num_classes, net.num_outputs, data.ignore_index)
+    every = ConfusionCounter(net.num_classes, net.num_outputs, data.ignore_index)
+    classes = ConfusionCounter(net.num_classes, net.num_classes, data.ignore_index)
     for logits, labels in forward_maps(net, data, normalizer, device=device, batch_size=batch_size):
-        conf.update(logits.argmax(1).cpu().numpy(), labels)
-    return {"miou": 100 * conf.miou(), "pixel_accuracy": 100 * conf.pixel_accuracy()}
+        every.update(logits.argmax(1).cpu().numpy(), labels)
+        classes.update(logits[:, : net.num_classes].argmax(1).cpu().numpy(), labels)
+    return {"miou": 100 * every.miou(), "pixel_accuracy": 100 * every.pixel_accuracy(),
+            "miou_classes": 100 * classes.miou(), "pixel_accuracy_classes": 100 * classes.pixel_accuracy()}
 
 
 class _SetScorer:
@@ -106,9 +112,11 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
                           blur: bool = False, components: bool = True, sample: int = 20000,
                           seed: int = 0, id_metrics: bool = True) -> EvalReport:
     """mIoU / pixel accuracy on ``id_test`` plus, per score and anomaly set, AUROC / AUPR-In / AUPR-Out (= AP) /
-    FPR95 over all non-void pixels (anomaly pixels positive by default), the AUROC error bound of the streaming
-    counts, and the SegmentMeIfYouCan sIoU / PPV / mean F1 (all in %); see the module docstring.
-    ``id_metrics=False`` skips the mIoU pass over ``id_test`` (the report's ``id_metrics`` are then empty)."""
+    FPR95 over all non-void pixels (``fpr95``: anomaly pixels positive by default; ``fpr95_in``: inlier pixels
+    positive — the % of anomaly pixels accepted at the threshold accepting 95 % of inliers), the AUROC and AP error
+    bounds of the streaming counts, and the SegmentMeIfYouCan sIoU / PPV / mean F1 (all in %); see the module
+    docstring. ``id_metrics=False`` skips the mIoU pass over ``id_test`` (the report's ``id_metrics`` are then
+    empty)."""
     if not anomaly_sets:
         raise DataError("no anomaly sets given; name at least one (e.g. --ood road-anomaly).")
     for name, ds in anomaly_sets.items():
@@ -135,6 +143,7 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
             res = sc.counter.result(positive=pos)
             row: dict[str, float | str] = {"score": s.name, "dataset": name,
                                            **{k: v for k, v in res.metrics.as_percent().items() if k in METRIC_KEYS},
+                                           "fpr95_in": 100 * sc.counter.result(positive="in").metrics.fpr95,
                                            "auroc_bound": 100 * res.auroc_bound, "ap_bound": 100 * res.ap_bound,
                                            "anomaly_pixels": 100 * res.n_anomaly / (res.n_anomaly + res.n_inlier)}
             if sc.maps is not None:

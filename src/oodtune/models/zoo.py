@@ -1,5 +1,5 @@
-"""Architectures by name: the built-in zoo (WRN-d-k, CIFAR ResNet-18; the segmenters ESPNet / ESPNet-CamVid) and
-user architectures by import path."""
+"""Architectures by name: the built-in zoo (WRN-d-k, CIFAR ResNet-18, the fast-training AirNet; the segmenters
+ESPNet / ESPNet-CamVid) and user architectures by import path."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 from torch import nn
 
 from ..errors import ModelError
+from .airnet import AirNet, airnet_width
 from .espnet import ESPNET_ARCHS, build_espnet
 from .imported import build_imported, is_import_path
 from .resnet import ResNet18
@@ -15,7 +16,7 @@ from .wrn import DEFAULT_DROP_RATE, WideResNet
 
 __all__ = ["ARCHITECTURES", "DEFAULT_DROP_RATE", "MAX_PARAMETERS", "build_model", "wrn_parameters"]
 
-ARCHITECTURES = ("wrn-40-2", "wrn-16-2", "wrn-28-10", "resnet18", *ESPNET_ARCHS)
+ARCHITECTURES = ("wrn-40-2", "wrn-16-2", "wrn-28-10", "resnet18", "airnet", *ESPNET_ARCHS)
 _WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
 #: Largest network built by name: 2**30 parameters (4 GiB of fp32 weights; WRN-28-10 has 36.5 M).
 MAX_PARAMETERS = 2**30
@@ -37,7 +38,8 @@ def wrn_parameters(depth: int, width: int, num_classes: int) -> int:
 
 
 def build_model(arch: str, num_classes: int, *, drop_rate: float = DEFAULT_DROP_RATE) -> nn.Module:
-    """A freshly initialised network. ``arch`` is ``resnet18``, ``wrn-DEPTH-WIDTH`` (e.g. ``wrn-40-2``), a
+    """A freshly initialised network. ``arch`` is ``resnet18``, ``wrn-DEPTH-WIDTH`` (e.g. ``wrn-40-2``), ``airnet``
+    or ``airnet-WIDTH`` (:mod:`.airnet`; base width 64), a
     segmenter (``espnet``, ``espnet-camvid``; ``num_classes`` = its output channels) or the import path
     ``package.module:factory`` of your own (see :mod:`oodtune.models.imported`).
 
@@ -52,6 +54,9 @@ def build_model(arch: str, num_classes: int, *, drop_rate: float = DEFAULT_DROP_
         return ResNet18(num_classes)
     if name in ESPNET_ARCHS:
         return build_espnet(name, num_classes)
+    width = airnet_width(name)
+    if width is not None:
+        return AirNet(num_classes, width)
     m = _WRN.match(name)
     if m:
         depth, width = int(m.group(1)), int(m.group(2))
@@ -62,5 +67,5 @@ def build_model(arch: str, num_classes: int, *, drop_rate: float = DEFAULT_DROP_
             raise ModelError(f"{arch} would have {size:,} parameters, more than the {MAX_PARAMETERS:,} oodtune builds "
                              "(WRN-28-10 has 36.5 million); choose a smaller depth or width.")
         return WideResNet(depth, width, num_classes, drop_rate)
-    raise ModelError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHITECTURES)}, wrn-DEPTH-WIDTH "
-                     "or package.module:factory for your own")
+    raise ModelError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHITECTURES)}, wrn-DEPTH-WIDTH, "
+                     "airnet-WIDTH or package.module:factory for your own")

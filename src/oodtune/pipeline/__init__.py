@@ -47,6 +47,7 @@ from .classification import (
     id_test_accuracy,
     id_test_set,
     id_train_set,
+    id_unseen_set,
     import_model,
     pretrain,
     pretrain_setup,
@@ -61,8 +62,8 @@ __all__ = [
     "CALIBRATION_CHOICES", "DEFAULT_TEST_FRACTION", "DataSource", "MarginProposal", "Task", "ValidationSpec",
     "anomaly_examples", "as_source", "calibrate", "calibrate_segmenter", "default_outliers", "estimate_prior",
     "evaluate_checkpoint", "finetune", "finetune_config", "fresh_model", "id_parts", "id_test_accuracy",
-    "id_test_miou", "id_test_set", "id_train_set", "import_model", "import_segmenter", "load_task_model",
-    "normalizer_for", "predict", "predict_frames", "pretrain",
+    "id_test_miou", "id_test_set", "id_train_set", "id_unseen_set", "import_model", "import_segmenter",
+    "load_task_model", "normalizer_for", "predict", "predict_frames", "pretrain",
     "pretrain_setup", "pretrained_energies", "propose_margins", "register_task", "save_prior", "task_of",
     "with_id_data",
 ]
@@ -218,8 +219,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: S
     metrics come from the ID ``id_split`` split (``val`` when choosing hyper-parameters without the test split);
     ``blur`` Gaussian-blurs segmentation score maps (kernel 7, σ 1) as PEBAL's test code can.
 
-    Scores keep their papers' hyperparameters, unless ``validation`` names a validation pair (held-out ID train
-    images + held-out auxiliary outliers) to choose them on (:mod:`oodtune.scores.selection`; the choices are in
+    Scores keep their papers' hyperparameters, unless ``validation`` names a validation pair (never-trained-on
+    ID images + held-out auxiliary outliers) to choose them on (:mod:`oodtune.scores.selection`; the choices are in
     ``report.selections``; classification only). ``id_metrics=False`` skips segmentation's mIoU pass."""
     source = as_source(data_root)
     net, meta, task = load_task_model(checkpoint, id_data=id_data, source=source)

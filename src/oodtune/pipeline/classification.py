@@ -105,7 +105,32 @@ def id_parts(meta: RunMeta, data_root: DataSource | str | Path | None) -> tuple[
 def id_train_set(meta: RunMeta, data_root: DataSource | str | Path | None) -> ImageSet:
     """The ID training split recorded in ``meta``: the train split minus its held-out parts, then the long-tail
     ratio and the seeded subsample."""
-    ds = id_parts(meta, data_root)[0]
+    return _training_subset(meta, id_parts(meta, data_root)[0])
+
+
+def id_unseen_set(meta: RunMeta, data_root: DataSource | str | Path | None) -> ImageSet:
+    """ID images the network was never trained on, for choosing hyperparameters: the validation part held out of
+    the train split before pretraining (``val_fraction``, stratified like the test set), else — for a model trained
+    on a long-tailed or smaller subsample — the images of the train pool outside its training subset (their class
+    mix is then the pool's remainder, not the test set's). A DataError when every train image was trained on."""
+    base, val, _ = id_parts(meta, data_root)
+    if val is not None:
+        return val
+    # which pool images the subsample kept: the same steps on a carrier whose 1x1 "pixels" encode the index
+    index = np.arange(len(base), dtype=np.int64)
+    pixels = np.stack([(index >> shift) & 255 for shift in (16, 8, 0)], axis=1).astype(np.uint8)
+    carrier = ImageSet(pixels.reshape(-1, 1, 1, 3), base.labels, base.classes, base.name)
+    kept = _training_subset(meta, carrier).images.reshape(-1, 3).astype(np.int64)
+    unseen = np.setdiff1d(index, (kept[:, 0] << 16) | (kept[:, 1] << 8) | kept[:, 2])
+    if unseen.size == 0:
+        raise DataError(f"{meta.dataset}: the model was trained on every ID train image, so none is left to choose "
+                        "hyperparameters on. Pretrain with a validation part held out (--val-fraction 0.1, or "
+                        "[pretrain] val_fraction in a benchmark), or on a subsample (--num-train).")
+    return base.subset(unseen, name=f"{base.name}-unseen")
+
+
+def _training_subset(meta: RunMeta, ds: ImageSet) -> ImageSet:
+    """The long-tail ratio and the seeded subsample of ``meta`` applied to the train pool ``ds``."""
     if meta.imbalance_ratio:
         ds = make_longtailed(ds, float(meta.imbalance_ratio), seed=meta.data_seed)
     if meta.num_train and meta.num_train < len(ds):
@@ -344,18 +369,20 @@ class ClassificationTask(Task[FeatureModel, ClassificationEvaluation]):
         pixel units as in the ODIN / energy_ood code (the network sees normalised inputs)."""
         return [build_score(n, std=meta.std) if n.strip().lower() == "odin" else build_score(n) for n in names]
 
-    def validation_pair(self, meta: RunMeta, id_train: ImageSet, spec: ValidationSpec, ood: Sequence[str],
+    def validation_pair(self, meta: RunMeta, spec: ValidationSpec, ood: Sequence[str],
                         source: DataSource) -> Validation:
-        """The held-out ID train indices and outlier images of ``spec``; refuses an OOD test set as outliers."""
+        """``spec.id_holdout`` never-trained-on ID images (:func:`id_unseen_set`, a seeded draw) and the outlier
+        images of ``spec``; refuses an OOD test set as outliers."""
         if canonical_name(spec.outliers) in {canonical_name(o) for o in ood}:
             raise ConfigError(f"the validation outliers {spec.outliers!r} are also an OOD test set; choose held-out "
                               "auxiliary outliers (e.g. tin-aux-val), never a test set.")
-        if not 1 <= spec.id_holdout < len(id_train):
-            raise ConfigError(f"id_holdout must be between 1 and {len(id_train) - 1} (the ID train split has "
-                              f"{len(id_train)} images), got {spec.id_holdout}.")
-        perm = torch.randperm(len(id_train), generator=torch.Generator().manual_seed(spec.seed))
+        unseen = id_unseen_set(meta, source)
+        if not 1 <= spec.id_holdout <= len(unseen):
+            raise ConfigError(f"id_holdout must be between 1 and {len(unseen)} (the never-trained-on ID images: "
+                              f"{unseen.name}), got {spec.id_holdout}.")
+        perm = torch.randperm(len(unseen), generator=torch.Generator().manual_seed(spec.seed))
         outliers = source.load(spec.outliers, "test", meta.resolution, spec.num_outliers)
-        return Validation(holdout=perm[: spec.id_holdout].numpy(), outliers=outliers)
+        return Validation(id_images=unseen.subset(np.sort(perm[: spec.id_holdout].numpy())), outliers=outliers)
 
     def evaluation_options(self, *, blur: bool = False,
                            validation: ValidationSpec | None = None,
@@ -380,8 +407,7 @@ class ClassificationTask(Task[FeatureModel, ClassificationEvaluation]):
         ood_sets = {name: source.load(name, "test", meta.resolution,
                                       len(id_test) if num_ood is None and canonical_name(name) in GENERATORS
                                       else num_ood) for name in ood}
-        pair = None if validation is None or id_train is None else \
-            self.validation_pair(meta, id_train, validation, ood, source)
+        pair = None if validation is None else self.validation_pair(meta, validation, ood, source)
         report = evaluate(net, normalizer_for(meta), id_test, ood_sets, built, id_train=id_train, device=device,
                           batch_size=batch_size, positive=positive, validation=pair)
         if meta.imbalance_ratio and report.id_logits is not None and id_test.labels is not None:
