@@ -26,7 +26,6 @@ from oodtune.data.layouts import (
     archive_patterns,
     cached,
     check_split,
-    decode_listing,
     default_data_root,
     find_tree,
     first_match,
@@ -47,6 +46,7 @@ from oodtune.data.segmentation import (
 )
 from oodtune.data.sources import (
     CIFAR_LAYOUTS,
+    FileListing,
     read_cifar,
     read_idx_pair,
     read_svhn_mat,
@@ -191,12 +191,12 @@ def _load_path(req: Request, spec: str, labelled: bool) -> ImageSet:
     req = replace(req, name=f"{prefix}-{name}")
     if path.is_dir():
         listing = scan(_split_folder(path, req.split, spec))
-        return cached(req, files_fingerprint(listing.files), lambda: decode_listing(req, listing))
+        return cached(req, files_fingerprint(listing.files), lambda: listing)
     if not is_archive(path):
         raise DataError(f"{path}: not a folder or a .tar/.tar.gz/.tgz/.zip archive.")
 
-    def build() -> ImageSet:
-        return decode_listing(req, scan(_split_folder(_tree_top(path, req.cache_dir), req.split, spec)))
+    def build() -> FileListing:
+        return scan(_split_folder(_tree_top(path, req.cache_dir), req.split, spec))
     return cached(req, file_fingerprint(path), build)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +32,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import check_writable, remove_stale_temporaries, write_csv
-from ..data.tensors import CropFlip, Normalizer, apply_crop_flip, draw_crop_flip, to_device_uint8
+from ..data.augment import Augmentation, Params, augmentation_for
+from ..data.streaming import DeviceImages
+from ..data.tensors import Normalizer
 from ..errors import DataError, DivergenceError, ResumeMismatchError
 from ..lock import output_lock
 from ..losses import CompositeLoss, LossInputs
@@ -47,8 +49,8 @@ FINAL = "model.pt"
 HISTORY = "history.csv"
 log = logging.getLogger(__name__)
 
-#: One step's eager inputs: ID uint8 images, labels, their crop/flip draw, outlier uint8 images and their draw.
-StepBatch = tuple[torch.Tensor, torch.Tensor, CropFlip | None, torch.Tensor | None, CropFlip | None]
+#: One step's eager inputs: ID uint8 images, labels, their augmentation draw, outlier uint8 images and their draw.
+StepBatch = tuple[torch.Tensor, torch.Tensor, Params | None, torch.Tensor | None, Params | None]
 StepOutputs = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
 
 
@@ -154,10 +156,16 @@ class Trainer:
             )
 
     def _load_data(self, train_set: Any, outliers: Any) -> None:
-        """``train_x`` / ``train_y`` / ``out_x``: the training data on the device."""
-        self.train_x = to_device_uint8(train_set, self.device)
+        """``train_x`` / ``train_y`` / ``out_x``: the training data on the device, resident or streamed
+        (:mod:`oodtune.data.streaming`), and the augmentation for its image size (:mod:`oodtune.data.augment`)."""
+        self.train_x: Any = DeviceImages(train_set.images, self.device, train_set.name)
         self.train_y = torch.from_numpy(train_set.labels).to(self.device)
-        self.out_x: Any = to_device_uint8(outliers, self.device) if outliers is not None else None
+        self.out_x: Any = DeviceImages(outliers.images, self.device, outliers.name) if outliers is not None else None
+        self.augmentation: Augmentation = augmentation_for(int(train_set.images.shape[1]))
+
+    def _prefetched(self, batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """``batches``, with the ID images of the next one read ahead when the training set is streamed."""
+        return self.train_x.prefetched(batches) if isinstance(self.train_x, DeviceImages) else batches
 
     # -- pieces of a step -------------------------------------------------------------------------
     # A step is split where randomness ends: ``_draw`` (eager) gathers the batch and draws its augmentation
@@ -166,18 +174,18 @@ class Trainer:
     def _draw(self, idx: torch.Tensor, gen: torch.Generator, sampler: OutlierSampler | None) -> StepBatch:
         augment = self.cfg.augment
         x_in = self.train_x[idx]
-        aug_in = draw_crop_flip(len(x_in), gen) if augment else None
+        aug_in = self.augmentation.draw(len(x_in), gen) if augment else None
         x_out = aug_out = None
         if sampler is not None and self.out_x is not None:
             x_out = self.out_x[sampler.next()]
-            aug_out = draw_crop_flip(len(x_out), gen) if augment else None
+            aug_out = self.augmentation.draw(len(x_out), gen) if augment else None
         return x_in, self.train_y[idx], aug_in, x_out, aug_out
 
-    def _prepare(self, images: torch.Tensor, aug: CropFlip | None) -> torch.Tensor:
-        return self.normalizer(images if aug is None else apply_crop_flip(images, aug))
+    def _prepare(self, images: torch.Tensor, aug: Params | None) -> torch.Tensor:
+        return self.normalizer(images if aug is None else self.augmentation.apply(images, aug))
 
-    def _forward(self, model: Callable[..., Any], x_in: torch.Tensor, y_in: torch.Tensor, aug_in: CropFlip | None,
-                 x_out: torch.Tensor | None, aug_out: CropFlip | None) -> StepOutputs:
+    def _forward(self, model: Callable[..., Any], x_in: torch.Tensor, y_in: torch.Tensor, aug_in: Params | None,
+                 x_out: torch.Tensor | None, aug_out: Params | None) -> StepOutputs:
         """(total loss, its detached parts, number of correct ID predictions) for one batch."""
         x = self._prepare(x_in, aug_in)
         if x_out is not None:
@@ -299,7 +307,8 @@ class Trainer:
         correct = torch.zeros((), device=self.device)
         seen = processed = 0
         t0 = time.perf_counter()
-        batches = index_batches(len(self.train_x), self.cfg.batch_size, gen, rank=self.dist.rank, world=self.dist.world)
+        batches = self._prefetched(index_batches(len(self.train_x), self.cfg.batch_size, gen, rank=self.dist.rank,
+                                                 world=self.dist.world))
         for step, idx in enumerate(batches):
             if step >= steps:
                 break
