@@ -43,7 +43,7 @@ def test_drawn_boxes_follow_torchvision_ranges() -> None:
     assert area.min() >= SCALE[0] * 0.95 and area.max() <= 1.0
     ratio = w / h
     assert ratio.min() >= RATIO[0] * 0.97 and ratio.max() <= RATIO[1] * 1.03  # up to rounding to whole pixels
-    reference = [_torchvision_area(random.Random(i), 224, 224) for i in range(4000)]
+    reference = [_torchvision_area(random.Random(i), 224, 224) for i in range(4000)]  # noqa: S311 - not crypto
     assert abs(area.mean().item() - sum(reference) / len(reference)) < 0.015
     assert abs(flip.float().mean().item() - 0.5) < 0.03
     assert math.isclose(torch.log(ratio).mean().item(), 0.0, abs_tol=0.02)  # log-uniform around 1

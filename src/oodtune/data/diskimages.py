@@ -13,6 +13,7 @@ subset (a seeded subsample or a held-out part of a large set costs no pixels).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -167,10 +168,8 @@ class DiskImages:
                 self._fd = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(OSError, TypeError, AttributeError):  # also at interpreter shutdown
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -29,7 +29,8 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         img = self.images
-        if not isinstance(img, (np.ndarray, DiskImages)) or img.dtype != np.uint8 or img.ndim != 4 or img.shape[-1] != 3:
+        if (not isinstance(img, (np.ndarray, DiskImages)) or img.dtype != np.uint8 or img.ndim != 4
+                or img.shape[-1] != 3):
             shape = getattr(img, "shape", None)
             dtype = getattr(img, "dtype", None)
             raise DataError(

@@ -35,6 +35,7 @@ from oodtune.data.layouts import (
     not_found,
 )
 from oodtune.data.objects import ObjectBank, load_object_bank, pasted_anomaly_set
+from oodtune.data.openood import OPENOOD_LOADERS
 from oodtune.data.protocol import load_tin_aux, load_tin_aux_val, load_tin_near
 from oodtune.data.segmentation import (
     SEGMENTATION_SETS,
@@ -264,6 +265,7 @@ _LOADERS: dict[str, tuple[Callable[[Request], ImageSet], str]] = {
                     "outliers for choosing score hyperparameters), unlabelled"),
     "tin-near": (load_tin_near,
                  "cifar10-offline protocol: Tiny ImageNet val, other half minus CIFAR-10 overlaps (near-OOD)"),
+    **OPENOOD_LOADERS,
 }
 
 _ALIASES = {

@@ -92,7 +92,9 @@ class DeviceImages:
             free = _free_cuda_bytes(device) if device.type == "cuda" else None
             placement = choose_placement(nbytes, on_disk, device.type, free)
         self.placement = placement
-        log.info("%s: %s on %s (%s)", name, placement.mode, device, placement.reason)
+        # said where it matters: a set streamed, or a GPU choosing (the CPU in-memory default stays quiet)
+        level = logging.INFO if placement.mode == "streamed" or device.type == "cuda" else logging.DEBUG
+        log.log(level, "%s: %s on %s (%s)", name, placement.mode, device, placement.reason)
         self.resident: torch.Tensor | None = None
         if placement.mode == "resident":
             parts = [_to_nchw(_host_rows(images, np.arange(s, min(s + _COPY_CHUNK, len(images)))), device)
