@@ -167,5 +167,6 @@ def save_cached(path: Path, data: ImageSet) -> None:
     """Write the in-memory set ``data`` to ``path`` atomically (a failure to write only costs a re-decode next
     time)."""
     images = np.asarray(data.images)
-    store_chunks(path, images.shape, (images[i : i + 4096] for i in range(0, len(images), 4096)),  # type: ignore[arg-type]
-                 data.labels, data.classes, data.name)
+    n, h, w, c = images.shape
+    chunks = (images[i : i + 4096] for i in range(0, n, 4096))
+    store_chunks(path, (n, h, w, c), chunks, data.labels, data.classes, data.name)

@@ -67,11 +67,12 @@ class ImageSet:
         """SHA-256 of the content: image shape and pixels, labels and class names (not the display name). Two sets
         with the same fingerprint hold the same images with the same labels in the same order. A set on disk uses
         the fingerprint recorded when its file was written (a subset of it: a digest of that and its rows)."""
-        disk = isinstance(self.images, DiskImages)
-        if disk and self.images.index is None:
-            return self.images.fingerprint()
-        h = hashlib.sha256(json.dumps([list(self.images.shape), list(self.classes)]).encode())
-        h.update(self.images.fingerprint().encode() if disk else np.ascontiguousarray(self.images).data)
+        images = self.images
+        if isinstance(images, DiskImages) and images.index is None:
+            return images.fingerprint()
+        h = hashlib.sha256(json.dumps([list(images.shape), list(self.classes)]).encode())
+        disk = isinstance(images, DiskImages)
+        h.update(images.fingerprint().encode() if disk else np.ascontiguousarray(images).data)  # type: ignore[union-attr]
         if self.labels is not None:
             h.update(b"labels")
             h.update(np.ascontiguousarray(self.labels, dtype=np.int64).data)

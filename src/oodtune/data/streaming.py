@@ -96,10 +96,12 @@ class DeviceImages:
         level = logging.INFO if placement.mode == "streamed" or device.type == "cuda" else logging.DEBUG
         log.log(level, "%s: %s on %s (%s)", name, placement.mode, device, placement.reason)
         self.resident: torch.Tensor | None = None
-        if placement.mode == "resident":
-            parts = [_to_nchw(_host_rows(images, np.arange(s, min(s + _COPY_CHUNK, len(images)))), device)
-                     for s in range(0, len(images), _COPY_CHUNK)] if on_disk else [_to_nchw(np.asarray(images), device)]
-            self.resident = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if placement.mode == "resident":  # filled chunk by chunk: never a second whole copy on the host or device
+            n, height, width = (int(v) for v in images.shape[:3])
+            self.resident = torch.empty((n, 3, height, width), dtype=torch.uint8, device=device)
+            for start in range(0, n, _COPY_CHUNK):
+                stop = min(start + _COPY_CHUNK, n)
+                self.resident[start:stop] = _to_nchw(_host_rows(images, np.arange(start, stop)), device)
         self._ahead: tuple[torch.Tensor, Future[torch.Tensor]] | None = None
 
     @property
