@@ -17,10 +17,11 @@ from PIL import Image
 
 from fixtures_data import write_corrupt_jpeg, write_image
 from helpers_training import RESOLUTION, easy_imageset, random_imageset, tiny_net
-from oodtune.detector import Detector, weights_hash
+from oodtune.deploy import Detector
+from oodtune.deploy.export import export_detector, load_exported
 from oodtune.errors import CheckpointError, ConfigError, DataError, ScoreError
-from oodtune.export import export_detector, load_exported
 from oodtune.metrics import threshold_at_tpr
+from oodtune.models import weights_hash
 from oodtune.scores import build_score
 
 CLASSES = ("c0", "c1", "c2", "c3")
@@ -207,6 +208,7 @@ def test_predict_files_reports_every_input_in_order(calibrated, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- export
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("score", ["energy", "msp"])
 def test_exported_program_equals_the_python_detector(score, tmp_path):
     det = make_detector(score, seed=4)
@@ -223,6 +225,7 @@ def test_exported_program_equals_the_python_detector(score, tmp_path):
         np.testing.assert_array_equal(is_ood.numpy(), ref.is_ood)
 
 
+@pytest.mark.e2e
 def test_exported_program_loads_with_pytorch_alone(tmp_path):
     det = make_detector(seed=5)
     det.calibrate(random_imageset(60, seed=7), tpr=0.8)

@@ -16,7 +16,7 @@ from fixtures_data import offline_env_with_module, write_image
 from helpers_cli import ok
 from oodtune.data import load_dataset
 from oodtune.data.diskimages import DiskImages
-from oodtune.export import load_exported
+from oodtune.deploy.export import load_exported
 from oodtune.models import load_feature_model, read_meta
 from oodtune.scores import SCORE_NAMES
 

@@ -20,13 +20,12 @@ from typing import Any
 import pytest
 import torch
 
-import oodtune.atomic as atomic
 import oodtune.pipeline as pipe
 import oodtune.pipeline.classification as classification
+import oodtune.utils.atomic as atomic
 from fixtures_data import make_tar, offline_env, write_image, write_labelled_folder
 from helpers_cli import FAST, fails, ok
 from helpers_training import checkpoint_meta, random_imageset, tiny_net
-from oodtune.atomic import remove_stale_temporaries, temporary_path, write_atomic, write_text_atomic
 from oodtune.cli import cli_message
 from oodtune.data import load_dataset
 from oodtune.data.images import _exit_with_parent
@@ -38,11 +37,12 @@ from oodtune.errors import (
     ResumeMismatchError,
     StorageError,
 )
-from oodtune.lock import LOCK_NAME, output_lock
 from oodtune.models import META_VERSION, RunMeta, read_checkpoint, read_meta, save_checkpoint
-from oodtune.runtime import resolve_device
 from oodtune.training.config import TrainConfig
 from oodtune.training.trainer import LAST, Trainer, check_run_dir
+from oodtune.utils.atomic import remove_stale_temporaries, temporary_path, write_atomic, write_text_atomic
+from oodtune.utils.lock import LOCK_NAME, output_lock
+from oodtune.utils.runtime import resolve_device
 
 ARCH = "wrn-10-1"
 
@@ -137,6 +137,7 @@ def _finetune(folders: dict[str, Path], base: Path, out: Path, method: str = "en
                          loss_options=options)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("change", ["method", "base", "base_content", "loss_option"])
 def test_finetuning_resumes_only_with_the_same_method_base_and_options(
         folders: dict[str, Path], two_bases: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, change: str) -> None:
@@ -210,6 +211,7 @@ def test_a_second_writer_is_refused_and_a_dead_holder_does_not_block(held: tuple
     assert not (folder / LOCK_NAME).exists()
 
 
+@pytest.mark.e2e
 def test_pretrain_and_finetune_into_a_busy_folder(env: dict[str, Path], pretrained: Path,
                                                   held: tuple[Path, subprocess.Popen],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -352,6 +354,7 @@ def test_devices(env: dict[str, Path]) -> None:
     assert not (env["tmp"] / "dev").exists()
 
 
+@pytest.mark.e2e
 def test_a_diverging_run_and_a_diverged_checkpoint(env: dict[str, Path], pretrained: Path, tmp_path: Path) -> None:
     fails("pretrain", "--arch", ARCH, "--data-root", env["root"], "--out", tmp_path / "div", "--epochs", "1",
           "--batch-size", "8", "--max-steps-per-epoch", "3", "--lr", "1e12", "--device", "cpu",
@@ -443,6 +446,7 @@ def _renamed_class_run(tmp_path: Path) -> tuple[Path, Path]:
     return model, tmp_path / "data"
 
 
+@pytest.mark.e2e
 def test_renamed_or_added_class_folders_are_refused_everywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                ) -> None:
     monkeypatch.setenv("OODTUNE_CACHE", str(tmp_path / "cache"))
@@ -512,6 +516,6 @@ def test_outputs_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> None
 
 
 def test_lock_labels_name_this_host() -> None:
-    from oodtune.lock import _holder_label
+    from oodtune.utils.lock import _holder_label
 
     assert f"PID {os.getpid()} on {socket.gethostname()}" in _holder_label()

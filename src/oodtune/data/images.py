@@ -196,7 +196,7 @@ def iter_decoded(
     per worker in flight, so memory holds a few chunks whatever the number of files; small lists are decoded
     in-process. The first corrupt file raises :class:`DataError` naming it.
     """
-    from oodtune.progress import format_rate, progress_bar
+    from oodtune.utils.progress import format_rate, progress_bar
 
     files = [os.fspath(p) for p in paths]
     chunks = [(files[i : i + _CHUNK], resolution) for i in range(0, len(files), _CHUNK)]

@@ -14,8 +14,8 @@ Fine-tuning defaults (:data:`SEGMENTATION_FINETUNE`): PEBAL's recipe where it tr
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,14 @@ import torch
 from torch import nn
 
 from ..data import SegmentationSet, is_segmentation_set
-from ..data.objects import paste_object
+from ..data.objects import paste_objects
 from ..data.segmentation import Size
-from ..data.tensors import Normalizer
-from ..energy import energy
 from ..errors import CheckpointError, ConfigError, ModelError
-from ..evaluation import EvalReport
-from ..losses import CompositeLoss
+from ..evaluation.classification import EvalReport
+from ..evaluation.segmentation import evaluate_segmentation, forward_maps, segmentation_metrics
+from ..functional import energy
+from ..losses.pixel import OUTLIER_LABEL, build_pixel_loss, needs_abstention
+from ..losses.terms import CompositeLoss
 from ..metrics.ood import Positive
 from ..models import (
     ESPNET_ARCHS,
@@ -40,20 +41,18 @@ from ..models import (
     build_model,
     read_state_dict,
     save_checkpoint,
+    weights_hash,
 )
-from ..pixel_evaluation import evaluate_segmentation, forward_maps, segmentation_metrics
-from ..pixel_losses import OUTLIER_LABEL, build_pixel_loss, needs_abstention
 from ..scores import PIXEL_SCORE_NAMES, Score, build_score, score_map
-from ..training.config import TrainConfig
+from ..training.config import SEGMENTATION_FINETUNE, TrainConfig
 from ..training.segmentation import SegmentationTrainer
 from ..training.trainer import FINAL
 from .source import DataSource, as_source
-from .task import Task, ValidationSpec, register_task
+from .task import Task, ValidationSpec, normalizer_for, register_task
 
-__all__ = ["SEGMENTATION_FINETUNE", "SegmentationTask", "anomaly_examples", "id_test_miou", "import_segmenter"]
+__all__ = ["SEGMENTATION_FINETUNE", "SegmentationEvaluation", "SegmentationTask", "anomaly_examples", "id_test_miou",
+           "import_segmenter"]
 
-#: PEBAL's fine-tuning recipe, as far as it transfers (module docstring).
-SEGMENTATION_FINETUNE = TrainConfig(epochs=40, lr=1e-5, batch_size=8, outlier_batch_size=1, weight_decay=0.0)
 #: ImageNet statistics: the normalisation of a user segmenter when none is given.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 #: The last decoder block of the built-in ESPNets: the 3x3 fusion CBR and the final 2x transposed convolution.
@@ -61,11 +60,6 @@ ESPNET_TRAINABLE = ("conv", "classifier")
 #: Pixels kept per frame when the pretrained model's pixel energies are collected (margins).
 ENERGY_PIXELS_PER_FRAME = 2000
 PRIOR_SEED = 0
-
-
-def normalizer_for(meta: RunMeta) -> Normalizer:
-    """The input normalisation (and channel order) of a segmentation checkpoint."""
-    return Normalizer(meta.mean, meta.std, bgr=meta.channel_order == "bgr")
 
 
 def _input_size(meta: RunMeta) -> Size:
@@ -78,14 +72,6 @@ def _id_set(meta: RunMeta, source: DataSource, split: str) -> SegmentationSet:
     return source.segmentation(meta.dataset, split, size=_input_size(meta))
 
 
-def _state_digest(net: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in net.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, source: DataSource,
                        device: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass of the pretrained ``net`` over the ID train frames, each with one ``train`` object pasted (seeded):
@@ -96,9 +82,7 @@ def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, sou
         bank = source.objects(outliers, "train")
         rng = np.random.default_rng(PRIOR_SEED)
         images, labels = train.images.copy(), train.labels.copy()
-        for i in range(len(images)):
-            k = int(rng.integers(len(bank)))
-            paste_object(images[i], labels[i], bank.images[k], bank.masks[k], rng, OUTLIER_LABEL)
+        paste_objects(images, labels, bank, rng, OUTLIER_LABEL)
         pasted = SegmentationSet(images, labels, train.classes, train.ignore_index, f"{train.name}+{bank.name}")
         counts = torch.zeros(meta.num_classes, dtype=torch.int64)
         e_in, e_out = [], []
@@ -116,10 +100,18 @@ def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, sou
                 e_in.append(torch.from_numpy(vals[keep]))
         return counts, torch.cat(e_in), torch.cat(e_out)
 
-    return source.memo(("pasted-train-pass", _state_digest(net), meta.dataset, meta.input_size, outliers), run)
+    return source.memo(("pasted-train-pass", weights_hash(net), meta.dataset, meta.input_size, outliers), run)
 
 
-class SegmentationTask(Task[SegmentationModel]):
+@dataclass(frozen=True)
+class SegmentationEvaluation:
+    """The segmentation task's evaluation options: ``blur`` Gaussian-blurs the per-pixel score maps (kernel 7, σ 1)
+    before the metrics, as PEBAL's test code can."""
+
+    blur: bool = False
+
+
+class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
     """Frames in, per-pixel logits out; scores and metrics per pixel (see the module docstring)."""
 
     name = "segmentation"
@@ -169,20 +161,24 @@ class SegmentationTask(Task[SegmentationModel]):
                               f"{', '.join(PIXEL_SCORE_NAMES)}.")
         return [build_score(s) for s in names]
 
-    def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
-                 source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None, id_split: str = "test", blur: bool = False,
-                 validation: ValidationSpec | None = None) -> EvalReport:
+    def evaluation_options(self, *, blur: bool = False,
+                           validation: ValidationSpec | None = None) -> SegmentationEvaluation:
         if validation is not None:
             raise ConfigError("choosing score hyperparameters on a validation pair (--select-on) is implemented for "
                               "classification checkpoints only; segmentation scores keep their papers' values. "
                               "Evaluate without it (drop --select-on).")
+        return SegmentationEvaluation(blur=blur)
+
+    def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
+                 source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
+                 positive: Positive | None, options: SegmentationEvaluation,
+                 id_split: str = "test") -> EvalReport:
         built = self.build_scores(meta, scores)
         height = _input_size(meta)[1]
         sets = {name: source.segmentation(name, "test", height=height, num_images=num_ood) for name in ood}
         return evaluate_segmentation(net, normalizer_for(meta), _id_set(meta, source, id_split), sets,
                                      built, device=device,
-                                     batch_size=min(batch_size, 8), positive=positive, blur=blur)
+                                     batch_size=min(batch_size, 8), positive=positive, blur=options.blur)
 
 
 register_task(SegmentationTask())
