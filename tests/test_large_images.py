@@ -75,6 +75,8 @@ CODE = '''
     def resnet50(num_classes):
         return ResNet50(num_classes=num_classes)
 '''
+pytestmark = pytest.mark.e2e  # real CLI runs at 224 px
+
 ARCH = f"{MODULE}:resnet50"
 TRUST = ["--trust-arch", ARCH]
 RES = ["--device", "cpu"]

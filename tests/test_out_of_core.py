@@ -188,6 +188,7 @@ def _shard_worker(rank: int, world: int, port: int, entry: str, out_dir: str) ->
     dist.destroy_process_group()
 
 
+@pytest.mark.e2e  # training processes
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_data_parallel_ranks_stream_their_own_shard(tmp_path: Path) -> None:
     ds = random_imageset(64, seed=8)
