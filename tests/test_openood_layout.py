@@ -83,3 +83,21 @@ def test_bundled_benchmark_config_is_the_openood_protocol() -> None:
     assert cfg.ood_far == ["openood-inaturalist", "openood-textures", "openood-openimage-o"] == protocol["far"]
     assert cfg.pretrained and all(m.posthoc for m in cfg.methods)
     assert cfg.matrix is not None and cfg.matrix.validation_outliers == "openood-openimage-o-val"
+
+
+@pytest.mark.e2e  # real CLI runs
+def test_an_imported_imagenet_model_is_evaluated_on_the_openood_sets(data_env: dict[str, Path]) -> None:
+    import torch
+
+    from helpers_cli import ok
+    from oodtune.models import build_model
+
+    root, tmp = data_env["root"], data_env["tmp"]
+    write_openood(root)
+    torch.manual_seed(0)
+    torch.save(build_model("wrn-10-1", 1000).state_dict(), tmp / "weights.pt")
+    ok("import-model", tmp / "weights.pt", "--arch", "wrn-10-1", "--dataset", "openood-imagenet", "--resolution",
+       "32", "--out", tmp / "in1k.pt", "--data-root", root, "--device", "cpu")
+    res = ok("evaluate", tmp / "in1k.pt", "--score", "energy", "--score", "msp", "--ood", "openood-ssb-hard", "--ood",
+             "openood-textures", "--data-root", root, "--device", "cpu")
+    assert "openood-ssb-hard" in res.output and "openood-textures" in res.output
