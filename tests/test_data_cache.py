@@ -11,6 +11,7 @@ import pytest
 import oodtune.data.layouts as layouts
 from fixtures_data import write_image, write_labelled_folder, write_mnist
 from oodtune.data import DataError, default_cache_dir, load_dataset
+from oodtune.data.cache import images_file
 
 
 def _forbid_decoding(monkeypatch):
@@ -18,6 +19,7 @@ def _forbid_decoding(monkeypatch):
         raise AssertionError("decoded although a cache entry exists")
 
     monkeypatch.setattr(layouts, "decode_files", boom)
+    monkeypatch.setattr(layouts, "iter_decoded", boom)
     monkeypatch.setattr(layouts, "array_to_resolution", boom)
 
 
@@ -28,14 +30,17 @@ def test_default_cache_dir_env(monkeypatch, tmp_path):
     assert default_cache_dir() == default_cache_dir().home() / ".cache" / "oodtune"
 
 
-def test_cache_hit_skips_decoding_and_is_uint8_npz(data_env, monkeypatch, tmp_path):
+def test_cache_hit_skips_decoding_and_is_uint8_npy(data_env, monkeypatch, tmp_path):
     pics = write_labelled_folder(tmp_path / "pics", ["a", "b"], per_class=2)
     first = load_dataset(f"folder:{pics}", data_env["root"])
     entries = list((data_env["cache"] / "images").glob("*.npz"))
     assert len(entries) == 1 and "32px" in entries[0].name
     assert not [p for p in entries[0].parent.iterdir() if p.name.startswith(".")]  # no temp files
+    images = np.load(images_file(entries[0]), mmap_mode="r")  # a plain, memory-mappable .npy
+    assert images.dtype == np.uint8 and images.shape == first.images.shape
+    np.testing.assert_array_equal(images, first.images)
     with np.load(entries[0]) as z:
-        assert z["images"].dtype == np.uint8
+        assert z["fingerprint"] == first.fingerprint()
     _forbid_decoding(monkeypatch)
     again = load_dataset(f"folder:{pics}", data_env["root"])
     np.testing.assert_array_equal(again.images, first.images)

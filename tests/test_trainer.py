@@ -223,7 +223,7 @@ def test_augmentation_off_feeds_normalised_originals() -> None:
     seen: list[torch.Tensor] = []
     trainer.net.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().clone()))
     trainer.fit()
-    expected = trainer.normalizer(trainer.train_x).flatten(1)
+    expected = trainer.normalizer(trainer.train_x.resident).flatten(1)
     nearest = torch.cdist(seen[0].flatten(1), expected, compute_mode="donot_use_mm_for_euclid_dist").min(1)
     assert torch.all(nearest.values == 0), "every input is an unaugmented, normalised training image"
     assert sorted(nearest.indices.tolist()) == list(range(32))

@@ -1,29 +1,42 @@
-"""On-disk cache of decoded datasets (uint8 ``.npz``), outside the repository.
+"""On-disk cache of decoded datasets, outside the repository: each entry is a uint8 ``.npy`` array of the images
+(memory-mappable) and a small ``.npz`` beside it (labels, class names, display name, content fingerprint).
 
 Location: ``cache_dir`` argument, else ``$OODTUNE_CACHE``, else ``~/.cache/oodtune``. Entries are keyed by
 dataset name, split, resolution and a fingerprint of the source (paths, sizes, mtimes), so editing or
-replacing the source re-decodes it. Files are written atomically (temporary file + ``os.replace``); a cache that
-cannot be written (read-only, full) only costs a re-decode next time, with a warning.
+replacing the source re-decodes it. Images are streamed into the ``.npy`` chunk by chunk as they are decoded (a data
+set larger than memory is decoded once, never held whole), and both files are written atomically (temporary file,
+fsync, ``os.replace``), images first: the ``.npz`` is the entry's commit mark, and an entry whose images are missing,
+truncated or of another shape is rebuilt. A cache that cannot be written (read-only, full) only costs a re-decode
+next time, with a warning.
+
+A set whose decoded images fit in :func:`in_memory_limit` bytes (``$OODTUNE_IN_MEMORY_MB``, default 2048) is
+loaded into memory; a larger one stays on disk (:class:`~oodtune.data.diskimages.DiskImages`) and training,
+evaluation, calibration and prediction read it a batch at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import warnings
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
+from oodtune.data.diskimages import DiskImages
 from oodtune.data.imageset import ImageSet
 from oodtune.errors import DataError
 from oodtune.utils.atomic import remove_stale_temporaries, write_atomic
 
 #: Bump when decoding rules change so old cache entries are ignored.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+#: Default of :func:`in_memory_limit`, in MiB.
+DEFAULT_IN_MEMORY_MB = 2048
 
 
 def default_cache_dir() -> Path:
@@ -69,34 +82,91 @@ def cache_file(cache_dir: Path, name: str, split: str, resolution: int, fingerpr
     return cache_dir / "images" / f"{safe}-{split}-{resolution}px-v{CACHE_VERSION}-{fingerprint[:20]}.npz"
 
 
+def in_memory_limit() -> int:
+    """Largest decoded set (bytes) loaded into memory: ``$OODTUNE_IN_MEMORY_MB`` MiB (default 2048); larger sets
+    stay on disk and are read a batch at a time."""
+    env = os.environ.get("OODTUNE_IN_MEMORY_MB")
+    try:
+        mib = float(env) if env else DEFAULT_IN_MEMORY_MB
+    except ValueError:
+        raise DataError(f"OODTUNE_IN_MEMORY_MB={env!r} is not a number; give the size in MiB (e.g. 2048).") from None
+    return int(mib * 2**20)
+
+
+def images_file(path: Path) -> Path:
+    """The ``.npy`` images file of the cache entry whose metadata is ``path`` (``.npz``)."""
+    return path.with_suffix(".images.npy")
+
+
 def load_cached(path: Path) -> ImageSet | None:
-    """The cached ImageSet at ``path``, or None when absent. A damaged entry is deleted and ignored, and so are
-    temporaries that killed writers left beside it."""
+    """The cached ImageSet at ``path`` (in memory or on disk, see the module docstring), or None when absent. A
+    damaged or incomplete entry is deleted and ignored, and so are temporaries that killed writers left beside it."""
     remove_stale_temporaries(path.parent)
-    if not path.is_file():
+    images_path = images_file(path)
+    if not path.is_file() or not images_path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             labels = z["labels"] if "labels" in z.files else None
-            return ImageSet(
-                images=z["images"], labels=labels, classes=tuple(str(c) for c in z["classes"]), name=str(z["name"])
-            )
+            classes, name = tuple(str(c) for c in z["classes"]), str(z["name"])
+            fingerprint, shape = str(z["fingerprint"]), tuple(int(v) for v in z["shape"])
+        disk = DiskImages(images_path, fingerprint)
+        if disk.shape != shape:
+            raise DataError(f"{images_path}: shape {disk.shape}, recorded {shape}")
+        images = disk if disk.nbytes > in_memory_limit() else np.load(images_path, allow_pickle=False)
+        return ImageSet(images=images, labels=labels, classes=classes, name=name)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, DataError):
         path.unlink(missing_ok=True)
+        images_path.unlink(missing_ok=True)
         return None
 
 
-def save_cached(path: Path, data: ImageSet) -> None:
-    """Write ``data`` to ``path`` atomically (a failure to write only costs a re-decode next time)."""
-    arrays: dict[str, np.ndarray] = {
-        "images": data.images,
-        "classes": np.asarray(data.classes, dtype=str) if data.classes else np.zeros(0, dtype="<U1"),
-        "name": np.asarray(data.name),
-    }
-    if data.labels is not None:
-        arrays["labels"] = data.labels
+def _write_npy(fh: IO[bytes], shape: tuple[int, ...], chunks: Iterable[np.ndarray], digest: hashlib._Hash) -> None:
+    """A uint8 ``.npy`` of ``shape`` from consecutive ``chunks`` (each also fed to ``digest``)."""
+    np.lib.format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    written = 0
+    for chunk in chunks:
+        data = np.ascontiguousarray(chunk, dtype=np.uint8)
+        if data.shape[1:] != shape[1:]:
+            raise DataError(f"decoded chunk of shape {data.shape} does not fit {shape}")
+        digest.update(data.data)
+        fh.write(data.data)
+        written += len(data)
+    if written != shape[0]:
+        raise DataError(f"decoded {written} images, expected {shape[0]}")
+
+
+def store_chunks(path: Path, shape: tuple[int, int, int, int], chunks: Iterable[np.ndarray],
+                 labels: np.ndarray | None, classes: tuple[str, ...], name: str) -> bool:
+    """Write a cache entry from image ``chunks`` (consecutive, together ``shape``), atomically (module docstring);
+    the content fingerprint is computed on the way, exactly as :meth:`ImageSet.fingerprint` would. Returns False
+    (with a warning) when the cache cannot be written."""
+    digest = hashlib.sha256(json.dumps([list(shape), list(classes)]).encode())
+    if labels is not None:
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
     try:
+        write_atomic(images_file(path), lambda fh: _write_npy(fh, shape, chunks, digest))
+        if labels is not None:
+            digest.update(b"labels")
+            digest.update(labels.data)
+        arrays: dict[str, np.ndarray] = {
+            "classes": np.asarray(classes, dtype=str) if classes else np.zeros(0, dtype="<U1"),
+            "name": np.asarray(name), "fingerprint": np.asarray(digest.hexdigest()), "shape": np.asarray(shape),
+        }
+        if labels is not None:
+            arrays["labels"] = labels
         write_atomic(path, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
     except OSError as exc:
         warnings.warn(f"could not write the data cache {path} ({exc}); data will be decoded again next time. "
                       "Set OODTUNE_CACHE or cache_dir= to a writable folder.", stacklevel=3)
+        return False
+    return True
+
+
+def save_cached(path: Path, data: ImageSet) -> None:
+    """Write the in-memory set ``data`` to ``path`` atomically (a failure to write only costs a re-decode next
+    time)."""
+    images = np.asarray(data.images)
+    n, h, w, c = images.shape
+    chunks = (images[i : i + 4096] for i in range(0, n, 4096))
+    store_chunks(path, (n, h, w, c), chunks, data.labels, data.classes, data.name)

@@ -19,8 +19,9 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -192,39 +193,54 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def decode_files(
+def iter_decoded(
     paths: Sequence[str | os.PathLike], resolution: int, description: str = "decoding", workers: int | None = None
-) -> np.ndarray:
-    """Decode many image files into one ``(N, res, res, 3)`` uint8 array, in order, with a progress bar.
+) -> Iterator[np.ndarray]:
+    """Decode many image files, in order, as consecutive ``(n, res, res, 3)`` uint8 chunks, with a progress bar.
 
-    Large lists are decoded by a process pool (``workers``, default :func:`default_workers`); small ones
+    Large lists are decoded by a process pool (``workers``, default :func:`default_workers`) with at most two chunks
+    per worker in flight, so memory holds a few chunks whatever the number of files; small lists are decoded
     in-process. The first corrupt file raises :class:`DataError` naming it.
     """
     from oodtune.utils.progress import format_rate, progress_bar
 
     files = [os.fspath(p) for p in paths]
-    out = np.empty((len(files), resolution, resolution, 3), dtype=np.uint8)
-    chunks = [files[i : i + _CHUNK] for i in range(0, len(files), _CHUNK)]
+    chunks = [(files[i : i + _CHUNK], resolution) for i in range(0, len(files), _CHUNK)]
     workers = default_workers() if workers is None else workers
-    start = time.perf_counter()
+    start, done = time.perf_counter(), 0
     with progress_bar(description, total=len(files)) as bar:
-        def _done(offset: int, arr: np.ndarray) -> int:
-            out[offset : offset + len(arr)] = arr
-            done = offset + len(arr)
+        def report(arr: np.ndarray) -> np.ndarray:
+            nonlocal done
+            done += len(arr)
             bar.advance(len(arr))
             bar.update(rate=format_rate(done, time.perf_counter() - start))
-            return done
+            return arr
 
-        offset = 0
         if workers > 1 and len(files) >= _MIN_FILES_FOR_POOL:
             # fork (where available) so that unguarded user scripts are not re-imported by the workers
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent,
                                      initargs=(os.getpid(),)) as pool:
-                for arr in pool.map(_decode_chunk, [(c, resolution) for c in chunks]):
-                    offset = _done(offset, arr)
+                pending: deque[Future[np.ndarray]] = deque()
+                for chunk in chunks:
+                    pending.append(pool.submit(_decode_chunk, chunk))
+                    if len(pending) >= 2 * workers:
+                        yield report(pending.popleft().result())
+                while pending:
+                    yield report(pending.popleft().result())
         else:
-            for c in chunks:
-                offset = _done(offset, _decode_chunk((c, resolution)))
+            for chunk in chunks:
+                yield report(_decode_chunk(chunk))
+
+
+def decode_files(
+    paths: Sequence[str | os.PathLike], resolution: int, description: str = "decoding", workers: int | None = None
+) -> np.ndarray:
+    """Decode many image files into one ``(N, res, res, 3)`` uint8 array in memory (see :func:`iter_decoded`)."""
+    out = np.empty((len(paths), resolution, resolution, 3), dtype=np.uint8)
+    offset = 0
+    for arr in iter_decoded(paths, resolution, description, workers):
+        out[offset : offset + len(arr)] = arr
+        offset += len(arr)
     return out

@@ -1,4 +1,4 @@
-"""The one in-memory dataset type: decoded uint8 RGB images plus optional labels."""
+"""The one dataset type: decoded uint8 RGB images (in memory, or on disk for large sets) plus optional labels."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DataError
+from .diskimages import DiskImages
 
 
 @dataclass(frozen=True)
@@ -17,16 +18,19 @@ class ImageSet:
 
     ``labels`` is an int64 array of shape (N,) with values in ``[0, len(classes))``, or ``None`` for
     unlabelled sets (typical for OOD test sets). ``name`` is a human-readable identifier used in tables.
+    A set too large for memory holds a :class:`~oodtune.data.diskimages.DiskImages` instead of an array (the
+    decode cache decides, see :mod:`oodtune.data.cache`); indexing it reads the rows asked for.
     """
 
-    images: np.ndarray
+    images: np.ndarray | DiskImages
     labels: np.ndarray | None
     classes: tuple[str, ...] = field(default=())
     name: str = "dataset"
 
     def __post_init__(self) -> None:
         img = self.images
-        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 4 or img.shape[-1] != 3:
+        if (not isinstance(img, (np.ndarray, DiskImages)) or img.dtype != np.uint8 or img.ndim != 4
+                or img.shape[-1] != 3):
             shape = getattr(img, "shape", None)
             dtype = getattr(img, "dtype", None)
             raise DataError(
@@ -61,9 +65,14 @@ class ImageSet:
 
     def fingerprint(self) -> str:
         """SHA-256 of the content: image shape and pixels, labels and class names (not the display name). Two sets
-        with the same fingerprint hold the same images with the same labels in the same order."""
-        h = hashlib.sha256(json.dumps([list(self.images.shape), list(self.classes)]).encode())
-        h.update(np.ascontiguousarray(self.images).data)
+        with the same fingerprint hold the same images with the same labels in the same order. A set on disk uses
+        the fingerprint recorded when its file was written (a subset of it: a digest of that and its rows)."""
+        images = self.images
+        if isinstance(images, DiskImages) and images.index is None:
+            return images.fingerprint()
+        h = hashlib.sha256(json.dumps([list(images.shape), list(self.classes)]).encode())
+        disk = isinstance(images, DiskImages)
+        h.update(images.fingerprint().encode() if disk else np.ascontiguousarray(images).data)  # type: ignore[union-attr]
         if self.labels is not None:
             h.update(b"labels")
             h.update(np.ascontiguousarray(self.labels, dtype=np.int64).data)
@@ -80,10 +89,11 @@ class ImageSet:
         return np.array([d in theirs for d in self.image_digests()], dtype=bool)
 
     def subset(self, indices: np.ndarray, name: str | None = None) -> ImageSet:
-        """A new ImageSet holding ``images[indices]`` (and labels) under ``name`` (default: same name)."""
+        """A new ImageSet holding ``images[indices]`` (and labels) under ``name`` (default: same name); a subset
+        of a set on disk stays on disk."""
         idx = np.asarray(indices)
         return ImageSet(
-            images=self.images[idx],
+            images=self.images.view(idx) if isinstance(self.images, DiskImages) else self.images[idx],
             labels=None if self.labels is None else self.labels[idx],
             classes=self.classes,
             name=name or self.name,

@@ -266,7 +266,7 @@ def as_uint8_images(images: Any, resolution: int) -> np.ndarray:
     CHW. Pixels are uint8 0..255 or floats in [0, 1]. Paths are decoded like dataset files.
     """
     if isinstance(images, ImageSet):
-        return array_to_resolution(images.images, resolution, source=images.name)
+        return array_to_resolution(np.asarray(images.images), resolution, source=images.name)
     if isinstance(images, (str, os.PathLike)):
         return decode_image(images, resolution)[None]
     if isinstance(images, Image.Image):

@@ -21,8 +21,9 @@ from oodtune.data.cache import (
     files_fingerprint,
     load_cached,
     save_cached,
+    store_chunks,
 )
-from oodtune.data.images import array_to_resolution, decode_files
+from oodtune.data.images import array_to_resolution, decode_files, iter_decoded
 from oodtune.data.imageset import ImageSet
 from oodtune.data.sources import ArraySet, FileListing, scan_tiny_imagenet
 from oodtune.errors import DataError
@@ -53,13 +54,23 @@ class Request:
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def cached(req: Request, fingerprint: str, build: Callable[[], ImageSet]) -> ImageSet:
-    """Return the cache entry for (req, fingerprint) or build, store and return it."""
+def cached(req: Request, fingerprint: str, build: Callable[[], ImageSet | FileListing]) -> ImageSet:
+    """Return the cache entry for (req, fingerprint) or build, store and return it. A build that returns a
+    :class:`FileListing` has its files decoded straight into the cache entry, chunk by chunk (a set larger than
+    memory is never held whole; it comes back on disk); where the cache cannot be written it is decoded in memory."""
     path = cache_file(req.cache_dir, req.name, req.split, req.resolution, fingerprint)
     hit = load_cached(path)
     if hit is not None:
         return hit
     data = build()
+    if isinstance(data, FileListing):
+        shape = (len(data.files), req.resolution, req.resolution, 3)
+        chunks = iter_decoded(data.files, req.resolution, description=f"decoding {req.display_name}")
+        if store_chunks(path, shape, chunks, data.labels, data.classes, req.display_name):
+            stored = load_cached(path)
+            if stored is not None:
+                return stored
+        return decode_listing(req, data)
     save_cached(path, data)
     return data
 
@@ -123,9 +134,9 @@ def load_tree(req: Request, layout: TreeLayout, scan: Callable[[Path], FileListi
         raise not_found(req, layout.describe(req.root))
     if src.is_dir():
         listing = scan(src)
-        return cached(req, files_fingerprint(listing.files), lambda: decode_listing(req, listing))
+        return cached(req, files_fingerprint(listing.files), lambda: listing)
 
-    def build() -> ImageSet:
+    def build() -> FileListing:
         extracted = extract_cached(src, req.cache_dir)
         inner = first_match(extracted, layout.dirs, True)
         if inner is None:
@@ -133,7 +144,7 @@ def load_tree(req: Request, layout: TreeLayout, scan: Callable[[Path], FileListi
                 f"{src}: the archive does not contain the expected layout ({', '.join(layout.dirs)}). "
                 "Use the official archive or the documented mirror archive."
             )
-        return decode_listing(req, scan(inner))
+        return scan(inner)
 
     return cached(req, file_fingerprint(src), build)
 

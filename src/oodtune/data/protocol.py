@@ -28,6 +28,7 @@ import numpy as np
 
 from oodtune.data.imageset import ImageSet
 from oodtune.data.layouts import TINY_IMAGENET, Request, find_tree, load_tiny_imagenet
+from oodtune.data.openood import OPENOOD_PROTOCOLS
 from oodtune.data.sources import read_wnids
 from oodtune.errors import DataError
 
@@ -49,6 +50,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "far": ["dtd", "mnist", "fashion-mnist", "omniglot", "gaussian"],
         "resolution": 32,
     },
+    **OPENOOD_PROTOCOLS,
 }
 
 

@@ -26,7 +26,6 @@ from oodtune.data.layouts import (
     archive_patterns,
     cached,
     check_split,
-    decode_listing,
     default_data_root,
     find_tree,
     first_match,
@@ -36,6 +35,7 @@ from oodtune.data.layouts import (
     not_found,
 )
 from oodtune.data.objects import ObjectBank, load_object_bank, pasted_anomaly_set
+from oodtune.data.openood import OPENOOD_LOADERS
 from oodtune.data.protocol import load_tin_aux, load_tin_aux_val, load_tin_near
 from oodtune.data.segmentation import (
     SEGMENTATION_SETS,
@@ -47,6 +47,7 @@ from oodtune.data.segmentation import (
 )
 from oodtune.data.sources import (
     CIFAR_LAYOUTS,
+    FileListing,
     read_cifar,
     read_idx_pair,
     read_svhn_mat,
@@ -191,12 +192,12 @@ def _load_path(req: Request, spec: str, labelled: bool) -> ImageSet:
     req = replace(req, name=f"{prefix}-{name}")
     if path.is_dir():
         listing = scan(_split_folder(path, req.split, spec))
-        return cached(req, files_fingerprint(listing.files), lambda: decode_listing(req, listing))
+        return cached(req, files_fingerprint(listing.files), lambda: listing)
     if not is_archive(path):
         raise DataError(f"{path}: not a folder or a .tar/.tar.gz/.tgz/.zip archive.")
 
-    def build() -> ImageSet:
-        return decode_listing(req, scan(_split_folder(_tree_top(path, req.cache_dir), req.split, spec)))
+    def build() -> FileListing:
+        return scan(_split_folder(_tree_top(path, req.cache_dir), req.split, spec))
     return cached(req, file_fingerprint(path), build)
 
 
@@ -264,6 +265,7 @@ _LOADERS: dict[str, tuple[Callable[[Request], ImageSet], str]] = {
                     "outliers for choosing score hyperparameters), unlabelled"),
     "tin-near": (load_tin_near,
                  "cifar10-offline protocol: Tiny ImageNet val, other half minus CIFAR-10 overlaps (near-OOD)"),
+    **OPENOOD_LOADERS,
 }
 
 _ALIASES = {

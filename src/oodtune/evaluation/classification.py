@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..data.imageset import ImageSet
-from ..data.tensors import Normalizer, to_device_uint8
+from ..data.streaming import DeviceImages
+from ..data.tensors import Normalizer
 from ..errors import DataError, DivergenceError
 from ..metrics import accuracy, detection_metrics
 from ..metrics.ood import DEFAULT_POSITIVE, Positive
@@ -61,22 +62,23 @@ def compute_outputs(net: FeatureModel, ds: ImageSet, normalizer: Normalizer, *,
     """Run ``net`` (eval mode) over ``ds`` in batches; logits/features come back as float32 on ``device``.
 
     Scoring defaults to full fp32 (not bf16) so that scores keep their resolution and ties stay rare.
-    ``show_progress=False`` for callers that report progress over many calls themselves.
+    ``show_progress=False`` for callers that report progress over many calls themselves. A set on disk is read a
+    batch at a time, the next batch read while the current one runs (:mod:`oodtune.data.streaming`).
     """
     dev = resolve_device(device if isinstance(device, str) or device is None else str(device))
     net = net.to(dev).eval()
-    images = to_device_uint8(ds, dev)
     logits, feats = [], []
     with progress_bar(f"forward {ds.name}", total=len(ds)) if show_progress else nullcontext(Bar()) as bar:
-        t0 = time.perf_counter()
-        for start in range(0, len(ds), batch_size):
-            x = normalizer(images[start : start + batch_size])
+        t0, done = time.perf_counter(), 0
+        for images in DeviceImages(ds.images, dev, ds.name).batches(batch_size):
+            x = normalizer(images)
             with autocast(dev, precision):
                 lo, fe = net(x)
             logits.append(lo.float())
             feats.append(fe.float())
+            done += len(x)
             bar.advance(len(x))
-            bar.update(rate=format_rate(start + len(x), time.perf_counter() - t0))
+            bar.update(rate=format_rate(done, time.perf_counter() - t0))
     out = Outputs(torch.cat(logits), torch.cat(feats))
     if not torch.isfinite(out.logits).all():
         raise DivergenceError(f"the model produced NaN/inf logits on {ds.name}; the checkpoint may be diverged.")
@@ -88,13 +90,11 @@ def score_dataset(score: Score, net: FeatureModel, ds: ImageSet, outputs: Output
     """Scores (higher = more ID) of every image in ``ds``; input-gradient scores re-run the network."""
     if not score.needs_input_grad:
         return score.from_outputs(outputs.logits, outputs.features).float().cpu().numpy()
-    dev = outputs.logits.device
-    images = to_device_uint8(ds, dev)
     parts = []
     with progress_bar(f"{score.name} {ds.name}", total=len(ds)) if show_progress else nullcontext(Bar()) as bar:
-        for start in range(0, len(ds), batch_size):
-            parts.append(score.score_inputs(net, normalizer(images[start : start + batch_size])).float().cpu())
-            bar.advance(min(batch_size, len(ds) - start))
+        for images in DeviceImages(ds.images, outputs.logits.device, ds.name).batches(batch_size):
+            parts.append(score.score_inputs(net, normalizer(images)).float().cpu())
+            bar.advance(len(images))
     return torch.cat(parts).numpy()
 
 

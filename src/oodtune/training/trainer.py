@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +31,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..data.tensors import CropFlip, Normalizer, apply_crop_flip, draw_crop_flip, to_device_uint8
+from ..data.augment import Augmentation, Params, augmentation_for
+from ..data.streaming import DeviceImages
+from ..data.tensors import Normalizer
 from ..errors import DataError, DivergenceError, ResumeMismatchError
 from ..losses.terms import CompositeLoss, LossInputs
 from ..models import RunMeta, read_checkpoint, save_checkpoint, unwrap_model
@@ -54,14 +56,14 @@ log = logging.getLogger(__name__)
 class StepBatch:
     """One step's inputs, drawn eagerly (:meth:`Trainer._draw`): ``x_in`` the ID images (uint8 on the device) and
     ``y_in`` their targets (a class per image; for segmentation a class per pixel, pasted objects included), the
-    crop/flip drawn for them, and ``x_out`` the auxiliary outlier images with their draw (None when the loss uses no
+    augmentation drawn for them, and ``x_out`` the auxiliary outlier images with their draw (None when the loss uses no
     outliers, or when the task pastes its outliers into the ID images)."""
 
     x_in: torch.Tensor
     y_in: torch.Tensor
-    aug_in: CropFlip | None = None
+    aug_in: Params | None = None
     x_out: torch.Tensor | None = None
-    aug_out: CropFlip | None = None
+    aug_out: Params | None = None
 
     @property
     def images(self) -> int:
@@ -182,14 +184,21 @@ class Trainer:
             )
 
     def _load_data(self, train_set: Any, outliers: Any) -> None:
-        """``train_x`` / ``train_y`` / ``outlier_images``: the training data on the device."""
-        self.train_x = to_device_uint8(train_set, self.device)
+        """``train_x`` / ``train_y`` / ``outlier_images``: the training data on the device, resident or streamed
+        (:mod:`oodtune.data.streaming`), and the augmentation for its image size (:mod:`oodtune.data.augment`)."""
+        self.train_x: Any = DeviceImages(train_set.images, self.device, train_set.name)
         self.train_y = torch.from_numpy(train_set.labels).to(self.device)
-        self.outlier_images = to_device_uint8(outliers, self.device) if outliers is not None else None
+        self.outlier_images: Any = (DeviceImages(outliers.images, self.device, outliers.name)
+                                    if outliers is not None else None)
+        self.augmentation: Augmentation = augmentation_for(int(train_set.images.shape[1]))
 
     def _outlier_count(self) -> int:
         """How many outliers a step's outlier sampler draws from (0: the run uses none)."""
         return 0 if self.outlier_images is None else len(self.outlier_images)
+
+    def _prefetched(self, batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """``batches``, with the ID images of the next one read ahead when the training set is streamed."""
+        return self.train_x.prefetched(batches) if isinstance(self.train_x, DeviceImages) else batches
 
     # -- pieces of a step -------------------------------------------------------------------------
     # A step is split where randomness ends: ``_draw`` (eager) gathers the batch and draws its augmentation
@@ -198,15 +207,15 @@ class Trainer:
     def _draw(self, idx: torch.Tensor, gen: torch.Generator, sampler: OutlierSampler | None) -> StepBatch:
         augment = self.cfg.augment
         x_in = self.train_x[idx]
-        aug_in = draw_crop_flip(len(x_in), gen) if augment else None
+        aug_in = self.augmentation.draw(len(x_in), gen) if augment else None
         x_out = aug_out = None
         if sampler is not None and self.outlier_images is not None:
             x_out = self.outlier_images[sampler.next()]
-            aug_out = draw_crop_flip(len(x_out), gen) if augment else None
+            aug_out = self.augmentation.draw(len(x_out), gen) if augment else None
         return StepBatch(x_in, self.train_y[idx], aug_in, x_out, aug_out)
 
-    def _prepare(self, images: torch.Tensor, aug: CropFlip | None) -> torch.Tensor:
-        return self.normalizer(images if aug is None else apply_crop_flip(images, aug))
+    def _prepare(self, images: torch.Tensor, aug: Params | None) -> torch.Tensor:
+        return self.normalizer(images if aug is None else self.augmentation.apply(images, aug))
 
     def _forward(self, model: Callable[..., Any], batch: StepBatch) -> StepOutputs:
         """The loss of one batch; ``correct`` counts the correct ID predictions."""
@@ -331,7 +340,8 @@ class Trainer:
         seen = processed = 0
         totals: list[torch.Tensor] = []  # per-step losses, inspected only if the epoch diverged
         t0 = time.perf_counter()
-        batches = index_batches(len(self.train_x), self.cfg.batch_size, gen, rank=self.dist.rank, world=self.dist.world)
+        batches = self._prefetched(index_batches(len(self.train_x), self.cfg.batch_size, gen, rank=self.dist.rank,
+                                                 world=self.dist.world))
         for step, idx in enumerate(batches):
             if step >= steps:
                 break
