@@ -81,7 +81,10 @@ class ImageSet:
     def image_digests(self) -> list[bytes]:
         """One digest (BLAKE2b, 16 bytes) per image of its pixels: two images share a digest exactly when they hold
         the same pixels (compare sets at one resolution)."""
-        return [hashlib.blake2b(np.ascontiguousarray(img).data, digest_size=16).digest() for img in self.images]
+        images = self.images
+        chunks = images.chunks(1024) if isinstance(images, DiskImages) else (images,)
+        return [hashlib.blake2b(np.ascontiguousarray(img).data, digest_size=16).digest()
+                for chunk in chunks for img in chunk]
 
     def shared_with(self, other: ImageSet) -> np.ndarray:
         """Boolean mask (N,) of this set's images whose pixels also occur in ``other`` (by :meth:`image_digests`)."""

@@ -120,7 +120,7 @@ def id_unseen_set(meta: RunMeta, data_root: DataSource | str | Path | None) -> I
     index = np.arange(len(base), dtype=np.int64)
     pixels = np.stack([(index >> shift) & 255 for shift in (16, 8, 0)], axis=1).astype(np.uint8)
     carrier = ImageSet(pixels.reshape(-1, 1, 1, 3), base.labels, base.classes, base.name)
-    kept = _training_subset(meta, carrier).images.reshape(-1, 3).astype(np.int64)
+    kept = np.asarray(_training_subset(meta, carrier).images).reshape(-1, 3).astype(np.int64)
     unseen = np.setdiff1d(index, (kept[:, 0] << 16) | (kept[:, 1] << 8) | kept[:, 2])
     if unseen.size == 0:
         raise DataError(f"{meta.dataset}: the model was trained on every ID train image, so none is left to choose "
