@@ -28,7 +28,7 @@ from .metrics import accuracy, detection_metrics
 from .metrics.ood import DEFAULT_POSITIVE, Positive
 from .models import FeatureModel
 from .progress import Bar, format_rate, progress_bar
-from .runtime import autocast, resolve_device
+from .runtime import autocast, prepare_inference, resolve_device
 from .scores import Score
 from .scores.selection import select_hyperparameters
 
@@ -52,20 +52,24 @@ def _check_resolution(ds: ImageSet, resolution: int) -> None:
 @torch.no_grad()
 def compute_outputs(net: FeatureModel, ds: ImageSet, normalizer: Normalizer, *,
                     device: torch.device | str | None = None, batch_size: int = 1024,
-                    precision: str = "fp32", show_progress: bool = True) -> Outputs:
+                    precision: str | None = None, show_progress: bool = True) -> Outputs:
     """Run ``net`` (eval mode) over ``ds`` in batches; logits/features come back as float32 on ``device``.
 
-    Scoring defaults to full fp32 (not bf16) so that scores keep their resolution and ties stay rare.
-    ``show_progress=False`` for callers that report progress over many calls themselves.
+    ``precision`` None: that of the enclosing :func:`oodtune.runtime.inference_precision` block, fp32 outside one.
+    Under bf16 the network runs channels_last with bf16 autocast and its classification layer in fp32
+    (:class:`~oodtune.models.FeatureModel`), so logits keep fp32 resolution; scores and metrics are computed from
+    them in fp32/fp64. ``show_progress=False`` for callers that report progress over many calls themselves.
     """
     dev = resolve_device(device if isinstance(device, str) or device is None else str(device))
-    net = net.to(dev).eval()
+    net, precision, channels_last = prepare_inference(net, dev, precision)
     images = to_device_uint8(ds, dev)
     logits, feats = [], []
     with progress_bar(f"forward {ds.name}", total=len(ds)) if show_progress else nullcontext(Bar()) as bar:
         t0 = time.perf_counter()
         for start in range(0, len(ds), batch_size):
             x = normalizer(images[start : start + batch_size])
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast(dev, precision):
                 lo, fe = net(x)
             logits.append(lo.float())

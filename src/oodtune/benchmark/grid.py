@@ -28,7 +28,7 @@ from ..models.imported import check_trusted, trusted_archs
 from ..plots import plot_anomaly_maps, plot_class_prior, plot_energy_histograms, plot_roc_curves
 from ..prior import OutlierPrior
 from ..report import write_json
-from ..runtime import resolve_device
+from ..runtime import inference_precision, resolve_device, resolve_precision
 from ..training.config import TrainConfig
 from ..training.trainer import FINAL
 from .config import BenchmarkConfig, MethodSpec
@@ -62,7 +62,8 @@ class Benchmark:
         self.cfg = cfg
         self.out = cfg.out
         self.source = pipeline.DataSource(cfg.data_root)
-        self.store = EvalStore(cfg.out / "evals", id_split=cfg.id_split)
+        self.precision = resolve_precision(resolve_device(cfg.device), cfg.finetune.get("precision", "auto"))
+        self.store = EvalStore(cfg.out / "evals", id_split=cfg.id_split, precision=self.precision)
 
     # -- trained checkpoints ----------------------------------------------------------------------
     def pretrained_path(self) -> Path:
@@ -330,4 +331,6 @@ def run_benchmark(cfg: BenchmarkConfig, command: str, *, report_only: bool = Fal
         resolve_device(cfg.device)
         if not cfg.pretrained:
             check_trusted(cfg.arch, "the benchmark config")
-        return Benchmark(cfg).run(command, report_only=report_only)
+        bench = Benchmark(cfg)
+        with inference_precision(bench.precision):  # evaluations run in the fine-tuning's precision
+            return bench.run(command, report_only=report_only)

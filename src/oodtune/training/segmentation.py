@@ -15,6 +15,12 @@ Reference protocol vs this loop: PEBAL builds each epoch from all Cityscapes fra
 a COCO object pasted (so about one sample in eleven carries an outlier, and a batch may carry none) and rescales
 and crops the whole mixed frame; here a fixed number of frames per batch carry an object (``outlier_batch_size``)
 and the object alone is rescaled.
+
+Last-block fine-tuning (the model :attr:`~oodtune.models.SegmentationModel.splits` into a frozen trunk and the
+trainable tail, one process, no ``--compile``) caches the trunk's output of the frames without a pasted object on
+disk (:mod:`.trunk_cache`; ``OODTUNE_TRUNK_CACHE=0`` turns it off): those frames run the tail only, the pasted
+ones the whole network. The tail sees the same batch as without the cache, so its BatchNorm statistics and the
+losses are the same up to the cache's bf16 / fp16 rounding.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from ..pixel_losses import OUTLIER_LABEL
 from ..runtime import autocast
 from .sampling import OutlierSampler
 from .trainer import StepBatch, StepOutputs, Trainer
+from .trunk_cache import TrunkCache, cache_enabled, trunk_key
 
 __all__ = ["SegmentationTrainer"]
 
@@ -66,6 +73,19 @@ class SegmentationTrainer(Trainer):
         if outliers is not None and self.cfg.outlier_batch_size > self.cfg.batch_size:
             raise ConfigError(f"outlier_batch_size {self.cfg.outlier_batch_size} is the number of frames per batch "
                               f"that get a pasted object; it cannot exceed batch_size {self.cfg.batch_size}.")
+        self.trunk_cache = self._make_cache(train_set) if cache_enabled() else None
+
+    def _make_cache(self, train_set: SegmentationSet) -> TrunkCache | None:
+        """The trunk cache of this network and training set, when the network splits and the step is eager."""
+        if not self.net.splits or self.compile != "none" or self.dist.world > 1:
+            return None
+        trainable = tuple(f"model.{name}." for name in self.net.trainable)
+        frozen = {k: v for k, v in self.net.state_dict().items() if not k.startswith(trainable)}
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        norm = self.normalizer
+        key = trunk_key(frozen, train_set.fingerprint(), tuple(train_set.images.shape[1:3]), norm.mean, norm.std,
+                        norm.bgr, dtype)
+        return TrunkCache(key, len(train_set.images), dtype)
 
     def _draw(self, idx: torch.Tensor, gen: torch.Generator, sampler: OutlierSampler | None) -> StepBatch:
         rows = idx.cpu()
@@ -80,13 +100,32 @@ class SegmentationTrainer(Trainer):
         labels[flip] = labels[flip, :, ::-1]
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous().to(self.device)
         y = torch.from_numpy(labels).to(self.device, torch.int64)
-        return x, y, None, None, None
+        pasted = self.cfg.outlier_batch_size if sampler is not None and isinstance(self.out_x, ObjectBank) else 0
+        plan = (rows.tolist(), flip.tolist(), pasted) if self.trunk_cache is not None else None
+        return x, y, plan, None, None
+
+    def _logits(self, model: Callable[..., Any], x: torch.Tensor, plan: tuple[list[int], list[bool], int] | None
+                ) -> torch.Tensor:
+        """The network's logits for frames ``x``; with a trunk cache (``plan``: frame indices, flips, number of
+        pasted frames first in the batch) the unpasted frames' trunk output comes from the cache."""
+        if plan is None or self.trunk_cache is None or plan[2] >= len(plan[0]):
+            with autocast(self.device, self.precision):
+                return model(self.normalizer(x))
+        frames, flips, pasted = plan
+
+        def trunk(rows: slice | list[int]) -> torch.Tensor:
+            with torch.no_grad(), autocast(self.device, self.precision):
+                return self.net.trunk(self.normalizer(x[rows]))
+
+        cached = self.trunk_cache.get(frames[pasted:], flips[pasted:], lambda rows: trunk([pasted + r for r in rows]),
+                                      self.device)
+        feats = torch.cat([trunk(slice(0, pasted)).float(), cached.float()]) if pasted else cached
+        return self.net.tail(feats, x.shape[-2:])
 
     def _forward(self, model: Callable[..., Any], x_in: torch.Tensor, y_in: torch.Tensor, aug_in: Any,
                  x_out: Any, aug_out: Any) -> StepOutputs:
         """(total loss, its parts, batch size × pixel accuracy on labelled pixels)."""
-        with autocast(self.device, self.cfg.precision):
-            logits = model(self.normalizer(x_in))
+        logits = self._logits(model, x_in, aug_in)
         k = self.net.num_classes
         pixels = logits[:, :k].permute(0, 2, 3, 1)
         outlier = y_in == OUTLIER_LABEL

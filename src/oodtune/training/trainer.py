@@ -38,7 +38,16 @@ from ..lock import output_lock
 from ..losses import CompositeLoss, LossInputs
 from ..models import RunMeta, read_checkpoint, save_checkpoint, unwrap_model
 from ..progress import Bar, format_rate, progress_bar
-from ..runtime import DistInfo, autocast, compile_mode, init_distributed, local_device, resolve_device
+from ..runtime import (
+    DistInfo,
+    autocast,
+    channels_last_default,
+    compile_mode,
+    init_distributed,
+    local_device,
+    resolve_device,
+    resolve_precision,
+)
 from .config import TrainConfig
 from .sampling import OutlierSampler, index_batches
 
@@ -47,8 +56,9 @@ FINAL = "model.pt"
 HISTORY = "history.csv"
 log = logging.getLogger(__name__)
 
-#: One step's eager inputs: ID uint8 images, labels, their crop/flip draw, outlier uint8 images and their draw.
-StepBatch = tuple[torch.Tensor, torch.Tensor, CropFlip | None, torch.Tensor | None, CropFlip | None]
+#: One step's eager inputs: ID uint8 images, labels, their crop/flip draw (a task's own per-batch plan in a
+#: subclass, e.g. segmentation's trunk-cache plan), outlier uint8 images and their draw.
+StepBatch = tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor | None, CropFlip | None]
 StepOutputs = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
 
 
@@ -110,7 +120,9 @@ class Trainer:
         self.dist.check_batch(config.batch_size)
         if loss.needs_outliers:
             self.dist.check_batch(config.outlier_batch_size, "--outlier-batch-size")
-        self.channels_last = self.device.type == "cuda" if config.channels_last is None else config.channels_last
+        self.precision = resolve_precision(self.device, config.precision)
+        self.channels_last = (channels_last_default(self.device, self.precision) if config.channels_last is None
+                              else config.channels_last)
         norm = normalizer or Normalizer()
         self.normalizer = Normalizer(norm.mean, norm.std, self.channels_last, norm.bgr)
         self.loss = loss
@@ -131,7 +143,7 @@ class Trainer:
         if self.run_dir is not None and meta is None:
             raise TypeError("a Trainer that writes checkpoints (run_dir) needs the run's RunMeta (meta=)")
         self.meta = None if meta is None else meta.replace(
-            dataset_fingerprint=train_set.fingerprint(),
+            precision=self.precision, dataset_fingerprint=train_set.fingerprint(),
             outliers_fingerprint=outliers.fingerprint() if self.out_x is not None and outliers is not None else None)
         self.train_name = train_set.name
         self.epoch_metrics = epoch_metrics
@@ -182,7 +194,7 @@ class Trainer:
         x = self._prepare(x_in, aug_in)
         if x_out is not None:
             x = torch.cat([x, self._prepare(x_out, aug_out)])
-        with autocast(self.device, self.cfg.precision):
+        with autocast(self.device, self.precision):
             logits, feats = model(x)
         b = x_in.shape[0]
         total, parts = self.loss(LossInputs(
