@@ -18,7 +18,7 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
 def metrics(path: Path) -> dict[str, float]:
     """ID metric and the energy score's AUROC / FPR95 per OOD set of one ``oodtune evaluate --out`` file."""
     data = json.loads(path.read_text())
-    out = {k: float(v) for k, v in data["id_metrics"].items() if k in ("accuracy", "miou")}
+    out = {k: float(data[k]) for k in ("accuracy", "miou") if k in data}
     for row in data["rows"]:
         for key in ("auroc", "fpr95"):
             out[f"{row['dataset']} {key}"] = float(row[key])

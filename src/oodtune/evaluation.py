@@ -28,7 +28,7 @@ from .metrics import accuracy, detection_metrics
 from .metrics.ood import DEFAULT_POSITIVE, Positive
 from .models import FeatureModel
 from .progress import Bar, format_rate, progress_bar
-from .runtime import autocast, prepare_inference, resolve_device
+from .runtime import autocast, current_inference_precision, prepare_inference, resolve_device, resolve_precision
 from .scores import Score
 from .scores.selection import select_hyperparameters
 
@@ -111,6 +111,7 @@ class EvalReport:
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # score -> dataset -> raw scores
     seconds: float = 0.0  # wall time of the evaluation
     positive: str = DEFAULT_POSITIVE  # the positive class of the rows' FPR95 ("out": OOD, "in": ID)
+    precision: str = "fp32"  # what the forward passes ran in (fp32 / bf16 autocast)
     #: score -> its hyperparameter selection record (oodtune.scores.selection.Selection.to_dict), when selected
     selections: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: with selection: the rows of every score at its paper-default setting, from the same forward passes
@@ -218,7 +219,8 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
     id_out = outputs(id_test)
     acc = accuracy(id_out.logits.cpu(), torch.from_numpy(id_test.labels))
     report = EvalReport(id_metrics={"accuracy": 100 * acc}, id_logits=id_out.logits.cpu(),
-                        positive=positive or DEFAULT_POSITIVE)
+                        positive=positive or DEFAULT_POSITIVE,
+                        precision=resolve_precision(id_out.logits.device, current_inference_precision()))
     scores = [copy.deepcopy(s) for s in scores]  # the caller's objects are neither fitted nor changed
     for s in scores:
         if s.needs_head:

@@ -28,7 +28,7 @@ from .metrics.pixel import ConfusionCounter, PixelDetectionCounter, component_me
 from .models import SegmentationModel
 from .pixel_losses import gaussian_blur
 from .progress import format_rate, progress_bar
-from .runtime import autocast, prepare_inference, resolve_device
+from .runtime import autocast, current_inference_precision, prepare_inference, resolve_device, resolve_precision
 from .scores import Score, score_map
 
 __all__ = ["evaluate_segmentation", "forward_maps", "segmentation_metrics"]
@@ -113,7 +113,8 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
             raise DataError(f"{name} is not an anomaly set (labels 0 = in-distribution, 1 = anomaly, 255 = void).")
     t0 = time.perf_counter()
     report = EvalReport(id_metrics=segmentation_metrics(net, normalizer, id_test, device=device,
-                                                       batch_size=batch_size))
+                                                       batch_size=batch_size),
+                        precision=resolve_precision(resolve_device(device), current_inference_precision()))
     pos: Positive = positive or DEFAULT_POSITIVE
     pooled_in: dict[str, list[np.ndarray]] = {s.name: [] for s in scores}
     for name, ds in anomaly_sets.items():
