@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from _common import environment, print_table, save_json
-from predict_throughput import ImageNetResNet18
 from oodtune.data.imageset import ImageSet
 from oodtune.data.objects import ObjectBank
 from oodtune.data.segmentation import ANOMALY_CLASSES, CAMVID_CLASSES, SegmentationSet
@@ -48,6 +47,7 @@ from oodtune.training.config import TrainConfig
 from oodtune.training.sampling import OutlierSampler
 from oodtune.training.segmentation import SegmentationTrainer
 from oodtune.training.trainer import Trainer
+from predict_throughput import ImageNetResNet18
 
 CPU = torch.device("cpu")
 Step = Callable[[], int]  # one timed unit of work; returns the images it processed
