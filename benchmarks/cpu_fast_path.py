@@ -15,6 +15,7 @@ Each reports the median images (frames) per second over ``--steps`` timed steps 
 
     OMP_NUM_THREADS=1 python benchmarks/cpu_fast_path.py --threads 1 --json results/speed/cpu_fast_path.json
     python benchmarks/cpu_fast_path.py --stages threads      # 1 vs 2 threads per process, alternating
+    python benchmarks/cpu_fast_path.py --stages compile-pretrain --archs wrn-40-2   # eager vs torch.compile
 """
 
 from __future__ import annotations
@@ -188,6 +189,26 @@ def segeval_stage(args: argparse.Namespace) -> dict[str, float]:
     return alternate(paths, 0, max(1, args.steps // 2))
 
 
+def compile_stage(stage: str, arch: str, args: argparse.Namespace) -> dict[str, float]:
+    """The fast path eager vs under ``--compile default`` (inductor's C++ backend), alternating; the first
+    compiled step (compilation) is reported apart."""
+    train = _images(2048, 32, 0, True)
+    outliers = _images(2048, 32, 1, False) if stage == "finetune" else None
+    loss = build_method_loss("energy-oe" if outliers is not None else "ce")
+    paths, first = {}, 0.0
+    for name, mode in (("fast", "none"), ("compiled", "default")):
+        torch.manual_seed(0)
+        cfg = TrainConfig(epochs=1, lr=0.01, batch_size=128, outlier_batch_size=256, precision="auto",
+                          compile=mode, device="cpu")
+        paths[name] = _train_step(Trainer(FeatureModel(build_model(arch, 10)), train, loss, cfg, outliers=outliers))
+        if mode != "none":
+            t0 = time.perf_counter()
+            paths[name]()
+            first = time.perf_counter() - t0
+    res = alternate(paths, args.warmup, args.steps)
+    return {"fp32": res["fast"], "fast": res["compiled"], "first_compiled_step_s": first}
+
+
 def threads_stage(args: argparse.Namespace) -> dict[str, float]:
     """WRN-16-1 pretraining steps (fast path) with 1 and 2 intra-op threads, alternating."""
     train = _images(2048, 32, 0, True)
@@ -237,6 +258,9 @@ def main() -> None:
             record(stage, "espnet 480x360 b8/1", segstep_stage(args))
         elif stage == "segeval":
             record(stage, "road-anomaly 60@480x360", segeval_stage(args))
+        elif stage in ("compile-pretrain", "compile-finetune"):
+            for arch in args.archs.split(","):  # columns: eager fast path / compiled fast path
+                record(stage, arch, compile_stage(stage.split("-")[1], arch, args))
         elif stage == "threads":
             record(stage, "wrn-16-1 pretrain", threads_stage(args))
         else:
