@@ -173,3 +173,29 @@ def test_trainer_bf16_records_its_precision_and_tracks_fp32(native: None) -> Non
     assert (fast.precision, fast.channels_last) == ("bf16", True)
     assert (slow.precision, slow.channels_last) == ("fp32", False)
     assert results["auto"][1]["ce"] == pytest.approx(results["fp32"][1]["ce"], rel=0.02)
+
+
+def test_the_command_line_sets_threads_and_the_scoring_precision(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from oodtune.cli import main, threads_option
+
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 2)
+    before = torch.get_num_threads()
+    seen: dict[str, object] = {}
+
+    @threads_option
+    def probe(**kw: object) -> None:
+        seen.update(kw, threads=torch.get_num_threads(), precision=runtime.current_inference_precision())
+
+    try:
+        probe(threads=1, precision="bf16", other=3)
+        assert seen == {"precision": "bf16", "other": 3, "threads": 1}  # a training command keeps its precision
+        probe(threads=None, inference_precision="fp32")
+        assert seen["precision"] == "fp32" and "inference_precision" not in seen
+    finally:
+        torch.set_num_threads(before)
+    res = CliRunner().invoke(main, ["pretrain", "--threads", "5", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "--threads 5: this process may use 2 CPU(s)" in res.output
+    assert not (tmp_path / "run").exists()
