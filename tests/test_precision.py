@@ -199,3 +199,24 @@ def test_the_command_line_sets_threads_and_the_scoring_precision(monkeypatch: py
     res = CliRunner().invoke(main, ["pretrain", "--threads", "5", "--out", str(tmp_path / "run")])
     assert res.exit_code == 2 and "--threads 5: this process may use 2 CPU(s)" in res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_wrn_dropout_under_cpu_autocast_keeps_its_distribution() -> None:
+    from oodtune.models.wrn import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(64, 16, 32, 32).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dropout(x, 0.3, True)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    kept = y.detach().float() != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.005)
+    assert torch.allclose(y.detach().float()[kept], torch.tensor(1 / 0.7), rtol=4e-3)  # bf16 rounding of 1/0.7
+    y.float().sum().backward()
+    assert torch.equal(x.grad.float() != 0, kept)  # type: ignore[union-attr]  # gradients flow through kept units
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dropout(x, 0.3, False) is x
+    torch.manual_seed(0)
+    a = dropout(torch.ones(8, 4), 0.3, True)
+    torch.manual_seed(0)
+    assert torch.equal(a, torch.nn.functional.dropout(torch.ones(8, 4), 0.3, True))  # fp32: the same draws as before
