@@ -3,7 +3,7 @@ load changes during the run slows both alike; the ratio is what counts).
 
 * **fp32** (the path before the fast one): fp32, NCHW; segmentation runs the whole network on every frame.
 * **fast**: ``--precision auto`` on this CPU (bf16 autocast + channels_last where the CPU has native bf16, see
-  ``oodtune.runtime``); segmentation fine-tuning reads unpasted frames' trunk output from the trunk cache
+  ``oodtune.utils.runtime``); segmentation fine-tuning reads unpasted frames' trunk output from the trunk cache
   (filled before timing: the steady state of every epoch after the first; the fill is timed separately).
 
 Stages (``--stages``): ``pretrain`` (128 ID images per step), ``finetune`` (128 ID + 256 outliers, Energy-OE) for
@@ -39,15 +39,15 @@ from oodtune.data.objects import ObjectBank
 from oodtune.data.segmentation import ANOMALY_CLASSES, CAMVID_CLASSES, SegmentationSet
 from oodtune.data.tensors import Normalizer
 from oodtune.evaluation import compute_outputs
+from oodtune.evaluation.segmentation import forward_maps
 from oodtune.losses import build_method_loss
+from oodtune.losses.pixel import build_pixel_loss
 from oodtune.models import FeatureModel, SegmentationModel, build_model
-from oodtune.pixel_evaluation import forward_maps
-from oodtune.pixel_losses import build_pixel_loss
-from oodtune.runtime import cpu_bf16_flags, resolve_precision, set_threads
 from oodtune.training.config import TrainConfig
 from oodtune.training.sampling import OutlierSampler
 from oodtune.training.segmentation import SegmentationTrainer
 from oodtune.training.trainer import Trainer
+from oodtune.utils.runtime import cpu_bf16_flags, resolve_precision, set_threads
 from predict_throughput import ImageNetResNet18
 
 CPU = torch.device("cpu")

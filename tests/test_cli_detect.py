@@ -16,7 +16,7 @@ from fixtures_data import offline_env, write_corrupt_jpeg, write_image
 from helpers_cli import FAST, fails, ok
 from oodtune import __version__
 from oodtune.cli import cli_message
-from oodtune.export import load_exported
+from oodtune.deploy.export import load_exported
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from oodtune import runtime
 from oodtune.data.imageset import ImageSet
 from oodtune.data.tensors import Normalizer
 from oodtune.errors import ConfigError
 from oodtune.evaluation import compute_outputs
 from oodtune.losses import LossInputs, build_method_loss
+from oodtune.losses.pixel import build_pixel_loss
 from oodtune.models import FeatureModel, build_model
-from oodtune.pixel_losses import build_pixel_loss
 from oodtune.training.config import TrainConfig
 from oodtune.training.trainer import Trainer
+from oodtune.utils import runtime
 
 CPU = torch.device("cpu")
 
@@ -42,7 +42,7 @@ def test_auto_is_bf16_on_a_cpu_with_native_bf16(native: None) -> None:
 
 def test_auto_falls_back_to_fp32_with_a_note(emulated: None, caplog: pytest.LogCaptureFixture) -> None:
     runtime._note_fp32_fallback.cache_clear()
-    with caplog.at_level(logging.INFO, logger="oodtune.runtime"):
+    with caplog.at_level(logging.INFO, logger="oodtune.utils.runtime"):
         assert runtime.resolve_precision(CPU, "auto") == "fp32"
         assert runtime.resolve_precision(CPU, "auto") == "fp32"
     assert len([r for r in caplog.records if "no native bf16" in r.getMessage()]) == 1  # one line per process
@@ -144,7 +144,7 @@ def test_pixel_losses_are_fp32_under_autocast(method: str) -> None:
     maps = (4 * torch.randn(2, channels, 8, 8)).bfloat16()
     labels = torch.randint(0, k, (2, 8, 8))
     labels[0, :2] = 254  # an outlier patch (the pasted-object label)
-    from oodtune.pixel_losses import OUTLIER_LABEL
+    from oodtune.losses.pixel import OUTLIER_LABEL
     labels[labels == 254] = OUTLIER_LABEL
     pixels = maps[:, :k].permute(0, 2, 3, 1)
     out = labels == OUTLIER_LABEL

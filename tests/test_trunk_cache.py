@@ -12,8 +12,8 @@ import torch
 
 from oodtune.data.objects import ObjectBank
 from oodtune.data.segmentation import SegmentationSet
+from oodtune.losses.pixel import build_pixel_loss
 from oodtune.models import SegmentationModel, build_model
-from oodtune.pixel_losses import build_pixel_loss
 from oodtune.training.config import TrainConfig
 from oodtune.training.segmentation import SegmentationTrainer
 from oodtune.training.trunk_cache import TrunkCache, trunk_key

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..data import ImageSet
 from ..data.registry import canonical_name, resolve_dataset
-from ..detector import Detector
+from ..deploy.detector import Detector
 from ..errors import ConfigError, DataError
 from ..models import RunMeta, load_feature_model
 from .classification import id_parts, id_test_set, id_train_set

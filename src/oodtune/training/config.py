@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from ..runtime import PRECISIONS
+from ..utils.runtime import PRECISIONS
 
 __all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "PRECISIONS", "TrainConfig", "PRETRAIN", "FINETUNE", "TRAIN_KEYS"]
 

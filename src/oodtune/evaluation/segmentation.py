@@ -19,17 +19,17 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .data.segmentation import ANOMALY, VOID, SegmentationSet
-from .data.tensors import Normalizer
-from .errors import DataError, DivergenceError
-from .evaluation import METRIC_KEYS, EvalReport
-from .metrics.ood import DEFAULT_POSITIVE, Positive
-from .metrics.pixel import ConfusionCounter, PixelDetectionCounter, component_metrics
-from .models import SegmentationModel
-from .pixel_losses import gaussian_blur
-from .progress import format_rate, progress_bar
-from .runtime import autocast, current_inference_precision, prepare_inference, resolve_device, resolve_precision
-from .scores import Score, score_map
+from ..data.segmentation import ANOMALY, VOID, SegmentationSet
+from ..data.tensors import Normalizer
+from ..errors import DataError, DivergenceError
+from ..functional import gaussian_blur
+from ..metrics.ood import DEFAULT_POSITIVE, Positive
+from ..metrics.pixel import ConfusionCounter, PixelDetectionCounter, component_metrics
+from ..models import SegmentationModel
+from ..scores import Score, score_map
+from ..utils.progress import format_rate, progress_bar
+from ..utils.runtime import autocast, current_inference_precision, prepare_inference, resolve_device, resolve_precision
+from .classification import METRIC_KEYS, EvalReport
 
 __all__ = ["evaluate_segmentation", "forward_maps", "segmentation_metrics"]
 
@@ -44,7 +44,7 @@ def forward_maps(net: SegmentationModel, data: SegmentationSet, normalizer: Norm
     """(logits (b, C, H, W) float32 on the device, label maps (b, H, W) uint8) for each batch of ``data``.
 
     ``precision`` as in :func:`oodtune.evaluation.compute_outputs` (None: the enclosing
-    :func:`oodtune.runtime.inference_precision` block's, else fp32)."""
+    :func:`oodtune.utils.runtime.inference_precision` block's, else fp32)."""
     dev = resolve_device(device if isinstance(device, str) or device is None else str(device))
     net, precision, channels_last = prepare_inference(net, dev, precision)
     with progress_bar(f"forward {data.name}", total=len(data)) as bar:

@@ -21,16 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.imageset import ImageSet
-from .data.tensors import Normalizer, to_device_uint8
-from .errors import DataError, DivergenceError
-from .metrics import accuracy, detection_metrics
-from .metrics.ood import DEFAULT_POSITIVE, Positive
-from .models import FeatureModel
-from .progress import Bar, format_rate, progress_bar
-from .runtime import autocast, current_inference_precision, prepare_inference, resolve_device, resolve_precision
-from .scores import Score
-from .scores.selection import select_hyperparameters
+from ..data.imageset import ImageSet
+from ..data.tensors import Normalizer, to_device_uint8
+from ..errors import DataError, DivergenceError
+from ..metrics import accuracy, detection_metrics
+from ..metrics.ood import DEFAULT_POSITIVE, Positive
+from ..models import FeatureModel
+from ..scores import Score
+from ..scores.selection import select_hyperparameters
+from ..utils.progress import Bar, format_rate, progress_bar
+from ..utils.runtime import autocast, current_inference_precision, prepare_inference, resolve_device, resolve_precision
+
+__all__ = [
+    "MAX_RATIO", "METRIC_KEYS", "MIN_OOD", "EvalReport", "Outputs", "Validation", "base_rate_warnings",
+    "compute_outputs", "evaluate", "score_dataset",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,7 @@ def compute_outputs(net: FeatureModel, ds: ImageSet, normalizer: Normalizer, *,
                     precision: str | None = None, show_progress: bool = True) -> Outputs:
     """Run ``net`` (eval mode) over ``ds`` in batches; logits/features come back as float32 on ``device``.
 
-    ``precision`` None: that of the enclosing :func:`oodtune.runtime.inference_precision` block, fp32 outside one.
+    ``precision`` None: that of the enclosing :func:`oodtune.utils.runtime.inference_precision` block, fp32 outside one.
     Under bf16 the network runs channels_last with bf16 autocast and its classification layer in fp32
     (:class:`~oodtune.models.FeatureModel`), so logits keep fp32 resolution; scores and metrics are computed from
     them in fp32/fp64. ``show_progress=False`` for callers that report progress over many calls themselves.

@@ -1,4 +1,4 @@
-"""A calibrated :class:`~oodtune.detector.Detector` as one self-contained file that a service loads with PyTorch
+"""A calibrated :class:`~oodtune.deploy.Detector` as one self-contained file that a service loads with PyTorch
 alone -- no oodtune, no training code -- through ``torch.export``:
 
     program = torch.export.load("detector.pt2").module()
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import write_atomic
+from ..errors import ConfigError, ModelError
+from ..utils.atomic import write_atomic
 from .detector import RULE, Detector
-from .errors import ConfigError, ModelError
 
 __all__ = ["EXTRA_FILE", "export_detector", "load_exported"]
 

@@ -21,7 +21,6 @@ Fitted statistics (Mahalanobis, kNN) go to a sidecar ``.pt`` file of plain tenso
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,35 +34,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .atomic import write_atomic, write_text_atomic
-from .data.imageset import ImageSet
-from .data.inputs import as_uint8_images, decode_batches
-from .data.tensors import Normalizer
-from .errors import CheckpointError, ConfigError, DataError
-from .evaluation import Outputs, compute_outputs, score_dataset
-from .metrics import acceptance_rate, min_calibration_size, threshold_at_tpr
-from .models import FeatureModel, load_feature_model
-from .progress import format_rate, progress_bar
-from .runtime import resolve_device
-from .scores import Score, Shaper, build_score
+from .. import __version__
+from ..data.imageset import ImageSet
+from ..data.inputs import as_uint8_images, decode_batches
+from ..data.tensors import Normalizer
+from ..errors import CheckpointError, ConfigError, DataError
+from ..evaluation.classification import Outputs, compute_outputs, score_dataset
+from ..metrics import acceptance_rate, min_calibration_size, threshold_at_tpr
+from ..models import FeatureModel, load_feature_model, weights_hash
+from ..scores import Score, Shaper, build_score
+from ..utils.atomic import write_atomic, write_text_atomic
+from ..utils.progress import format_rate, progress_bar
+from ..utils.runtime import resolve_device
 
-__all__ = ["DETECTOR_FORMAT", "Calibration", "Detector", "Predictions", "weights_hash"]
+__all__ = ["DETECTOR_FORMAT", "Calibration", "Detector", "Predictions"]
 
 DETECTOR_FORMAT = "oodtune-detector"
 DETECTOR_VERSION = 1
 RULE = "is_ood = score < threshold (score: higher = more in-distribution)"
-
-
-def weights_hash(model: nn.Module) -> str:
-    """SHA-256 of a model's ``state_dict`` (every entry's name, dtype, shape and bytes, in order): the same for a
-    model and its checkpoint, different as soon as one weight differs."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
