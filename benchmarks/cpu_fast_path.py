@@ -79,18 +79,19 @@ def _train_step(trainer: Trainer) -> Step:
     cfg = trainer.cfg
     gen = torch.Generator().manual_seed(0)
     opt = trainer._optimizer()
-    sampler = OutlierSampler(len(trainer.out_x), cfg.outlier_batch_size, gen) if trainer.out_x is not None else None
+    n_out = trainer._outlier_count()
+    sampler = OutlierSampler(n_out, cfg.outlier_batch_size, gen) if n_out else None
     step_fn = trainer._step_function()
     trainer.net.train()
 
     def step() -> int:
         idx = torch.randint(len(trainer.train_x), (cfg.batch_size,), generator=gen)
         batch = trainer._draw(idx, gen, sampler)
-        total, _, _ = step_fn(*batch)
+        out = step_fn(batch)
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        out.loss.backward()
         opt.step()
-        return len(idx) + (0 if batch[3] is None else len(batch[3]))
+        return batch.images
 
     return step
 

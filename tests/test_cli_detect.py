@@ -18,6 +18,8 @@ from oodtune import __version__
 from oodtune.cli import cli_message
 from oodtune.deploy.export import load_exported
 
+pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Any:

@@ -26,6 +26,7 @@ losses are the same up to the cache's bf16 / fp16 rounding.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,16 @@ from .trainer import StepBatch, StepOutputs, Trainer
 from .trunk_cache import TrunkCache, cache_enabled, trunk_key
 
 __all__ = ["SegmentationTrainer"]
+
+
+@dataclass(frozen=True)
+class FrameBatch(StepBatch):
+    """A segmentation step's frames with what the trunk cache needs: each frame's index in the training set and
+    its flip (the pasted frames come first, ``pasted`` of them)."""
+
+    frames: tuple[int, ...] = ()
+    flips: tuple[bool, ...] = ()
+    pasted: int = 0
 
 
 class SegmentationTrainer(Trainer):
@@ -68,11 +79,13 @@ class SegmentationTrainer(Trainer):
         # Frames stay on the CPU (objects are pasted there); each batch is moved to the device.
         self.train_x = torch.from_numpy(np.ascontiguousarray(train_set.images))  # (N, H, W, 3) uint8
         self.train_y = torch.from_numpy(np.ascontiguousarray(train_set.labels))  # (N, H, W) uint8
-        self.out_x = outliers
+        self.objects: ObjectBank | None = outliers
         self.ignore_index = train_set.ignore_index
-        if outliers is not None and self.cfg.outlier_batch_size > self.cfg.batch_size:
-            raise ConfigError(f"outlier_batch_size {self.cfg.outlier_batch_size} is the number of frames per batch "
-                              f"that get a pasted object; it cannot exceed batch_size {self.cfg.batch_size}.")
+        #: frames of each batch that get a pasted object (the config's outlier_batch_size: one object per frame)
+        self.pasted_frames = self.cfg.outlier_batch_size if outliers is not None else 0
+        if self.pasted_frames > self.cfg.batch_size:
+            raise ConfigError(f"outlier_batch_size {self.pasted_frames} is the number of frames per batch that get a "
+                              f"pasted object (--pasted-frames); it cannot exceed batch_size {self.cfg.batch_size}.")
         self.trunk_cache = self._make_cache(train_set) if cache_enabled() else None
 
     def _make_cache(self, train_set: SegmentationSet) -> TrunkCache | None:
@@ -87,44 +100,48 @@ class SegmentationTrainer(Trainer):
                         norm.bgr, dtype)
         return TrunkCache(key, len(train_set.images), dtype)
 
+    def _outlier_count(self) -> int:
+        return 0 if self.objects is None else len(self.objects)
+
     def _draw(self, idx: torch.Tensor, gen: torch.Generator, sampler: OutlierSampler | None) -> StepBatch:
         rows = idx.cpu()
         frames = self.train_x[rows].numpy().copy()
         labels = self.train_y[rows].numpy().copy()
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))
-        if sampler is not None and isinstance(self.out_x, ObjectBank):
-            paste_objects(frames, labels, self.out_x, rng, OUTLIER_LABEL, objects=sampler.next().cpu().tolist())
+        if sampler is not None and self.objects is not None:  # the sampler draws pasted_frames objects
+            paste_objects(frames, labels, self.objects, rng, OUTLIER_LABEL, objects=sampler.next().cpu().tolist())
         flip = rng.random(len(frames)) < 0.5
         frames[flip] = frames[flip, :, ::-1]
         labels[flip] = labels[flip, :, ::-1]
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous().to(self.device)
         y = torch.from_numpy(labels).to(self.device, torch.int64)
-        pasted = self.cfg.outlier_batch_size if sampler is not None and isinstance(self.out_x, ObjectBank) else 0
-        plan = (rows.tolist(), flip.tolist(), pasted) if self.trunk_cache is not None else None
-        return x, y, plan, None, None
+        pasted = self.pasted_frames if sampler is not None and self.objects is not None else 0
+        # the outliers are pasted into the frames: no separate outlier images
+        return FrameBatch(x, y, frames=tuple(rows.tolist()), flips=tuple(flip.tolist()), pasted=pasted)
 
-    def _logits(self, model: Callable[..., Any], x: torch.Tensor, plan: tuple[list[int], list[bool], int] | None
-                ) -> torch.Tensor:
-        """The network's logits for frames ``x``; with a trunk cache (``plan``: frame indices, flips, number of
-        pasted frames first in the batch) the unpasted frames' trunk output comes from the cache."""
-        if plan is None or self.trunk_cache is None or plan[2] >= len(plan[0]):
+    def _logits(self, model: Callable[..., Any], batch: StepBatch) -> torch.Tensor:
+        """The network's logits for the batch's frames; with a trunk cache the unpasted frames' trunk output comes
+        from the cache (computed and stored the first time a frame is seen with that flip)."""
+        x = batch.x_in
+        cache = self.trunk_cache
+        if cache is None or not isinstance(batch, FrameBatch) or batch.pasted >= len(batch.frames):
             with autocast(self.device, self.precision):
                 return model(self.normalizer(x))
-        frames, flips, pasted = plan
+        pasted = batch.pasted
 
         def trunk(rows: slice | list[int]) -> torch.Tensor:
             with torch.no_grad(), autocast(self.device, self.precision):
                 return self.net.trunk(self.normalizer(x[rows]))
 
-        cached = self.trunk_cache.get(frames[pasted:], flips[pasted:], lambda rows: trunk([pasted + r for r in rows]),
-                                      self.device)
+        cached = cache.get(list(batch.frames[pasted:]), list(batch.flips[pasted:]),
+                           lambda rows: trunk([pasted + r for r in rows]), self.device)
         feats = torch.cat([trunk(slice(0, pasted)).float(), cached.float()]) if pasted else cached
         return self.net.tail(feats, x.shape[-2:])
 
-    def _forward(self, model: Callable[..., Any], x_in: torch.Tensor, y_in: torch.Tensor, aug_in: Any,
-                 x_out: Any, aug_out: Any) -> StepOutputs:
-        """(total loss, its parts, batch size × pixel accuracy on labelled pixels)."""
-        logits = self._logits(model, x_in, aug_in)
+    def _forward(self, model: Callable[..., Any], batch: StepBatch) -> StepOutputs:
+        """The loss of one batch; ``correct`` is the pixel accuracy on the labelled pixels × the frames."""
+        x_in, y_in = batch.x_in, batch.y_in
+        logits = self._logits(model, batch)
         k = self.net.num_classes
         pixels = logits[:, :k].permute(0, 2, 3, 1)
         outlier = y_in == OUTLIER_LABEL
@@ -135,7 +152,7 @@ class SegmentationTrainer(Trainer):
             logits_map=logits, labels_map=y_in,
         ))
         accuracy = (logits.argmax(1) == y_in)[labelled].float().mean()
-        return total, parts, accuracy * x_in.shape[0]
+        return StepOutputs(total, parts, accuracy * x_in.shape[0])
 
     def _optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(list(self.net.trainable_parameters()), lr=self.cfg.lr,
