@@ -31,7 +31,7 @@ from ..report import write_json
 from ..training.config import TrainConfig
 from ..training.trainer import FINAL
 from ..utils.lock import output_lock
-from ..utils.runtime import resolve_device
+from ..utils.runtime import inference_precision, resolve_device, resolve_precision
 from .config import BenchmarkConfig, MethodSpec
 from .matrix import PRETRAINED, MatrixModel, run_matrix
 from .provenance import check_finetuned, check_pretrained
@@ -63,7 +63,8 @@ class Benchmark:
         self.cfg = cfg
         self.out = cfg.out
         self.source = pipeline.DataSource(cfg.data_root)
-        self.store = EvalStore(cfg.out / "evals", id_split=cfg.id_split)
+        self.precision = resolve_precision(resolve_device(cfg.device), cfg.finetune.get("precision", "auto"))
+        self.store = EvalStore(cfg.out / "evals", id_split=cfg.id_split, precision=self.precision)
 
     # -- trained checkpoints ----------------------------------------------------------------------
     def pretrained_path(self) -> Path:
@@ -335,4 +336,6 @@ def run_benchmark(cfg: BenchmarkConfig, command: str, *, report_only: bool = Fal
         resolve_device(cfg.device)
         if not cfg.pretrained:
             check_trusted(cfg.arch, "the benchmark config")
-        return Benchmark(cfg).run(command, report_only=report_only)
+        bench = Benchmark(cfg)
+        with inference_precision(bench.precision):  # evaluations run in the fine-tuning's precision
+            return bench.run(command, report_only=report_only)
