@@ -90,13 +90,14 @@ def test_predict_files_and_refuse_foreign_detector(env, detector, with_val):
     assert "5 input(s)" in res.output and "2 unreadable" in res.output
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["path", "predicted_class", "confidence", "score", "is_ood", "error"]
+    assert list(rows[0]) == ["path", "predicted_class", "confidence", "score", "p_value", "is_ood", "error"]
     assert [Path(r["path"]).name for r in rows] == ["0.png", "1.png", "2.png", "z-broken.jpg", "nope.png"]
     assert rows[0]["is_ood"] in ("True", "False") and not rows[0]["error"] and "cannot decode" in rows[3]["error"]
     fails("predict", with_val, shots, "--detector", detector, "--out", out, match="--overwrite", code=1)
     ok("predict", with_val, shots / "0.png", "--detector", detector, "--out", tmp / "preds.jsonl")
     line = json.loads((tmp / "preds.jsonl").read_text().splitlines()[0])
-    assert set(line) == {"path", "predicted_class", "confidence", "score", "is_ood", "error"}
+    assert set(line) == {"path", "predicted_class", "confidence", "score", "p_value", "is_ood", "error"}
+    assert 0 < line["p_value"] <= 1
     other = _pretrain(env, "pre-other", "--seed", "1")
     fails("predict", other, shots, "--detector", detector, match="calibrate a detector for this checkpoint", code=1)
 

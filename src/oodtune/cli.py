@@ -567,6 +567,10 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
               help="The OOD score (mahalanobis/knn are fitted on the checkpoint's ID training split).")
 @click.option("--tpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True,
               help="Fraction of held-out ID images the threshold accepts (ID true-positive rate).")
+@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Guarantee: choose the threshold so that new ID images are accepted at rate >= TPR with this "
+                   "probability over the draw of the calibration set (order-statistic bound; e.g. 0.99). Without "
+                   "it, TPR is met on average (point estimate). Both thresholds are recorded.")
 @click.option("--calibration-data", default="auto", show_default=True, metavar="auto|val|train|folder:PATH",
               help="ID images that set the threshold: auto = the validation part held out before training "
                    "(pretrain --val-fraction), else the dataset's val split; train = training images (biased, "
@@ -578,8 +582,9 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
               help="Also write the detector as a torch.export program (.pt2): uint8 images in, logits, score and "
                    "is_ood out; loads with PyTorch alone.")
 @click.option("--overwrite", is_flag=True, help="Replace existing --out / --export files.")
-def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, check: bool, out: str,
-              export_path: str | None, overwrite: bool, data_root: Any, device: str, id_data: str | None) -> None:
+def calibrate(checkpoint: str, score: str, tpr: float, confidence: float | None, calibration_data: str, check: bool,
+              out: str, export_path: str | None, overwrite: bool, data_root: Any, device: str,
+              id_data: str | None) -> None:
     """Choose the OOD threshold on held-out ID images so that the fraction TPR of them is accepted.
 
     Records score, threshold, TPR reached, n, the images used and the weights' hash (a detector is never applied
@@ -593,10 +598,11 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
     if existing:  # refuse before spending the forward passes
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another path.")
     det = run(checkpoint, score=score, tpr=tpr, data=calibration_data, data_root=data_root, device=device,
-              id_data=id_data, check=check)
+              id_data=id_data, check=check, confidence=confidence)
     cal = det.calibrated()
     click.echo(f"score {score}: threshold {cal.threshold:.6g} (is_ood = score < threshold) accepts "
                f"{100 * cal.achieved:.2f}% of {cal.n} calibration images [{cal.data}]")
+    click.echo(det.guaranteed().summary())
     click.echo(f"expected acceptance of new ID images: {100 * cal.expected:.2f}% ± {100 * cal.expected_std:.2f}%")
     if cal.check is not None:
         c = cal.check
@@ -619,25 +625,32 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
               help="Predictions file: CSV, or JSON Lines for a .jsonl name [default: CSV on stdout].")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
               help="Override the format chosen from --out's suffix.")
+@click.option("--fdr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Flag the whole batch with Benjamini-Hochberg on the p-values instead of the threshold: the "
+                   "expected share of ID images among those flagged is <= FDR (e.g. 0.1). Rows are written after "
+                   "the last image.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | None, fmt: str | None,
-            batch_size: int, device: str, overwrite: bool) -> None:
-    """One row per image: path, predicted_class, confidence, score, is_ood, error.
+            fdr: float | None, batch_size: int, device: str, overwrite: bool) -> None:
+    """One row per image: path, predicted_class, confidence, score, p_value, is_ood, error.
 
     IMAGES are image files, folders (searched recursively), glob patterns (quote them: 'shots/**/*.png') and
     tar/zip archives. A file that cannot be read is a row with its error; the others are still predicted.
+    p_value is the conformal p-value of the score against the detector's calibration scores (small = unusual
+    for ID images); is_ood is score < threshold, or with --fdr the Benjamini-Hochberg decision over the batch.
     """
     from .pipeline import predict as run
     from .report import write_predictions
 
     if out and Path(out).exists() and not overwrite:
         raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
-    counts = write_predictions(out, run(checkpoint, images, detector=detector, device=device, batch_size=batch_size),
-                               fmt=fmt, overwrite=overwrite)
+    rows = run(checkpoint, images, detector=detector, device=device, batch_size=batch_size, fdr=fdr)
+    counts = write_predictions(out, rows, fmt=fmt, overwrite=overwrite)
     total = sum(counts.values())
-    console.print(f"{total} input(s): {counts['ood']} flagged OOD, {counts['id']} accepted as ID, "
+    rule = f" (Benjamini-Hochberg at FDR {fdr:g})" if fdr is not None else ""
+    console.print(f"{total} input(s): {counts['ood']} flagged OOD{rule}, {counts['id']} accepted as ID, "
                   f"{counts['error']} unreadable" + (f"; wrote {out}" if out else ""))
 
 

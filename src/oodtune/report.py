@@ -140,7 +140,7 @@ def write_evaluation(out: str | os.PathLike, report: EvalReport, meta: RunMeta, 
 
 
 #: Columns of a predictions file (``oodtune predict``).
-PREDICTION_COLUMNS = ("path", "predicted_class", "confidence", "score", "is_ood", "error")
+PREDICTION_COLUMNS = ("path", "predicted_class", "confidence", "score", "p_value", "is_ood", "error")
 PREDICTION_FORMATS = ("csv", "jsonl")
 
 

@@ -83,9 +83,10 @@ def calibration_set(meta: RunMeta, data: str | None, source: DataSource) -> tupl
 
 def calibrate(checkpoint: str | Path, *, score: str = "energy", tpr: float = 0.95, data: str | None = None,
               data_root: DataSource | str | Path | None = None, device: str | None = None,
-              id_data: str | None = None, check: bool = True) -> Detector:
+              id_data: str | None = None, check: bool = True, confidence: float | None = None) -> Detector:
     """A :class:`Detector` of ``checkpoint`` with ``score``, its threshold set to accept ``tpr`` of held-out ID
-    images (``data``, module docstring); Mahalanobis/kNN statistics fitted on the ID train split first. With
+    images (``data``, module docstring) -- with ``confidence``, to accept >= ``tpr`` of new ID images with that
+    probability (:mod:`oodtune.guarantee`); Mahalanobis/kNN statistics fitted on the ID train split first. With
     ``check``, the acceptance rate reached is measured on the ID test split and recorded."""
     source = as_source(data_root)
     net, meta = load_feature_model(checkpoint)
@@ -101,15 +102,18 @@ def calibrate(checkpoint: str | Path, *, score: str = "energy", tpr: float = 0.9
         det.fit(train, train.labels, source=f"{meta.dataset}: training split as the checkpoint records it "
                                             f"({len(train)} images)")
     test = id_test_set(meta, source) if check else None
-    det.calibrate(images, tpr, data=what, held_out=held_out, check_images=test,
+    det.calibrate(images, tpr, data=what, held_out=held_out, check_images=test, confidence=confidence,
                   check_data=f"{meta.dataset}: ID test set (disjoint from the calibration images)")
     return det
 
 
 def predict(checkpoint: str | Path, inputs: Sequence[str], *, detector: str | Path, device: str | None = None,
-            batch_size: int = 256) -> Iterator[dict[str, Any]]:
-    """Rows (path, predicted_class, confidence, score, is_ood, error) for every input file; ``detector`` (a
-    saved detector) must have been calibrated for ``checkpoint``'s weights."""
+            batch_size: int = 256, fdr: float | None = None) -> Iterator[dict[str, Any]]:
+    """Rows (path, predicted_class, confidence, score, p_value, is_ood, error) for every input file; ``detector``
+    (a saved detector) must have been calibrated for ``checkpoint``'s weights. With ``fdr``, ``is_ood`` is the
+    Benjamini–Hochberg decision over all inputs at that false discovery rate (:meth:`Detector.predict_files`)."""
     det = Detector.load(detector, checkpoint, device=device)
     det.calibrated()
-    return det.predict_files(inputs, batch_size=batch_size)
+    if fdr is not None:
+        det.guaranteed()  # refuse before any forward pass
+    return det.predict_files(inputs, batch_size=batch_size, fdr=fdr)
