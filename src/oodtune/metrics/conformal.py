@@ -33,6 +33,7 @@ set are PRDS (Bates et al., Theorem 2), so the false discovery rate is <= q m_0 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,7 @@ def point_rank(n: int, tpr: float) -> int:
     return max(1, math.ceil(_check_rate("tpr", tpr) * n - 1e-9))  # the tolerance keeps 0.95 * 100 at 95
 
 
+@lru_cache(maxsize=256)  # pure; calibration sweeps ask for the same (n, tpr, confidence)
 def coverage(k: int, n: int, tpr: float) -> float:
     """P(A >= tpr) for the k-th largest of n calibration scores as the threshold, A ~ Beta(k, n + 1 - k) the
     acceptance rate of new ID units: P(Binomial(n, 1 - tpr) >= n + 1 - k). Exact for continuous scores."""
@@ -68,6 +70,7 @@ def coverage(k: int, n: int, tpr: float) -> float:
     return float(stats.binom.sf(n - k, n, 1.0 - _check_rate("tpr", tpr)))
 
 
+@lru_cache(maxsize=256)  # pure; calibration sweeps ask for the same (n, tpr, confidence)
 def acceptance_lower_bound(k: int, n: int, confidence: float) -> float:
     """The ``confidence`` lower bound on the acceptance rate of the k-th largest of n scores as the threshold:
     the (1 - confidence) quantile of Beta(k, n + 1 - k)."""
@@ -85,6 +88,7 @@ def min_size_for_guarantee(tpr: float, confidence: float) -> int:
     return n
 
 
+@lru_cache(maxsize=256)  # pure; calibration sweeps ask for the same (n, tpr, confidence)
 def guaranteed_rank(n: int, tpr: float, confidence: float) -> int | None:
     """The smallest k such that the k-th largest of n calibration scores accepts >= ``tpr`` of new ID units with
     probability >= ``confidence`` (module docstring); None when n is too small for any k."""
