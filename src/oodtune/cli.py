@@ -579,8 +579,9 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
               help="Measure the acceptance rate reached on the ID test split (disjoint from the calibration set).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Detector file to write (JSON).")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the detector as a torch.export program (.pt2): uint8 images in, logits, score and "
-                   "is_ood out; loads with PyTorch alone.")
+              help="Also write the detector as one program: uint8 images in, logits, score and is_ood out. A .onnx "
+                   "name writes an ONNX graph (opset 18; serve with onnxruntime; needs the onnx extra), any other a "
+                   "torch.export program (.pt2; loads with PyTorch alone).")
 @click.option("--overwrite", is_flag=True, help="Replace existing --out / --export files.")
 def calibrate(checkpoint: str, score: str, tpr: float, confidence: float | None, calibration_data: str, check: bool,
               out: str, export_path: str | None, overwrite: bool, data_root: Any, device: str,
@@ -590,13 +591,14 @@ def calibrate(checkpoint: str, score: str, tpr: float, confidence: float | None,
     Records score, threshold, TPR reached, n, the images used and the weights' hash (a detector is never applied
     to another checkpoint). Use it with `oodtune predict CHECKPOINT IMAGES --detector OUT`.
     """
-    from .export import export_detector
     from .pipeline import calibrate as run
 
     targets = [p for p in (out, export_path) if p]
     existing = [p for p in targets if Path(p).exists() and not overwrite]
     if existing:  # refuse before spending the forward passes
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another path.")
+    if export_path:
+        _check_export(score, export_path)
     det = run(checkpoint, score=score, tpr=tpr, data=calibration_data, data_root=data_root, device=device,
               id_data=id_data, check=check, confidence=confidence)
     cal = det.calibrated()
@@ -612,7 +614,55 @@ def calibrate(checkpoint: str, score: str, tpr: float, confidence: float | None,
     det.save(out, overwrite=overwrite)
     console.print(f"saved {out}")
     if export_path:
-        console.print(f"saved {export_detector(det, export_path, overwrite=overwrite)}")
+        console.print(f"saved {_export(det, export_path, overwrite)}")
+
+
+def _export_format(path: str, fmt: str | None = None) -> str:
+    return fmt or ("onnx" if Path(path).suffix.lower() == ".onnx" else "pt2")
+
+
+def _check_export(score: str, path: str, fmt: str | None = None) -> None:
+    """Refuse, before any work, an ONNX export of a score that has none (or without the onnx extra)."""
+    if _export_format(path, fmt) == "onnx":
+        from .onnx_export import onnx_refusal, require_onnx
+        from .scores import build_score
+
+        reason = onnx_refusal(build_score(score))
+        if reason:
+            raise click.ClickException(f"{reason}; export another score, or serve the Python Detector.")
+        require_onnx()
+
+
+def _export(det: Any, path: str, overwrite: bool, fmt: str | None = None) -> Path:
+    """Write ``det`` as ONNX (a .onnx name or ``fmt``) or as a torch.export program."""
+    if _export_format(path, fmt) == "onnx":
+        from .onnx_export import export_onnx
+
+        return export_onnx(det, path, overwrite=overwrite)
+    from .export import export_detector
+
+    return export_detector(det, path, overwrite=overwrite)
+
+
+@main.command("export")
+@trust_option
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--detector", required=True, type=click.Path(dir_okay=False),
+              help="Detector file from `oodtune calibrate` for this checkpoint.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write (.onnx or .pt2).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "pt2"]), default=None,
+              help="onnx (an ONNX graph, opset 18) or pt2 (a torch.export program) [default: from --out's suffix].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def export_command(checkpoint: str, detector: str, out: str, fmt: str | None, overwrite: bool) -> None:
+    """Write a calibrated detector as one program (normalisation, network, score, decision): uint8 images in,
+    logits, score and is_ood out. ONNX serves with onnxruntime alone (README: Serving)."""
+    from .detector import Detector
+
+    if Path(out).exists() and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
+    det = Detector.load(detector, checkpoint, device="cpu")
+    _check_export(det.score_name, out, fmt)
+    console.print(f"saved {_export(det, out, overwrite, fmt)}")
 
 
 @main.command()

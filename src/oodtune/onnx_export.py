@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from .export import DetectorProgram, exported_record
 from .scores import Score
 
 __all__ = ["METADATA_KEY", "ONNX_OPSET", "OnnxCheck", "check_onnx", "export_onnx", "onnx_refusal", "read_onnx_record",
-           "run_onnx", "write_onnx"]
+           "require_onnx", "run_onnx", "write_onnx"]
 
 ONNX_OPSET = 18
 METADATA_KEY = "oodtune_detector"
@@ -76,6 +77,13 @@ def _require(module: str) -> Any:
         raise ConfigError(f"ONNX export/serving needs the {module} package; {_INSTALL}.") from None
 
 
+def require_onnx() -> None:
+    """A :class:`ConfigError` naming the install command unless the ONNX extra (onnx, onnxscript, onnxruntime)
+    is installed."""
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        _require(module)
+
+
 def _cdist(x1: Any, x2: Any, p: float = 2.0, compute_mode: int | None = None) -> Any:
     """``aten._cdist_forward`` (p = 2) as ONNX ops: sqrt(sum_d (x1[:, None] - x2[None])^2)."""
     from onnxscript import opset18 as op
@@ -86,12 +94,15 @@ def _cdist(x1: Any, x2: Any, p: float = 2.0, compute_mode: int | None = None) ->
 
 @contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's notices about optional packages (torchvision ops) while it runs."""
+    """Silence the exporter's notices about optional packages (torchvision ops) and its internal deprecation
+    warnings while it runs."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecations inside torch's own exporter
+            yield
     finally:
         logger.setLevel(level)
 
