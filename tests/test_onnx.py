@@ -5,6 +5,7 @@ when the ``onnx`` extra is not installed."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,18 @@ def test_what_cannot_be_exported_is_refused_with_the_reason(photos, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(ConfigError, match="not a readable ONNX model"):
         run_onnx(tmp_path / "junk.onnx", np.zeros((1, RESOLUTION, RESOLUTION, 3), np.uint8))
+
+
+def test_readme_serving_snippet_runs(photos, tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### A promise, a batch, a service", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S)
+    assert snippet, "the README's serving section has no python block"
+    monkeypatch.chdir(tmp_path)
+    det = _detector("energy", photos)
+    export_onnx(det, "det.onnx")
+    images = np.stack([np.asarray(p.resize((RESOLUTION, RESOLUTION))) for p in photos["check"][:5]])
+    scope = {"images": images}
+    exec(compile(snippet.group(1), "README.md", "exec"), scope)  # noqa: S102
+    assert scope["record"]["threshold"] == det.threshold
+    np.testing.assert_array_equal(scope["is_ood"], det.predict(images).is_ood)
