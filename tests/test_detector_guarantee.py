@@ -76,7 +76,8 @@ def test_saved_scores_round_trip_and_edits_are_refused(guaranteed, tmp_path):
     assert again.guaranteed().threshold == det.threshold
     np.testing.assert_array_equal(again.guaranteed().scores, np.sort(scores))
     record = json.loads(path.read_text())
-    for edit, match in [(lambda r: r["calibration"].update(threshold=r["calibration"]["threshold"] - 1), "does not match"),
+    for edit, match in [(lambda r: r["calibration"].update(threshold=r["calibration"]["threshold"] - 1),
+                         "does not match"),
                         (lambda r: r["guarantee"].update(point_threshold=0.5), "point_threshold"),
                         (lambda r: r["guarantee"]["calibration_scores"].update(sha256="0" * 64), "sha256"),
                         (lambda r: r["guarantee"].pop("coverage"), "exactly the fields")]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib  # its sample data ships the real photographs used here
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,12 +19,10 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
-import matplotlib  # noqa: E402  (after the skips: the photographs ship with matplotlib's sample data)
-
-from helpers_training import RESOLUTION, random_imageset, tiny_net  # noqa: E402
-from oodtune.detector import Detector  # noqa: E402
-from oodtune.errors import ConfigError  # noqa: E402
-from oodtune.onnx_export import (  # noqa: E402
+from helpers_training import RESOLUTION, random_imageset, tiny_net
+from oodtune.detector import Detector
+from oodtune.errors import ConfigError
+from oodtune.onnx_export import (
     ONNX_OPSET,
     check_onnx,
     export_onnx,
@@ -31,7 +30,7 @@ from oodtune.onnx_export import (  # noqa: E402
     read_onnx_record,
     run_onnx,
 )
-from oodtune.scores import SCORE_NAMES, build_score  # noqa: E402
+from oodtune.scores import SCORE_NAMES, build_score
 
 CLASSES = ("c0", "c1", "c2", "c3")
 PHOTOS = Path(matplotlib.get_data_path()) / "sample_data"
@@ -92,7 +91,8 @@ def test_record_in_the_metadata_and_serving_without_torch(photos, tmp_path):
     code = ("import sys, json, numpy as np, onnxruntime as ort\n"
             f"s = ort.InferenceSession({str(path)!r}, providers=['CPUExecutionProvider'])\n"
             "meta = json.loads(s.get_modelmeta().custom_metadata_map['oodtune_detector'])\n"
-            f"logits, score, is_ood = s.run(None, {{'images': np.zeros((3, {RESOLUTION}, {RESOLUTION}, 3), np.uint8)}})\n"
+            f"images = np.zeros((3, {RESOLUTION}, {RESOLUTION}, 3), np.uint8)\n"
+            "logits, score, is_ood = s.run(None, {'images': images})\n"
             "assert logits.shape == (3, 4) and is_ood.dtype == bool\n"
             "assert (is_ood == (score < meta['threshold'])).all()\n"
             "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'oodtune')], 'torch was imported'\n")

@@ -5,8 +5,9 @@ alone -- no oodtune, no training code -- through ``torch.export``:
     logits, score, is_ood = program(images)   # images: uint8 (N, H, W, 3) RGB at the detector's resolution
 
 Inside: the input normalisation (x / 255 - mean) / std, the network, the score and the threshold
-(``is_ood = not (score >= threshold)``: ``score < threshold``, with a non-finite score counted as OOD). The batch size is dynamic. The file also carries the detector's JSON record
-(classes, resolution, score, threshold, calibration, weights hash) as the extra file
+(``is_ood = not (score >= threshold)``: ``score < threshold``, with a non-finite score counted as OOD). The
+batch size is dynamic. The file also carries the detector's JSON record (classes, resolution, score,
+threshold, calibration, guarantee, weights hash) as the extra file
 ``oodtune_detector.json``; :func:`load_exported` returns both. Images must already be resized to the
 resolution (shorter side bilinear + centre crop is what oodtune does, :mod:`oodtune.data.images`).
 

@@ -88,8 +88,11 @@ def _cdist(x1: Any, x2: Any, p: float = 2.0, compute_mode: int | None = None) ->
     """``aten._cdist_forward`` (p = 2) as ONNX ops: sqrt(sum_d (x1[:, None] - x2[None])^2)."""
     from onnxscript import opset18 as op
 
-    diff = op.Sub(op.Unsqueeze(x1, op.Constant(value_ints=[-2])), op.Unsqueeze(x2, op.Constant(value_ints=[-3])))
-    return op.Sqrt(op.ReduceSum(op.Mul(diff, diff), op.Constant(value_ints=[-1]), keepdims=0))
+    rows: Any = op.Constant(value_ints=[-2])  # Any: onnxscript types a Constant as any tensor type
+    cols: Any = op.Constant(value_ints=[-3])
+    last: Any = op.Constant(value_ints=[-1])
+    diff = op.Sub(op.Unsqueeze(x1, rows), op.Unsqueeze(x2, cols))
+    return op.Sqrt(op.ReduceSum(op.Mul(diff, diff), last, keepdims=0))
 
 
 @contextmanager
@@ -161,7 +164,7 @@ def _session(path: str | os.PathLike) -> Any:
     try:
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-        raise ConfigError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]}).") from None
+        raise ConfigError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]}).") from exc
 
 
 def run_onnx(path: str | os.PathLike, images: np.ndarray) -> dict[str, np.ndarray]:
