@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from oodtune.runtime import resolve_device
+from oodtune.utils.runtime import resolve_device
 
 # Benchmarks print their own tables; rich progress bars would only add noise (and a little overhead).
 os.environ.setdefault("OODTUNE_PROGRESS", "0")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from oodtune.data.imageset import ImageSet
 from oodtune.data.tensors import CIFAR_MEAN, CIFAR_STD
-from oodtune.losses import CompositeLoss, LossInputs
+from oodtune.losses.terms import CompositeLoss, LossInputs
 from oodtune.models import FeatureModel
 from oodtune.training.trainer import cosine_factor
 

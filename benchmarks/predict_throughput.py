@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from _common import environment, now, parse_with_device, parser, print_table, save_json
-from oodtune.detector import Detector
+from oodtune.deploy.detector import Detector
 from oodtune.models import build_model
 from oodtune.models.resnet import resnet18_stages
 

@@ -28,10 +28,10 @@ import torch
 
 from _common import environment, now, print_table, save_json
 from _reference import reference_loader, reference_optimizer, reference_step
-from oodtune.losses import build_method_loss
+from oodtune.losses.terms import build_method_loss
 from oodtune.models.checkpoint import read_checkpoint, read_meta, save_checkpoint
 from oodtune.pipeline import id_test_accuracy, pretrain_setup
-from oodtune.runtime import resolve_device
+from oodtune.utils.runtime import resolve_device
 
 LAST, FINAL = "last.pt", "model.pt"
 

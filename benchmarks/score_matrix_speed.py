@@ -29,10 +29,10 @@ import torch
 from _common import environment, print_table, save_json, sync
 from oodtune.data.imageset import ImageSet
 from oodtune.data.tensors import Normalizer
-from oodtune.evaluation import Validation, evaluate
+from oodtune.evaluation.classification import Validation, evaluate
 from oodtune.models import FeatureModel, build_model
-from oodtune.runtime import resolve_device
 from oodtune.scores import build_score
+from oodtune.utils.runtime import resolve_device
 
 SCORES = ["msp", "maxlogit", "energy", "gen", "klm", "mahalanobis", "knn", "vim", "react+energy", "ash-s+energy"]
 OOD_SETS = 6

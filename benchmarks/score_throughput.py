@@ -26,7 +26,7 @@ import torch
 from _common import environment, now, parse_with_device, parser, print_table, save_json
 from oodtune.data.imageset import ImageSet
 from oodtune.data.tensors import Normalizer
-from oodtune.evaluation import compute_outputs
+from oodtune.evaluation.classification import compute_outputs
 from oodtune.metrics import ood_metrics
 from oodtune.models import FeatureModel, build_model
 

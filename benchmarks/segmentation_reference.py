@@ -21,9 +21,9 @@ import torch
 from _common import environment, print_table, save_json
 from oodtune import pipeline
 from oodtune.data import load_segmentation
+from oodtune.evaluation.segmentation import evaluate_segmentation, forward_maps
 from oodtune.metrics.pixel import ConfusionCounter
-from oodtune.pipeline.segmentation import normalizer_for
-from oodtune.pixel_evaluation import evaluate_segmentation, forward_maps
+from oodtune.pipeline import normalizer_for
 from oodtune.scores import build_score
 
 

@@ -27,14 +27,14 @@ from _common import environment, now, print_table, save_json
 from oodtune.data.objects import ObjectBank
 from oodtune.data.segmentation import ANOMALY_CLASSES, CAMVID_CLASSES, SegmentationSet
 from oodtune.data.tensors import Normalizer
+from oodtune.evaluation.segmentation import evaluate_segmentation
+from oodtune.losses.pixel import build_pixel_loss
 from oodtune.metrics.pixel import PixelDetectionCounter
 from oodtune.models import SegmentationModel, build_model
-from oodtune.pixel_evaluation import evaluate_segmentation
-from oodtune.pixel_losses import build_pixel_loss
-from oodtune.runtime import resolve_device
 from oodtune.scores import build_score
 from oodtune.training.config import TrainConfig
 from oodtune.training.segmentation import SegmentationTrainer
+from oodtune.utils.runtime import resolve_device
 
 
 def _net() -> SegmentationModel:

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import stats
 
 from _common import print_table
-from oodtune.guarantee import Guarantee
+from oodtune.deploy.guarantee import Guarantee
 from oodtune.metrics.conformal import benjamini_hochberg, conformal_p_values, coverage
 
 

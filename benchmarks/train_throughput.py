@@ -33,11 +33,11 @@ from torch.utils.data import DataLoader
 from _common import environment, now, print_table, save_json
 from _reference import reference_loader, reference_optimizer, reference_step
 from oodtune.data.imageset import ImageSet
-from oodtune.losses import CompositeLoss, build_method_loss
+from oodtune.losses.terms import CompositeLoss, build_method_loss
 from oodtune.models import FeatureModel, build_model
-from oodtune.runtime import resolve_device
 from oodtune.training.config import COMPILE_MODES, COMPILE_SCOPES, TrainConfig
 from oodtune.training.trainer import Trainer
+from oodtune.utils.runtime import resolve_device
 
 NUM_CLASSES = 10
 CIFAR_TRAIN_SHAPE = (50_000, 32, 32, 3)

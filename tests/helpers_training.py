@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from oodtune.data.imageset import ImageSet
-from oodtune.losses import CompositeLoss
+from oodtune.losses.terms import CompositeLoss
 from oodtune.models import FeatureModel, RunMeta, build_model
 from oodtune.training.config import TrainConfig
 from oodtune.training.trainer import Trainer
@@ -116,7 +116,7 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, batch_size: int) 
     "saves": paths this rank wrote checkpoints to}.
     """
     import oodtune.training.trainer as trainer_mod
-    from oodtune.losses import build_method_loss
+    from oodtune.losses.terms import build_method_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), OODTUNE_PROGRESS="0")

@@ -1,28 +1,45 @@
 """The layering of docs/architecture.md, checked on the real import graph of src/oodtune.
 
-Every ``import`` (module level or inside a function) of an oodtune module is resolved; a module may import only
-modules of its own layer or of layers below, and the module graph has no cycles.
+The layers are read from the doc's table (one row per layer, its components in backticks), so the doc is the one
+description of the layout. Every ``import`` (module level or inside a function) of an oodtune module is resolved;
+a module may import only modules of its own component or of components on lower layers, and the module graph has
+no cycles.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "oodtune"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "oodtune"
+DOC = ROOT / "docs" / "architecture.md"
 
-#: component (first path element below oodtune) -> layer, bottom (0) to top; kept in sync with the doc.
-LAYERS: dict[str, int] = {
-    "__init__": 0, "errors": 0, "atomic": 0, "lock": 0, "progress": 0, "runtime": 0,
-    "data": 1,
-    "models": 2,
-    "energy": 3, "margins": 3, "prior": 3, "losses": 3, "pixel_losses": 3, "scores": 3, "metrics": 3,
-    "training": 4, "evaluation": 4, "pixel_evaluation": 4, "guarantee": 4, "detector": 4,
-    "report": 5, "plots": 5, "export": 5, "onnx_export": 5,
-    "pipeline": 6,
-    "benchmark": 7,
-    "cli": 8,
-}
+
+def _doc_layers() -> list[list[str]]:
+    """The doc's table, bottom (layer 0) to top: the components of each layer (packages without their slash)."""
+    rows: dict[int, list[str]] = {}
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"\|\s*(\d+)\s*\|([^|]*)\|", line)
+        if match:
+            layer = int(match.group(1))
+            assert layer not in rows, f"layer {layer} has two rows in {DOC.name}"
+            rows[layer] = [c.rstrip("/") for c in re.findall(r"`([^`]+)`", match.group(2))]
+    assert sorted(rows) == list(range(len(rows))), f"the layers of {DOC.name} are not numbered 0..n: {sorted(rows)}"
+    return [rows[i] for i in range(len(rows))]
+
+
+def _headline_layers() -> list[list[str]]:
+    """The doc's headline (its first bold run): the layers, bottom-up, separated by arrows."""
+    headline = re.search(r"\*\*(.+?)\*\*", DOC.read_text(encoding="utf-8"), re.S)
+    assert headline, f"{DOC.name} has no bold headline listing the layers"
+    return [[c.rstrip("/") for c in re.findall(r"`([^`]+)`", part)] for part in headline.group(1).split("→")]
+
+
+#: component (first path element below oodtune) -> layer, bottom (0) to top, as docs/architecture.md says.
+LAYERS: dict[str, int] = {c: i for i, layer in enumerate(_doc_layers()) for c in layer}
 
 
 def _module_name(path: Path) -> str:
@@ -71,15 +88,22 @@ def _graph() -> dict[str, set[str]]:
 def test_every_component_has_a_layer() -> None:
     components = {_component(m) for m in _graph()}
     assert components <= set(LAYERS), sorted(components - set(LAYERS))
+    stale = sorted(set(LAYERS) - components)
+    assert not stale, f"{DOC.name} names components that do not exist: {stale}"
 
 
-def test_modules_import_only_their_layer_or_below() -> None:
+def test_the_headline_lists_the_layers_of_the_table() -> None:
+    assert _headline_layers() == _doc_layers()
+
+
+def test_modules_import_only_their_component_or_lower_layers() -> None:
     bad = []
     for module, targets in _graph().items():
+        here = _component(module)
         for target in targets:
-            if LAYERS[_component(target)] > LAYERS[_component(module)]:
-                bad.append(f"{module} (layer {LAYERS[_component(module)]}) imports {target} "
-                           f"(layer {LAYERS[_component(target)]})")
+            there = _component(target)
+            if there != here and LAYERS[there] >= LAYERS[here]:
+                bad.append(f"{module} ({here}, layer {LAYERS[here]}) imports {target} ({there}, layer {LAYERS[there]})")
     assert not bad, "\n".join(sorted(bad))
 
 
@@ -121,3 +145,28 @@ def test_the_checker_sees_imports(tmp_path: Path) -> None:
         "oodtune.models" in graph["oodtune.training.trainer"]
     assert "oodtune.pipeline" in graph["oodtune.benchmark.grid"]
     assert sum(len(t) for t in graph.values()) > 100
+
+
+def test_the_doc_table_is_read() -> None:
+    """The table parses into the layers the checks rely on (a parser that found nothing would allow nothing, or
+    everything)."""
+    assert LAYERS["errors"] == 0 and LAYERS["cli"] == max(LAYERS.values())
+    assert LAYERS["data"] < LAYERS["models"] < LAYERS["losses"] < LAYERS["training"] < LAYERS["pipeline"]
+    assert LAYERS["scores"] == LAYERS["losses"] and LAYERS["training"] == LAYERS["evaluation"]
+    assert len(LAYERS) >= 15
+
+
+def test_packages_reexport_their_public_names() -> None:
+    """``oodtune.losses.BalancedEnergy`` and the like: every name a module of these packages exports is also a name
+    of its package, the same object."""
+    for package_name in ("deploy", "evaluation", "losses", "utils"):
+        package = importlib.import_module(f"oodtune.{package_name}")
+        modules = sorted((SRC / package_name).glob("[!_]*.py"))
+        assert modules, package_name
+        for module_path in modules:
+            module = importlib.import_module(_module_name(module_path))
+            missing = [n for n in module.__all__ if getattr(package, n, None) is not getattr(module, n)]
+            assert not missing, f"{package.__name__} does not re-export {missing} of {module.__name__}"
+            assert set(module.__all__) <= set(package.__all__)
+    assert importlib.import_module("oodtune.losses").BalancedEnergy.__module__ == "oodtune.losses.terms"
+    assert importlib.import_module("oodtune.deploy").Detector.__module__ == "oodtune.deploy.detector"

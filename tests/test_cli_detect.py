@@ -16,9 +16,9 @@ from fixtures_data import offline_env, write_corrupt_jpeg, write_image
 from helpers_cli import FAST, fails, ok
 from oodtune import __version__
 from oodtune.cli import cli_message
-from oodtune.export import load_exported
+from oodtune.deploy.export import load_exported
+from oodtune.deploy.onnx_export import read_onnx_record
 from oodtune.metrics.conformal import benjamini_hochberg
-from oodtune.onnx_export import read_onnx_record
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Thresholds with a guarantee, conformal p-values and Benjamini–Hochberg (oodtune.metrics.conformal,
-oodtune.guarantee): hand-computed small cases, edge cases, and simulations over thousands of calibration draws
+oodtune.deploy.guarantee): hand-computed small cases, edge cases, and simulations over thousands of calibration draws
 (numpy only, seeded) that the guarantee holds at the stated rate without being trivially conservative, that
 p-values of held-out ID scores are uniform, and that BH controls the false discovery rate."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from oodtune.deploy.guarantee import Guarantee
 from oodtune.errors import ConfigError, DataError
-from oodtune.guarantee import Guarantee
 from oodtune.metrics import threshold_at_tpr
 from oodtune.metrics.conformal import (
     acceptance_lower_bound,

@@ -17,10 +17,11 @@ from PIL import Image
 
 from fixtures_data import write_corrupt_jpeg, write_image
 from helpers_training import RESOLUTION, easy_imageset, random_imageset, tiny_net
-from oodtune.detector import Detector, weights_hash
+from oodtune.deploy import Detector
+from oodtune.deploy.export import export_detector, load_exported
 from oodtune.errors import CheckpointError, ConfigError, DataError, ScoreError
-from oodtune.export import export_detector, load_exported
 from oodtune.metrics import threshold_at_tpr
+from oodtune.models import weights_hash
 from oodtune.scores import build_score
 
 CLASSES = ("c0", "c1", "c2", "c3")

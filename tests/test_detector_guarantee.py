@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from helpers_training import random_imageset, tiny_net
-from oodtune.detector import Detector
+from oodtune.deploy import Detector
 from oodtune.errors import ConfigError
 from oodtune.metrics import threshold_at_tpr
 from oodtune.metrics.conformal import benjamini_hochberg, conformal_p_values, guaranteed_rank, kth_largest

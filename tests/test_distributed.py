@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 
 from helpers_training import assert_states_equal, ddp_worker, free_port
 from oodtune.models.checkpoint import read_checkpoint
-from oodtune.runtime import DistInfo
 from oodtune.training.trainer import FINAL, HISTORY, LAST
+from oodtune.utils.runtime import DistInfo
 
 WORLD = 2
 

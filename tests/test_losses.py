@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import logsumexp
 
-from oodtune.energy import energy
-from oodtune.losses import (
-    LOSS_OPTIONS,
+from oodtune.functional import energy
+from oodtune.losses.margins import margin_coverage, propose_margins
+from oodtune.losses.terms import (
+    TERM_ARGUMENTS,
     BalancedEnergy,
     CompositeLoss,
     CrossEntropy,
@@ -24,7 +25,6 @@ from oodtune.losses import (
     build_method_loss,
     outlier_affinity,
 )
-from oodtune.margins import margin_coverage, propose_margins
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 
@@ -281,7 +281,7 @@ def test_build_method_loss_defaults_and_overrides():
     b, s = over.terms[1], over.terms[2]
     assert (b.m_in, b.m_out, b.alpha, b.weight, b.reduction, b.detach_z, s.weight) == (
         -27.0, -4.0, 100.0, 0.2, "mean", True, 0.02)
-    assert set(LOSS_OPTIONS) >= {"m_in", "m_out", "alpha", "energy_weight", "oe_weight", "sparsity_weight"}
+    assert set(TERM_ARGUMENTS) >= {"m_in", "m_out", "alpha", "energy_weight", "oe_weight", "sparsity_weight"}
 
 
 def test_build_method_loss_errors():
@@ -320,3 +320,24 @@ def test_propose_margins_widens_crossed_quantiles():
         propose_margins(np.array([np.nan]), np.zeros(2))
     with pytest.raises(ValueError, match="id_quantile"):
         propose_margins(np.zeros(2), np.zeros(2), id_quantile=1.5)
+
+
+def test_loss_options_are_defined_once_with_each_tasks_defaults() -> None:
+    """One table of options; per task the defaults its builders use, shown by the command line's help."""
+    from click.testing import CliRunner
+
+    from oodtune.benchmark.config import LOSS_TYPES
+    from oodtune.cli import main
+    from oodtune.losses import LOSS_OPTIONS, TASK_LOSSES, build_pixel_loss
+
+    cls, seg = TASK_LOSSES["classification"], TASK_LOSSES["segmentation"]
+    assert set(cls.defaults) == set(TERM_ARGUMENTS) and set(seg.defaults) < set(cls.defaults) <= set(LOSS_OPTIONS)
+    assert set(LOSS_TYPES) == set(LOSS_OPTIONS) and LOSS_TYPES["m_in"] == (float, str)
+    hinge = build_method_loss("energy-oe").terms[1]
+    assert (cls.defaults["m_in"], cls.defaults["m_out"]) == (hinge.m_in, hinge.m_out) == (-23.0, -5.0)
+    pixel_hinge = build_pixel_loss("energy-oe", num_classes=3, ignore_index=None).terms[1]
+    assert (seg.defaults["m_in"], seg.defaults["m_out"]) == (pixel_hinge.m_in, pixel_hinge.m_out) == (-12.0, -6.0)
+    help_text = " ".join(CliRunner().invoke(main, ["finetune", "--help"], terminal_width=200).output.split())
+    assert "[default: -23.0 for classification, -12.0 for segmentation]" in help_text
+    assert "--oe-weight FLOAT OE weight λ. [classification only; default: 0.5]" in help_text
+    assert all(o.flag in help_text for o in LOSS_OPTIONS.values())

@@ -17,7 +17,7 @@ import oodtune.pipeline.classification as classification
 from fixtures_data import offline_env
 from helpers_cli import fails, ok
 from oodtune.benchmark import load_benchmark_config, run_benchmark
-from oodtune.evaluation import compute_outputs
+from oodtune.evaluation.classification import compute_outputs
 from oodtune.models import load_feature_model
 from oodtune.scores import KNN, build_score
 

@@ -1,4 +1,4 @@
-"""The ONNX detector (oodtune.onnx_export) against the Python detector on real photographs, for every exportable
+"""The ONNX detector (oodtune.deploy.onnx_export) against the Python detector on real photographs, for every exportable
 score: scores within float32 rounding, the same decisions away from the threshold, a dynamic batch, the detector
 record in the metadata, serving with onnxruntime alone, and clean refusals for what cannot be exported. Skipped
 when the ``onnx`` extra is not installed."""
@@ -20,9 +20,8 @@ pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
 from helpers_training import RESOLUTION, random_imageset, tiny_net
-from oodtune.detector import Detector
-from oodtune.errors import ConfigError
-from oodtune.onnx_export import (
+from oodtune.deploy import Detector
+from oodtune.deploy.onnx_export import (
     ONNX_OPSET,
     check_onnx,
     export_onnx,
@@ -30,6 +29,7 @@ from oodtune.onnx_export import (
     read_onnx_record,
     run_onnx,
 )
+from oodtune.errors import ConfigError
 from oodtune.scores import SCORE_NAMES, build_score
 
 CLASSES = ("c0", "c1", "c2", "c3")

@@ -12,15 +12,15 @@ import torch
 from scipy import ndimage
 
 from oodtune.errors import ConfigError
-from oodtune.losses import BalancedEnergy, CrossEntropy, EnergyHinge, LossInputs
-from oodtune.pixel_losses import (
+from oodtune.functional import gaussian_blur
+from oodtune.losses.pixel import (
     OUTLIER_LABEL,
     EnergySmoothness,
     Gambler,
     OutlierEnergyNorm,
     build_pixel_loss,
-    gaussian_blur,
 )
+from oodtune.losses.terms import BalancedEnergy, CrossEntropy, EnergyHinge, LossInputs
 
 K, VOID = 3, 9
 

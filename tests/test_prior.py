@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from oodtune.prior import OutlierPrior, PriorError, count_outlier_predictions, prior_from_counts
+from oodtune.losses.prior import OutlierPrior, PriorError, count_outlier_predictions, prior_from_counts
 
 
 def one_hot_logits(classes: list[int], k: int = 3) -> torch.Tensor:

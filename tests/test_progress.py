@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-import oodtune.progress as progress
-from oodtune.progress import ConsoleHandler, progress_bar, progress_mode
+import oodtune.utils.progress as progress
+from oodtune.utils.progress import ConsoleHandler, progress_bar, progress_mode
 
 
 def test_mode_follows_the_environment(monkeypatch):

@@ -20,13 +20,12 @@ from typing import Any
 import pytest
 import torch
 
-import oodtune.atomic as atomic
 import oodtune.pipeline as pipe
 import oodtune.pipeline.classification as classification
+import oodtune.utils.atomic as atomic
 from fixtures_data import make_tar, offline_env, write_image, write_labelled_folder
 from helpers_cli import FAST, fails, ok
 from helpers_training import checkpoint_meta, random_imageset, tiny_net
-from oodtune.atomic import remove_stale_temporaries, temporary_path, write_atomic, write_text_atomic
 from oodtune.cli import cli_message
 from oodtune.data import load_dataset
 from oodtune.data.images import _exit_with_parent
@@ -38,11 +37,12 @@ from oodtune.errors import (
     ResumeMismatchError,
     StorageError,
 )
-from oodtune.lock import LOCK_NAME, output_lock
 from oodtune.models import META_VERSION, RunMeta, read_checkpoint, read_meta, save_checkpoint
-from oodtune.runtime import resolve_device
 from oodtune.training.config import TrainConfig
 from oodtune.training.trainer import LAST, Trainer, check_run_dir
+from oodtune.utils.atomic import remove_stale_temporaries, temporary_path, write_atomic, write_text_atomic
+from oodtune.utils.lock import LOCK_NAME, output_lock
+from oodtune.utils.runtime import resolve_device
 
 ARCH = "wrn-10-1"
 
@@ -512,6 +512,6 @@ def test_outputs_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> None
 
 
 def test_lock_labels_name_this_host() -> None:
-    from oodtune.lock import _holder_label
+    from oodtune.utils.lock import _holder_label
 
     assert f"PID {os.getpid()} on {socket.gethostname()}" in _holder_label()

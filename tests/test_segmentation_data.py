@@ -20,7 +20,7 @@ from fixtures_segmentation import (
     write_road_anomaly,
 )
 from oodtune.data import available_datasets, load_dataset, load_objects, load_segmentation
-from oodtune.data.objects import paste_object
+from oodtune.data.objects import ObjectBank, paste_object, paste_objects
 from oodtune.data.segmentation import (
     ANOMALY_CLASSES,
     CAMVID_CLASSES,
@@ -160,6 +160,27 @@ def test_paste_is_seeded_and_labels_exactly_the_pasted_pixels() -> None:
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     f, lab = outs[0]
     assert (lab == 254).any() and ((f[..., 0] == 200) == (lab == 254)).all()
+
+
+def test_paste_objects_draws_one_object_per_frame_or_pastes_the_given_ones() -> None:
+    """The one paste loop: by default each frame gets an object drawn just before it is pasted (the draws and pastes
+    of :func:`paste_object` interleaved, so a seed gives the same frames as pasting one by one); with ``objects``,
+    exactly those, into the first frames only."""
+    bank = ObjectBank(tuple(np.full((8, 5, 3), v, np.uint8) for v in (100, 200)), (np.ones((8, 5), bool),) * 2,
+                      ("a", "b"), "bank")
+    frames, labels = np.zeros((3, 30, 40, 3), np.uint8), np.zeros((3, 30, 40), np.uint8)
+    paste_objects(frames, labels, bank, np.random.default_rng(3), 7)
+    want_f, want_l, rng = np.zeros_like(frames), np.zeros_like(labels), np.random.default_rng(3)
+    for i in range(3):
+        k = int(rng.integers(2))
+        paste_object(want_f[i], want_l[i], bank.images[k], bank.masks[k], rng, 7)
+    np.testing.assert_array_equal(frames, want_f)
+    np.testing.assert_array_equal(labels, want_l)
+    assert all((lab == 7).any() for lab in labels)
+    frames, labels = np.zeros((3, 30, 40, 3), np.uint8), np.zeros((3, 30, 40), np.uint8)
+    paste_objects(frames, labels, bank, np.random.default_rng(3), 7, objects=[1])
+    assert set(np.unique(frames[0])) == {0, 200} and (labels[0] == 7).any()
+    assert not frames[1:].any() and not labels[1:].any()
 
 
 def test_pasted_anomaly_set_is_reproducible_and_cached(data_env: dict[str, Path]) -> None:

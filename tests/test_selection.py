@@ -12,7 +12,7 @@ from torch import nn
 from oodtune.data.imageset import ImageSet
 from oodtune.data.tensors import Normalizer
 from oodtune.errors import DataError, ScoreError
-from oodtune.evaluation import Validation, compute_outputs, evaluate
+from oodtune.evaluation.classification import Validation, compute_outputs, evaluate
 from oodtune.metrics import auroc
 from oodtune.models import FeatureModel
 from oodtune.scores import KNN, Energy, LogitScore, Score, build_score

@@ -25,7 +25,7 @@ import torch
 
 from fixtures_data import offline_env
 from helpers_training import assert_states_equal
-from oodtune.lock import LOCK_NAME
+from oodtune.utils.lock import LOCK_NAME
 
 pytestmark = pytest.mark.slow
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import oodtune.pipeline as pipe
 from fixtures_data import write_labelled_folder
@@ -120,3 +121,19 @@ def test_moved_or_changed_dataset(folder_run, data_env, tmp_path):
     other = write_labelled_folder(tmp_path / "other", ["x", "y", "z"], per_class=20, size=16)
     with pytest.raises(DataError, match="--id-data"):
         pipe.id_parts(pipe.with_id_data(meta, f"folder:{other}", source), source)
+
+
+def test_one_normalizer_for_every_task_honours_the_channel_order() -> None:
+    """``pipeline.normalizer_for`` serves classification and segmentation checkpoints: mean/std as recorded, and the
+    channel order (a BGR network gets its input's channels reversed)."""
+    from oodtune.models import RunMeta
+
+    base = {"arch": "wrn-16-1", "num_classes": 2, "classes": ("a", "b"), "mean": (0.1, 0.2, 0.3),
+            "std": (0.4, 0.5, 0.6), "resolution": 8, "dataset": "x"}
+    rgb = pipe.normalizer_for(RunMeta(**base))
+    bgr = pipe.normalizer_for(RunMeta(**base, channel_order="bgr"))
+    assert (rgb.mean, rgb.std, rgb.bgr, bgr.bgr) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), False, True)
+    x = torch.tensor([10, 20, 30], dtype=torch.uint8).view(1, 3, 1, 1)  # R, G, B
+    mean, std = torch.tensor(base["mean"]).view(1, 3, 1, 1), torch.tensor(base["std"]).view(1, 3, 1, 1)
+    torch.testing.assert_close(bgr(x), (x.flip(1).float() / 255 - mean) / std)  # B, G, R
+    torch.testing.assert_close(rgb(x), (x.float() / 255 - mean) / std)

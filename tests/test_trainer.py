@@ -20,12 +20,12 @@ from helpers_training import (
 )
 from oodtune.data.tensors import Normalizer, to_device_uint8
 from oodtune.errors import DataError, ResumeMismatchError
-from oodtune.losses import LossInputs, build_method_loss
+from oodtune.losses.terms import LossInputs, build_method_loss
 from oodtune.models.checkpoint import load_model, read_checkpoint
-from oodtune.runtime import compile_mode
 from oodtune.training.config import TrainConfig
 from oodtune.training.sampling import OutlierSampler
 from oodtune.training.trainer import FINAL, LAST, Trainer, cosine_factor
+from oodtune.utils.runtime import compile_mode
 
 pytestmark = pytest.mark.usefixtures("quiet")
 

@@ -24,22 +24,21 @@ from typing import Any
 import click
 
 from . import __version__
-from .atomic import check_writable
 from .data import available_datasets
 from .data.segmentation import parse_size
 from .errors import OodtuneError
-from .losses import METHODS, loss_option_defaults
+from .losses.options import LOSS_OPTIONS
+from .losses.prior import DEFAULT_GAMMA
+from .losses.registry import TASK_LOSSES, option_help
 from .models import ARCHITECTURES, trusted_archs
 from .models.imported import is_import_path
-from .pixel_losses import PIXEL_METHODS
-from .prior import DEFAULT_GAMMA
-from .progress import ConsoleHandler, console
-from .runtime import resolve_device
 from .scores import SCORE_NAMES
 from .training.config import COMPILE_MODES, COMPILE_SCOPES, FINETUNE, PRECISIONS, PRETRAIN, TrainConfig
+from .utils.atomic import check_writable
+from .utils.progress import ConsoleHandler, console
+from .utils.runtime import resolve_device
 
-METHODS_HELP = (f"classification: {', '.join(m for m in METHODS if m != 'ce')}, or a '+'-composition such as "
-                f"balanced-energy+sparsity; segmentation: {', '.join(PIXEL_METHODS)}")
+METHODS_HELP = "; ".join(f"{task}: {r.methods_help}" for task, r in TASK_LOSSES.items())
 OUTLIERS_HELP = "Auxiliary outlier dataset [default: tin-aux for classification, coco-objects for segmentation]."
 #: Library keywords in error messages -> the flag a command-line user types instead.
 CLI_WORDS = [
@@ -156,6 +155,14 @@ def trust_option(f: Any) -> Any:
                         help="Your own architecture: allow a checkpoint (or benchmark config) naming this import path "
                              "to import and run it. Repeatable. oodtune never imports code because a file names "
                              "it.")(run)
+
+
+def pretrained_and_outliers(f: Any) -> Any:
+    """The data options, ``--trust-arch``, the CHECKPOINT argument and ``--outliers`` of the steps that run a
+    pretrained model over auxiliary outliers (estimate-prior, propose-margins)."""
+    f = click.option("--outliers", default=None, help=OUTLIERS_HELP)(f)
+    f = click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))(f)
+    return common_options(trust_option(f))
 
 
 def check_output_file(path: str | Path, overwrite: bool = False) -> None:
@@ -308,10 +315,10 @@ def pretrain(**kw: Any) -> None:
     Test (and validation) accuracy is reported after every epoch; OUT/history.csv logs each epoch. Interrupted
     runs resume from OUT/last.pt when started again with the same options.
     """
-    from .pipeline import pretrain as run
+    from . import pipeline
 
     cfg = PRETRAIN.replace(**_train_overrides(kw))
-    path = run(kw["out"], dataset=kw["dataset"], arch=kw["arch"], data_root=kw["data_root"], config=cfg,
+    path = pipeline.pretrain(kw["out"], dataset=kw["dataset"], arch=kw["arch"], data_root=kw["data_root"], config=cfg,
                imbalance_ratio=kw["imbalance_ratio"], num_train=kw["num_train"], head=kw["head"],
                resolution=kw["resolution"], val_fraction=kw["val_fraction"], test_fraction=kw["test_fraction"])
     console.print(f"saved {path}")
@@ -356,38 +363,34 @@ def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: 
 
     Every other command then works on it: estimate-prior, propose-margins, finetune, evaluate, benchmark.
     """
+    from . import pipeline
     from .data import is_segmentation_set
     from .models import read_meta
-    from .pipeline import id_test_accuracy, id_test_miou, import_segmenter
-    from .pipeline import import_model as run
 
     if is_segmentation_set(dataset):
-        path = import_segmenter(weights, out, arch=arch, dataset=dataset, data_root=data_root,
+        path = pipeline.import_segmenter(weights, out, arch=arch, dataset=dataset, data_root=data_root,
                                 input_size=parse_size(input_size) if input_size else None, mean=mean, std=std,
                                 channel_order=channel_order, extra_channels=extra_channels,
                                 trainable=trainable or None)
         console.print(f"saved {path}")
         if check_accuracy:
-            m = id_test_miou(path, data_root=data_root, device=device)
+            m = pipeline.id_test_miou(path, data_root=data_root, device=device)
             console.print(f"{dataset} test mIoU of the imported model: {m['miou']:.2f}% "
                           f"(pixel accuracy {m['pixel_accuracy']:.2f}%)")
         return
-    path = run(weights, out, arch=arch, dataset=dataset, data_root=data_root, resolution=resolution, mean=mean,
-               std=std, head=head)
+    path = pipeline.import_model(weights, out, arch=arch, dataset=dataset, data_root=data_root,
+                                 resolution=resolution, mean=mean, std=std, head=head)
     meta = read_meta(path)
     console.print(f"saved {path} (input normalisation mean {meta.mean}, std {meta.std})")
     if check_accuracy:
         with trusted_archs(*([arch] if is_import_path(arch) else [])):  # the user named it with --arch
-            acc = id_test_accuracy(path, data_root=data_root, device=device)
+            acc = pipeline.id_test_accuracy(path, data_root=data_root, device=device)
         console.print(f"{dataset} test accuracy of the imported model: {100 * acc:.2f}%")
 
 
 @main.command("estimate-prior")
 @config_option
-@common_options
-@trust_option
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--outliers", default=None, help=OUTLIERS_HELP)
+@pretrained_and_outliers
 @click.option("--gamma", type=click.FloatRange(0), default=DEFAULT_GAMMA, show_default=True,
               help="Power applied to the prior before L1 normalisation (Balanced Energy's γ; the paper's CIFAR-10 "
                    "value; its long-tailed runs use 0.5, the segmentation code 3).")
@@ -398,15 +401,14 @@ def estimate_prior(checkpoint: str, outliers: str | None, gamma: float, out: str
                    data_root: Any, device: str) -> None:
     """Balanced Energy step 1: the outlier class prior P(y|o) as predicted by the pretrained model (segmentation:
     over the pixels of objects pasted into the ID train frames)."""
-    from .pipeline import default_outliers, save_prior
-    from .pipeline import estimate_prior as run
+    from . import pipeline
 
-    outliers = outliers or default_outliers(checkpoint)
+    outliers = outliers or pipeline.default_outliers(checkpoint)
     check_output_file(out, overwrite)  # before spending the forward passes
     if plot:
         check_output_file(plot, overwrite=True)
-    prior = run(checkpoint, outliers=outliers, data_root=data_root, gamma=gamma, device=device)
-    save_prior(prior, out, checkpoint=checkpoint, plot=plot, overwrite=overwrite)
+    prior = pipeline.estimate_prior(checkpoint, outliers=outliers, data_root=data_root, gamma=gamma, device=device)
+    pipeline.save_prior(prior, out, checkpoint=checkpoint, plot=plot, overwrite=overwrite)
     for name, n, p, pg in zip(prior.class_names, prior.counts, prior.probabilities().tolist(),
                               prior.gamma_prior().tolist(), strict=True):
         click.echo(f"{name:12s} {n:7d}  P={p:.4f}  P_gamma={pg:.4f}")
@@ -414,27 +416,35 @@ def estimate_prior(checkpoint: str, outliers: str | None, gamma: float, out: str
 
 
 @main.command("propose-margins")
-@common_options
-@trust_option
+@pretrained_and_outliers
 @id_data_option
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--outliers", default=None, help=OUTLIERS_HELP)
 def propose_margins(checkpoint: str, outliers: str | None, data_root: Any, device: str, id_data: str | None) -> None:
     """Suggest m_in / m_out from the pretrained model's energies on ID train data and outliers (segmentation: on
     pixels of the train frames and of objects pasted into them)."""
-    from .pipeline import default_outliers
-    from .pipeline import propose_margins as run
+    from . import pipeline
 
-    outliers = outliers or default_outliers(checkpoint)
-    p = run(checkpoint, outliers=outliers, data_root=data_root, device=device, id_data=id_data)
+    outliers = outliers or pipeline.default_outliers(checkpoint)
+    p = pipeline.propose_margins(checkpoint, outliers=outliers, data_root=data_root, device=device, id_data=id_data)
     click.echo(f"ID energy median {p.median_in:.2f}, outlier energy median {p.median_out:.2f}")
     click.echo(f"proposed --m-in {p.m_in:.1f} --m-out {p.m_out:.1f} (hinges start active on "
                f"{100 * p.coverage_in:.0f}% of ID and {100 * p.coverage_out:.0f}% of outliers)")
 
 
-def _default_help(option: str) -> str:
-    values = set(loss_option_defaults(option).values())
-    return f"(default {', '.join(map(str, sorted(values)))})"
+def loss_option_flags(f: Any) -> Any:
+    """One option per loss option of any task (``oodtune.losses.LOSS_OPTIONS``), its help with each task's default;
+    every one defaults to "not given" (the checkpoint's task default applies)."""
+    for o in reversed(LOSS_OPTIONS.values()):
+        kind: dict[str, Any]
+        if o.auto:
+            kind = {"callback": _finite_or_auto, "metavar": "FLOAT|auto"}
+        elif o.kind is bool:
+            kind = {"flag_value": True, "type": bool}
+        elif o.choices:
+            kind = {"type": click.Choice(o.choices)}
+        else:
+            kind = {"type": o.kind, "callback": _finite}
+        f = click.option(o.flag, o.name, default=None, help=option_help(o.name), **kind)(f)
+    return f
 
 
 @main.command()
@@ -447,19 +457,7 @@ def _default_help(option: str) -> str:
 @click.option("--prior", "prior_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Outlier prior JSON from `oodtune estimate-prior` (balanced-energy).")
 @click.option("--gamma", type=click.FloatRange(0), default=None, help="Override the prior's γ.")
-@click.option("--m-in", default=None, callback=_finite_or_auto, metavar="FLOAT|auto",
-              help=f"In-distribution energy margin {_default_help('m_in')}; auto = proposed from this model's "
-                   "energies as `oodtune propose-margins` does (recorded in the checkpoint).")
-@click.option("--m-out", default=None, callback=_finite_or_auto, metavar="FLOAT|auto",
-              help=f"Outlier energy margin {_default_help('m_out')}; auto as for --m-in.")
-@click.option("--alpha", type=float, default=None, callback=_finite,
-              help=f"Balanced Energy margin scale α {_default_help('alpha')}.")
-@click.option("--energy-weight", type=float, default=None, callback=_finite,
-              help=f"Weight of the energy terms {_default_help('energy_weight')}.")
-@click.option("--oe-weight", type=float, default=None, callback=_finite,
-              help=f"OE weight λ {_default_help('oe_weight')}.")
-@click.option("--sparsity-weight", type=float, default=None, callback=_finite,
-              help=f"Sparsity λ {_default_help('sparsity_weight')}; the public code used 0.02.")
+@loss_option_flags
 @click.option("--outlier-batch-size", type=click.IntRange(1), default=None,
               help=f"Outliers per step [default: {FINETUNE.outlier_batch_size} for classification; segmentation: "
                    "frames of each batch that get a pasted object, default 1].")
@@ -468,19 +466,20 @@ def _default_help(option: str) -> str:
 @train_options(FINETUNE, shown=False)
 def finetune(**kw: Any) -> None:
     """Fine-tune a pretrained checkpoint with an OOD-aware loss (on the ID *train* split only)."""
-    from .pipeline import default_outliers, finetune_config
-    from .pipeline import finetune as run
-    from .prior import OutlierPrior
+    from . import pipeline
+    from .losses.prior import OutlierPrior
 
     prior = OutlierPrior.load(kw["prior_path"]) if kw["prior_path"] else None
     if prior is not None and kw["gamma"] is not None:
         prior = OutlierPrior(counts=prior.counts, gamma=kw["gamma"], class_names=prior.class_names)
-    names = ("m_in", "m_out", "alpha", "energy_weight", "oe_weight", "sparsity_weight")
-    loss_options = {k: kw[k] for k in names if kw[k] is not None}
-    cfg = finetune_config(kw["checkpoint"], **_train_overrides(kw), outlier_batch_size=kw["outlier_batch_size"])
-    outliers = kw["outliers"] or default_outliers(kw["checkpoint"])
-    path = run(kw["checkpoint"], kw["out"], method=kw["method"], data_root=kw["data_root"], outliers=outliers,
-               prior=prior, config=cfg, loss_options=loss_options, id_data=kw["id_data"])
+    given = {k: kw.pop(k) for k in LOSS_OPTIONS}
+    loss_options = {k: v for k, v in given.items() if v is not None}
+    cfg = pipeline.finetune_config(kw["checkpoint"], **_train_overrides(kw),
+                                   outlier_batch_size=kw["outlier_batch_size"])
+    outliers = kw["outliers"] or pipeline.default_outliers(kw["checkpoint"])
+    path = pipeline.finetune(kw["checkpoint"], kw["out"], method=kw["method"], data_root=kw["data_root"],
+                             outliers=outliers, prior=prior, config=cfg, loss_options=loss_options,
+                             id_data=kw["id_data"])
     console.print(f"saved {path}")
 
 
@@ -518,7 +517,7 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
              save_scores: bool, overwrite: bool, plot: str | None, roc_log_fpr: bool, data_root: Any, device: str,
              id_data: str | None) -> None:
     """Accuracy + AUROC / AUPR-In / AUPR-Out / FPR95 for each score on each OOD set."""
-    from .pipeline import ValidationSpec, evaluate_checkpoint
+    from . import pipeline
     from .plots import short_name
     from .report import (
         evaluation_paths,
@@ -539,8 +538,8 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another --out/--plot.")
     for target in [*(evaluation_paths(out)[:1] if out else []), *([Path(plot)] if plot else [])]:
         check_writable(target.parent, "choose another --out/--plot")
-    validation = ValidationSpec(outliers=select_on, id_holdout=id_holdout) if select_on else None
-    report, meta = evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
+    validation = pipeline.ValidationSpec(outliers=select_on, id_holdout=id_holdout) if select_on else None
+    report, meta = pipeline.evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
                                        num_ood=num_ood, positive=positive, blur=blur,  # type: ignore[arg-type]
                                        id_data=id_data, validation=validation)
     for name, sel in report.selections.items():
@@ -591,7 +590,7 @@ def calibrate(checkpoint: str, score: str, tpr: float, confidence: float | None,
     Records score, threshold, TPR reached, n, the images used and the weights' hash (a detector is never applied
     to another checkpoint). Use it with `oodtune predict CHECKPOINT IMAGES --detector OUT`.
     """
-    from .pipeline import calibrate as run
+    from . import pipeline
 
     targets = [p for p in (out, export_path) if p]
     existing = [p for p in targets if Path(p).exists() and not overwrite]
@@ -599,8 +598,8 @@ def calibrate(checkpoint: str, score: str, tpr: float, confidence: float | None,
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another path.")
     if export_path:
         _check_export(score, export_path)
-    det = run(checkpoint, score=score, tpr=tpr, data=calibration_data, data_root=data_root, device=device,
-              id_data=id_data, check=check, confidence=confidence)
+    det = pipeline.calibrate(checkpoint, score=score, tpr=tpr, data=calibration_data, data_root=data_root,
+                             device=device, id_data=id_data, check=check, confidence=confidence)
     cal = det.calibrated()
     click.echo(f"score {score}: threshold {cal.threshold:.6g} (is_ood = score < threshold) accepts "
                f"{100 * cal.achieved:.2f}% of {cal.n} calibration images [{cal.data}]")
@@ -624,7 +623,7 @@ def _export_format(path: str, fmt: str | None = None) -> str:
 def _check_export(score: str, path: str, fmt: str | None = None) -> None:
     """Refuse, before any work, an ONNX export of a score that has none (or without the onnx extra)."""
     if _export_format(path, fmt) == "onnx":
-        from .onnx_export import onnx_refusal, require_onnx
+        from .deploy import onnx_refusal, require_onnx
         from .scores import build_score
 
         reason = onnx_refusal(build_score(score))
@@ -636,10 +635,10 @@ def _check_export(score: str, path: str, fmt: str | None = None) -> None:
 def _export(det: Any, path: str, overwrite: bool, fmt: str | None = None) -> Path:
     """Write ``det`` as ONNX (a .onnx name or ``fmt``) or as a torch.export program."""
     if _export_format(path, fmt) == "onnx":
-        from .onnx_export import export_onnx
+        from .deploy import export_onnx
 
         return export_onnx(det, path, overwrite=overwrite)
-    from .export import export_detector
+    from .deploy import export_detector
 
     return export_detector(det, path, overwrite=overwrite)
 
@@ -656,7 +655,7 @@ def _export(det: Any, path: str, overwrite: bool, fmt: str | None = None) -> Pat
 def export_command(checkpoint: str, detector: str, out: str, fmt: str | None, overwrite: bool) -> None:
     """Write a calibrated detector as one program (normalisation, network, score, decision): uint8 images in,
     logits, score and is_ood out. ONNX serves with onnxruntime alone (README: Serving)."""
-    from .detector import Detector
+    from .deploy import Detector
 
     if Path(out).exists() and not overwrite:
         raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
@@ -691,12 +690,12 @@ def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | 
     p_value is the conformal p-value of the score against the detector's calibration scores (small = unusual
     for ID images); is_ood is score < threshold, or with --fdr the Benjamini-Hochberg decision over the batch.
     """
-    from .pipeline import predict as run
+    from . import pipeline
     from .report import write_predictions
 
     if out and Path(out).exists() and not overwrite:
         raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
-    rows = run(checkpoint, images, detector=detector, device=device, batch_size=batch_size, fdr=fdr)
+    rows = pipeline.predict(checkpoint, images, detector=detector, device=device, batch_size=batch_size, fdr=fdr)
     counts = write_predictions(out, rows, fmt=fmt, overwrite=overwrite)
     total = sum(counts.values())
     rule = f" (Benjamini-Hochberg at FDR {fdr:g})" if fdr is not None else ""

@@ -65,4 +65,4 @@ class StorageError(OodtuneError, OSError):
 
 
 class OutputInUseError(OodtuneError, RuntimeError):
-    """Another process is writing into the same output folder (see :func:`oodtune.lock.output_lock`)."""
+    """Another process is writing into the same output folder (see :func:`oodtune.utils.lock.output_lock`)."""

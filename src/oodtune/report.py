@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import csv_text, write_atomic, write_csv, write_text_atomic
 from .errors import ConfigError
-from .evaluation import METRIC_KEYS, EvalReport
+from .evaluation.classification import METRIC_KEYS, EvalReport
 from .metrics import DEFAULT_POSITIVE, metric_convention, roc_curve
 from .models import RunMeta
 from .plots import plot_roc_curves, plot_score_histograms
+from .utils.atomic import csv_text, write_atomic, write_csv, write_text_atomic
 
 METRIC_LABELS = {"auroc": "AUROC↑", "aupr_in": "AUPR-In↑", "aupr_out": "AUPR-Out↑", "fpr95": "FPR95↓"}
 

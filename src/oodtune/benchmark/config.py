@@ -10,7 +10,7 @@ Sections (``configs/*.toml`` are documented examples):
 
 A segmentation ``id_dataset`` (e.g. ``camvid``) makes it a segmentation benchmark: ``pretrained`` is then required
 (segmenters are imported, not pretrained: ``oodtune import-model``), the methods are the pixel methods of
-:mod:`oodtune.pixel_losses`, the post-hoc rows the pixel scores, and fine-tuning starts from the segmentation
+:mod:`oodtune.losses.pixel`, the post-hoc rows the pixel scores, and fine-tuning starts from the segmentation
 recipe.
 * ``[pretrain]`` — training options (:class:`~oodtune.training.config.TrainConfig` fields) plus ``num_train``,
   ``imbalance_ratio`` and ``val_fraction`` (a validation part held out before pretraining, for calibration).
@@ -41,9 +41,11 @@ from typing import Any
 from ..data import PROTOCOLS, available_datasets
 from ..data.registry import canonical_name, is_segmentation_set
 from ..errors import ConfigError
-from ..losses import build_method_loss
+from ..losses.options import LOSS_OPTIONS
+from ..losses.pixel import build_pixel_loss
+from ..losses.registry import TASK_LOSSES
+from ..losses.terms import build_method_loss
 from ..pipeline.task import TASK_REGISTRY
-from ..pixel_losses import build_pixel_loss
 from ..scores import PIXEL_SCORE_NAMES, SCORE_NAMES
 from ..training.config import PRETRAIN, TRAIN_KEYS, TrainConfig
 
@@ -62,10 +64,8 @@ BENCHMARK_KEYS: dict[str, tuple[type, ...]] = {
 }
 PRETRAIN_EXTRA: dict[str, tuple[type, ...]] = {"num_train": (int,), "imbalance_ratio": (float,),
                                                "val_fraction": (float,)}
-LOSS_TYPES: dict[str, tuple[type, ...]] = {
-    "m_in": (float, str), "m_out": (float, str), "energy_weight": (float,), "alpha": (float,), "oe_weight": (float,),
-    "sparsity_weight": (float,), "balanced_reduction": (str,), "detach_z": (bool,),
-}
+#: loss option -> accepted TOML types (from the one table of loss options).
+LOSS_TYPES: dict[str, tuple[type, ...]] = {name: o.toml_types for name, o in LOSS_OPTIONS.items()}
 METHOD_KEYS: dict[str, tuple[type, ...]] = {
     "label": (str,), "method": (str,), "score": (str,), "gamma": (float,), "scratch": (bool,), **LOSS_TYPES,
     **{k: v for k, v in TRAIN_TYPES.items() if k not in ("seed", "device")},
@@ -231,12 +231,21 @@ def _method_spec(chk: _Checker, raw: Any, index: int, segmentation: bool) -> Met
             raise chk.fail(where, f"{method!r} is a post-hoc score of the pretrained model; it takes no training or "
                                   f"loss options (got {extra or 'gamma/scratch'})")
         return spec
-    for k in ("m_in", "m_out"):
-        if isinstance(spec.loss_options.get(k), str) and spec.loss_options[k] != "auto":
-            raise chk.fail(where, f"{k} must be a number or \"auto\", got {spec.loss_options[k]!r}")
+    losses = TASK_LOSSES["segmentation" if segmentation else "classification"]
+    foreign = sorted(set(spec.loss_options) - set(losses.defaults))
+    if foreign:
+        raise chk.fail(where, f"loss option(s) {foreign} do not apply to {losses.task} methods; valid: "
+                              f"{', '.join(losses.defaults)}")
+    auto = [k for k, o in LOSS_OPTIONS.items() if o.auto]
+    for k, o in LOSS_OPTIONS.items():
+        value = spec.loss_options.get(k)
+        if isinstance(value, str) and o.kind is not str and value != "auto":
+            raise chk.fail(where, f"{k} must be a number or \"auto\", got {value!r}")
+        if o.choices and value is not None and value not in o.choices:
+            raise chk.fail(where, f"{k} must be one of {', '.join(o.choices)}, got {value!r}")
     try:  # the method name and which options it takes, checked now rather than after pretraining
         probe = {k: v for k, v in spec.loss_options.items() if v != "auto"}
-        for k in ("m_in", "m_out"):
+        for k in auto:
             if spec.loss_options.get(k) == "auto":
                 probe[k] = -30.0 if k == "m_in" else 0.0
         prior = [1.0, 1.0] if "balanced" in method else None

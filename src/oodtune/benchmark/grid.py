@@ -21,16 +21,16 @@ from typing import Any
 import numpy as np
 
 from .. import pipeline
-from ..lock import output_lock
+from ..losses.prior import OutlierPrior
 from ..metrics import roc_curve
 from ..models import RunMeta, read_meta
 from ..models.imported import check_trusted, trusted_archs
 from ..plots import plot_anomaly_maps, plot_class_prior, plot_energy_histograms, plot_roc_curves
-from ..prior import OutlierPrior
 from ..report import write_json
-from ..runtime import resolve_device
 from ..training.config import TrainConfig
 from ..training.trainer import FINAL
+from ..utils.lock import output_lock
+from ..utils.runtime import resolve_device
 from .config import BenchmarkConfig, MethodSpec
 from .matrix import PRETRAINED, MatrixModel, run_matrix
 from .provenance import check_finetuned, check_pretrained

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import pipeline
 from ..errors import ConfigError
-from ..evaluation import METRIC_KEYS
+from ..evaluation.classification import METRIC_KEYS
 from ..report import METRIC_LABELS, fmt, markdown_table, write_json, write_text_atomic
 from .config import BenchmarkConfig, MatrixSpec
 from .tables import mean_std

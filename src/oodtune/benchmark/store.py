@@ -42,11 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import file_sha256, write_atomic
 from ..errors import ConfigError
-from ..evaluation import EvalReport
+from ..evaluation.classification import EvalReport
 from ..report import write_json
 from ..scores import Score
+from ..utils.atomic import file_sha256, write_atomic
 
 __all__ = ["EvalStore", "StoredEvaluation", "dataset_key", "score_key"]
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import write_csv
 from ..metrics import DETECTION_KEYS, LT_KEYS
 from ..report import flat_rows, markdown_table, provenance, write_json, write_text_atomic
+from ..utils.atomic import write_csv
 from .config import BenchmarkConfig
 
 __all__ = ["CONVENTIONS", "ID_METRICS", "SET_METRICS", "mean_std", "per_seed", "summarize", "write_results"]

@@ -29,9 +29,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from oodtune.atomic import ensure_folder, remove_stale_temporaries, storage_error, temporary_path
 from oodtune.data.cache import file_fingerprint
 from oodtune.errors import DataError
+from oodtune.utils.atomic import ensure_folder, remove_stale_temporaries, storage_error, temporary_path
 
 #: Suffixes recognised as archives (case-insensitive).
 ARCHIVE_SUFFIXES: tuple[str, ...] = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")

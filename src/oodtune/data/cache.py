@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from oodtune.atomic import remove_stale_temporaries, write_atomic
 from oodtune.data.imageset import ImageSet
 from oodtune.errors import DataError
+from oodtune.utils.atomic import remove_stale_temporaries, write_atomic
 
 #: Bump when decoding rules change so old cache entries are ignored.
 CACHE_VERSION = 1

@@ -8,8 +8,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from oodtune.atomic import remove_stale_temporaries, temporary_path
 from oodtune.errors import DataError
+from oodtune.utils.atomic import remove_stale_temporaries, temporary_path
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def download(remote: Remote, root: Path, timeout: float = 60.0) -> Path:
     On any failure raises :class:`DataError` telling the user to fetch the file by hand and place it in
     ``root``.
     """
-    from oodtune.progress import progress_bar
+    from oodtune.utils.progress import progress_bar
 
     dest = root / remote.filename
     manual = f"Download {remote.url} yourself (md5 {remote.md5}) and place it at {dest}."

@@ -194,7 +194,7 @@ def decode_files(
     Large lists are decoded by a process pool (``workers``, default :func:`default_workers`); small ones
     in-process. The first corrupt file raises :class:`DataError` naming it.
     """
-    from oodtune.progress import format_rate, progress_bar
+    from oodtune.utils.progress import format_rate, progress_bar
 
     files = [os.fspath(p) for p in paths]
     out = np.empty((len(files), resolution, resolution, 3), dtype=np.uint8)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,8 @@ from .images import to_rgb
 from .layouts import archive_patterns, first_match
 from .segmentation import ANOMALY, ANOMALY_CLASSES, INLIER, VOID, SegmentationSet, cached_segmentation
 
-__all__ = ["OBJECT_SPLITS", "ObjectBank", "PASTE_SCALE", "load_object_bank", "paste_object", "pasted_anomaly_set"]
+__all__ = ["OBJECT_SPLITS", "ObjectBank", "PASTE_SCALE", "load_object_bank", "paste_object", "paste_objects",
+           "pasted_anomaly_set"]
 
 OBJECT_SPLITS = ("train", "val", "test")
 HELDOUT_FRACTION = 0.2  # of train2017, kept out of training for validation
@@ -197,6 +199,17 @@ def paste_object(frame: np.ndarray, labels: np.ndarray, image: np.ndarray, mask:
     labels[region][m] = outlier_label
 
 
+def paste_objects(frames: np.ndarray, labels: np.ndarray, bank: ObjectBank, rng: np.random.Generator,
+                  outlier_label: int, objects: Sequence[int] | None = None) -> None:
+    """Paste one object of ``bank`` into each of ``frames`` (N, H, W, 3) in place, its pixels of ``labels`` (N, H, W)
+    set to ``outlier_label`` (:func:`paste_object`). ``objects``: the bank indices to paste, into the first
+    ``len(objects)`` frames; by default one object per frame, drawn from ``rng`` just before it is pasted."""
+    count = len(frames) if objects is None else len(objects)
+    for i in range(count):
+        k = int(rng.integers(len(bank))) if objects is None else int(objects[i])
+        paste_object(frames[i], labels[i], bank.images[k], bank.masks[k], rng, outlier_label)
+
+
 def pasted_anomaly_set(frames: SegmentationSet, bank: ObjectBank, seed: int, name: str, cache_dir: Path
                        ) -> SegmentationSet:
     """``frames`` with one object of ``bank`` pasted into each (seeded), as an anomaly set (0 / 1 / 255); cached."""
@@ -209,9 +222,7 @@ def pasted_anomaly_set(frames: SegmentationSet, bank: ObjectBank, seed: int, nam
         labels = np.full(frames.labels.shape, INLIER, dtype=np.uint8)
         if frames.ignore_index is not None:
             labels[frames.labels == frames.ignore_index] = VOID
-        for i in range(len(images)):
-            k = int(rng.integers(len(bank)))
-            paste_object(images[i], labels[i], bank.images[k], bank.masks[k], rng, ANOMALY)
+        paste_objects(images, labels, bank, rng, ANOMALY)
         return SegmentationSet(images, labels, ANOMALY_CLASSES, VOID, name)
 
     # keyed by the pixels of frames and objects (a sparse grid of the frames) and the seed

@@ -177,7 +177,7 @@ class _Pairs:
 
 def _decode(pairs: _Pairs, size: Size | None, name: str) -> SegmentationSet:
     """Decode every (frame, label map), check sizes and label values, resize to ``size``."""
-    from ..progress import progress_bar
+    from ..utils.progress import progress_bar
 
     allowed = np.zeros(256, dtype=bool)
     allowed[: len(pairs.classes)] = True

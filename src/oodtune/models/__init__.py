@@ -1,7 +1,7 @@
 """Models: the architecture zoo, the logits+features interface for any classifier, the segmentation wrapper,
 the metadata that travels with a model, and checkpoints."""
 
-from ..atomic import file_sha256
+from ..utils.atomic import file_sha256
 from .checkpoint import (
                          load_feature_model,
                          load_model,
@@ -11,6 +11,7 @@ from .checkpoint import (
                          save_atomic,
                          save_checkpoint,
                          unwrap_model,
+    weights_hash,
 )
 from .espnet import ESPNET_ARCHS, ESPNET_PREPROCESSING, ESPNet
 from .features import FeatureModel, find_head
@@ -25,5 +26,5 @@ __all__ = [
     "ARCHITECTURES", "DEFAULT_DROP_RATE", "ESPNET_ARCHS", "ESPNET_PREPROCESSING", "ESPNet", "META_VERSION",
     "FeatureModel", "ResNet18", "RunMeta", "SegmentationModel", "WideResNet", "build_model", "file_sha256",
     "find_head", "load_feature_model", "load_model", "read_checkpoint", "read_meta", "read_state_dict",
-    "save_atomic", "save_checkpoint", "trusted_archs", "unwrap_model",
+    "save_atomic", "save_checkpoint", "trusted_archs", "unwrap_model", "weights_hash",
 ]

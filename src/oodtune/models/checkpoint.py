@@ -11,6 +11,7 @@ model of a checkpoint whose architecture is an import path needs the user's expl
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Collection
 from pathlib import Path
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import write_atomic
 from ..errors import CheckpointError
+from ..utils.atomic import write_atomic
 from .features import FeatureModel
 from .imported import check_trusted, trusted_archs
 from .meta import RunMeta
@@ -30,9 +31,21 @@ from .zoo import build_model
 FORMAT_VERSION = 1
 
 
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 of a model's ``state_dict`` (every entry's name, dtype, shape and bytes, in order): the same for a
+    model and its checkpoint, different as soon as one weight differs. The one fingerprint of weights (a detector's
+    record, memoised passes of a network)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_atomic(obj: Any, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """``torch.save`` to ``path`` atomically (temporary file in the same folder + fsync + os.replace); with
-    ``overwrite=False`` an existing ``path`` is never replaced (see :func:`oodtune.atomic.write_atomic`)."""
+    ``overwrite=False`` an existing ``path`` is never replaced (see :func:`oodtune.utils.atomic.write_atomic`)."""
     return write_atomic(path, lambda fh: torch.save(obj, fh), overwrite=overwrite)
 
 

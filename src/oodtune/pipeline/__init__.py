@@ -30,16 +30,16 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..evaluation import EvalReport
-from ..lock import output_lock
-from ..margins import default_margin_warning, margin_coverage
-from ..margins import propose_margins as _propose
+from ..evaluation.classification import EvalReport
+from ..losses.margins import default_margin_warning, margin_coverage
+from ..losses.margins import propose_margins as _propose
+from ..losses.prior import DEFAULT_GAMMA, OutlierPrior
 from ..metrics.ood import Positive
 from ..models import RunMeta, file_sha256, load_model, read_meta
 from ..plots import plot_class_prior
-from ..prior import DEFAULT_GAMMA, OutlierPrior
 from ..training.config import TrainConfig
 from ..training.trainer import check_run_dir
+from ..utils.lock import output_lock
 from .classification import (
     DEFAULT_TEST_FRACTION,
     fresh_model,
@@ -48,14 +48,13 @@ from .classification import (
     id_test_set,
     id_train_set,
     import_model,
-    normalizer_for,
     pretrain,
     pretrain_setup,
 )
 from .detect import CALIBRATION_CHOICES, calibrate, predict, with_id_data
 from .segmentation import anomaly_examples, id_test_miou, import_segmenter
 from .source import DataSource, as_source
-from .task import Task, ValidationSpec, register_task, task_of
+from .task import Task, ValidationSpec, normalizer_for, register_task, task_of
 
 __all__ = [
     "CALIBRATION_CHOICES", "DEFAULT_TEST_FRACTION", "DataSource", "MarginProposal", "Task", "ValidationSpec",
@@ -111,7 +110,7 @@ def pretrained_energies(checkpoint: str | Path, *, outliers: str = "tin-aux", da
 
 @dataclass(frozen=True)
 class MarginProposal:
-    """Energy margins proposed from a pretrained model (see :mod:`oodtune.margins`) and what they act on."""
+    """Energy margins proposed from a pretrained model (see :mod:`oodtune.losses.margins`) and what they act on."""
 
     m_in: float
     m_out: float

@@ -18,18 +18,17 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..atomic import check_writable
 from ..data import ImageSet
 from ..data.longtail import make_longtailed
 from ..data.registry import canonical_name, has_test_split, resolve_dataset
 from ..data.splits import TEST_STREAM, VAL_STREAM, holdout
 from ..data.synthetic import GENERATORS
-from ..data.tensors import CIFAR_MEAN, CIFAR_STD, Normalizer
-from ..energy import energy
+from ..data.tensors import CIFAR_MEAN, CIFAR_STD
 from ..errors import CheckpointError, ConfigError, DataError, ModelError
-from ..evaluation import EvalReport, Validation, compute_outputs, evaluate
-from ..lock import output_lock
-from ..losses import CompositeLoss, build_method_loss
+from ..evaluation.classification import EvalReport, Validation, compute_outputs, evaluate
+from ..functional import energy
+from ..losses.prior import count_outlier_predictions
+from ..losses.terms import CompositeLoss, build_method_loss
 from ..metrics import accuracy, long_tail_accuracy
 from ..metrics.ood import Positive
 from ..models import (
@@ -42,15 +41,16 @@ from ..models import (
     save_checkpoint,
 )
 from ..models.imported import input_normalisation
-from ..prior import count_outlier_predictions
 from ..scores import Score, build_score
 from ..training.config import FINETUNE, PRETRAIN, TrainConfig
 from ..training.trainer import FINAL, Trainer, check_run_dir
+from ..utils.atomic import check_writable
+from ..utils.lock import output_lock
 from .source import DataSource, as_source
-from .task import Task, ValidationSpec, register_task
+from .task import Task, ValidationSpec, normalizer_for, register_task
 
 __all__ = ["DEFAULT_TEST_FRACTION", "ClassificationTask", "check_classes", "epoch_accuracy", "fresh_model", "id_parts",
-           "id_test_accuracy", "id_test_set", "id_train_set", "import_model", "normalizer_for", "pretrain",
+           "id_test_accuracy", "id_test_set", "id_train_set", "import_model", "pretrain",
            "pretrain_setup"]
 
 log = logging.getLogger(__name__)
@@ -124,11 +124,6 @@ def id_test_set(meta: RunMeta, data_root: DataSource | str | Path | None, split:
     if held is not None:
         return held
     return check_classes(meta, as_source(data_root).load(_id_dataset(meta), split, meta.resolution))
-
-
-def normalizer_for(meta: RunMeta) -> Normalizer:
-    """The input normalisation a checkpoint was trained with."""
-    return Normalizer(meta.mean, meta.std)
 
 
 def fresh_model(arch: str, num_classes: int, *, drop_rate: float = DEFAULT_DROP_RATE, seed: int = 0) -> nn.Module:

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..data import ImageSet
 from ..data.registry import canonical_name, resolve_dataset
-from ..detector import Detector
+from ..deploy.detector import Detector
 from ..errors import ConfigError, DataError
 from ..models import RunMeta, load_feature_model
 from .classification import id_parts, id_test_set, id_train_set
@@ -86,7 +86,7 @@ def calibrate(checkpoint: str | Path, *, score: str = "energy", tpr: float = 0.9
               id_data: str | None = None, check: bool = True, confidence: float | None = None) -> Detector:
     """A :class:`Detector` of ``checkpoint`` with ``score``, its threshold set to accept ``tpr`` of held-out ID
     images (``data``, module docstring) -- with ``confidence``, to accept >= ``tpr`` of new ID images with that
-    probability (:mod:`oodtune.guarantee`); Mahalanobis/kNN statistics fitted on the ID train split first. With
+    probability (:mod:`oodtune.deploy.guarantee`); Mahalanobis/kNN statistics fitted on the ID train split first. With
     ``check``, the acceptance rate reached is measured on the ID test split and recorded."""
     source = as_source(data_root)
     net, meta = load_feature_model(checkpoint)

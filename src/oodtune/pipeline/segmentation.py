@@ -14,7 +14,6 @@ Fine-tuning defaults (:data:`SEGMENTATION_FINETUNE`): PEBAL's recipe where it tr
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,14 @@ import torch
 from torch import nn
 
 from ..data import SegmentationSet, is_segmentation_set
-from ..data.objects import paste_object
+from ..data.objects import paste_objects
 from ..data.segmentation import Size
-from ..data.tensors import Normalizer
-from ..energy import energy
 from ..errors import CheckpointError, ConfigError, ModelError
-from ..evaluation import EvalReport
-from ..losses import CompositeLoss
+from ..evaluation.classification import EvalReport
+from ..evaluation.segmentation import evaluate_segmentation, forward_maps, segmentation_metrics
+from ..functional import energy
+from ..losses.pixel import OUTLIER_LABEL, build_pixel_loss, needs_abstention
+from ..losses.terms import CompositeLoss
 from ..metrics.ood import Positive
 from ..models import (
     ESPNET_ARCHS,
@@ -40,15 +40,14 @@ from ..models import (
     build_model,
     read_state_dict,
     save_checkpoint,
+    weights_hash,
 )
-from ..pixel_evaluation import evaluate_segmentation, forward_maps, segmentation_metrics
-from ..pixel_losses import OUTLIER_LABEL, build_pixel_loss, needs_abstention
 from ..scores import PIXEL_SCORE_NAMES, Score, build_score, score_map
 from ..training.config import TrainConfig
 from ..training.segmentation import SegmentationTrainer
 from ..training.trainer import FINAL
 from .source import DataSource, as_source
-from .task import Task, ValidationSpec, register_task
+from .task import Task, ValidationSpec, normalizer_for, register_task
 
 __all__ = ["SEGMENTATION_FINETUNE", "SegmentationTask", "anomaly_examples", "id_test_miou", "import_segmenter"]
 
@@ -63,11 +62,6 @@ ENERGY_PIXELS_PER_FRAME = 2000
 PRIOR_SEED = 0
 
 
-def normalizer_for(meta: RunMeta) -> Normalizer:
-    """The input normalisation (and channel order) of a segmentation checkpoint."""
-    return Normalizer(meta.mean, meta.std, bgr=meta.channel_order == "bgr")
-
-
 def _input_size(meta: RunMeta) -> Size:
     if meta.input_size is None:
         raise CheckpointError("a segmentation checkpoint must record its input_size; re-import the model.")
@@ -76,14 +70,6 @@ def _input_size(meta: RunMeta) -> Size:
 
 def _id_set(meta: RunMeta, source: DataSource, split: str) -> SegmentationSet:
     return source.segmentation(meta.dataset, split, size=_input_size(meta))
-
-
-def _state_digest(net: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in net.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, source: DataSource,
@@ -96,9 +82,7 @@ def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, sou
         bank = source.objects(outliers, "train")
         rng = np.random.default_rng(PRIOR_SEED)
         images, labels = train.images.copy(), train.labels.copy()
-        for i in range(len(images)):
-            k = int(rng.integers(len(bank)))
-            paste_object(images[i], labels[i], bank.images[k], bank.masks[k], rng, OUTLIER_LABEL)
+        paste_objects(images, labels, bank, rng, OUTLIER_LABEL)
         pasted = SegmentationSet(images, labels, train.classes, train.ignore_index, f"{train.name}+{bank.name}")
         counts = torch.zeros(meta.num_classes, dtype=torch.int64)
         e_in, e_out = [], []
@@ -116,7 +100,7 @@ def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, sou
                 e_in.append(torch.from_numpy(vals[keep]))
         return counts, torch.cat(e_in), torch.cat(e_out)
 
-    return source.memo(("pasted-train-pass", _state_digest(net), meta.dataset, meta.input_size, outliers), run)
+    return source.memo(("pasted-train-pass", weights_hash(net), meta.dataset, meta.input_size, outliers), run)
 
 
 class SegmentationTask(Task[SegmentationModel]):

@@ -18,16 +18,23 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import nn
 
+from ..data.tensors import Normalizer
 from ..errors import CheckpointError
-from ..evaluation import EvalReport
-from ..losses import CompositeLoss
+from ..evaluation.classification import EvalReport
+from ..losses.terms import CompositeLoss
 from ..metrics.ood import Positive
 from ..models import RunMeta
 from ..scores import Score
 from ..training.config import TrainConfig
 from .source import DataSource
 
-__all__ = ["Task", "ValidationSpec", "register_task", "task_of", "TASK_REGISTRY"]
+__all__ = ["Task", "ValidationSpec", "normalizer_for", "register_task", "task_of", "TASK_REGISTRY"]
+
+
+def normalizer_for(meta: RunMeta) -> Normalizer:
+    """The input normalisation a checkpoint's network was trained with: mean/std on [0, 1] pixels and its channel
+    order (RGB, or BGR for the published ESPNets), for every task."""
+    return Normalizer(meta.mean, meta.std, bgr=meta.channel_order == "bgr")
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..energy import energy
 from ..errors import ConfigError, ScoreError
+from ..functional import energy
 from ..models.features import FeatureModel
 from .base import FittedScore, LogitScore, Score, check_logits, f64_device
 

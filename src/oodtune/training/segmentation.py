@@ -2,10 +2,10 @@
 
 Each step draws ``batch_size`` frames of the ID training split; when the loss uses outliers, one object of the
 object bank is pasted into each of the first ``outlier_batch_size`` frames (random scale, flip and position,
-:func:`oodtune.data.objects.paste_object`; its pixels get :data:`~oodtune.pixel_losses.OUTLIER_LABEL`); every
+:func:`oodtune.data.objects.paste_object`; its pixels get :data:`~oodtune.losses.pixel.OUTLIER_LABEL`); every
 frame is flipped horizontally with probability 0.5. All draws come from the run's seeded generator, so a seed
 reproduces the batches and a resumed run continues them. One forward pass over the batch; the loss sees the
-labelled pixels and the outlier pixels as rows and the whole batch as maps (:mod:`oodtune.pixel_losses`).
+labelled pixels and the outlier pixels as rows and the whole batch as maps (:mod:`oodtune.losses.pixel`).
 
 Only the checkpoint's ``trainable`` modules are optimised (the others are frozen, BatchNorm included: see
 :class:`~oodtune.models.SegmentationModel`), with Adam as in the reference (PEBAL: Adam, lr 1e-5, poly decay;
@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.objects import ObjectBank, paste_object
+from ..data.objects import ObjectBank, paste_objects
 from ..data.segmentation import SegmentationSet
 from ..errors import ConfigError, DataError
-from ..losses import LossInputs
+from ..losses.pixel import OUTLIER_LABEL
+from ..losses.terms import LossInputs
 from ..models import SegmentationModel
-from ..pixel_losses import OUTLIER_LABEL
-from ..runtime import autocast
+from ..utils.runtime import autocast
 from .sampling import OutlierSampler
 from .trainer import StepBatch, StepOutputs, Trainer
 
@@ -73,8 +73,7 @@ class SegmentationTrainer(Trainer):
         labels = self.train_y[rows].numpy().copy()
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))
         if sampler is not None and isinstance(self.out_x, ObjectBank):
-            for i, k in enumerate(sampler.next().cpu().tolist()):
-                paste_object(frames[i], labels[i], self.out_x.images[k], self.out_x.masks[k], rng, OUTLIER_LABEL)
+            paste_objects(frames, labels, self.out_x, rng, OUTLIER_LABEL, objects=sampler.next().cpu().tolist())
         flip = rng.random(len(frames)) < 0.5
         frames[flip] = frames[flip, :, ::-1]
         labels[flip] = labels[flip, :, ::-1]

@@ -7,7 +7,7 @@ momentum and a per-step cosine schedule (OE/Energy code: lr_t = lr·[r + (1−r)
 State is checkpointed atomically after every epoch so an interrupted run resumes where it stopped — but only with
 the same settings: the run's RunMeta (dataset and the fingerprint of its content, method, loss options, base
 checkpoint and its hash, architecture, ...) and TrainConfig (seed, schedule, ...) must equal the stored ones. While
-training, the run folder is locked (:func:`oodtune.lock.output_lock`) against a second writer. The per-epoch
+training, the run folder is locked (:func:`oodtune.utils.lock.output_lock`) against a second writer. The per-epoch
 history is written beside the checkpoints as ``history.csv``. An ``epoch_metrics`` hook (e.g. test and validation
 accuracy) adds columns to each epoch's row; it only reports, it never changes the run.
 
@@ -31,14 +31,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..atomic import check_writable, remove_stale_temporaries, write_csv
 from ..data.tensors import CropFlip, Normalizer, apply_crop_flip, draw_crop_flip, to_device_uint8
 from ..errors import DataError, DivergenceError, ResumeMismatchError
-from ..lock import output_lock
-from ..losses import CompositeLoss, LossInputs
+from ..losses.terms import CompositeLoss, LossInputs
 from ..models import RunMeta, read_checkpoint, save_checkpoint, unwrap_model
-from ..progress import Bar, format_rate, progress_bar
-from ..runtime import DistInfo, autocast, compile_mode, init_distributed, local_device, resolve_device
+from ..utils.atomic import check_writable, remove_stale_temporaries, write_csv
+from ..utils.lock import output_lock
+from ..utils.progress import Bar, format_rate, progress_bar
+from ..utils.runtime import DistInfo, autocast, compile_mode, init_distributed, local_device, resolve_device
 from .config import TrainConfig
 from .sampling import OutlierSampler, index_batches
 

@@ -15,7 +15,7 @@ refuses sets smaller than :func:`oodtune.metrics.min_calibration_size`. Mahalano
 on ID *training* images; the detector records where both sets came from.
 
 **With a guarantee** (``calibrate(..., confidence=0.99)``): t is the order statistic that accepts >= ``tpr`` of
-new ID images with probability >= ``confidence`` over the draw of the calibration set (:mod:`oodtune.guarantee`,
+new ID images with probability >= ``confidence`` over the draw of the calibration set (:mod:`oodtune.deploy.guarantee`,
 :mod:`oodtune.metrics.conformal`); the point estimate is recorded beside it. Either way the detector keeps the
 calibration scores, so :meth:`Detector.predict` gives each image a conformal p-value and, with ``fdr``, flags a
 batch by Benjamini–Hochberg.
@@ -27,7 +27,6 @@ Fitted statistics (Mahalanobis, kNN) go to a sidecar ``.pt`` file of plain tenso
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -41,36 +40,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .atomic import write_atomic, write_text_atomic
-from .data.imageset import ImageSet
-from .data.inputs import as_uint8_images, decode_batches
-from .data.tensors import Normalizer
-from .errors import CheckpointError, ConfigError, DataError
-from .evaluation import Outputs, compute_outputs, score_dataset
+from .. import __version__
+from ..data.imageset import ImageSet
+from ..data.inputs import as_uint8_images, decode_batches
+from ..data.tensors import Normalizer
+from ..errors import CheckpointError, ConfigError, DataError
+from ..evaluation.classification import Outputs, compute_outputs, score_dataset
+from ..metrics import acceptance_rate
+from ..models import FeatureModel, load_feature_model, weights_hash
+from ..scores import Score, Shaper, build_score
+from ..utils.atomic import write_atomic, write_text_atomic
+from ..utils.progress import format_rate, progress_bar
+from ..utils.runtime import resolve_device
 from .guarantee import Guarantee
-from .metrics import acceptance_rate
-from .models import FeatureModel, load_feature_model
-from .progress import format_rate, progress_bar
-from .runtime import resolve_device
-from .scores import Score, Shaper, build_score
 
-__all__ = ["DETECTOR_FORMAT", "Calibration", "Detector", "Predictions", "weights_hash"]
+__all__ = ["DETECTOR_FORMAT", "Calibration", "Detector", "Predictions"]
 
 DETECTOR_FORMAT = "oodtune-detector"
 DETECTOR_VERSION = 1
 RULE = "is_ood = score < threshold (score: higher = more in-distribution)"
-
-
-def weights_hash(model: nn.Module) -> str:
-    """SHA-256 of a model's ``state_dict`` (every entry's name, dtype, shape and bytes, in order): the same for a
-    model and its checkpoint, different as soon as one weight differs."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -101,7 +89,7 @@ class Predictions:
     scores: np.ndarray  # (N,) float32, higher = more in-distribution
     is_ood: np.ndarray | None  # (N,) bool, None before calibration
     classes: tuple[str, ...]
-    p_values: np.ndarray | None = None  # (N,) float64 conformal p-values (oodtune.guarantee)
+    p_values: np.ndarray | None = None  # (N,) float64 conformal p-values (oodtune.deploy.guarantee)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -288,7 +276,7 @@ class Detector:
                   batch_size: int = 256) -> Calibration:
         """Set the threshold so that ``tpr`` of ``id_images`` -- ID images the model never trained on -- are
         accepted (module docstring). With ``confidence``, the threshold is instead the order statistic that
-        accepts >= ``tpr`` of new ID images with probability >= ``confidence`` (:mod:`oodtune.guarantee`; both
+        accepts >= ``tpr`` of new ID images with probability >= ``confidence`` (:mod:`oodtune.deploy.guarantee`; both
         thresholds are kept in :attr:`guarantee`, with the calibration scores for p-values). ``held_out=False``
         records that they are training images (a biased, too permissive threshold). ``check_images``, a disjoint
         ID set, measures the acceptance rate reached on new data (recorded with its binomial std and its z-score

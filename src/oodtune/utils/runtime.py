@@ -9,7 +9,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, DeviceUnavailableError
+from ..errors import ConfigError, DeviceUnavailableError
+
+__all__ = [
+    "DEVICE_TYPES", "DistInfo", "autocast", "compile_mode", "init_distributed", "local_device", "resolve_device",
+]
 
 #: Device types oodtune runs on.
 DEVICE_TYPES = ("cpu", "cuda", "mps")

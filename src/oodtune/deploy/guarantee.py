@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, DataError
-from .metrics import min_calibration_size
-from .metrics.conformal import (
+from ..errors import ConfigError, DataError
+from ..metrics import min_calibration_size
+from ..metrics.conformal import (
     acceptance_lower_bound,
     benjamini_hochberg,
     conformal_p_values,

@@ -36,12 +36,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .energy import energy
-from .errors import ConfigError
-from .losses import (
+from ..errors import ConfigError
+from ..functional import energy, gaussian_blur
+from .options import TaskLosses
+from .terms import (
     BalancedEnergy,
     CompositeLoss,
     CrossEntropy,
@@ -53,26 +53,13 @@ from .losses import (
     require_input,
 )
 
-__all__ = ["EnergySmoothness", "Gambler", "OUTLIER_LABEL", "OutlierEnergyNorm", "PIXEL_LOSS_OPTIONS",
-           "PIXEL_METHODS", "build_pixel_loss", "gaussian_blur", "needs_abstention"]
+__all__ = ["EnergySmoothness", "Gambler", "OUTLIER_LABEL", "OutlierEnergyNorm", "PIXEL_METHODS",
+           "SEGMENTATION_LOSSES", "build_pixel_loss", "needs_abstention"]
 
 #: Label of pasted outlier pixels in ``LossInputs.labels_map`` (PEBAL uses 254 too; 255 is void).
 OUTLIER_LABEL = 254
 #: PEBAL's reference margins (WRN-38 on Cityscapes).
 PEBAL_M_IN, PEBAL_M_OUT = -12.0, -6.0
-
-
-def gaussian_blur(x: Tensor, kernel_size: int = 7, sigma: float = 1.0) -> Tensor:
-    """Separable Gaussian blur of (B, H, W) maps with reflect padding (torchvision's ``GaussianBlur(7, 1)``,
-    which the reference applies to the Gambler reward and, optionally, to test-time anomaly maps)."""
-    half = kernel_size // 2
-    t = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    y = F.pad(x.unsqueeze(1), (half, half, half, half), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1))
-    y = F.conv2d(y, k.view(1, 1, -1, 1))
-    return y.squeeze(1)
 
 
 def _maps(inp: LossInputs, term: str) -> tuple[Tensor, Tensor]:
@@ -177,9 +164,13 @@ PIXEL_METHODS: dict[str, tuple[bool, bool, bool, bool]] = {
     "pebal": (False, True, False, True),
     "balanced-pebal": (False, True, True, True),
 }
-#: options ``build_pixel_loss`` accepts (names shared with :data:`oodtune.losses.LOSS_OPTIONS`).
-PIXEL_LOSS_OPTIONS = ("m_in", "m_out", "energy_weight", "alpha")
-_DEFAULTS: dict[str, Any] = {"m_in": PEBAL_M_IN, "m_out": PEBAL_M_OUT, "energy_weight": 0.05, "alpha": 5.0}
+#: The segmentation loss registry: the pixel methods and the options ``build_pixel_loss`` accepts, with PEBAL's
+#: defaults (names from :data:`oodtune.losses.options.LOSS_OPTIONS`).
+SEGMENTATION_LOSSES = TaskLosses(
+    task="segmentation", methods=tuple(PIXEL_METHODS),
+    defaults={"m_in": PEBAL_M_IN, "m_out": PEBAL_M_OUT, "energy_weight": 0.05, "alpha": 5.0},
+    methods_help=", ".join(PIXEL_METHODS),
+)
 
 
 def needs_abstention(method: str) -> bool:
@@ -196,10 +187,10 @@ def build_pixel_loss(method: str, *, num_classes: int, ignore_index: int | None,
     if key not in PIXEL_METHODS:
         raise ConfigError(f"unknown segmentation method {method!r}; valid: {', '.join(PIXEL_METHODS)}.")
     ce, gambler, balanced, extras = PIXEL_METHODS[key]
-    unknown = sorted(set(overrides) - set(PIXEL_LOSS_OPTIONS))
+    unknown = sorted(set(overrides) - set(SEGMENTATION_LOSSES.defaults))
     if unknown:
         raise ConfigError(f"loss option(s) {unknown} do not apply to segmentation methods; valid: "
-                          f"{', '.join(PIXEL_LOSS_OPTIONS)}")
+                          f"{', '.join(SEGMENTATION_LOSSES.defaults)}")
     if key == "ce" and overrides:
         raise ConfigError(f"loss option(s) {sorted(overrides)} do not apply to method 'ce' (plain cross-entropy).")
     if "alpha" in overrides and not balanced:
@@ -209,7 +200,7 @@ def build_pixel_loss(method: str, *, num_classes: int, ignore_index: int | None,
                           "CHECKPOINT --outliers coco-objects --out prior.json` first and pass --prior prior.json.")
     if not balanced and prior_gamma is not None:
         raise ConfigError(f"a prior was given but method {method!r} does not use it (only balanced-* methods do).")
-    o = {**_DEFAULTS, **overrides}
+    o = {**SEGMENTATION_LOSSES.defaults, **overrides}
     terms: list[LossTerm] = [CrossEntropy()] if ce else [Gambler(num_classes, ignore_index)]
     if key != "ce":
         if balanced:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .atomic import write_text_atomic
-from .errors import ConfigError, PriorError
+from ..errors import ConfigError, PriorError
+from ..utils.atomic import write_text_atomic
 
 __all__ = ["DEFAULT_GAMMA", "PriorError", "count_outlier_predictions", "prior_from_counts", "OutlierPrior"]
 

@@ -15,7 +15,7 @@ method                        terms (defaults = the reference CIFAR-10 / WRN-40-
 ``a+b``                       CE + the terms of ``a`` and ``b``, e.g. ``balanced-energy+sparsity``
 ============================  =====================================================================
 
-Energies use T=1: E(x) = -log Σ_j exp f_j(x) (same as :func:`oodtune.energy.energy`). All terms compute
+Energies use T=1: E(x) = -log Σ_j exp f_j(x) (same as :func:`oodtune.functional.energy`). All terms compute
 in float32 (float64 is kept, for gradcheck), so bf16 logits from autocast are safe.
 """
 
@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .energy import energy
-from .errors import ConfigError, DivergenceError
+from ..errors import ConfigError, DivergenceError
+from ..functional import energy
+from .options import TaskLosses
 
 __all__ = [
     "LossInputs", "LossTerm", "CrossEntropy", "OutlierExposure", "EnergyHinge", "BalancedEnergy", "Sparsity",
-    "CompositeLoss", "build_method_loss", "METHODS", "LOSS_OPTIONS", "loss_option_defaults",
+    "CompositeLoss", "build_method_loss", "METHODS", "TERM_ARGUMENTS", "CLASSIFICATION_LOSSES",
     "as_float", "require_input", "squared_hinge", "mean_or_zero", "uniform_cross_entropy", "energy_in_hinge",
     "outlier_affinity",
 ]
@@ -50,7 +51,7 @@ class LossInputs:
     labels_in: Tensor  # (B_in,) int64
     features_in: Tensor | None = None  # (B_in, D) penultimate features g(x), for Sparsity
     logits_out: Tensor | None = None  # (B_out, K) auxiliary outliers; None when the method uses none
-    # segmentation (oodtune.pixel_losses): the rows above are pixels; the maps keep the spatial layout
+    # segmentation (oodtune.losses.pixel): the rows above are pixels; the maps keep the spatial layout
     logits_map: Tensor | None = None  # (B, C, H, W) every output channel (C = K + void/abstention channels)
     labels_map: Tensor | None = None  # (B, H, W) int64: class, the ignore value, or the outlier label
 
@@ -212,7 +213,7 @@ class BalancedEnergy(LossTerm):
     Reference run settings: CIFAR-10 m_in=-23, m_out=-5, α(lamb)=10, γ=0.05 (``inf_run_res.sh``) or γ=0.5
     (CIFAR-10-LT, ``inf_run_im_wide.sh``); CIFAR-100 m_in=-27, m_out=-5, α=100, γ=0.005 / 0.5 (LT).
 
-    ``prior_gamma`` is P_γ(y|o) (see :mod:`oodtune.prior`); it is L1-normalised here (as the reference does
+    ``prior_gamma`` is P_γ(y|o) (see :mod:`oodtune.losses.prior`); it is L1-normalised here (as the reference does
     with ``F.normalize(p=1)``), so an unnormalised P^γ is accepted too.
     """
 
@@ -352,8 +353,9 @@ METHODS: dict[str, tuple[type[LossTerm], ...]] = {
     "sparsity": (Sparsity,),
 }
 
-#: ``build_method_loss`` override name -> {term class: constructor argument}.
-LOSS_OPTIONS: dict[str, dict[type[LossTerm], str]] = {
+#: ``build_method_loss`` option (a :data:`~oodtune.losses.options.LOSS_OPTIONS` name) -> {term class: constructor
+#: argument}.
+TERM_ARGUMENTS: dict[str, dict[type[LossTerm], str]] = {
     "m_in": {EnergyHinge: "m_in", BalancedEnergy: "m_in"},
     "m_out": {EnergyHinge: "m_out", BalancedEnergy: "m_out"},
     "energy_weight": {EnergyHinge: "weight", BalancedEnergy: "weight"},
@@ -365,13 +367,22 @@ LOSS_OPTIONS: dict[str, dict[type[LossTerm], str]] = {
 }
 
 
-def loss_option_defaults(option: str) -> dict[str, Any]:
-    """The default of ``option`` (a :data:`LOSS_OPTIONS` name) per term that takes it, read from the terms'
-    signatures (e.g. ``{"energy": -23.0, "balanced_energy": -23.0}`` for ``m_in``), for help texts."""
-    out = {}
-    for cls, arg in LOSS_OPTIONS[option].items():
-        out[cls.name] = inspect.signature(cls.__init__).parameters[arg].default
-    return out
+def _signature_default(option: str) -> Any:
+    """The default of ``option``, read from the signatures of the terms that take it (they must agree)."""
+    values = {cls: inspect.signature(cls.__init__).parameters[arg].default
+              for cls, arg in TERM_ARGUMENTS[option].items()}
+    if len({repr(v) for v in values.values()}) != 1:
+        raise TypeError(f"loss terms disagree on the default of {option}: {values}")
+    return next(iter(values.values()))
+
+
+#: The classification loss registry: the methods and the default of every option they take.
+CLASSIFICATION_LOSSES = TaskLosses(
+    task="classification", methods=tuple(METHODS),
+    defaults={option: _signature_default(option) for option in TERM_ARGUMENTS},
+    methods_help=f"{', '.join(m for m in METHODS if m != 'ce')}, or a '+'-composition such as "
+                 "balanced-energy+sparsity",
+)
 
 
 def _method_terms(method: str) -> list[type[LossTerm]]:
@@ -387,23 +398,23 @@ def _method_terms(method: str) -> list[type[LossTerm]]:
 
 
 def _term_kwargs(cls: type[LossTerm], overrides: dict[str, Any]) -> dict[str, Any]:
-    return {LOSS_OPTIONS[k][cls]: v for k, v in overrides.items() if cls in LOSS_OPTIONS[k]}
+    return {TERM_ARGUMENTS[k][cls]: v for k, v in overrides.items() if cls in TERM_ARGUMENTS[k]}
 
 
 def build_method_loss(method: str, *, prior_gamma: Tensor | Sequence[float] | None = None,
                       check_finite: bool = True, **overrides: Any) -> CompositeLoss:
     """The CompositeLoss of ``method`` (see the module table) with reference defaults.
 
-    ``overrides`` (names in :data:`LOSS_OPTIONS`: m_in, m_out, energy_weight, alpha, oe_weight, sparsity_weight,
+    ``overrides`` (names in :data:`TERM_ARGUMENTS`: m_in, m_out, energy_weight, alpha, oe_weight, sparsity_weight,
     balanced_reduction, detach_z) replace defaults; an option the method does not use is an error (it is
     almost always a typo or the wrong method). ``prior_gamma`` (P_γ(y|o) from the prior-estimation step)
     is required by, and only accepted for, methods with Balanced Energy.
     """
     classes = _method_terms(method)
-    unknown = sorted(set(overrides) - set(LOSS_OPTIONS))
+    unknown = sorted(set(overrides) - set(TERM_ARGUMENTS))
     if unknown:
-        raise ConfigError(f"unknown loss option(s) {unknown}; valid: {', '.join(LOSS_OPTIONS)}")
-    unused = sorted(k for k in overrides if not any(c in LOSS_OPTIONS[k] for c in classes))
+        raise ConfigError(f"unknown loss option(s) {unknown}; valid: {', '.join(TERM_ARGUMENTS)}")
+    unused = sorted(k for k in overrides if not any(c in TERM_ARGUMENTS[k] for c in classes))
     if unused:
         raise ConfigError(f"loss option(s) {unused} do not apply to method {method!r} "
                          f"(terms: {', '.join(c.name for c in classes)})")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["FAR", "REFERENCE_MEDIANS", "default_margin_warning", "margin_coverage", "propose_margins"]
 
@@ -46,7 +46,7 @@ def propose_margins(id_energy: torch.Tensor | np.ndarray, outlier_energy: torch.
                     id_quantile: float = 0.1, out_quantile: float = 0.9, min_gap: float = 1.0) -> tuple[float, float]:
     """(m_in, m_out) = (Q_ID(id_quantile), Q_out(out_quantile)), at least ``min_gap`` apart (module docstring).
 
-    Energies are E(x) = -logsumexp f(x) (low = ID), e.g. :func:`oodtune.energy.energy` of the pretrained
+    Energies are E(x) = -logsumexp f(x) (low = ID), e.g. :func:`oodtune.functional.energy` of the pretrained
     model's logits on the ID *train* split and on the auxiliary outlier set.
     """
     _check_quantile(id_quantile, "id_quantile")

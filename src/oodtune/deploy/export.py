@@ -1,4 +1,4 @@
-"""A calibrated :class:`~oodtune.detector.Detector` as one self-contained file that a service loads with PyTorch
+"""A calibrated :class:`~oodtune.deploy.Detector` as one self-contained file that a service loads with PyTorch
 alone -- no oodtune, no training code -- through ``torch.export``:
 
     program = torch.export.load("detector.pt2").module()
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import write_atomic
+from ..errors import ConfigError, ModelError
+from ..utils.atomic import write_atomic
 from .detector import RULE, Detector
-from .errors import ConfigError, ModelError
 
 __all__ = ["EXTRA_FILE", "DetectorProgram", "export_detector", "exported_record", "load_exported"]
 
@@ -64,7 +64,7 @@ class DetectorProgram(nn.Module):
 def exported_record(det: Detector) -> dict[str, Any]:
     """The detector record an exported file carries: rule, score, threshold, classes, resolution, input and
     outputs, weights hash, checkpoint, calibration and (when there is one) the guarantee with the calibration
-    scores, from which a service computes conformal p-values (:mod:`oodtune.guarantee`)."""
+    scores, from which a service computes conformal p-values (:mod:`oodtune.deploy.guarantee`)."""
     calibration = det.calibrated()
     record = {"rule": RULE, "score": det.score_name, "threshold": calibration.threshold,
               "classes": list(det.classes), "resolution": det.resolution, "input": "uint8 (N, H, W, 3) RGB",

@@ -19,17 +19,17 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .data.segmentation import ANOMALY, VOID, SegmentationSet
-from .data.tensors import Normalizer
-from .errors import DataError, DivergenceError
-from .evaluation import METRIC_KEYS, EvalReport
-from .metrics.ood import DEFAULT_POSITIVE, Positive
-from .metrics.pixel import ConfusionCounter, PixelDetectionCounter, component_metrics
-from .models import SegmentationModel
-from .pixel_losses import gaussian_blur
-from .progress import format_rate, progress_bar
-from .runtime import resolve_device
-from .scores import Score, score_map
+from ..data.segmentation import ANOMALY, VOID, SegmentationSet
+from ..data.tensors import Normalizer
+from ..errors import DataError, DivergenceError
+from ..functional import gaussian_blur
+from ..metrics.ood import DEFAULT_POSITIVE, Positive
+from ..metrics.pixel import ConfusionCounter, PixelDetectionCounter, component_metrics
+from ..models import SegmentationModel
+from ..scores import Score, score_map
+from ..utils.progress import format_rate, progress_bar
+from ..utils.runtime import resolve_device
+from .classification import METRIC_KEYS, EvalReport
 
 __all__ = ["evaluate_segmentation", "forward_maps", "segmentation_metrics"]
 

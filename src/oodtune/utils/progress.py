@@ -30,6 +30,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+__all__ = [
+    "PLAIN_INTERVAL", "Bar", "ConsoleHandler", "console", "format_rate", "progress_bar", "progress_enabled",
+    "progress_mode",
+]
+
 console = Console(stderr=True, soft_wrap=True)  # messages are never wrapped: paths stay copyable
 
 #: Seconds between two plain progress lines of one step.

@@ -1,4 +1,4 @@
-"""A calibrated :class:`~oodtune.detector.Detector` as one ONNX graph (opset 18): input normalisation, network,
+"""A calibrated :class:`~oodtune.deploy.Detector` as one ONNX graph (opset 18): input normalisation, network,
 score and decision, served by onnxruntime (or any ONNX runtime) without PyTorch or oodtune:
 
     import onnxruntime as ort
@@ -7,7 +7,7 @@ score and decision, served by onnxruntime (or any ONNX runtime) without PyTorch 
 
 ``is_ood = not (score >= threshold)``: the detector's ``score < threshold``, and a non-finite score (which the
 Python detector refuses with an error) counts as OOD. The graph's metadata (``oodtune_detector``) holds the
-detector record of :func:`oodtune.export.exported_record` as JSON: classes, resolution, score, threshold,
+detector record of :func:`oodtune.deploy.export.exported_record` as JSON: classes, resolution, score, threshold,
 calibration and guarantee, with the calibration scores for conformal p-values. Images must already be resized to
 the resolution (shorter side bilinear + centre crop, as :mod:`oodtune.data.images` does).
 
@@ -24,7 +24,7 @@ ops (the exact difference form, as the Python path computes it).
 
 Seam for other tasks: :func:`write_onnx` exports any ``nn.Module`` that maps a batch of uint8 images to named
 outputs -- a segmenter's program (frame -> class map, anomaly map, mask) goes through it as the classifier's
-:class:`~oodtune.export.DetectorProgram` does -- and :func:`run_onnx` runs such a file.
+:class:`~oodtune.deploy.export.DetectorProgram` does -- and :func:`run_onnx` runs such a file.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import write_atomic
-from .data.inputs import as_uint8_images
+from ..data.inputs import as_uint8_images
+from ..errors import ConfigError, ModelError
+from ..scores import Score
+from ..utils.atomic import write_atomic
 from .detector import Detector
-from .errors import ConfigError, ModelError
 from .export import DetectorProgram, exported_record
-from .scores import Score
 
 __all__ = ["METADATA_KEY", "ONNX_OPSET", "OnnxCheck", "check_onnx", "export_onnx", "onnx_refusal", "read_onnx_record",
            "require_onnx", "run_onnx", "write_onnx"]

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import OutputInUseError
 from .atomic import ensure_folder, storage_errors
-from .errors import OutputInUseError
 
 try:
     import fcntl

@@ -27,7 +27,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import StorageError
+from ..errors import StorageError
+
+__all__ = [
+    "check_writable", "csv_text", "ensure_folder", "file_sha256", "remove_stale_temporaries", "storage_error",
+    "storage_errors", "temporary_path", "write_atomic", "write_csv", "write_text_atomic",
+]
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40]
 _TEMPORARY = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9]*)-(?P<pid>\d+)-[0-9a-f]+$")

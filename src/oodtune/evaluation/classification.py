@@ -21,16 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.imageset import ImageSet
-from .data.tensors import Normalizer, to_device_uint8
-from .errors import DataError, DivergenceError
-from .metrics import accuracy, detection_metrics
-from .metrics.ood import DEFAULT_POSITIVE, Positive
-from .models import FeatureModel
-from .progress import Bar, format_rate, progress_bar
-from .runtime import autocast, resolve_device
-from .scores import Score
-from .scores.selection import select_hyperparameters
+from ..data.imageset import ImageSet
+from ..data.tensors import Normalizer, to_device_uint8
+from ..errors import DataError, DivergenceError
+from ..metrics import accuracy, detection_metrics
+from ..metrics.ood import DEFAULT_POSITIVE, Positive
+from ..models import FeatureModel
+from ..scores import Score
+from ..scores.selection import select_hyperparameters
+from ..utils.progress import Bar, format_rate, progress_bar
+from ..utils.runtime import autocast, resolve_device
+
+__all__ = [
+    "MAX_RATIO", "METRIC_KEYS", "MIN_OOD", "EvalReport", "Outputs", "Validation", "base_rate_warnings",
+    "compute_outputs", "evaluate", "score_dataset",
+]
 
 log = logging.getLogger(__name__)
 

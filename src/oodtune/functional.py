@@ -1,0 +1,38 @@
+"""Functions every score and loss shares: the free energy of a classifier's logits (Liu et al., NeurIPS 2020) and
+the Gaussian blur of per-pixel maps (PEBAL, Tian et al., ECCV 2022)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import ConfigError
+
+__all__ = ["energy", "gaussian_blur"]
+
+
+def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """E(x; f) = -T * log sum_j exp(f_j(x) / T), per row of ``logits`` (shape (B, K) -> (B,)).
+
+    Low energy = in-distribution. The *score* convention of oodtune (higher = more ID) is ``-energy``.
+    Computed in float32 even for bf16 logits so that large margins (|E| ~ 20) keep their precision;
+    float64 logits stay float64 (for numerical gradient checks).
+    """
+    if temperature <= 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    return -temperature * torch.logsumexp(x / temperature, dim=1)
+
+
+def gaussian_blur(x: Tensor, kernel_size: int = 7, sigma: float = 1.0) -> Tensor:
+    """Separable Gaussian blur of (B, H, W) maps with reflect padding (torchvision's ``GaussianBlur(7, 1)``,
+    which the reference applies to the Gambler reward and, optionally, to test-time anomaly maps)."""
+    half = kernel_size // 2
+    t = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    y = F.pad(x.unsqueeze(1), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1))
+    y = F.conv2d(y, k.view(1, 1, -1, 1))
+    return y.squeeze(1)
