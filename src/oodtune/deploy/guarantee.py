@@ -144,11 +144,11 @@ class Guarantee:
 
     def summary(self) -> str:
         """One line per threshold, for people."""
-        point = (f"point estimate: threshold {self.point_threshold:.6g} (the {self.point_rank}-th largest of "
+        point = (f"point estimate: threshold {self.point_threshold:.6g} (rank {self.point_rank} from the top of "
                  f"{self.n}) accepts {self.tpr:.2%} of new ID images on average")
         if self.bound_rank is None:
             return point + f", at least {self.tpr:.2%} only with probability {self.coverage:.1%}"
-        return (f"guaranteed: threshold {self.bound_threshold:.6g} (the {self.bound_rank}-th largest of {self.n}) "
+        return (f"guaranteed: threshold {self.bound_threshold:.6g} (rank {self.bound_rank} from the top of {self.n}) "
                 f"accepts >= {self.tpr:.2%} of new ID images with probability {self.coverage:.2%} (requested "
                 f"{self.confidence:g}); with probability {self.confidence:g} it accepts >= "
                 f"{self.acceptance_lower_bound:.2%}\n{point}")
