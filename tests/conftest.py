@@ -1,5 +1,6 @@
-"""Fixtures that pytest injects by name into every test module, and the ``slow`` marker: slow tests are skipped
-unless a marker expression is given (``pytest -m slow`` runs them; ``scripts/test.sh`` runs both sets)."""
+"""Fixtures that pytest injects by name into every test module. The default run leaves out the ``e2e`` and ``slow``
+tests (``addopts`` in pyproject.toml); ``pytest -m e2e`` / ``pytest -m slow`` run them, ``scripts/test.sh`` all three
+sets."""
 
 from __future__ import annotations
 
@@ -17,12 +18,3 @@ def data_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]
     monkeypatch.setenv("OODTUNE_PROGRESS", "0")
     monkeypatch.delenv("OODTUNE_DATA", raising=False)
     return {"root": root, "cache": cache, "tmp": tmp_path}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("markexpr"):
-        return
-    skip = pytest.mark.skip(reason="slow probe: run with `pytest -m slow` (scripts/test.sh and CI do)")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)

@@ -9,6 +9,7 @@ no cycles.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import re
 from pathlib import Path
@@ -81,6 +82,7 @@ def _component(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
+@functools.cache
 def _graph() -> dict[str, set[str]]:
     return {_module_name(p): _imports(p) for p in SRC.rglob("*.py")}
 

@@ -21,6 +21,8 @@ from oodtune.errors import ConfigError
 from oodtune.metrics import roc_curve
 from oodtune.scores import build_score
 
+pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
+
 TOML = """
 [benchmark]
 name = "inputs"

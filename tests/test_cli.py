@@ -14,6 +14,8 @@ from helpers_cli import FAST, fails, ok
 from oodtune import __version__
 from oodtune.cli import main
 
+pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Any:

@@ -20,6 +20,8 @@ from oodtune.deploy.export import load_exported
 from oodtune.deploy.onnx_export import read_onnx_record
 from oodtune.metrics.conformal import benjamini_hochberg
 
+pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Any:

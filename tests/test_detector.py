@@ -208,6 +208,7 @@ def test_predict_files_reports_every_input_in_order(calibrated, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- export
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("score", ["energy", "msp"])
 def test_exported_program_equals_the_python_detector(score, tmp_path):
     det = make_detector(score, seed=4)
@@ -224,6 +225,7 @@ def test_exported_program_equals_the_python_detector(score, tmp_path):
         np.testing.assert_array_equal(is_ood.numpy(), ref.is_ood)
 
 
+@pytest.mark.e2e
 def test_exported_program_loads_with_pytorch_alone(tmp_path):
     det = make_detector(seed=5)
     det.calibrate(random_imageset(60, seed=7), tpr=0.8)

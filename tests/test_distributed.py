@@ -17,8 +17,9 @@ from oodtune.utils.runtime import DistInfo
 
 WORLD = 2
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available"),
+              pytest.mark.e2e]  # training processes: `pytest -m e2e` (scripts/test.sh and CI)
 
 
 def _run_ddp(tmp_path: Path, batch_size: int) -> list[dict[str, Any]]:

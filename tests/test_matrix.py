@@ -21,6 +21,8 @@ from oodtune.evaluation.classification import compute_outputs
 from oodtune.models import load_feature_model
 from oodtune.scores import KNN, build_score
 
+pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
+
 NUM_OOD = 16
 SCORES = ["msp", "energy", "knn", "react+energy", "vim"]
 

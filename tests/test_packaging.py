@@ -15,6 +15,8 @@ import oodtune
 from helpers_cli import ok
 from oodtune.benchmark import example_configs, find_config
 
+pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
+
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 

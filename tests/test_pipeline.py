@@ -28,6 +28,8 @@ from oodtune.models import read_meta
 from oodtune.scores import SCORE_NAMES
 from oodtune.training.config import FINETUNE, TrainConfig
 
+pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
+
 ARCH = "wrn-10-1"
 ALL_SCORES = list(SCORE_NAMES)
 NUM_OOD = 16

@@ -16,6 +16,8 @@ from oodtune.models.checkpoint import load_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import reference_train
 
+pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
+
 
 def _run(root: Path, out: Path, *extra: str) -> dict[str, Any]:
     return reference_train.main(["--data-root", str(root), "--arch", "wrn-10-1", "--epochs", "2", "--batch-size", "32",

@@ -137,6 +137,7 @@ def _finetune(folders: dict[str, Path], base: Path, out: Path, method: str = "en
                          loss_options=options)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("change", ["method", "base", "base_content", "loss_option"])
 def test_finetuning_resumes_only_with_the_same_method_base_and_options(
         folders: dict[str, Path], two_bases: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, change: str) -> None:
@@ -210,6 +211,7 @@ def test_a_second_writer_is_refused_and_a_dead_holder_does_not_block(held: tuple
     assert not (folder / LOCK_NAME).exists()
 
 
+@pytest.mark.e2e
 def test_pretrain_and_finetune_into_a_busy_folder(env: dict[str, Path], pretrained: Path,
                                                   held: tuple[Path, subprocess.Popen],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -352,6 +354,7 @@ def test_devices(env: dict[str, Path]) -> None:
     assert not (env["tmp"] / "dev").exists()
 
 
+@pytest.mark.e2e
 def test_a_diverging_run_and_a_diverged_checkpoint(env: dict[str, Path], pretrained: Path, tmp_path: Path) -> None:
     fails("pretrain", "--arch", ARCH, "--data-root", env["root"], "--out", tmp_path / "div", "--epochs", "1",
           "--batch-size", "8", "--max-steps-per-epoch", "3", "--lr", "1e12", "--device", "cpu",
@@ -443,6 +446,7 @@ def _renamed_class_run(tmp_path: Path) -> tuple[Path, Path]:
     return model, tmp_path / "data"
 
 
+@pytest.mark.e2e
 def test_renamed_or_added_class_folders_are_refused_everywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                ) -> None:
     monkeypatch.setenv("OODTUNE_CACHE", str(tmp_path / "cache"))

@@ -18,6 +18,8 @@ from oodtune.errors import CheckpointError, ConfigError, ModelError
 from oodtune.models import RunMeta, load_model, read_meta, trusted_archs
 from oodtune.training.config import TrainConfig
 
+pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
+
 FAST = TrainConfig(epochs=1, batch_size=2, outlier_batch_size=1, lr=1e-2, max_steps_per_epoch=2, device="cpu")
 
 

@@ -137,3 +137,21 @@ def test_one_normalizer_for_every_task_honours_the_channel_order() -> None:
     mean, std = torch.tensor(base["mean"]).view(1, 3, 1, 1), torch.tensor(base["std"]).view(1, 3, 1, 1)
     torch.testing.assert_close(bgr(x), (x.flip(1).float() / 255 - mean) / std)  # B, G, R
     torch.testing.assert_close(rgb(x), (x.float() / 255 - mean) / std)
+
+
+def test_each_task_has_its_own_evaluation_options() -> None:
+    """Task.evaluate takes its task's options object; an option of the other task is refused before any work."""
+    from dataclasses import fields
+
+    from oodtune.pipeline.classification import ClassificationEvaluation, ClassificationTask
+    from oodtune.pipeline.segmentation import SegmentationEvaluation, SegmentationTask
+
+    spec = pipe.ValidationSpec(outliers="tin-aux-val")
+    assert ClassificationTask().evaluation_options(validation=spec) == ClassificationEvaluation(validation=spec)
+    assert SegmentationTask().evaluation_options(blur=True) == SegmentationEvaluation(blur=True)
+    assert [f.name for f in fields(ClassificationEvaluation)] == ["validation"]
+    assert [f.name for f in fields(SegmentationEvaluation)] == ["blur"]
+    with pytest.raises(ConfigError, match="segmentation checkpoints only"):
+        ClassificationTask().evaluation_options(blur=True)
+    with pytest.raises(ConfigError, match="classification checkpoints only"):
+        SegmentationTask().evaluation_options(validation=spec)

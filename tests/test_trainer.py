@@ -63,6 +63,7 @@ def _count_forwards(trainer: Trainer) -> list[int]:
 
 
 # -- learning and determinism ------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_a_tiny_run_learns_an_easy_task(tmp_path: Path) -> None:
     ds = easy_imageset(256)
     result = make_trainer(ds, build_method_loss("ce"), run_dir=tmp_path, epochs=3).fit()
@@ -82,6 +83,7 @@ def test_a_tiny_run_learns_an_easy_task(tmp_path: Path) -> None:
     assert acc > 0.7, acc
 
 
+@pytest.mark.e2e
 def test_same_seed_same_weights_different_seed_different_weights() -> None:
     ds, out = random_imageset(128), random_imageset(128, seed=9, labelled=False)
     runs = [make_trainer(ds, build_method_loss("energy-oe"), outliers=out, seed=s, epochs=2) for s in (0, 0, 1)]
@@ -113,6 +115,7 @@ def _crash_after_epochs(monkeypatch: pytest.MonkeyPatch, epochs: int) -> None:
     monkeypatch.setattr(Trainer, "_save_state", save_then_maybe_crash)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["ce", "energy-oe"])
 def test_resume_after_crash_matches_a_straight_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    method: str) -> None:
@@ -198,7 +201,7 @@ def test_id_only_loss_ignores_given_outliers_and_gets_features() -> None:
     ds, out = random_imageset(128), random_imageset(200, seed=3, labelled=False)
     loss = RecordingLoss(needs_outliers=False, needs_features=True)
     trainer = make_trainer(ds, loss, outliers=out, epochs=1, max_steps_per_epoch=2)
-    assert trainer.out_x is None  # not even copied to the device
+    assert trainer.outlier_images is None  # not even copied to the device
     sizes = _count_forwards(trainer)
     trainer.fit()
     assert sizes == [32, 32]
@@ -227,6 +230,7 @@ def test_augmentation_off_feeds_normalised_originals() -> None:
 
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("scope", ["model", "step"])
 def test_compiled_path_runs_on_cpu_and_matches_eager(tmp_path: Path, scope: str) -> None:
     """The GPU fast path's ``torch.compile`` (CUDA graphs where CUDA exists; inductor skips them on CPU) trains
@@ -257,6 +261,7 @@ def test_train_config_rejects_unknown_compile_settings() -> None:
         TrainConfig(compile="fast")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["ce", "oe", "energy-oe", "balanced-energy+sparsity"])
 def test_whole_step_traces_as_one_graph(method: str) -> None:
     """``--compile-scope step`` pays off only if crop/flip, normalisation, the forward pass and every loss
@@ -268,7 +273,7 @@ def test_whole_step_traces_as_one_graph(method: str) -> None:
     gen = torch.Generator().manual_seed(0)
     sampler = OutlierSampler(len(aux), 64, gen) if loss.needs_outliers else None
     batch = trainer._draw(torch.arange(32), gen, sampler)
-    explained = torch._dynamo.explain(lambda *b: trainer._forward(trainer.net, *b))(*batch)
+    explained = torch._dynamo.explain(lambda b: trainer._forward(trainer.net, b))(batch)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 

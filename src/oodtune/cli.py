@@ -33,7 +33,15 @@ from .losses.registry import TASK_LOSSES, option_help
 from .models import ARCHITECTURES, trusted_archs
 from .models.imported import is_import_path
 from .scores import SCORE_NAMES
-from .training.config import COMPILE_MODES, COMPILE_SCOPES, FINETUNE, PRECISIONS, PRETRAIN, TrainConfig
+from .training.config import (
+    COMPILE_MODES,
+    COMPILE_SCOPES,
+    FINETUNE,
+    PRECISIONS,
+    PRETRAIN,
+    SEGMENTATION_FINETUNE,
+    TrainConfig,
+)
 from .utils.atomic import check_writable
 from .utils.progress import ConsoleHandler, console
 from .utils.runtime import resolve_device
@@ -458,9 +466,10 @@ def loss_option_flags(f: Any) -> Any:
               help="Outlier prior JSON from `oodtune estimate-prior` (balanced-energy).")
 @click.option("--gamma", type=click.FloatRange(0), default=None, help="Override the prior's γ.")
 @loss_option_flags
-@click.option("--outlier-batch-size", type=click.IntRange(1), default=None,
-              help=f"Outliers per step [default: {FINETUNE.outlier_batch_size} for classification; segmentation: "
-                   "frames of each batch that get a pasted object, default 1].")
+@click.option("--outlier-batch-size", "--pasted-frames", "outlier_batch_size", type=click.IntRange(1), default=None,
+              help=f"Classification: auxiliary outliers per step [default: {FINETUNE.outlier_batch_size}]. "
+                   "Segmentation (--pasted-frames): frames of each batch that get a pasted object [default: "
+                   f"{SEGMENTATION_FINETUNE.outlier_batch_size}].")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @id_data_option
 @train_options(FINETUNE, shown=False)

@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 
 
 def load_task_model(checkpoint: str | Path, *, id_data: str | None = None,
-                    source: DataSource | None = None) -> tuple[Any, RunMeta, Task[Any]]:
+                    source: DataSource | None = None) -> tuple[Any, RunMeta, Task[Any, Any]]:
     """(the checkpoint's network in its task's wrapper, in eval mode; its meta, with the ID dataset renamed to
     ``id_data`` when given; its task)."""
     model, meta = load_model(checkpoint)
@@ -221,7 +221,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: S
     ``report.selections``; classification only)."""
     source = as_source(data_root)
     net, meta, task = load_task_model(checkpoint, id_data=id_data, source=source)
+    options = task.evaluation_options(blur=blur, validation=validation)  # before any forward pass
     report = task.evaluate(net, meta, scores, ood, source=source, device=device, num_ood=num_ood,
-                           batch_size=batch_size, positive=positive, id_split=id_split, blur=blur,
-                           validation=validation)
+                           batch_size=batch_size, positive=positive, options=options, id_split=id_split)
     return report, meta

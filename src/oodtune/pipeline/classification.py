@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -49,8 +50,8 @@ from ..utils.lock import output_lock
 from .source import DataSource, as_source
 from .task import Task, ValidationSpec, normalizer_for, register_task
 
-__all__ = ["DEFAULT_TEST_FRACTION", "ClassificationTask", "check_classes", "epoch_accuracy", "fresh_model", "id_parts",
-           "id_test_accuracy", "id_test_set", "id_train_set", "import_model", "pretrain",
+__all__ = ["DEFAULT_TEST_FRACTION", "ClassificationEvaluation", "ClassificationTask", "check_classes", "epoch_accuracy",
+           "fresh_model", "id_parts", "id_test_accuracy", "id_test_set", "id_train_set", "import_model", "pretrain",
            "pretrain_setup"]
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,15 @@ def id_test_accuracy(checkpoint: str | Path, *, data_root: DataSource | str | Pa
     return accuracy(logits.cpu(), test.labels)
 
 
-class ClassificationTask(Task[FeatureModel]):
+@dataclass(frozen=True)
+class ClassificationEvaluation:
+    """The classification task's evaluation options: ``validation``, the pair each score's hyperparameters are
+    chosen on (:mod:`oodtune.scores.selection`; None: the papers' values)."""
+
+    validation: ValidationSpec | None = None
+
+
+class ClassificationTask(Task[FeatureModel, ClassificationEvaluation]):
     """Images in, class logits out; scores and metrics per image (see the module docstring)."""
 
     name = "classification"
@@ -320,12 +329,17 @@ class ClassificationTask(Task[FeatureModel]):
         outliers = source.load(spec.outliers, "test", meta.resolution, spec.num_outliers)
         return Validation(holdout=perm[: spec.id_holdout].numpy(), outliers=outliers)
 
-    def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
-                 source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None, id_split: str = "test", blur: bool = False,
-                 validation: ValidationSpec | None = None) -> EvalReport:
+    def evaluation_options(self, *, blur: bool = False,
+                           validation: ValidationSpec | None = None) -> ClassificationEvaluation:
         if blur:
             raise ConfigError("blur smooths per-pixel score maps; it applies to segmentation checkpoints only.")
+        return ClassificationEvaluation(validation=validation)
+
+    def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
+                 source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
+                 positive: Positive | None, options: ClassificationEvaluation,
+                 id_split: str = "test") -> EvalReport:
+        validation = options.validation
         built = self.build_scores(meta, scores)
         id_test = id_test_set(meta, source, id_split)
         needs_train = validation is not None or any(s.needs_fit for s in built)

@@ -15,6 +15,7 @@ Fine-tuning defaults (:data:`SEGMENTATION_FINETUNE`): PEBAL's recipe where it tr
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +44,15 @@ from ..models import (
     weights_hash,
 )
 from ..scores import PIXEL_SCORE_NAMES, Score, build_score, score_map
-from ..training.config import TrainConfig
+from ..training.config import SEGMENTATION_FINETUNE, TrainConfig
 from ..training.segmentation import SegmentationTrainer
 from ..training.trainer import FINAL
 from .source import DataSource, as_source
 from .task import Task, ValidationSpec, normalizer_for, register_task
 
-__all__ = ["SEGMENTATION_FINETUNE", "SegmentationTask", "anomaly_examples", "id_test_miou", "import_segmenter"]
+__all__ = ["SEGMENTATION_FINETUNE", "SegmentationEvaluation", "SegmentationTask", "anomaly_examples", "id_test_miou",
+           "import_segmenter"]
 
-#: PEBAL's fine-tuning recipe, as far as it transfers (module docstring).
-SEGMENTATION_FINETUNE = TrainConfig(epochs=40, lr=1e-5, batch_size=8, outlier_batch_size=1, weight_decay=0.0)
 #: ImageNet statistics: the normalisation of a user segmenter when none is given.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 #: The last decoder block of the built-in ESPNets: the 3x3 fusion CBR and the final 2x transposed convolution.
@@ -103,7 +103,15 @@ def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, sou
     return source.memo(("pasted-train-pass", weights_hash(net), meta.dataset, meta.input_size, outliers), run)
 
 
-class SegmentationTask(Task[SegmentationModel]):
+@dataclass(frozen=True)
+class SegmentationEvaluation:
+    """The segmentation task's evaluation options: ``blur`` Gaussian-blurs the per-pixel score maps (kernel 7, σ 1)
+    before the metrics, as PEBAL's test code can."""
+
+    blur: bool = False
+
+
+class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
     """Frames in, per-pixel logits out; scores and metrics per pixel (see the module docstring)."""
 
     name = "segmentation"
@@ -153,20 +161,24 @@ class SegmentationTask(Task[SegmentationModel]):
                               f"{', '.join(PIXEL_SCORE_NAMES)}.")
         return [build_score(s) for s in names]
 
-    def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
-                 source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None, id_split: str = "test", blur: bool = False,
-                 validation: ValidationSpec | None = None) -> EvalReport:
+    def evaluation_options(self, *, blur: bool = False,
+                           validation: ValidationSpec | None = None) -> SegmentationEvaluation:
         if validation is not None:
             raise ConfigError("choosing score hyperparameters on a validation pair (--select-on) is implemented for "
                               "classification checkpoints only; segmentation scores keep their papers' values. "
                               "Evaluate without it (drop --select-on).")
+        return SegmentationEvaluation(blur=blur)
+
+    def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
+                 source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
+                 positive: Positive | None, options: SegmentationEvaluation,
+                 id_split: str = "test") -> EvalReport:
         built = self.build_scores(meta, scores)
         height = _input_size(meta)[1]
         sets = {name: source.segmentation(name, "test", height=height, num_images=num_ood) for name in ood}
         return evaluate_segmentation(net, normalizer_for(meta), _id_set(meta, source, id_split), sets,
                                      built, device=device,
-                                     batch_size=min(batch_size, 8), positive=positive, blur=blur)
+                                     batch_size=min(batch_size, 8), positive=positive, blur=options.blur)
 
 
 register_task(SegmentationTask())

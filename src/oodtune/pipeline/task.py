@@ -52,9 +52,11 @@ class ValidationSpec:
 
 #: The wrapper a task runs its networks in (classification: FeatureModel; segmentation: SegmentationModel).
 Net = TypeVar("Net", bound=nn.Module)
+#: A task's own evaluation options (classification: ClassificationEvaluation; segmentation: SegmentationEvaluation).
+Options = TypeVar("Options")
 
 
-class Task(ABC, Generic[Net]):
+class Task(ABC, Generic[Net, Options]):
     """One kind of model and data (see the module docstring). Implementations are stateless."""
 
     name: str
@@ -100,26 +102,28 @@ class Task(ABC, Generic[Net]):
         """The named post-hoc scores, configured for ``meta``'s model (e.g. ODIN's input step in pixel units)."""
 
     @abstractmethod
+    def evaluation_options(self, *, blur: bool = False, validation: ValidationSpec | None = None) -> Options:
+        """This task's evaluation options from the keywords of :func:`oodtune.pipeline.evaluate_checkpoint` (and the
+        command line's flags); an option of another task is refused with a ConfigError naming the task it is for."""
+
+    @abstractmethod
     def evaluate(self, net: Net, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
-                 positive: Positive | None, id_split: str = "test", blur: bool = False,
-                 validation: ValidationSpec | None = None) -> EvalReport:
+                 positive: Positive | None, options: Options, id_split: str = "test") -> EvalReport:
         """ID-task metrics on the ID ``id_split`` split (the test split; ``val`` when choosing hyper-parameters)
-        and detection metrics of each score on each OOD set (``blur``: Gaussian-blurred pixel score maps, for
-        pixel-wise tasks); with ``validation``, each score's hyperparameters are first chosen on that validation
-        pair (a task that does not implement selection refuses it with a ConfigError)."""
+        and detection metrics of each score on each OOD set, with this task's ``options``."""
 
 
-TASK_REGISTRY: dict[str, Task[Any]] = {}
+TASK_REGISTRY: dict[str, Task[Any, Any]] = {}
 
 
-def register_task(task: Task[Any]) -> Task[Any]:
+def register_task(task: Task[Any, Any]) -> Task[Any, Any]:
     """Make ``task`` available to every pipeline step under ``task.name``."""
     TASK_REGISTRY[task.name] = task
     return task
 
 
-def task_of(meta: RunMeta) -> Task[Any]:
+def task_of(meta: RunMeta) -> Task[Any, Any]:
     """The registered task of a checkpoint."""
     try:
         return TASK_REGISTRY[meta.task]

@@ -1,7 +1,7 @@
 """Training settings: one dataclass, and the defaults of pretraining and fine-tuning defined once.
 
 Every entry point (CLI options and their help, benchmark TOML files, the Python API) takes its defaults from
-:data:`PRETRAIN` and :data:`FINETUNE`.
+:data:`PRETRAIN`, :data:`FINETUNE` and (segmenters) :data:`SEGMENTATION_FINETUNE`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "PRECISIONS", "TrainConfig", "PRETRAIN", "FINETUNE", "TRAIN_KEYS"]
+__all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "PRECISIONS", "TrainConfig", "PRETRAIN", "FINETUNE",
+           "SEGMENTATION_FINETUNE", "TRAIN_KEYS"]
 
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
 COMPILE_SCOPES = ("model", "step")
@@ -71,3 +72,6 @@ TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 PRETRAIN = TrainConfig()
 #: Fine-tuning: the Energy paper's CIFAR recipe (10 epochs, lr 1e-3, batch 128 ID + 256 outliers).
 FINETUNE = TrainConfig(epochs=10, lr=1e-3)
+#: Fine-tuning a segmenter: PEBAL's recipe as far as it transfers (Adam, lr 1e-5, batch 8, 40 epochs), with one
+#: frame of every batch carrying a pasted object (``outlier_batch_size``: the frames of a batch that get one).
+SEGMENTATION_FINETUNE = TrainConfig(epochs=40, lr=1e-5, batch_size=8, outlier_batch_size=1, weight_decay=0.0)

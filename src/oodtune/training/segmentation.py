@@ -61,29 +61,34 @@ class SegmentationTrainer(Trainer):
         # Frames stay on the CPU (objects are pasted there); each batch is moved to the device.
         self.train_x = torch.from_numpy(np.ascontiguousarray(train_set.images))  # (N, H, W, 3) uint8
         self.train_y = torch.from_numpy(np.ascontiguousarray(train_set.labels))  # (N, H, W) uint8
-        self.out_x = outliers
+        self.objects: ObjectBank | None = outliers
         self.ignore_index = train_set.ignore_index
-        if outliers is not None and self.cfg.outlier_batch_size > self.cfg.batch_size:
-            raise ConfigError(f"outlier_batch_size {self.cfg.outlier_batch_size} is the number of frames per batch "
-                              f"that get a pasted object; it cannot exceed batch_size {self.cfg.batch_size}.")
+        #: frames of each batch that get a pasted object (the config's outlier_batch_size: one object per frame)
+        self.pasted_frames = self.cfg.outlier_batch_size if outliers is not None else 0
+        if self.pasted_frames > self.cfg.batch_size:
+            raise ConfigError(f"outlier_batch_size {self.pasted_frames} is the number of frames per batch that get a "
+                              f"pasted object (--pasted-frames); it cannot exceed batch_size {self.cfg.batch_size}.")
+
+    def _outlier_count(self) -> int:
+        return 0 if self.objects is None else len(self.objects)
 
     def _draw(self, idx: torch.Tensor, gen: torch.Generator, sampler: OutlierSampler | None) -> StepBatch:
         rows = idx.cpu()
         frames = self.train_x[rows].numpy().copy()
         labels = self.train_y[rows].numpy().copy()
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))
-        if sampler is not None and isinstance(self.out_x, ObjectBank):
-            paste_objects(frames, labels, self.out_x, rng, OUTLIER_LABEL, objects=sampler.next().cpu().tolist())
+        if sampler is not None and self.objects is not None:  # the sampler draws pasted_frames objects
+            paste_objects(frames, labels, self.objects, rng, OUTLIER_LABEL, objects=sampler.next().cpu().tolist())
         flip = rng.random(len(frames)) < 0.5
         frames[flip] = frames[flip, :, ::-1]
         labels[flip] = labels[flip, :, ::-1]
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous().to(self.device)
         y = torch.from_numpy(labels).to(self.device, torch.int64)
-        return x, y, None, None, None
+        return StepBatch(x, y)  # the outliers are pasted into the frames: no separate outlier images
 
-    def _forward(self, model: Callable[..., Any], x_in: torch.Tensor, y_in: torch.Tensor, aug_in: Any,
-                 x_out: Any, aug_out: Any) -> StepOutputs:
-        """(total loss, its parts, batch size × pixel accuracy on labelled pixels)."""
+    def _forward(self, model: Callable[..., Any], batch: StepBatch) -> StepOutputs:
+        """The loss of one batch; ``correct`` is the pixel accuracy on the labelled pixels × the frames."""
+        x_in, y_in = batch.x_in, batch.y_in
         with autocast(self.device, self.cfg.precision):
             logits = model(self.normalizer(x_in))
         k = self.net.num_classes
@@ -96,7 +101,7 @@ class SegmentationTrainer(Trainer):
             logits_map=logits, labels_map=y_in,
         ))
         accuracy = (logits.argmax(1) == y_in)[labelled].float().mean()
-        return total, parts, accuracy * x_in.shape[0]
+        return StepOutputs(total, parts, accuracy * x_in.shape[0])
 
     def _optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(list(self.net.trainable_parameters()), lr=self.cfg.lr,

@@ -47,9 +47,36 @@ FINAL = "model.pt"
 HISTORY = "history.csv"
 log = logging.getLogger(__name__)
 
-#: One step's eager inputs: ID uint8 images, labels, their crop/flip draw, outlier uint8 images and their draw.
-StepBatch = tuple[torch.Tensor, torch.Tensor, CropFlip | None, torch.Tensor | None, CropFlip | None]
-StepOutputs = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One step's inputs, drawn eagerly (:meth:`Trainer._draw`): ``x_in`` the ID images (uint8 on the device) and
+    ``y_in`` their targets (a class per image; for segmentation a class per pixel, pasted objects included), the
+    crop/flip drawn for them, and ``x_out`` the auxiliary outlier images with their draw (None when the loss uses no
+    outliers, or when the task pastes its outliers into the ID images)."""
+
+    x_in: torch.Tensor
+    y_in: torch.Tensor
+    aug_in: CropFlip | None = None
+    x_out: torch.Tensor | None = None
+    aug_out: CropFlip | None = None
+
+    @property
+    def images(self) -> int:
+        """Images this step feeds the network (ID and outliers)."""
+        return len(self.x_in) + (0 if self.x_out is None else len(self.x_out))
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """What one step's forward pass returns: ``loss`` (the total, to back-propagate), ``parts`` (each term's detached
+    value, for the history) and ``correct`` (ID samples classified correctly, in images: a classifier counts its
+    correct images; a segmenter counts each frame of the batch as its pixel accuracy on the labelled pixels)."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    correct: torch.Tensor
 
 
 @dataclass
@@ -132,7 +159,7 @@ class Trainer:
             raise TypeError("a Trainer that writes checkpoints (run_dir) needs the run's RunMeta (meta=)")
         self.meta = None if meta is None else meta.replace(
             dataset_fingerprint=train_set.fingerprint(),
-            outliers_fingerprint=outliers.fingerprint() if self.out_x is not None and outliers is not None else None)
+            outliers_fingerprint=outliers.fingerprint() if self._outlier_count() and outliers is not None else None)
         self.train_name = train_set.name
         self.epoch_metrics = epoch_metrics
 
@@ -154,10 +181,14 @@ class Trainer:
             )
 
     def _load_data(self, train_set: Any, outliers: Any) -> None:
-        """``train_x`` / ``train_y`` / ``out_x``: the training data on the device."""
+        """``train_x`` / ``train_y`` / ``outlier_images``: the training data on the device."""
         self.train_x = to_device_uint8(train_set, self.device)
         self.train_y = torch.from_numpy(train_set.labels).to(self.device)
-        self.out_x: Any = to_device_uint8(outliers, self.device) if outliers is not None else None
+        self.outlier_images = to_device_uint8(outliers, self.device) if outliers is not None else None
+
+    def _outlier_count(self) -> int:
+        """How many outliers a step's outlier sampler draws from (0: the run uses none)."""
+        return 0 if self.outlier_images is None else len(self.outlier_images)
 
     # -- pieces of a step -------------------------------------------------------------------------
     # A step is split where randomness ends: ``_draw`` (eager) gathers the batch and draws its augmentation
@@ -168,32 +199,31 @@ class Trainer:
         x_in = self.train_x[idx]
         aug_in = draw_crop_flip(len(x_in), gen) if augment else None
         x_out = aug_out = None
-        if sampler is not None and self.out_x is not None:
-            x_out = self.out_x[sampler.next()]
+        if sampler is not None and self.outlier_images is not None:
+            x_out = self.outlier_images[sampler.next()]
             aug_out = draw_crop_flip(len(x_out), gen) if augment else None
-        return x_in, self.train_y[idx], aug_in, x_out, aug_out
+        return StepBatch(x_in, self.train_y[idx], aug_in, x_out, aug_out)
 
     def _prepare(self, images: torch.Tensor, aug: CropFlip | None) -> torch.Tensor:
         return self.normalizer(images if aug is None else apply_crop_flip(images, aug))
 
-    def _forward(self, model: Callable[..., Any], x_in: torch.Tensor, y_in: torch.Tensor, aug_in: CropFlip | None,
-                 x_out: torch.Tensor | None, aug_out: CropFlip | None) -> StepOutputs:
-        """(total loss, its detached parts, number of correct ID predictions) for one batch."""
-        x = self._prepare(x_in, aug_in)
-        if x_out is not None:
-            x = torch.cat([x, self._prepare(x_out, aug_out)])
+    def _forward(self, model: Callable[..., Any], batch: StepBatch) -> StepOutputs:
+        """The loss of one batch; ``correct`` counts the correct ID predictions."""
+        x = self._prepare(batch.x_in, batch.aug_in)
+        if batch.x_out is not None:
+            x = torch.cat([x, self._prepare(batch.x_out, batch.aug_out)])
         with autocast(self.device, self.cfg.precision):
             logits, feats = model(x)
-        b = x_in.shape[0]
+        b = batch.x_in.shape[0]
         total, parts = self.loss(LossInputs(
             logits_in=logits[:b],
-            labels_in=y_in,
+            labels_in=batch.y_in,
             features_in=feats[:b] if self.loss.needs_features else None,
-            logits_out=logits[b:] if x_out is not None else None,
+            logits_out=logits[b:] if batch.x_out is not None else None,
         ))
-        return total, parts, (logits[:b].argmax(1) == y_in).sum()
+        return StepOutputs(total, parts, (logits[:b].argmax(1) == batch.y_in).sum())
 
-    def _step_function(self) -> Callable[..., StepOutputs]:
+    def _step_function(self) -> Callable[[StepBatch], StepOutputs]:
         """``_forward`` bound to the (DDP-wrapped) model, compiled as ``--compile`` / ``--compile-scope`` say."""
         model: Callable[..., Any] = self.net
         if self.dist.world > 1:
@@ -203,8 +233,8 @@ class Trainer:
         if self.compile != "none" and self.cfg.compile_scope == "model":
             model = torch.compile(model, mode=mode)
 
-        def step(*batch: Any) -> StepOutputs:
-            return self._forward(model, *batch)
+        def step(batch: StepBatch) -> StepOutputs:
+            return self._forward(model, batch)
 
         if self.compile != "none" and self.cfg.compile_scope == "step":
             return torch.compile(step, mode=mode)
@@ -273,8 +303,8 @@ class Trainer:
         total = steps * cfg.epochs
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine_factor(t, total, cfg.lr))
         sampler = (
-            OutlierSampler(len(self.out_x), cfg.outlier_batch_size, gen, self.dist.rank, self.dist.world)
-            if self.out_x is not None else None
+            OutlierSampler(self._outlier_count(), cfg.outlier_batch_size, gen, self.dist.rank, self.dist.world)
+            if self._outlier_count() else None
         )
         start_epoch, history = self._restore(opt, sched, gen, sampler)
         step_fn = self._step_function()
@@ -291,7 +321,7 @@ class Trainer:
             (self.run_dir / LAST).unlink(missing_ok=True)
         return result
 
-    def _epoch(self, step_fn: Callable[..., StepOutputs], opt: torch.optim.Optimizer,
+    def _epoch(self, step_fn: Callable[[StepBatch], StepOutputs], opt: torch.optim.Optimizer,
                sched: torch.optim.lr_scheduler.LambdaLR, gen: torch.Generator, sampler: OutlierSampler | None,
                steps: int, epoch: int, bar: Bar) -> dict[str, float]:
         self.net.train()
@@ -306,16 +336,16 @@ class Trainer:
             batch = self._draw(idx, gen, sampler)
             if self.compile != "none":
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs are consumed
-            total, parts, n_correct = step_fn(*batch)
+            out = step_fn(batch)
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            out.loss.backward()
             opt.step()
             sched.step()
-            for k, v in parts.items():
+            for k, v in out.parts.items():
                 sums[k] = sums.get(k, 0) + v.float()
-            correct += n_correct
+            correct += out.correct
             seen += len(idx)
-            processed += (len(idx) + (0 if batch[3] is None else len(batch[3]))) * self.dist.world
+            processed += batch.images * self.dist.world
             bar.advance(1)
             if step % 20 == 0:
                 bar.update(rate=format_rate(processed, time.perf_counter() - t0))
