@@ -1,7 +1,7 @@
 """The ONNX detector (oodtune.deploy.onnx_export) against the Python detector on real photographs, for every exportable
 score: scores within float32 rounding, the same decisions away from the threshold, a dynamic batch, the detector
 record in the metadata, serving with onnxruntime alone, and clean refusals for what cannot be exported. Skipped
-when the ``onnx`` extra is not installed."""
+when the ``onnx`` extra is not installed; the exports run with the end-to-end tests (``-m e2e``)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ def _detector(score: str, photos: dict[str, list[Image.Image]]) -> Detector:
     return det
 
 
+@pytest.mark.e2e  # each export traces the network (seconds): `pytest -m e2e`
 @pytest.mark.parametrize("score", EXPORTABLE)
 def test_onnx_detector_equals_the_python_detector_on_photographs(score, photos, tmp_path):
     det = _detector(score, photos)
@@ -80,6 +81,7 @@ def test_onnx_detector_equals_the_python_detector_on_photographs(score, photos, 
         assert out["score"].shape == (n,) and out["is_ood"].dtype == np.bool_ and out["logits"].shape == (n, 4)
 
 
+@pytest.mark.e2e  # each export traces the network (seconds): `pytest -m e2e`
 def test_record_in_the_metadata_and_serving_without_torch(photos, tmp_path):
     det = _detector("energy", photos)
     path = export_onnx(det, tmp_path / "det.onnx")
@@ -116,6 +118,7 @@ def test_what_cannot_be_exported_is_refused_with_the_reason(photos, tmp_path):
         run_onnx(tmp_path / "junk.onnx", np.zeros((1, RESOLUTION, RESOLUTION, 3), np.uint8))
 
 
+@pytest.mark.e2e  # each export traces the network (seconds): `pytest -m e2e`
 def test_readme_serving_snippet_runs(photos, tmp_path, monkeypatch):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("### A promise, a batch, a service", 1)[1]
