@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install oodtune with its test extras. Idempotent; safe to re-run.
+# Create .venv (once) and install oodtune with its test and onnx extras (so the ONNX tests run, not skip).
+# Idempotent; safe to re-run.
 #
 # PyTorch: oodtune needs torch>=2.4, any build. Unless a torch is already installed in .venv, this script installs
 # the CPU build of the version CI tests (torch==2.13.0+cpu, about 200 MB), because a plain `pip install torch` on
@@ -23,4 +24,4 @@ if [ -n "$TORCH_SPEC" ] && ! .venv/bin/python -c "import torch" 2>/dev/null; the
     exit 1
   fi
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,onnx]'

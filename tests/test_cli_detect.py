@@ -17,6 +17,8 @@ from helpers_cli import FAST, fails, ok
 from oodtune import __version__
 from oodtune.cli import cli_message
 from oodtune.deploy.export import load_exported
+from oodtune.deploy.onnx_export import read_onnx_record
+from oodtune.metrics.conformal import benjamini_hochberg
 
 pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
 
@@ -105,7 +107,7 @@ def test_predict_files_and_refuse_foreign_detector(env, detector, with_val):
     assert "5 input(s)" in res.output and "2 unreadable" in res.output
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["path", "predicted_class", "confidence", "score", "margin", "is_ood", "error"]
+    assert list(rows[0]) == ["path", "predicted_class", "confidence", "score", "margin", "p_value", "is_ood", "error"]
     threshold = json.loads(detector.read_text())["calibration"]["threshold"]
     for r in rows[:3]:  # margin = score - threshold, negative exactly when flagged
         assert float(r["margin"]) == pytest.approx(float(r["score"]) - threshold, abs=1e-5)
@@ -116,7 +118,8 @@ def test_predict_files_and_refuse_foreign_detector(env, detector, with_val):
     fails("predict", with_val, shots, "--detector", detector, "--out", out, match="--overwrite", code=1)
     ok("predict", with_val, shots / "0.png", "--detector", detector, "--out", tmp / "preds.jsonl")
     line = json.loads((tmp / "preds.jsonl").read_text().splitlines()[0])
-    assert set(line) == {"path", "predicted_class", "confidence", "score", "margin", "is_ood", "error"}
+    assert set(line) == {"path", "predicted_class", "confidence", "score", "margin", "p_value", "is_ood", "error"}
+    assert 0 < line["p_value"] <= 1
     other = _pretrain(env, "pre-other", "--seed", "1")
     fails("predict", other, shots, "--detector", detector, match="calibrate a detector for this checkpoint", code=1)
 
@@ -181,3 +184,38 @@ def test_errors_name_flags(env, with_val, tmp_path):
     res = fails("evaluate", with_val, "--ood", "gaussian", "--data-root", tmp_path, match="--data-root", code=1)
     assert "--download" in res.output and "download=True" not in res.output
     ok("evaluate", "--help")
+
+
+def test_guarantee_p_values_fdr_and_onnx_from_the_cli(env, with_val):
+    tmp, root = env["tmp"], env["root"]
+    out = tmp / "guaranteed.json"
+    res = ok("calibrate", with_val, "--data-root", root, "--device", "cpu", "--tpr", "0.8", "--confidence", "0.95",
+             "--no-check", "--out", out)
+    assert "guaranteed: threshold" in res.output and "point estimate: threshold" in res.output
+    record = json.loads(out.read_text())
+    g = record["guarantee"]
+    assert g["confidence"] == 0.95 and g["bound_threshold"] == record["calibration"]["threshold"]
+    assert g["bound_threshold"] <= g["point_threshold"] and g["calibration_scores"]["n"] == 100
+    fails("calibrate", with_val, "--data-root", root, "--device", "cpu", "--tpr", "0.99", "--confidence", "0.99",
+          "--out", tmp / "never.json", match="at least 459 are needed", code=1)
+    assert not (tmp / "never.json").exists()
+
+    shots = tmp / "fdr-shots"
+    for i in range(6):
+        write_image(shots / f"{i}.png", (24, 20), seed=10 + i)
+    write_corrupt_jpeg(shots / "z-broken.jpg")
+    res = ok("predict", with_val, shots, "--detector", out, "--fdr", "0.1", "--out", tmp / "fdr.jsonl")
+    assert "Benjamini-Hochberg at FDR 0.1" in res.output and "1 unreadable" in res.output
+    rows = [json.loads(line) for line in (tmp / "fdr.jsonl").read_text().splitlines()]
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 6 and rows[-1]["p_value"] is None and rows[-1]["is_ood"] is None
+    assert [r["is_ood"] for r in good] == benjamini_hochberg([r["p_value"] for r in good], 0.1).tolist()
+
+    fails("calibrate", with_val, "--data-root", root, "--score", "odin", "--out", tmp / "odin.json", "--export",
+          tmp / "odin.onnx", match="input gradients", code=1)
+    assert not (tmp / "odin.json").exists()
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    ok("export", with_val, "--detector", out, "--out", tmp / "det.onnx")
+    assert read_onnx_record(tmp / "det.onnx")["threshold"] == record["calibration"]["threshold"]
+    fails("export", with_val, "--detector", out, "--out", tmp / "det.onnx", match="--overwrite", code=1)

@@ -643,6 +643,10 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
               help="The OOD score (mahalanobis/knn are fitted on the checkpoint's ID training split).")
 @click.option("--tpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True,
               help="Fraction of held-out ID images the threshold accepts (ID true-positive rate).")
+@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Guarantee: choose the threshold so that new ID images are accepted at rate >= TPR with this "
+                   "probability over the draw of the calibration set (order-statistic bound; e.g. 0.99). Without "
+                   "it, TPR is met on average (point estimate). Both thresholds are recorded.")
 @click.option("--calibration-data", default="auto", show_default=True, metavar="auto|val|train|folder:PATH",
               help="ID images that set the threshold: auto = the validation part held out before training "
                    "(pretrain --val-fraction), else the dataset's val split; train = training images (biased, "
@@ -652,17 +656,18 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
                    "calibration images, found by content, are left out).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Detector file to write (JSON).")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the detector as a torch.export program (.pt2): uint8 images in, logits, score and "
-                   "is_ood out; loads with PyTorch alone.")
+              help="Also write the detector as one program: uint8 images in, logits, score and is_ood out. A .onnx "
+                   "name writes an ONNX graph (opset 18; serve with onnxruntime; needs the onnx extra), any other a "
+                   "torch.export program (.pt2; loads with PyTorch alone).")
 @click.option("--overwrite", is_flag=True, help="Replace existing --out / --export files.")
 @click.option("--blur", is_flag=True,
               help="Segmentation: threshold Gaussian-blurred score maps (as evaluate --blur); recorded in the "
                    "detector, which predict then applies.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="PNG",
               help="Also draw the histogram of the calibration scores (and the check's) with the threshold.")
-def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, check: bool, out: str,
-              export_path: str | None, overwrite: bool, blur: bool, plot: str | None, data_root: Any, device: str,
-              id_data: str | None) -> None:
+def calibrate(checkpoint: str, score: str, tpr: float, confidence: float | None, calibration_data: str, check: bool,
+              out: str, export_path: str | None, overwrite: bool, blur: bool, plot: str | None, data_root: Any,
+              device: str, id_data: str | None) -> None:
     """Choose the OOD threshold on held-out ID images so that the fraction TPR of them is accepted.
 
     Records score, threshold, TPR reached, n, the images used and the weights' hash (a detector is never applied
@@ -670,25 +675,27 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
     checkpoint the threshold is per pixel: TPR of the non-void pixels of the held-out ID frames are accepted.
     """
     from . import pipeline
-    from .deploy import check_exportable, export_detector
-    from .deploy.pixel_detector import PixelCalibration, SegmentationDetector
+    from .deploy import Detector
+    from .deploy.pixel_detector import PixelCalibration
 
     targets = [p for p in (out, export_path, plot) if p]
     existing = [p for p in targets if Path(p).exists() and not overwrite]
     if existing:  # refuse before spending the forward passes
         raise click.ClickException(f"{', '.join(existing)} exists; pass --overwrite or choose another path.")
     if export_path:
-        check_exportable(score)
+        _check_export(score, export_path)
     for target in targets:
         check_writable(Path(target).parent, "choose another path")
     det = pipeline.calibrate(checkpoint, score=score, tpr=tpr, data=calibration_data, data_root=data_root,
-                             device=device, id_data=id_data, check=check, blur=blur)
+                             device=device, id_data=id_data, check=check, blur=blur, confidence=confidence)
     cal = det.calibrated()
     pixels = isinstance(cal, PixelCalibration)
     unit = f"pixels of {cal.frames} frames" if isinstance(cal, PixelCalibration) else "images"
     rule = "a pixel is anomalous when score < threshold" if pixels else "is_ood = score < threshold"
     click.echo(f"score {score}: threshold {cal.threshold:.6g} ({rule}) accepts "
                f"{100 * cal.achieved:.2f}% of {cal.n} calibration {unit} [{cal.data}]")
+    if isinstance(det, Detector):
+        click.echo(det.guaranteed().summary())
     spread = "frame-clustered standard error" if pixels else "std"
     click.echo(f"expected acceptance of new ID {'pixels' if pixels else 'images'}: {100 * cal.expected:.2f}% "
                f"± {100 * cal.expected_std:.2f}% ({spread})")
@@ -709,9 +716,63 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
                                  title=f"calibration of {short_name(checkpoint)}")
         console.print(f"saved {drawn}")
     if export_path:
-        saved = det.export(export_path, overwrite=overwrite) if isinstance(det, SegmentationDetector) \
-            else export_detector(det, export_path, overwrite=overwrite)
-        console.print(f"saved {saved}")
+        console.print(f"saved {_export(det, export_path, overwrite)}")
+
+
+def _export_format(path: str, fmt: str | None = None) -> str:
+    return fmt or ("onnx" if Path(path).suffix.lower() == ".onnx" else "pt2")
+
+
+def _check_export(score: str, path: str, fmt: str | None = None) -> None:
+    """Refuse, before any work, an export of a score that has none (an ONNX one also without the onnx extra)."""
+    from .deploy import check_exportable
+
+    if _export_format(path, fmt) == "onnx":
+        from .deploy import onnx_refusal, require_onnx
+        from .scores import build_score
+
+        reason = onnx_refusal(build_score(score))
+        if reason:
+            raise click.ClickException(f"{reason}; export another score, or serve the Python Detector.")
+        require_onnx()
+    else:
+        check_exportable(score)
+
+
+def _export(det: Any, path: str, overwrite: bool, fmt: str | None = None) -> Path:
+    """Write ``det`` as ONNX (a .onnx name or ``fmt``) or as a torch.export program."""
+    from .deploy import SegmentationDetector
+
+    if _export_format(path, fmt) == "onnx":
+        from .deploy import export_onnx
+
+        return export_onnx(det, path, overwrite=overwrite)
+    if isinstance(det, SegmentationDetector):
+        return det.export(path, overwrite=overwrite)
+    from .deploy import export_detector
+
+    return export_detector(det, path, overwrite=overwrite)
+
+
+@main.command("export")
+@trust_option
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--detector", required=True, type=click.Path(dir_okay=False),
+              help="Detector file from `oodtune calibrate` for this checkpoint.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write (.onnx or .pt2).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "pt2"]), default=None,
+              help="onnx (an ONNX graph, opset 18) or pt2 (a torch.export program) [default: from --out's suffix].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def export_command(checkpoint: str, detector: str, out: str, fmt: str | None, overwrite: bool) -> None:
+    """Write a calibrated detector as one program (normalisation, network, score, decision): uint8 images in,
+    logits, score and is_ood out. ONNX serves with onnxruntime alone (README: Serving)."""
+    from .deploy import Detector
+
+    if Path(out).exists() and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
+    det = Detector.load(detector, checkpoint, device="cpu")
+    _check_export(det.score_name, out, fmt)
+    console.print(f"saved {_export(det, out, overwrite, fmt)}")
 
 
 @main.command()
@@ -725,6 +786,10 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
                    "the folder for the maps and OUT/predictions.jsonl (required).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
               help="Override the format chosen from --out's suffix.")
+@click.option("--fdr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Flag the whole batch with Benjamini-Hochberg on the p-values instead of the threshold: the "
+                   "expected share of ID images among those flagged is <= FDR (e.g. 0.1). Rows are written after "
+                   "the last image. Image classifiers only.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Images per forward pass [default: 256; segmentation: 8 frames].")
 @threads_option
@@ -739,13 +804,16 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
 @click.option("--map-format", type=click.Choice(["png", "npy"]), default="png", show_default=True,
               help="Segmentation: anomaly maps as 16-bit PNG (scaling in the detector file) or float32 .npy.")
 def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | None, fmt: str | None,
-            batch_size: int | None, device: str, overwrite: bool, strict: bool, blur: bool | None,
-            map_format: str) -> None:
-    """One row per image: path, predicted_class, confidence, score, margin (score - threshold), is_ood, error.
+            fdr: float | None, batch_size: int | None, device: str, overwrite: bool, strict: bool,
+            blur: bool | None, map_format: str) -> None:
+    """One row per image: path, predicted_class, confidence, score, margin (score - threshold), p_value, is_ood,
+    error.
 
     IMAGES are image files, folders (searched recursively), glob patterns (quote them: 'shots/**/*.png') and
     tar/zip archives. A file that cannot be read (corrupt, a FIFO, a name that is not UTF-8, ...) is a row with
-    its error; the others are still predicted.
+    its error; the others are still predicted. p_value is the conformal p-value of the score against the
+    detector's calibration scores (small = unusual for ID images); is_ood is score < threshold, or with --fdr the
+    Benjamini-Hochberg decision over the batch.
 
     CSV cells that a spreadsheet would run as a formula (text starting with = + - @, a tab or a carriage return)
     are written with a leading ' (so "=x.png" appears as "'=x.png"); JSON Lines (--format jsonl) hold the exact
@@ -770,6 +838,9 @@ def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | 
 
     skipped: Counter[str] = Counter()
     if read_meta(checkpoint).task == "segmentation":
+        if fdr is not None:
+            raise click.UsageError("--fdr flags whole images from their p-values; a segmenter's maps have none: "
+                                   "drop --fdr.")
         total, failed = _predict_frames(checkpoint, images, detector, out, fmt, batch_size or 8, device, overwrite,
                                         blur, map_format, skipped)
     else:
@@ -780,10 +851,11 @@ def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | 
         if out and Path(out).exists() and not overwrite:
             raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
         rows = pipeline.predict(checkpoint, images, detector=detector, device=device, batch_size=batch_size or 256,
-                                skipped=skipped)
+                                skipped=skipped, fdr=fdr)
         counts = write_predictions(out, rows, fmt=fmt, overwrite=overwrite)
         total, failed = sum(counts.values()), counts["error"]
-        console.print(f"{total} input(s): {counts['ood']} flagged OOD, {counts['id']} accepted as ID, "
+        rule = f" (Benjamini-Hochberg at FDR {fdr:g})" if fdr is not None else ""
+        console.print(f"{total} input(s): {counts['ood']} flagged OOD{rule}, {counts['id']} accepted as ID, "
                       f"{failed} unreadable" + (f"; wrote {out}" if out else ""))
     if skipped:
         console.print(skipped_text(skipped))

@@ -145,7 +145,7 @@ def write_evaluation(out: str | os.PathLike, report: EvalReport, meta: RunMeta, 
 
 
 #: Columns of a predictions file (``oodtune predict``).
-PREDICTION_COLUMNS = ("path", "predicted_class", "confidence", "score", "margin", "is_ood", "error")
+PREDICTION_COLUMNS = ("path", "predicted_class", "confidence", "score", "margin", "p_value", "is_ood", "error")
 PREDICTION_FORMATS = ("csv", "jsonl")
 #: First characters that make a spreadsheet (Excel, LibreOffice, Sheets) read a cell as a formula.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

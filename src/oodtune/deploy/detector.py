@@ -14,6 +14,12 @@ sqrt(k (n + 1 - k) / ((n + 1)^2 (n + 2))) (the Beta(k, n + 1 - k) law of an orde
 refuses sets smaller than :func:`oodtune.metrics.min_calibration_size`. Mahalanobis and kNN are first ``fit``
 on ID *training* images; the detector records where both sets came from.
 
+**With a guarantee** (``calibrate(..., confidence=0.99)``): t is the order statistic that accepts >= ``tpr`` of
+new ID images with probability >= ``confidence`` over the draw of the calibration set (:mod:`oodtune.deploy.guarantee`,
+:mod:`oodtune.metrics.conformal`); the point estimate is recorded beside it. Either way the detector keeps the
+calibration scores, so :meth:`Detector.predict` gives each image a conformal p-value and, with ``fdr``, flags a
+batch by Benjamini–Hochberg.
+
 A detector is saved as JSON (``save``/``load``): score, threshold, calibration record, normalisation, and the
 SHA-256 of the network's weights, so a detector is never applied to another model (:class:`CheckpointError`).
 Fitted statistics (Mahalanobis, kNN) go to a sidecar ``.pt`` file of plain tensors (read ``weights_only``).
@@ -41,12 +47,13 @@ from ..data.inputs import as_uint8_images, decode_batches
 from ..data.tensors import Normalizer
 from ..errors import CheckpointError, ConfigError, DataError, OodtuneError
 from ..evaluation.classification import Outputs, compute_outputs, score_dataset
-from ..metrics import acceptance_rate, min_calibration_size, threshold_at_tpr
+from ..metrics import acceptance_rate
 from ..models import FeatureModel, load_feature_model, weights_hash
 from ..scores import Score, Shaper, build_score
 from ..utils.atomic import write_atomic, write_text_atomic
 from ..utils.progress import format_rate, progress_bar
 from ..utils.runtime import resolve_device
+from .guarantee import Guarantee
 from .record import DETECTOR_FORMAT, DETECTOR_VERSION, check_state_value, validate_record
 
 __all__ = ["DETECTOR_FORMAT", "Calibration", "Detector", "Predictions"]
@@ -74,7 +81,8 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Predictions:
-    """Per image: predicted class index, its softmax probability, the OOD score and (once calibrated) ``is_ood``."""
+    """Per image: predicted class index, its softmax probability, the OOD score and (once calibrated) ``is_ood``
+    and the conformal ``p_values`` (when the detector stores its calibration scores)."""
 
     labels: np.ndarray  # (N,) int64
     confidence: np.ndarray  # (N,) float32, max softmax probability
@@ -82,17 +90,19 @@ class Predictions:
     is_ood: np.ndarray | None  # (N,) bool, None before calibration
     classes: tuple[str, ...]
     threshold: float | None = None  # the calibrated threshold (None before calibration)
+    p_values: np.ndarray | None = None  # (N,) float64 conformal p-values (oodtune.deploy.guarantee)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def rows(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """One dict per image: path (from ``names``), predicted_class, confidence, score, margin (score -
-        threshold: negative = flagged OOD; None before calibration), is_ood, error (None)."""
+        threshold: negative = flagged OOD; None before calibration), p_value, is_ood, error (None)."""
         names = list(names) if names is not None else [str(i) for i in range(len(self))]
         return [{"path": names[i], "predicted_class": self.classes[int(self.labels[i])],
                  "confidence": float(self.confidence[i]), "score": float(self.scores[i]),
                  "margin": None if self.threshold is None else float(self.scores[i]) - self.threshold,
+                 "p_value": None if self.p_values is None else float(self.p_values[i]),
                  "is_ood": None if self.is_ood is None else bool(self.is_ood[i]), "error": None}
                 for i in range(len(self))]
 
@@ -101,6 +111,17 @@ def _expected_acceptance(k: int, n: int) -> tuple[float, float]:
     """Mean and std of Beta(k, n + 1 - k): the acceptance rate of the k-th largest of n calibration scores."""
     a, b = k, n + 1 - k
     return a / (a + b), math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+
+
+def _checked_guarantee(record: Any, calibration: Calibration | None, path: Path) -> Guarantee:
+    """The ``guarantee`` record of detector file ``path``, validated and consistent with its calibration."""
+    guarantee = Guarantee.from_dict(record, where=f"{path}: guarantee")
+    if calibration is None or (guarantee.threshold, guarantee.tpr, guarantee.n) != (
+            calibration.threshold, calibration.tpr, calibration.n):
+        raise ConfigError(f"{path}: the calibration (threshold, tpr, n) does not match the guarantee's "
+                          f"({guarantee.threshold}, {guarantee.tpr}, {guarantee.n}) derived from the stored "
+                          "calibration scores (a damaged or edited file); calibrate again.")
+    return guarantee
 
 
 class Detector:
@@ -130,6 +151,7 @@ class Detector:
         self.checkpoint = None if checkpoint is None else str(Path(checkpoint).resolve())
         self.weights_sha256 = weights_hash(self.net.model)
         self.calibration: Calibration | None = None
+        self.guarantee: Guarantee | None = None  # threshold choice + calibration scores (p-values)
         self.fit_source: str | None = None
         #: the scores of the last calibration (and of its check), for plots; not saved
         self.calibration_scores: tuple[np.ndarray, np.ndarray | None] | None = None
@@ -181,22 +203,53 @@ class Detector:
         ds = self._imageset(images)
         return self._scores(ds, self._outputs(ds, batch_size, show_progress), show_progress)
 
-    def predict(self, images: Any, *, batch_size: int = 256, show_progress: bool = False) -> Predictions:
-        """Class, confidence, score and ``is_ood`` (None before calibration) of every image."""
+    def guaranteed(self) -> Guarantee:
+        """The stored calibration scores; a :class:`ConfigError` for a detector calibrated without them."""
+        if self.guarantee is None:
+            raise ConfigError("this detector stores no calibration scores (made by an older oodtune), so it has no "
+                              "p-values: calibrate it again (`oodtune calibrate`).")
+        return self.guarantee
+
+    def predict(self, images: Any, *, batch_size: int = 256, show_progress: bool = False,
+                fdr: float | None = None) -> Predictions:
+        """Class, confidence, score, conformal p-value and ``is_ood`` (None before calibration) of every image.
+
+        ``is_ood`` is ``score < threshold``; with ``fdr`` it is instead the Benjamini–Hochberg decision over this
+        batch at that false discovery rate (:mod:`oodtune.metrics.conformal`)."""
         ds = self._imageset(images)
         out = self._outputs(ds, batch_size, show_progress)
         probs = out.logits.softmax(dim=1)
         conf, labels = probs.max(dim=1)
         scores = self._scores(ds, out, show_progress)
-        is_ood = None if self.calibration is None else scores < self.calibration.threshold
+        p_values = None if self.guarantee is None else self.guarantee.p_values(scores)
+        if fdr is not None:
+            is_ood: np.ndarray | None = self.guaranteed().flag_fdr(scores, fdr)
+        else:
+            is_ood = None if self.calibration is None else scores < self.calibration.threshold
         return Predictions(labels.cpu().numpy(), conf.float().cpu().numpy(), scores, is_ood, self.classes,
-                           self.threshold)
+                           self.threshold, p_values)
 
     def predict_files(self, inputs: Iterable[str | os.PathLike], *, batch_size: int = 256,
-                      workers: int | None = None, skipped: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
+                      workers: int | None = None, fdr: float | None = None,
+                      skipped: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
         """One row per input file (files, folders, globs, archives; see :mod:`oodtune.data.inputs`), in order, as
         :meth:`Predictions.rows`; a file that cannot be read is a row with ``error`` set and the other fields
-        None. ``skipped`` counts the non-image files passed over in folders, archives and glob matches."""
+        None. With ``fdr``, ``is_ood`` is the Benjamini–Hochberg decision over *all* the inputs: the rows are
+        then held (not the images) and come out after the last input. ``skipped`` counts the non-image files
+        passed over in folders, archives and glob matches."""
+        rows = self._predict_rows(inputs, batch_size, workers, skipped)
+        if fdr is None:
+            yield from rows
+            return
+        guarantee = self.guaranteed()
+        held = list(rows)
+        scores = np.array([np.nan if r["score"] is None else r["score"] for r in held], dtype=np.float64)
+        flagged = guarantee.flag_fdr(scores, fdr)
+        for row, flag in zip(held, flagged, strict=True):
+            yield row if row["error"] else {**row, "is_ood": bool(flag)}
+
+    def _predict_rows(self, inputs: Iterable[str | os.PathLike], batch_size: int,
+                      workers: int | None, skipped: Counter[str] | None) -> Iterator[dict[str, Any]]:
         with progress_bar("predict", total=None) as bar:
             t0, done = time.perf_counter(), 0
             for batch in decode_batches(inputs, self.resolution, batch_size, workers, skipped=skipped):
@@ -206,7 +259,7 @@ class Detector:
                 for d in batch:
                     yield next(rows) if d.pixels is not None else {
                         "path": d.name, "predicted_class": None, "confidence": None, "score": None, "margin": None,
-                        "is_ood": None, "error": d.error}
+                        "p_value": None, "is_ood": None, "error": d.error}
                 done += len(batch)
                 bar.advance(len(batch))
                 bar.update(rate=format_rate(done, time.perf_counter() - t0))
@@ -226,20 +279,20 @@ class Detector:
         return self
 
     def calibrate(self, id_images: Any, tpr: float = 0.95, *, data: str = "given ID images", held_out: bool = True,
-                  check_images: Any = None, check_data: str = "given check images",
+                  check_images: Any = None, check_data: str = "given check images", confidence: float | None = None,
                   batch_size: int = 256) -> Calibration:
         """Set the threshold so that ``tpr`` of ``id_images`` -- ID images the model never trained on -- are
-        accepted (module docstring). ``held_out=False`` records that they are training images (a biased,
-        too permissive threshold). ``check_images``, a disjoint ID set, measures the acceptance rate reached on
-        new data (recorded with its binomial std and its z-score against the expectation)."""
+        accepted (module docstring). With ``confidence``, the threshold is instead the order statistic that
+        accepts >= ``tpr`` of new ID images with probability >= ``confidence`` (:mod:`oodtune.deploy.guarantee`; both
+        thresholds are kept in :attr:`guarantee`, with the calibration scores for p-values). ``held_out=False``
+        records that they are training images (a biased, too permissive threshold). ``check_images``, a disjoint
+        ID set, measures the acceptance rate reached on new data (recorded with its binomial std and its z-score
+        against the expectation)."""
         scores = self.score(id_images, batch_size=batch_size, show_progress=True)
-        need = min_calibration_size(tpr)
-        if scores.size < need:
-            raise DataError(f"{scores.size} calibration images are too few for a threshold at TPR {tpr:g}: at least "
-                            f"{need} are needed (so that >= 10 fall below it); use more held-out ID images or a "
-                            "lower TPR.")
-        threshold, achieved = threshold_at_tpr(scores, tpr)
-        expected, expected_std = _expected_acceptance(int(math.ceil(tpr * scores.size - 1e-9)), scores.size)
+        guarantee = Guarantee.from_scores(scores, tpr, confidence)
+        threshold = guarantee.threshold
+        achieved, _ = acceptance_rate(scores, threshold)
+        expected, expected_std = _expected_acceptance(guarantee.rank, scores.size)
         check, check_scores = None, None
         if check_images is not None:
             check_set = self._imageset(check_images)
@@ -251,6 +304,7 @@ class Detector:
         self.calibration = Calibration(threshold, tpr, achieved, int(scores.size), data, held_out, expected,
                                        expected_std, check)
         self.calibration_scores = (scores, check_scores)
+        self.guarantee = guarantee
         return self.calibration
 
     # -- files ---------------------------------------------------------------------------------------------
@@ -311,6 +365,7 @@ class Detector:
             "head": self.head, "score": self.score_name, "score_state": plain,
             "statistics": None if stats is None else stats.name, "fit_source": self.fit_source, "rule": RULE,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "guarantee": None if self.guarantee is None else self.guarantee.to_dict(),
         }
         return write_text_atomic(path, json.dumps(record, indent=2) + "\n", overwrite=True)
 
@@ -372,4 +427,6 @@ class Detector:
         det.fit_source = record.get("fit_source")
         if record.get("calibration") is not None:
             det.calibration = Calibration(**record["calibration"])
+        if record.get("guarantee") is not None:
+            det.guarantee = _checked_guarantee(record["guarantee"], det.calibration, path)
         return det

@@ -5,8 +5,9 @@ alone -- no oodtune, no training code -- through ``torch.export``:
     logits, score, is_ood = program(images)   # images: uint8 (N, H, W, 3) RGB at the detector's resolution
 
 Inside: the input normalisation (x / 255 - mean) / std, the network, the score and the threshold
-(``is_ood = score < threshold``). The batch size is dynamic. The file also carries the detector's JSON record
-(classes, resolution, score, threshold, calibration, weights hash) as the extra file
+(``is_ood = not (score >= threshold)``: ``score < threshold``, with a non-finite score counted as OOD). The
+batch size is dynamic. The file also carries the detector's JSON record (classes, resolution, score,
+threshold, calibration, guarantee, weights hash) as the extra file
 ``oodtune_detector.json``; :func:`load_exported` returns both. Images must already be resized to the
 resolution (shorter side bilinear + centre crop is what oodtune does, :mod:`oodtune.data.images`).
 
@@ -31,19 +32,22 @@ from ..scores import Score, build_score
 from ..utils.atomic import write_atomic
 from .detector import RULE, Detector
 
-__all__ = ["EXTRA_FILE", "check_exportable", "export_detector", "load_exported"]
+__all__ = ["EXTRA_FILE", "DetectorProgram", "check_exportable", "export_detector", "exported_record", "load_exported"]
 
 EXTRA_FILE = "oodtune_detector.json"
 
 
-class _Program(nn.Module):
-    """uint8 (N, H, W, 3) -> (logits, score, is_ood); see the module docstring."""
+class DetectorProgram(nn.Module):
+    """uint8 (N, H, W, 3) -> (logits, score, is_ood); see the module docstring. ``score`` maps (logits,
+    features) to scores; ``is_ood`` is ``not (score >= threshold)``: ``score < threshold``, and a non-finite score
+    (which the Python detector refuses) counts as OOD. Shared by the torch.export and the ONNX exporters."""
 
     mean: torch.Tensor
     std: torch.Tensor
     threshold: torch.Tensor
 
-    def __init__(self, det: Detector, score: Callable[[torch.Tensor], torch.Tensor], threshold: float) -> None:
+    def __init__(self, det: Detector, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 threshold: float) -> None:
         super().__init__()
         self.net = det.net
         self.score = score
@@ -53,10 +57,24 @@ class _Program(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
-        logits, _ = self.net(x)
+        logits, features = self.net(x)
         logits = logits.float()
-        score = self.score(logits)
-        return logits, score, score < self.threshold
+        score = self.score(logits, features.float())
+        return logits, score, ~(score >= self.threshold)
+
+
+def exported_record(det: Detector) -> dict[str, Any]:
+    """The detector record an exported file carries: rule, score, threshold, classes, resolution, input and
+    outputs, weights hash, checkpoint, calibration and (when there is one) the guarantee with the calibration
+    scores, from which a service computes conformal p-values (:mod:`oodtune.deploy.guarantee`)."""
+    calibration = det.calibrated()
+    record = {"rule": RULE, "score": det.score_name, "threshold": calibration.threshold,
+              "classes": list(det.classes), "resolution": det.resolution, "input": "uint8 (N, H, W, 3) RGB",
+              "outputs": ["logits", "score", "is_ood"], "weights_sha256": det.weights_sha256,
+              "checkpoint": det.checkpoint, "calibration": calibration.to_dict()}
+    if det.guarantee is not None:
+        record["guarantee"] = det.guarantee.to_dict()
+    return record
 
 
 def check_exportable(score: str | Score) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -78,7 +96,7 @@ def export_detector(det: Detector, path: str | os.PathLike, *, overwrite: bool =
         raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) or choose another output path.")
     calibration = det.calibrated()
     from_logits = check_exportable(det.score_fn)
-    program = _Program(det, from_logits, calibration.threshold).to("cpu").eval()
+    program = DetectorProgram(det, lambda logits, _: from_logits(logits), calibration.threshold).to("cpu").eval()
     example = torch.zeros(2, det.resolution, det.resolution, 3, dtype=torch.uint8)
     try:
         with torch.no_grad():
@@ -89,11 +107,7 @@ def export_detector(det: Detector, path: str | os.PathLike, *, overwrite: bool =
                          "serve the Python Detector instead.") from exc
     finally:
         det.net.to(det.device)
-    record = {"rule": RULE, "score": det.score_name, "threshold": calibration.threshold,
-              "classes": list(det.classes), "resolution": det.resolution, "input": "uint8 (N, H, W, 3) RGB",
-              "outputs": ["logits", "score", "is_ood"], "weights_sha256": det.weights_sha256,
-              "checkpoint": det.checkpoint, "calibration": calibration.to_dict()}
-    extra = {EXTRA_FILE: json.dumps(record, indent=2)}
+    extra = {EXTRA_FILE: json.dumps(exported_record(det), indent=2)}
     return write_atomic(path, lambda fh: torch.export.save(exported, fh, extra_files=extra))
 
 

@@ -169,7 +169,9 @@ def validate_record(record: Any, path: os.PathLike | str) -> dict[str, Any]:
         _check_object(path, record, PIXEL_RECORD_KEYS, "", optional=("calibration",))
         _check_object(path, record["anomaly_png"], ANOMALY_PNG_KEYS, "anomaly_png")
     else:
-        _check_object(path, record, RECORD_KEYS, "", optional=("calibration", "task"))
+        # ``guarantee``: the threshold choice and the calibration scores, checked field by field by
+        # :meth:`oodtune.deploy.guarantee.Guarantee.from_dict` (absent in files of older versions)
+        _check_object(path, record, RECORD_KEYS, "", optional=("calibration", "task", "guarantee"))
     calibration = record.get("calibration")
     if calibration is not None:
         _check_object(path, calibration, PIXEL_CALIBRATION_KEYS if pixels else CALIBRATION_KEYS, "calibration",

@@ -86,13 +86,20 @@ def calibration_set(meta: RunMeta, data: str | None, source: DataSource) -> tupl
 
 def calibrate(checkpoint: str | Path, *, score: str = "energy", tpr: float = 0.95, data: str | None = None,
               data_root: DataSource | str | Path | None = None, device: str | None = None,
-              id_data: str | None = None, check: bool = True, blur: bool = False) -> Detector | SegmentationDetector:
+              id_data: str | None = None, check: bool = True, blur: bool = False, confidence: float | None = None
+              ) -> Detector | SegmentationDetector:
     """A :class:`Detector` of ``checkpoint`` with ``score``, its threshold set to accept ``tpr`` of held-out ID
-    images (``data``, module docstring); Mahalanobis/kNN statistics fitted on the ID train split first. With
-    ``check``, the acceptance rate reached is measured on the ID test split and recorded. A segmentation
+    images (``data``, module docstring) -- with ``confidence``, to accept >= ``tpr`` of new ID images with that
+    probability (:mod:`oodtune.deploy.guarantee`); Mahalanobis/kNN statistics fitted on the ID train split first.
+    With ``check``, the acceptance rate reached is measured on the ID test split and recorded. A segmentation
     checkpoint gets a :class:`SegmentationDetector` with a pixel threshold
-    (:func:`~.pixel_detect.calibrate_segmenter`; ``blur`` as ``evaluate --blur``)."""
+    (:func:`~.pixel_detect.calibrate_segmenter`; ``blur`` as ``evaluate --blur``; no ``confidence``: the pixels
+    of a frame are not independent draws, so the order-statistic bound does not hold for them)."""
     if read_meta(checkpoint).task == "segmentation":
+        if confidence is not None:
+            raise ConfigError("--confidence bounds the acceptance of new images from independent calibration images; "
+                              "the pixels of a frame are not independent, so a segmenter's pixel threshold has no such "
+                              "guarantee: drop --confidence.")
         return calibrate_segmenter(checkpoint, score=score, tpr=tpr, data=data, data_root=data_root, device=device,
                                    id_data=id_data, check=check, blur=blur)
     if blur:
@@ -108,7 +115,8 @@ def calibrate(checkpoint: str | Path, *, score: str = "energy", tpr: float = 0.9
         det.fit(train, train.labels, source=f"{meta.dataset}: training split as the checkpoint records it "
                                             f"({len(train)} images)")
     test, check_data = disjoint_check_set(id_test_set(meta, source), images, meta.dataset) if check else (None, "")
-    det.calibrate(images, tpr, data=what, held_out=held_out, check_images=test, check_data=check_data)
+    det.calibrate(images, tpr, data=what, held_out=held_out, check_images=test, check_data=check_data,
+                  confidence=confidence)
     return det
 
 
@@ -132,10 +140,15 @@ def disjoint_check_set(test: ImageSet, calibration: ImageSet, dataset: str) -> t
 
 
 def predict(checkpoint: str | Path, inputs: Sequence[str], *, detector: str | Path, device: str | None = None,
-            batch_size: int = 256, skipped: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Rows (path, predicted_class, confidence, score, margin, is_ood, error) for every input file; ``detector``
-    (a saved detector) must have been calibrated for ``checkpoint``'s weights; ``skipped`` counts the non-image
-    files passed over. Segmentation checkpoints: :func:`~.pixel_detect.predict_frames`."""
+            batch_size: int = 256, skipped: Counter[str] | None = None, fdr: float | None = None
+            ) -> Iterator[dict[str, Any]]:
+    """Rows (path, predicted_class, confidence, score, margin, p_value, is_ood, error) for every input file;
+    ``detector`` (a saved detector) must have been calibrated for ``checkpoint``'s weights; ``skipped`` counts the
+    non-image files passed over. With ``fdr``, ``is_ood`` is the Benjamini–Hochberg decision over all inputs at
+    that false discovery rate (:meth:`Detector.predict_files`). Segmentation checkpoints:
+    :func:`~.pixel_detect.predict_frames`."""
     det = Detector.load(detector, checkpoint, device=device)
     det.calibrated()
-    return det.predict_files(inputs, batch_size=batch_size, skipped=skipped)
+    if fdr is not None:
+        det.guaranteed()  # refuse before any forward pass
+    return det.predict_files(inputs, batch_size=batch_size, fdr=fdr, skipped=skipped)

@@ -28,11 +28,17 @@ from ..models.features import FeatureModel
 __all__ = ["FittedScore", "LogitScore", "Score", "check_features", "check_logits", "f64_device"]
 
 
+def _exporting() -> bool:
+    """True while ``torch.export`` (also under ``torch.onnx.export``) traces a score: the finiteness checks are
+    data-dependent and stay with the Python path; an exported detector flags non-finite scores as OOD instead."""
+    return torch.compiler.is_exporting()
+
+
 def check_logits(logits: torch.Tensor) -> torch.Tensor:
     """``logits`` as float32 after checking their shape (B, K) and that they are finite."""
     if logits.ndim != 2 or logits.shape[1] == 0:
         raise ScoreError(f"logits must have shape (batch, num_classes), got {tuple(logits.shape)}.")
-    if not torch.isfinite(logits).all():
+    if not _exporting() and not torch.isfinite(logits).all():
         raise ScoreError("logits contain NaN/inf; the model produced non-finite outputs "
                          "(diverged checkpoint or overflowing precision).")
     return logits.float()
@@ -48,7 +54,7 @@ def check_features(features: torch.Tensor, batch: int | None = None, dim: int | 
     if dim is not None and features.shape[1] != dim:
         raise ScoreError(f"features have dimension {features.shape[1]} but the score was fitted on dimension {dim}; "
                          "score with the same model (and layer) that produced the fit statistics.")
-    if not torch.isfinite(features).all():
+    if not _exporting() and not torch.isfinite(features).all():
         raise ScoreError("features contain NaN/inf; the model produced non-finite outputs.")
     return features
 
