@@ -80,8 +80,9 @@ def write_cityscapes(root: Path, split: str = "train", frames: int = 2, seed: in
     return out
 
 
-def write_objects(root: Path, train: int = 5, val: int = 3, seed: int = 4) -> Path:
-    """The COCO-objects mirror: ``coco-mini-objects/objects.json`` + crops and 0/255 masks."""
+def write_objects(root: Path, train: int = 5, val: int = 3, seed: int = 4, per_photo: int = 1) -> Path:
+    """The COCO-objects mirror: ``coco-mini-objects/objects.json`` + crops and 0/255 masks; ``per_photo`` objects
+    share each source photo (``coco_image_id``)."""
     rng = np.random.default_rng(seed)
     base = root / "coco-mini-objects"
     entries = []
@@ -92,7 +93,7 @@ def write_objects(root: Path, train: int = 5, val: int = 3, seed: int = 4) -> Pa
         image = _save(base / "objects" / f"o{i}.jpg", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         mask_path = _save(base / "objects" / f"o{i}_mask.png", mask)
         entries.append({"split": split, "category": "thing", "image": str(image.relative_to(base)),
-                        "mask": str(mask_path.relative_to(base))})
+                        "mask": str(mask_path.relative_to(base)), "coco_image_id": 1000 + i // per_photo})
     (base / "objects.json").write_text(json.dumps({"objects": entries}))
     return base
 

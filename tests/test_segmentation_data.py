@@ -19,7 +19,7 @@ from fixtures_segmentation import (
     write_processed,
     write_road_anomaly,
 )
-from oodtune.data import available_datasets, load_dataset, load_objects, load_segmentation
+from oodtune.data import available_datasets, load_dataset, load_objects, load_segmentation, objects
 from oodtune.data.objects import ObjectBank, paste_object, paste_objects
 from oodtune.data.segmentation import (
     ANOMALY_CLASSES,
@@ -134,6 +134,24 @@ def test_object_bank_splits_are_disjoint_and_cropped(data_env: dict[str, Path]) 
     assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"]
     for img, mask in zip(banks["train"].images, banks["train"].masks, strict=True):
         assert img.shape[:2] == mask.shape and mask[0].any() and mask[:, 0].any()  # cropped to the mask
+
+
+def test_object_bank_splits_by_source_photo(data_env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects of one photo look alike: train and val never share a photo (here 4 objects per photo)."""
+    base = write_objects(data_env["root"], train=40, val=4, per_photo=4)
+    photo_of = {str(base / o["image"]): o["coco_image_id"]
+                for o in json.loads((base / "objects.json").read_text())["objects"]}
+    read: list[str] = []
+    real = objects._read_rgb
+    monkeypatch.setattr(objects, "_read_rgb", lambda path: read.append(str(path)) or real(path))
+    photos, sizes = {}, {}
+    for split in ("train", "val", "test"):
+        read.clear()
+        sizes[split] = len(load_objects("coco-objects", data_env["root"], split))
+        photos[split] = {photo_of[p] for p in read}
+    assert (len(photos["train"]), len(photos["val"])) == (8, 2)  # a fifth of the 10 train2017 photos
+    assert sizes == {"train": 32, "val": 8, "test": 4}  # every object of a photo goes with it
+    assert not photos["train"] & photos["val"] and not photos["train"] & photos["test"]
 
 
 def test_object_without_mask_is_refused(data_env: dict[str, Path]) -> None:

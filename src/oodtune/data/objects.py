@@ -6,8 +6,11 @@ listing ``image``, ``mask`` (0/255 PNG) and ``split`` = train2017 / val2017 per 
 processed COCO (``coco/annotations/ood_seg_{train,val}2017/NAME.png``, object pixels = 254, beside
 ``coco/{train,val}2017/NAME.jpg``; all object pixels of an image form one object, as in PEBAL). oodtune's splits:
 
-* ``train`` — the ``train2017`` objects minus a seeded held-out fifth: the only objects fine-tuning pastes;
-* ``val`` — that held-out fifth of ``train2017``: for choosing margins / γ / α on CamVid *val* frames;
+* ``train`` — the objects of the ``train2017`` photos minus a seeded held-out fifth *of the photos*: the only
+  objects fine-tuning pastes;
+* ``val`` — every object of that held-out fifth of the ``train2017`` photos: for choosing margins / γ / α on CamVid
+  *val* frames. The split is by source photo, so no photo supplies objects to both (several objects of one photo
+  share its look; split by object, most validation photos also supplied training objects);
 * ``test`` — the ``val2017`` objects: only in the held-out pasted test set.
 
 **Pasting** (:func:`paste_object`, PEBAL's ``mix_object`` with a random scale and flip): the object is scaled so
@@ -104,19 +107,26 @@ def _crop(img: np.ndarray, mask: np.ndarray, where: Path) -> tuple[np.ndarray, n
     return np.ascontiguousarray(img[sl]), np.ascontiguousarray(mask[sl])
 
 
-def _split_of(coco_split: str, index: int, heldout: set[int]) -> str:
+#: One object of a listing: (COCO split, crop image, mask, category, source photo).
+Entry = tuple[str, Path, Path, str, str]
+
+
+def _split_of(coco_split: str, photo: str, heldout: set[str]) -> str:
     if coco_split.startswith("val"):
         return "test"
-    return "val" if index in heldout else "train"
+    return "val" if photo in heldout else "train"
 
 
-def _heldout(n: int) -> set[int]:
-    """Seeded held-out fifth of the ``n`` train2017 objects (by their order in the listing)."""
+def _heldout(photos: list[str]) -> set[str]:
+    """Seeded held-out fifth of the distinct train2017 source ``photos`` (in their order of first appearance)."""
+    distinct = list(dict.fromkeys(photos))
     rng = np.random.default_rng(HELDOUT_SEED)
-    return {int(i) for i in rng.permutation(n)[: int(round(HELDOUT_FRACTION * n))]}
+    return {distinct[int(i)] for i in rng.permutation(len(distinct))[: int(round(HELDOUT_FRACTION * len(distinct)))]}
 
 
-def _mirror_entries(folder: Path) -> list[tuple[str, Path, Path, str]]:
+def _mirror_entries(folder: Path) -> list[Entry]:
+    """The listing's objects; the source photo is ``coco_image_id`` (the crop's own file when the listing has no
+    id)."""
     listing = folder / "objects.json"
     try:
         meta = json.loads(listing.read_text(encoding="utf-8"))
@@ -130,18 +140,22 @@ def _mirror_entries(folder: Path) -> list[tuple[str, Path, Path, str]]:
         if not obj.get("mask"):
             raise DataError(f"{listing}: object #{i} ({obj['image']}) has no 'mask'; an object bank needs an instance "
                             "mask per object (a copy-paste without masks would paste whole rectangles).")
-        out.append((str(obj["split"]), folder / obj["image"], folder / obj["mask"], str(obj.get("category", "?"))))
+        photo = f"{obj['split']}/{obj['coco_image_id']}" if "coco_image_id" in obj else str(obj["image"])
+        out.append((str(obj["split"]), folder / obj["image"], folder / obj["mask"], str(obj.get("category", "?")),
+                    photo))
     return out
 
 
-def _pebal_entries(coco: Path) -> list[tuple[str, Path, Path, str]]:
+def _pebal_entries(coco: Path) -> list[Entry]:
+    """PEBAL's processed COCO: one object (all object pixels) per photo."""
     out = []
     for coco_split in ("train2017", "val2017"):
         ann = coco / "annotations" / f"ood_seg_{coco_split}"
         if not ann.is_dir():
             continue
         for mask in sorted(ann.rglob("*.png")):
-            out.append((coco_split, coco / coco_split / f"{mask.stem}.jpg", mask, "coco"))
+            image = coco / coco_split / f"{mask.stem}.jpg"
+            out.append((coco_split, image, mask, "coco", str(image)))
     return out
 
 
@@ -166,11 +180,10 @@ def load_object_bank(root: Path, split: str, cache_dir: Path) -> ObjectBank:
                             f"{root}/coco-mini-objects/objects.json, coco-mini-objects.tar.gz, "
                             f"{root}/coco/annotations/ood_seg_train2017/*.png. Fix: place one there, or pass another "
                             "root (argument root=, or env OODTUNE_DATA).")
-    train_idx = [i for i, e in enumerate(entries) if not e[0].startswith("val")]
-    held = {train_idx[j] for j in _heldout(len(train_idx))}
+    held = _heldout([e[4] for e in entries if not e[0].startswith("val")])
     images, masks, cats = [], [], []
-    for i, (coco_split, image, mask_path, cat) in enumerate(entries):
-        if _split_of(coco_split, i, held) != split:
+    for coco_split, image, mask_path, cat, photo in entries:
+        if _split_of(coco_split, photo, held) != split:
             continue
         img, mask = _crop(_read_rgb(image), _read_mask(mask_path, image, foreground), image)
         images.append(img)
