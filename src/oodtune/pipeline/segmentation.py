@@ -40,6 +40,7 @@ from ..models import (
     SegmentationModel,
     build_model,
     read_state_dict,
+    resolve_train_part,
     save_checkpoint,
     weights_hash,
 )
@@ -149,6 +150,10 @@ class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
     def train(self, net: SegmentationModel, meta: RunMeta, loss: CompositeLoss, config: TrainConfig, *,
               outliers: str | None, source: DataSource, run_dir: Path) -> Path:
         bank = source.objects(outliers, "train") if outliers else None
+        part = resolve_train_part(net.model, meta.arch, config.train_part, meta.trainable)
+        if part != meta.trainable:  # the checkpoint records the modules this run trained
+            net.set_trainable(part)
+            meta = meta.replace(trainable=part)
         SegmentationTrainer(net, self.train_set(meta, source), loss, config, outliers=bank,
                             normalizer=normalizer_for(meta), run_dir=run_dir, meta=meta).fit()
         return Path(run_dir) / FINAL
