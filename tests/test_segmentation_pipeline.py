@@ -107,6 +107,20 @@ def test_a_user_segmenter_fine_tunes_its_named_head(seg_root: dict[str, Path]) -
     assert report.rows and "miou" in report.id_metrics
 
 
+def test_the_decoder_trains_with_reference_pasting(seg_root: dict[str, Path]) -> None:
+    """train_part = decoder, paste_mode = reference: only the decoder changes, its BatchNorm statistics included, and
+    the fine-tuned checkpoint records the modules it trained."""
+    cfg = FAST.replace(train_part="decoder", paste_mode="reference", paste_share=0.5, outlier_batch_size=2)
+    out = pipeline.finetune(seg_root["ckpt"], seg_root["tmp"] / "dec", method="pebal", data_root=seg_root["root"],
+                            outliers="coco-objects", config=cfg, loss_options={"smooth_normalization": "sum"})
+    before, after = load_model(seg_root["ckpt"])[0].state_dict(), load_model(out)
+    changed = {k for k, v in after[0].state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and not any(k.startswith("encoder.") for k in changed)
+    assert any(k.endswith("running_mean") for k in changed)  # the decoder's BatchNorm layers train
+    assert after[1].trainable == ("level3_C", "br", "conv", "up_l3", "combine_l2_l3", "up_l2", "classifier")
+    assert after[1].train_config["paste_mode"] == "reference"
+
+
 def test_pebal_needs_an_abstention_channel(seg_root: dict[str, Path]) -> None:
     weights = write_espnet_weights(seg_root["tmp"] / "k11.pth", outputs=11)
     ckpt = pipeline.import_segmenter(weights, seg_root["tmp"] / "k11.pt", arch="espnet-camvid", dataset="camvid",
