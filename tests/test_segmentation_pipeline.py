@@ -141,6 +141,7 @@ ood_far = ["road-anomaly"]
 seeds = [0]
 out = "{tmp / 'bench'}"
 device = "cpu"
+blur = "both"
 [finetune]
 epochs = 1
 max_steps_per_epoch = 1
@@ -157,6 +158,9 @@ label = "PEBAL"
 method = "pebal"
 m_in = "auto"
 m_out = "auto"
+train_part = "decoder"
+paste_mode = "reference"
+smooth_normalization = "sum"
 """)
     cfg = load_benchmark_config(config, data_root=str(seg_root["root"]))
     assert cfg.task == "segmentation" and cfg.outliers == "coco-objects"
@@ -164,7 +168,10 @@ m_out = "auto"
     run_benchmark(cfg, "test")
     results = json.loads((tmp / "bench" / "results.json").read_text())
     rows = {r["method"]: r for r in results["summary"]}
-    assert set(rows) == {"Energy", "MSP", "PEBAL"} and "miou" in rows["PEBAL"]
+    assert set(rows) == {m + b for m in ("Energy", "MSP", "PEBAL") for b in ("", " +blur")}
+    assert "miou" in rows["PEBAL"] and rows["PEBAL +blur"]["miou"] == rows["PEBAL"]["miou"]  # blur: scores only
+    assert cfg.train_config("finetune", cfg.methods[2], 0).train_part == "decoder"
+    assert list((tmp / "bench" / "evals").rglob("road-anomaly*-blur.json"))
     assert "mIoU" in (tmp / "bench" / "results.md").read_text()
     assert (tmp / "bench" / "maps-pebal.png").exists() and (tmp / "bench" / "roc-pebal.png").exists()
     bad = tmp / "bad.toml"

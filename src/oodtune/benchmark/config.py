@@ -6,7 +6,9 @@ Sections (``configs/*.toml`` are documented examples):
   :data:`oodtune.data.PROTOCOLS`; keys given here override it), ``id_dataset``, ``arch``, ``outliers``,
   ``ood_near``, ``ood_far``, ``num_ood``, ``seeds``, ``out``, ``data_root``, ``device``, ``pretrained`` (an
   existing checkpoint instead of pretraining one), ``id_split`` (the ID split the ID-task metrics are measured
-  on, default ``test``; ``val`` for a validation grid).
+  on, default ``test``; ``val`` for a validation grid), ``blur`` (segmentation: the score maps as measured,
+  ``"off"`` (default), Gaussian-blurred (kernel 7, σ 1) as PEBAL's test code does, ``"on"``, or ``"both"``: every
+  row twice, the blurred one labelled ``LABEL +blur``).
 
 A segmentation ``id_dataset`` (e.g. ``camvid``) makes it a segmentation benchmark: ``pretrained`` is then required
 (segmenters are imported, not pretrained: ``oodtune import-model``), the methods are the pixel methods of
@@ -60,8 +62,10 @@ TRAIN_TYPES: dict[str, tuple[type, ...]] = {
 BENCHMARK_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,), "protocol": (str,), "id_dataset": (str,), "arch": (str,), "outliers": (str,), "ood_near": (list,),
     "ood_far": (list,), "num_ood": (int,), "seeds": (list,), "out": (str,), "data_root": (str,), "device": (str,),
-    "pretrained": (str,), "id_split": (str,),
+    "pretrained": (str,), "id_split": (str,), "blur": (str,),
 }
+#: ``[benchmark].blur``: which score maps a segmentation benchmark reports (False = as measured, True = blurred).
+BLUR_VARIANTS: dict[str, tuple[bool, ...]] = {"off": (False,), "on": (True,), "both": (False, True)}
 PRETRAIN_EXTRA: dict[str, tuple[type, ...]] = {"num_train": (int,), "imbalance_ratio": (float,),
                                                "val_fraction": (float,)}
 #: loss option -> accepted TOML types (from the one table of loss options).
@@ -142,6 +146,7 @@ class BenchmarkConfig:
     task: str = "classification"
     id_split: str = "test"
     matrix: MatrixSpec | None = None
+    blur: tuple[bool, ...] = (False,)  # segmentation: score maps as measured and/or blurred (BLUR_VARIANTS)
 
     def selected(self, spec: MethodSpec) -> bool:
         """Whether this invocation may train/evaluate ``spec`` (the others are only tabulated)."""
@@ -350,6 +355,10 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
     seeds = b.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise chk.fail("[benchmark].seeds", f"expected a non-empty list of integers, got {seeds!r}")
+    blur = b.get("blur", "off")
+    if blur not in BLUR_VARIANTS or (blur != "off" and not segmentation):
+        raise chk.fail("[benchmark].blur", f"{blur!r}: one of {', '.join(BLUR_VARIANTS)}, for segmentation "
+                       "benchmarks only (the Gaussian blur of per-pixel score maps)")
     if only:
         names = {n for m in methods for n in (m.label, m.slug)}
         missing = [n for n in only if n not in names]
@@ -365,12 +374,16 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
         pretrained=b.get("pretrained"), protocol=b.get("protocol"), only=list(only or []),
         task="segmentation" if segmentation else "classification", id_split=b.get("id_split", "test"),
         matrix=_matrix_spec(chk, raw["matrix"], known, protocol, ood_near + ood_far) if "matrix" in raw else None,
+        blur=BLUR_VARIANTS[blur],
     )
     try:  # every training configuration is built once now, so a bad value fails before any work
         cfg.train_config("pretrain", None, 0)
         for spec in methods:
             if not spec.posthoc:
-                cfg.train_config("finetune", spec, 0)
+                tc = cfg.train_config("finetune", spec, 0)
+                if not segmentation and (tc.train_part, tc.paste_mode, tc.paste_share) != (None, "object", None):
+                    raise ConfigError(f"row {spec.label!r}: train_part, paste_mode and paste_share are segmentation "
+                                      "options; a classifier fine-tunes every layer on auxiliary images.")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return cfg

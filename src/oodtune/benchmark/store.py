@@ -96,9 +96,10 @@ Compute = Callable[[list[str], list[str]], EvalReport]
 class EvalStore:
     """The cache under ``root`` (module docstring); checkpoints are named by the SHA-256 of their file."""
 
-    def __init__(self, root: str | Path, *, id_split: str = "test") -> None:
+    def __init__(self, root: str | Path, *, id_split: str = "test", blur: bool = False) -> None:
         self.root = Path(root)
-        suffix = "" if id_split == "test" else f"-{id_split}"
+        # blurred score maps (segmentation) are stored beside the plain ones: <set>-blur.npy, id-blur.npy, ...
+        suffix = ("" if id_split == "test" else f"-{id_split}") + ("-blur" if blur else "")
         self.id_file, self.info_file, self.row_suffix = f"{ID}{suffix}", f"checkpoint{suffix}.json", f"{suffix}.json"
         self._sha: dict[tuple[str, int, int], str] = {}
 
