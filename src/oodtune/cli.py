@@ -38,14 +38,13 @@ from .training.config import (
     COMPILE_SCOPES,
     FINETUNE,
     PASTE_MODES,
-    PRECISIONS,
     PRETRAIN,
     SEGMENTATION_FINETUNE,
     TrainConfig,
 )
 from .utils.atomic import check_writable
 from .utils.progress import ConsoleHandler, console
-from .utils.runtime import resolve_device
+from .utils.runtime import PRECISIONS, inference_precision, resolve_device, set_threads
 
 METHODS_HELP = "; ".join(f"{task}: {r.methods_help}" for task, r in TASK_LOSSES.items())
 OUTLIERS_HELP = "Auxiliary outlier dataset [default: tin-aux for classification, coco-objects for segmentation]."
@@ -126,6 +125,35 @@ def _device(_ctx: click.Context, param: click.Parameter, value: str | None) -> s
     return value
 
 
+PRECISION_HELP = ("auto = bf16 autocast + channels_last on CUDA and on CPUs with native bf16 (AMX-BF16 or "
+                  "AVX512-BF16), else fp32. Scores and metrics are computed in fp32/fp64 either way.")
+THREADS_HELP = ("CPU threads of this process [default: OMP_NUM_THREADS, else the CPUs it may use (affinity, cgroup "
+                "quota)]. Running several processes at once, give each its share: 1 each for as many processes as "
+                "cores.")
+
+
+def threads_option(f: Any) -> Any:
+    """``--threads N``: the process's intra-op threads (:func:`oodtune.utils.runtime.set_threads`), set before the
+    command runs; with ``--precision`` among the command's options, its forward passes that score run in it."""
+    @functools.wraps(f)
+    def run(*args: Any, threads: int | None, **kw: Any) -> Any:
+        try:
+            set_threads(threads)
+        except OodtuneError as exc:
+            raise click.BadParameter(str(exc), param_hint="--threads") from None
+        precision = kw.pop("inference_precision", None) or kw.get("precision") or "auto"
+        with inference_precision(precision):
+            return f(*args, **kw)
+
+    return click.option("--threads", type=click.IntRange(1), default=None, help=THREADS_HELP)(run)
+
+
+def precision_option(f: Any) -> Any:
+    """``--precision`` of a command that only runs forward passes (the wrapper of :func:`threads_option` uses it)."""
+    return click.option("--precision", "inference_precision", type=click.Choice(PRECISIONS), default="auto",
+                        show_default=True, help=PRECISION_HELP)(f)
+
+
 def common_options(f: Any) -> Any:
     """Options every data-reading command shares; the command receives ``data_root`` as a DataSource."""
     @functools.wraps(f)
@@ -134,9 +162,10 @@ def common_options(f: Any) -> Any:
 
         return f(*args, data_root=DataSource(data_root, download=download), **kw)
 
+    g = threads_option(with_source)
     g = click.option("--data-root", envvar="OODTUNE_DATA", type=click.Path(file_okay=False),
                      help="Folder holding the datasets (official files or archives) [default: env OODTUNE_DATA, "
-                          "else ./data].")(with_source)
+                          "else ./data].")(g)
     g = click.option("--download", is_flag=True,
                      help="Download official archives that are missing from the data root (CIFAR-10/100).")(g)
     return click.option("--device", default="auto", show_default=True, callback=_device,
@@ -217,7 +246,7 @@ def train_options(defaults: TrainConfig, *, shown: bool) -> Callable[[Any], Any]
                          show_default=shown, callback=_finite, help="SGD weight decay." + note("weight_decay")),
             click.option("--seed", type=int, default=defaults.seed, show_default=True),
             click.option("--precision", type=click.Choice(PRECISIONS), default=defaults.precision, show_default=True,
-                         help="auto = bf16 autocast on CUDA, fp32 on CPU."),
+                         help=PRECISION_HELP),
             click.option("--compile", "compile_mode", default=defaults.compile, show_default=True,
                          type=click.Choice(COMPILE_MODES),
                          help="torch.compile mode for the training step (reduce-overhead = CUDA graphs; "
@@ -400,6 +429,7 @@ def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: 
 @main.command("estimate-prior")
 @config_option
 @pretrained_and_outliers
+@precision_option
 @click.option("--gamma", type=click.FloatRange(0), default=DEFAULT_GAMMA, show_default=True,
               help="Power applied to the prior before L1 normalisation (Balanced Energy's γ; the paper's CIFAR-10 "
                    "value; its long-tailed runs use 0.5, the segmentation code 3).")
@@ -426,6 +456,7 @@ def estimate_prior(checkpoint: str, outliers: str | None, gamma: float, out: str
 
 @main.command("propose-margins")
 @pretrained_and_outliers
+@precision_option
 @id_data_option
 def propose_margins(checkpoint: str, outliers: str | None, data_root: Any, device: str, id_data: str | None) -> None:
     """Suggest m_in / m_out from the pretrained model's energies on ID train data and outliers (segmentation: on
@@ -506,6 +537,7 @@ def finetune(**kw: Any) -> None:
 @main.command()
 @config_option
 @common_options
+@precision_option
 @trust_option
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--score", "scores", multiple=True, type=click.Choice(SCORE_NAMES), default=("msp", "energy"),
@@ -579,6 +611,7 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
 @main.command()
 @config_option
 @common_options
+@precision_option
 @id_data_option
 @trust_option
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
@@ -639,6 +672,8 @@ def calibrate(checkpoint: str, score: str, tpr: float, calibration_data: str, ch
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
               help="Override the format chosen from --out's suffix.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@threads_option
+@precision_option
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 def predict(checkpoint: str, images: tuple[str, ...], detector: str, out: str | None, fmt: str | None,
@@ -675,6 +710,7 @@ def examples() -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--data-root", envvar="OODTUNE_DATA", type=click.Path(file_okay=False), default=None,
               help="Overrides the config's data_root.")
+@threads_option
 @click.option("--device", default=None, callback=_device, help="Overrides the config's device.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Overrides the config's out folder.")
 @click.option("--only", multiple=True, metavar="METHOD",

@@ -29,10 +29,12 @@ def gaussian_blur(x: Tensor, kernel_size: int = 7, sigma: float = 1.0) -> Tensor
     """Separable Gaussian blur of (B, H, W) maps with reflect padding (torchvision's ``GaussianBlur(7, 1)``,
     which the reference applies to the Gambler reward and, optionally, to test-time anomaly maps)."""
     half = kernel_size // 2
-    t = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    y = F.pad(x.unsqueeze(1), (half, half, half, half), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1))
-    y = F.conv2d(y, k.view(1, 1, -1, 1))
-    return y.squeeze(1)
+    t = torch.arange(-half, half + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    k: list[float] = (g / g.sum()).tolist()
+    h, w = x.shape[-2:]
+    y = F.pad(x.unsqueeze(1), (half, half, half, half), mode="reflect").squeeze(1)
+    # each 1-D pass as a sum of shifted copies: a 1-channel convolution is a slow path on CPUs (oneDNN), this is
+    # a few memory-bound passes, forward and backward
+    y = torch.stack([k[i] * y[:, :, i : i + w] for i in range(kernel_size)]).sum(0)
+    return torch.stack([k[i] * y[:, i : i + h, :] for i in range(kernel_size)]).sum(0)

@@ -125,6 +125,7 @@ def write_evaluation(out: str | os.PathLike, report: EvalReport, meta: RunMeta, 
     js, md, csv_path = evaluation_paths(out)
     data = {"command": command, "checkpoint": str(checkpoint), **provenance(report.positive),
             "id_dataset": meta.dataset, **report.id_metrics, "rows": evaluation_rows(report),
+            "precision": {"training": meta.precision, "evaluation": report.precision},
             **({"selections": report.selections} if report.selections else {})}
     write_json(js, data, overwrite=overwrite)
     convention = metric_convention(report.positive)

@@ -30,7 +30,7 @@ from ..report import write_json
 from ..training.config import TrainConfig
 from ..training.trainer import FINAL
 from ..utils.lock import output_lock
-from ..utils.runtime import resolve_device
+from ..utils.runtime import inference_precision, resolve_device, resolve_precision
 from .config import BenchmarkConfig, MethodSpec
 from .matrix import PRETRAINED, MatrixModel, run_matrix
 from .provenance import check_finetuned, check_pretrained
@@ -62,9 +62,10 @@ class Benchmark:
         self.cfg = cfg
         self.out = cfg.out
         self.source = pipeline.DataSource(cfg.data_root)
-        self.store = EvalStore(cfg.out / "evals", id_split=cfg.id_split)
+        self.precision = resolve_precision(resolve_device(cfg.device), cfg.finetune.get("precision", "auto"))
+        self.store = EvalStore(cfg.out / "evals", id_split=cfg.id_split, precision=self.precision)
         #: segmentation: the evaluations of blurred score maps, stored beside the plain ones
-        self.blur_store = EvalStore(cfg.out / "evals", id_split=cfg.id_split, blur=True)
+        self.blur_store = EvalStore(cfg.out / "evals", id_split=cfg.id_split, precision=self.precision, blur=True)
 
     # -- trained checkpoints ----------------------------------------------------------------------
     def pretrained_path(self) -> Path:
@@ -341,4 +342,6 @@ def run_benchmark(cfg: BenchmarkConfig, command: str, *, report_only: bool = Fal
         resolve_device(cfg.device)
         if not cfg.pretrained:
             check_trusted(cfg.arch, "the benchmark config")
-        return Benchmark(cfg).run(command, report_only=report_only)
+        bench = Benchmark(cfg)
+        with inference_precision(bench.precision):  # evaluations run in the fine-tuning's precision
+            return bench.run(command, report_only=report_only)

@@ -12,7 +12,7 @@ answered from a stale file:
 
 Layout (``OUT/evals``)::
 
-    <checkpoint sha256[:16]>/
+    <checkpoint sha256[:16]>[-bf16]/        (-bf16: the forward passes ran in bf16 autocast, which scores differently)
         checkpoint.json                      sha256, ID-task metrics (accuracy, long-tailed ...) on the ID test
                                              split (``checkpoint-val.json``: on the validation split)
         <name>.json                          other derived values, e.g. the outlier prior and margins
@@ -96,8 +96,10 @@ Compute = Callable[[list[str], list[str]], EvalReport]
 class EvalStore:
     """The cache under ``root`` (module docstring); checkpoints are named by the SHA-256 of their file."""
 
-    def __init__(self, root: str | Path, *, id_split: str = "test", blur: bool = False) -> None:
+    def __init__(self, root: str | Path, *, id_split: str = "test", precision: str = "fp32", blur: bool = False
+                 ) -> None:
         self.root = Path(root)
+        self.suffix = "" if precision == "fp32" else f"-{precision}"  # bf16 forward passes score differently
         # blurred score maps (segmentation) are stored beside the plain ones: <set>-blur.npy, id-blur.npy, ...
         suffix = ("" if id_split == "test" else f"-{id_split}") + ("-blur" if blur else "")
         self.id_file, self.info_file, self.row_suffix = f"{ID}{suffix}", f"checkpoint{suffix}.json", f"{suffix}.json"
@@ -113,7 +115,7 @@ class EvalStore:
         return self._sha[key]
 
     def folder(self, sha256: str) -> Path:
-        return self.root / sha256[:16]
+        return self.root / f"{sha256[:16]}{self.suffix}"
 
     def row_path(self, scores_path: Path) -> Path:
         """Beside an OOD set's ``.npy`` scores: its metrics row against the ID split (``<set>.json``;

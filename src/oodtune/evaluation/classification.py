@@ -30,7 +30,7 @@ from ..models import FeatureModel
 from ..scores import Score
 from ..scores.selection import select_hyperparameters
 from ..utils.progress import Bar, format_rate, progress_bar
-from ..utils.runtime import autocast, resolve_device
+from ..utils.runtime import autocast, current_inference_precision, prepare_inference, resolve_device, resolve_precision
 
 __all__ = [
     "MAX_RATIO", "METRIC_KEYS", "MIN_OOD", "EvalReport", "Outputs", "Validation", "base_rate_warnings",
@@ -57,20 +57,24 @@ def _check_resolution(ds: ImageSet, resolution: int) -> None:
 @torch.no_grad()
 def compute_outputs(net: FeatureModel, ds: ImageSet, normalizer: Normalizer, *,
                     device: torch.device | str | None = None, batch_size: int = 1024,
-                    precision: str = "fp32", show_progress: bool = True) -> Outputs:
+                    precision: str | None = None, show_progress: bool = True) -> Outputs:
     """Run ``net`` (eval mode) over ``ds`` in batches; logits/features come back as float32 on ``device``.
 
-    Scoring defaults to full fp32 (not bf16) so that scores keep their resolution and ties stay rare.
-    ``show_progress=False`` for callers that report progress over many calls themselves.
+    ``precision`` None: that of the enclosing :func:`oodtune.utils.runtime.inference_precision` block, fp32 outside one.
+    Under bf16 the network runs channels_last with bf16 autocast and its classification layer in fp32
+    (:class:`~oodtune.models.FeatureModel`), so logits keep fp32 resolution; scores and metrics are computed from
+    them in fp32/fp64. ``show_progress=False`` for callers that report progress over many calls themselves.
     """
     dev = resolve_device(device if isinstance(device, str) or device is None else str(device))
-    net = net.to(dev).eval()
+    net, precision, channels_last = prepare_inference(net, dev, precision)
     images = to_device_uint8(ds, dev)
     logits, feats = [], []
     with progress_bar(f"forward {ds.name}", total=len(ds)) if show_progress else nullcontext(Bar()) as bar:
         t0 = time.perf_counter()
         for start in range(0, len(ds), batch_size):
             x = normalizer(images[start : start + batch_size])
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast(dev, precision):
                 lo, fe = net(x)
             logits.append(lo.float())
@@ -112,6 +116,7 @@ class EvalReport:
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # score -> dataset -> raw scores
     seconds: float = 0.0  # wall time of the evaluation
     positive: str = DEFAULT_POSITIVE  # the positive class of the rows' FPR95 ("out": OOD, "in": ID)
+    precision: str = "fp32"  # what the forward passes ran in (fp32 / bf16 autocast)
     #: score -> its hyperparameter selection record (oodtune.scores.selection.Selection.to_dict), when selected
     selections: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: with selection: the rows of every score at its paper-default setting, from the same forward passes
@@ -219,7 +224,8 @@ def evaluate(net: FeatureModel, normalizer: Normalizer, id_test: ImageSet, ood_s
     id_out = outputs(id_test)
     acc = accuracy(id_out.logits.cpu(), torch.from_numpy(id_test.labels))
     report = EvalReport(id_metrics={"accuracy": 100 * acc}, id_logits=id_out.logits.cpu(),
-                        positive=positive or DEFAULT_POSITIVE)
+                        positive=positive or DEFAULT_POSITIVE,
+                        precision=resolve_precision(id_out.logits.device, current_inference_precision()))
     scores = [copy.deepcopy(s) for s in scores]  # the caller's objects are neither fitted nor changed
     for s in scores:
         if s.needs_head:

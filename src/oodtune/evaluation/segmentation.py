@@ -28,7 +28,7 @@ from ..metrics.pixel import ConfusionCounter, PixelDetectionCounter, component_m
 from ..models import SegmentationModel
 from ..scores import Score, score_map
 from ..utils.progress import format_rate, progress_bar
-from ..utils.runtime import resolve_device
+from ..utils.runtime import autocast, current_inference_precision, prepare_inference, resolve_device, resolve_precision
 from .classification import METRIC_KEYS, EvalReport
 
 __all__ = ["evaluate_segmentation", "forward_maps", "segmentation_metrics"]
@@ -39,16 +39,21 @@ SMIYC_MIN_GT, SMIYC_MIN_PRED, SMIYC_PIXELS = 100, 500, 2048 * 1024
 
 @torch.no_grad()
 def forward_maps(net: SegmentationModel, data: SegmentationSet, normalizer: Normalizer, *,
-                 device: str | torch.device | None = None, batch_size: int = 8
+                 device: str | torch.device | None = None, batch_size: int = 8, precision: str | None = None
                  ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-    """(logits (b, C, H, W) float32 on the device, label maps (b, H, W) uint8) for each batch of ``data``."""
+    """(logits (b, C, H, W) float32 on the device, label maps (b, H, W) uint8) for each batch of ``data``.
+
+    ``precision`` as in :func:`oodtune.evaluation.compute_outputs` (None: the enclosing
+    :func:`oodtune.utils.runtime.inference_precision` block's, else fp32)."""
     dev = resolve_device(device if isinstance(device, str) or device is None else str(device))
-    net = net.to(dev).eval()
+    net, precision, channels_last = prepare_inference(net, dev, precision)
     with progress_bar(f"forward {data.name}", total=len(data)) as bar:
         t0 = time.perf_counter()
         for start in range(0, len(data), batch_size):
             frames = torch.from_numpy(data.images[start : start + batch_size]).permute(0, 3, 1, 2).to(dev)
-            logits = net(normalizer(frames)).float()
+            x = normalizer(frames)
+            with autocast(dev, precision):
+                logits = net(x.contiguous(memory_format=torch.channels_last) if channels_last else x).float()
             if not torch.isfinite(logits).all():
                 raise DivergenceError(f"the model produced NaN/inf logits on {data.name}; the checkpoint may be "
                                       "diverged.")
@@ -108,7 +113,8 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
             raise DataError(f"{name} is not an anomaly set (labels 0 = in-distribution, 1 = anomaly, 255 = void).")
     t0 = time.perf_counter()
     report = EvalReport(id_metrics=segmentation_metrics(net, normalizer, id_test, device=device,
-                                                       batch_size=batch_size))
+                                                       batch_size=batch_size),
+                        precision=resolve_precision(resolve_device(device), current_inference_precision()))
     pos: Positive = positive or DEFAULT_POSITIVE
     pooled_in: dict[str, list[np.ndarray]] = {s.name: [] for s in scores}
     for name, ds in anomaly_sets.items():

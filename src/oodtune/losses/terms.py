@@ -89,7 +89,8 @@ def outlier_affinity(logits: Tensor, prior: Tensor) -> Tensor:
     High Z: x looks like a class that outliers are often predicted as (a "majority" outlier class).
     """
     x = as_float(logits)
-    return torch.softmax(x, dim=1) @ prior.to(device=x.device, dtype=x.dtype)
+    # an elementwise product and sum, not ``@``: autocast would run a matrix product in bf16
+    return (torch.softmax(x, dim=1) * prior.to(device=x.device, dtype=x.dtype)).sum(1)
 
 
 def require_input(t: Tensor | None, term: str, field: str) -> Tensor:

@@ -177,15 +177,25 @@ class ESPNet(nn.Module):
         self.up_l2 = nn.Sequential(_up2(k), _BR(k))
         self.classifier = _up2(k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    #: The decoder's last block, which fine-tuning trains: ``forward(x) == forward_tail(forward_trunk(x))``.
+    tail_modules = ("conv", "classifier")
+
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before :attr:`tail_modules`: the decoder's fused 1/2-resolution features (K + 16 or 19 ch)."""
         if x.shape[-2] % 8 or x.shape[-1] % 8:
             raise ModelError(f"ESPNet needs a height and width divisible by 8, got {tuple(x.shape[-2:])}; resize the "
                              "input (e.g. --input-size 480x360).")
         l1, l1_cat, l2_cat, l3_pred = self.encoder(x)
         up3 = self.up_l3(self.br(l3_pred))
         up2 = self.up_l2(self.combine_l2_l3(torch.cat([self.level3_C(l2_cat), up3], 1)))
-        fused = self.conv(torch.cat([up2, l1_cat if self.level1_with_projection else l1], 1))
-        return self.classifier(fused)
+        return torch.cat([up2, l1_cat if self.level1_with_projection else l1], 1)
+
+    def forward_tail(self, trunk: torch.Tensor) -> torch.Tensor:
+        """The last block on :meth:`forward_trunk`'s output: (B, K, H, W) logits."""
+        return self.classifier(self.conv(trunk))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tail(self.forward_trunk(x))
 
 
 #: Built-in architecture name -> decoder variant (``level1_with_projection``).

@@ -15,6 +15,10 @@ How features are found, in order:
    else the *last* ``nn.Linear`` registered in the model (torchvision: ``fc`` of ResNets, ``classifier.N`` of
    VGG/MobileNet/EfficientNet).
 
+Under autocast the classification layer runs in fp32 on the (bf16) features for the built-in models, so logits
+keep fp32 resolution: the scores computed from them (energy, MSP, ...) do not collapse onto bf16's 8-bit mantissa
+and tie.
+
 Scores that rewrite the features or the final layer (ReAct, ASH, DICE, ViM, Residual) read the classification
 layer's weight and bias through :meth:`FeatureModel.head_parameters`.
 """
@@ -84,7 +88,8 @@ class FeatureModel(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._direct:
             feats = self.model.forward_features(x)  # type: ignore[operator]
-            return self.head(feats), feats
+            with torch.autocast(x.device.type, enabled=False):
+                return self.head(feats.float()), feats
         # The hook lives only for this call, so the user's model is left exactly as it was given.
         handle = self.head.register_forward_pre_hook(self._capture)
         try:

@@ -82,6 +82,7 @@ class RunMeta:
     prior: Mapping[str, Any] | None = None  # OutlierPrior.to_dict() of Balanced Energy
     weights: str | None = None  # source file of an imported model
     train_config: Mapping[str, Any] | None = None  # TrainConfig as a dict, once training finished
+    precision: str | None = None  # what training ran in (fp32 / bf16 autocast), --precision resolved on its device
     history: tuple[Mapping[str, float], ...] = ()  # one row per finished epoch
     notes: Mapping[str, str] = field(default_factory=dict)  # free-form provenance, e.g. which training loop
     # segmentation (see the module docstring)

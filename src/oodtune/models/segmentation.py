@@ -21,6 +21,11 @@ Frozen modules stay in eval mode whatever ``train()`` is called with: their Batc
 pretrained running statistics and never update them, so the frozen part computes exactly the pretrained function
 (the PEBAL reference code leaves the whole network in train mode, so its frozen BatchNorm layers normalise with
 batch statistics and their running statistics drift; we do not). The trainable block follows ``train()``.
+
+A network that splits into a frozen trunk and a trainable tail (``forward_trunk`` / ``forward_tail`` and
+``tail_modules``, as :class:`~oodtune.models.espnet.ESPNet`) whose tail is exactly the ``trainable`` modules is
+:attr:`~SegmentationModel.splits`: fine-tuning can then cache the trunk's output of unchanged frames. The tail
+runs in fp32 even under autocast, so the logits (and every pixel score computed from them) keep fp32 resolution.
 """
 
 from __future__ import annotations
@@ -102,13 +107,34 @@ class SegmentationModel(nn.Module):
             block.train(mode)
         return self
 
+    @property
+    def splits(self) -> bool:
+        """Whether the network is a frozen trunk followed by exactly the trainable modules (module docstring)."""
+        tail = getattr(self.model, "tail_modules", None)
+        return (callable(getattr(self.model, "forward_trunk", None)) and tail is not None
+                and set(tail) == set(self.trainable))
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen trunk's output for input ``x`` (only when :attr:`splits`)."""
+        return self.model.forward_trunk(x)  # type: ignore[operator]
+
+    def tail(self, trunk: torch.Tensor, size: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """Logits from the trunk's output, in fp32 (autocast off); ``size`` is the input's (H, W), for the check."""
+        with torch.autocast(trunk.device.type, enabled=False):
+            out = self.model.forward_tail(trunk.float())  # type: ignore[operator]
+        return self._checked(out, tuple(size))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
+        if self.splits:
+            return self.tail(self.trunk(x), x.shape[-2:])
+        return self._checked(self.model(x), tuple(x.shape[-2:]))
+
+    def _checked(self, out: object, size: tuple[int, ...]) -> torch.Tensor:
         if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[1] != self.num_outputs \
-                or out.shape[-2:] != x.shape[-2:]:
+                or tuple(out.shape[-2:]) != size:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelError(f"a segmentation model must return logits of shape (B, {self.num_outputs}, H, W) for "
                              f"(B, 3, H, W) input ({self.num_classes} classes + {self.extra_channels} extra), got "
-                             f"{shape} for {tuple(x.shape)}; check --dataset / --extra-channels, or upsample the "
+                             f"{shape} for a {size} input; check --dataset / --extra-channels, or upsample the "
                              "output to the input size in the model.")
         return out

@@ -13,6 +13,19 @@ from torch import nn
 from ..errors import ModelError
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout, y = x · m / (1 − p) with m ~ Bernoulli(1 − p). Under CPU bf16 autocast the mask is
+    ``rand >= p`` (same distribution, a different random stream): ``bernoulli_``, which ``F.dropout`` uses, was a
+    quarter of a WRN-16-1 bf16 training step on a CPU, ``rand`` is about 3x faster. Elsewhere ``F.dropout``, so
+    fp32 and CUDA runs draw exactly what they drew before."""
+    if not training or p == 0:
+        return x
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        keep = torch.rand_like(x, dtype=torch.float32) >= p
+        return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype))
+    return F.dropout(x, p=p, training=True)
+
+
 class _Block(nn.Module):
     """BN-ReLU-conv3x3 -> dropout -> BN-ReLU-conv3x3, plus an identity or 1x1-conv shortcut."""
 
@@ -31,7 +44,7 @@ class _Block(nn.Module):
         out = self.conv1(pre)
         out = F.relu(self.bn2(out))
         if self.drop_rate > 0:
-            out = F.dropout(out, p=self.drop_rate, training=self.training)
+            out = dropout(out, self.drop_rate, self.training)
         out = self.conv2(out)
         # As in the reference WRN: the projection shortcut sees the pre-activated input.
         return out + (x if self.shortcut is None else self.shortcut(pre))

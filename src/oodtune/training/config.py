@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..utils.runtime import PRECISIONS
 
 __all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "PASTE_MODES", "PRECISIONS", "TrainConfig", "PRETRAIN", "FINETUNE",
            "SEGMENTATION_FINETUNE", "TRAIN_KEYS"]
 
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
 COMPILE_SCOPES = ("model", "step")
-PRECISIONS = ("auto", "fp32", "bf16")
 #: Segmentation pasting modes: ``object`` (one object per pasted frame, scaled U(0.1, 0.5), flip 0.5) and
 #: ``reference`` (PEBAL's: a photo's objects at native scale, frame flip 0.8 / scale 0.5-2 / crop; data.mixing).
 PASTE_MODES = ("object", "reference")
@@ -37,8 +37,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     augment: bool = True
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
-    channels_last: bool | None = None  # None = on CUDA
+    precision: str = "auto"  # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32
+    channels_last: bool | None = None  # None = on CUDA and under bf16 on a CPU (runtime.channels_last_default)
     compile: str = "auto"  # auto (= reduce-overhead on CUDA, none on CPU) or a torch.compile mode; see COMPILE_MODES
     compile_scope: str = "model"  # model | step (augmentation + normalisation + forward + loss in one graph)
     device: str | None = None

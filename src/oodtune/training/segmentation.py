@@ -20,6 +20,12 @@ and the object alone is rescaled. ``paste_mode = "reference"`` reproduces the re
 their native scale relative to the frame, and every frame is flipped with probability 0.8, rescaled by 0.5-2 and
 cropped back to its size (void labels where the scaled frame is smaller).
 
+Last-block fine-tuning (the model :attr:`~oodtune.models.SegmentationModel.splits` into a frozen trunk and the
+trainable tail, one process, no ``--compile``) caches the trunk's output of the frames without a pasted object on
+disk (:mod:`.trunk_cache`; ``OODTUNE_TRUNK_CACHE=0`` turns it off): those frames run the tail only, the pasted
+ones the whole network. The tail sees the same batch as without the cache, so its BatchNorm statistics and the
+losses are the same up to the cache's bf16 / fp16 rounding.
+
 ``train_part`` (head / decoder / all / module names) chooses the trainable modules before the optimiser is built
 (:func:`oodtune.models.segmentation.resolve_train_part`, BatchNorm policy there).
 """
@@ -27,6 +33,7 @@ cropped back to its size (void labels where the scaled frame is smaller).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,8 +50,19 @@ from ..models import SegmentationModel
 from ..utils.runtime import autocast
 from .sampling import OutlierSampler
 from .trainer import StepBatch, StepOutputs, Trainer
+from .trunk_cache import TrunkCache, cache_enabled, trunk_key
 
 __all__ = ["SegmentationTrainer"]
+
+
+@dataclass(frozen=True)
+class FrameBatch(StepBatch):
+    """A segmentation step's frames with what the trunk cache needs: each frame's index in the training set and
+    its flip (the pasted frames come first, ``pasted`` of them)."""
+
+    frames: tuple[int, ...] = ()
+    flips: tuple[bool, ...] = ()
+    pasted: int = 0
 
 
 class SegmentationTrainer(Trainer):
@@ -86,6 +104,20 @@ class SegmentationTrainer(Trainer):
             self.object_scale = reference_object_scale(train_set.size)
             mean = self.normalizer.mean[::-1] if self.normalizer.bgr else self.normalizer.mean
             self.fill = tuple(int(round(255 * m)) for m in mean)  # padding = the mean colour (0 after normalising)
+        # reference pasting rescales and crops every frame: no frame's trunk output repeats, nothing to cache
+        self.trunk_cache = self._make_cache(train_set) if cache_enabled() and not self.reference else None
+
+    def _make_cache(self, train_set: SegmentationSet) -> TrunkCache | None:
+        """The trunk cache of this network and training set, when the network splits and the step is eager."""
+        if not self.net.splits or self.compile != "none" or self.dist.world > 1:
+            return None
+        trainable = tuple(f"model.{name}." for name in self.net.trainable)
+        frozen = {k: v for k, v in self.net.state_dict().items() if not k.startswith(trainable)}
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        norm = self.normalizer
+        key = trunk_key(frozen, train_set.fingerprint(), tuple(train_set.images.shape[1:3]), norm.mean, norm.std,
+                        norm.bgr, dtype)
+        return TrunkCache(key, len(train_set.images), dtype)
 
     def _outlier_count(self) -> int:
         if self.objects is None:
@@ -97,17 +129,42 @@ class SegmentationTrainer(Trainer):
         frames = self.train_x[rows].numpy().copy()
         labels = self.train_y[rows].numpy().copy()
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))
-        if self.reference:
+        if self.reference:  # every frame rescaled and cropped: nothing for the trunk cache
             frames, labels = self._reference_mix(frames, labels, rng, sampler)
-        else:
-            if sampler is not None and self.objects is not None:  # the sampler draws pasted_frames objects
-                paste_objects(frames, labels, self.objects, rng, OUTLIER_LABEL, objects=sampler.next().cpu().tolist())
-            flip = rng.random(len(frames)) < 0.5
-            frames[flip] = frames[flip, :, ::-1]
-            labels[flip] = labels[flip, :, ::-1]
+            return StepBatch(*self._tensors(frames, labels))
+        if sampler is not None and self.objects is not None:  # the sampler draws pasted_frames objects
+            paste_objects(frames, labels, self.objects, rng, OUTLIER_LABEL, objects=sampler.next().cpu().tolist())
+        flip = rng.random(len(frames)) < 0.5
+        frames[flip] = frames[flip, :, ::-1]
+        labels[flip] = labels[flip, :, ::-1]
+        x, y = self._tensors(frames, labels)
+        pasted = self.pasted_frames if sampler is not None and self.objects is not None else 0
+        # the outliers are pasted into the frames: no separate outlier images
+        return FrameBatch(x, y, frames=tuple(rows.tolist()), flips=tuple(flip.tolist()), pasted=pasted)
+
+    def _logits(self, model: Callable[..., Any], batch: StepBatch) -> torch.Tensor:
+        """The network's logits for the batch's frames; with a trunk cache the unpasted frames' trunk output comes
+        from the cache (computed and stored the first time a frame is seen with that flip)."""
+        x = batch.x_in
+        cache = self.trunk_cache
+        if cache is None or not isinstance(batch, FrameBatch) or batch.pasted >= len(batch.frames):
+            with autocast(self.device, self.precision):
+                return model(self.normalizer(x))
+        pasted = batch.pasted
+
+        def trunk(rows: slice | list[int]) -> torch.Tensor:
+            with torch.no_grad(), autocast(self.device, self.precision):
+                return self.net.trunk(self.normalizer(x[rows]))
+
+        cached = cache.get(list(batch.frames[pasted:]), list(batch.flips[pasted:]),
+                           lambda rows: trunk([pasted + r for r in rows]), self.device)
+        feats = torch.cat([trunk(slice(0, pasted)).float(), cached.float()]) if pasted else cached
+        return self.net.tail(feats, x.shape[-2:])
+
+    def _tensors(self, frames: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) uint8 frames and (N, H, W) int64 labels on the device."""
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous().to(self.device)
-        y = torch.from_numpy(labels).to(self.device, torch.int64)
-        return StepBatch(x, y)  # the outliers are pasted into the frames: no separate outlier images
+        return x, torch.from_numpy(labels).to(self.device, torch.int64)
 
     def _reference_mix(self, frames: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
                        sampler: OutlierSampler | None) -> tuple[np.ndarray, np.ndarray]:
@@ -128,8 +185,7 @@ class SegmentationTrainer(Trainer):
     def _forward(self, model: Callable[..., Any], batch: StepBatch) -> StepOutputs:
         """The loss of one batch; ``correct`` is the pixel accuracy on the labelled pixels × the frames."""
         x_in, y_in = batch.x_in, batch.y_in
-        with autocast(self.device, self.cfg.precision):
-            logits = model(self.normalizer(x_in))
+        logits = self._logits(model, batch)
         k = self.net.num_classes
         pixels = logits[:, :k].permute(0, 2, 3, 1)
         outlier = y_in == OUTLIER_LABEL

@@ -38,7 +38,16 @@ from ..models import RunMeta, read_checkpoint, save_checkpoint, unwrap_model
 from ..utils.atomic import check_writable, remove_stale_temporaries, write_csv
 from ..utils.lock import output_lock
 from ..utils.progress import Bar, format_rate, progress_bar
-from ..utils.runtime import DistInfo, autocast, compile_mode, init_distributed, local_device, resolve_device
+from ..utils.runtime import (
+    DistInfo,
+    autocast,
+    channels_last_default,
+    compile_mode,
+    init_distributed,
+    local_device,
+    resolve_device,
+    resolve_precision,
+)
 from .config import TrainConfig
 from .sampling import OutlierSampler, index_batches
 
@@ -137,7 +146,9 @@ class Trainer:
         self.dist.check_batch(config.batch_size)
         if loss.needs_outliers:
             self.dist.check_batch(config.outlier_batch_size, "--outlier-batch-size")
-        self.channels_last = self.device.type == "cuda" if config.channels_last is None else config.channels_last
+        self.precision = resolve_precision(self.device, config.precision)
+        self.channels_last = (channels_last_default(self.device, self.precision) if config.channels_last is None
+                              else config.channels_last)
         norm = normalizer or Normalizer()
         self.normalizer = Normalizer(norm.mean, norm.std, self.channels_last, norm.bgr)
         self.loss = loss
@@ -158,7 +169,7 @@ class Trainer:
         if self.run_dir is not None and meta is None:
             raise TypeError("a Trainer that writes checkpoints (run_dir) needs the run's RunMeta (meta=)")
         self.meta = None if meta is None else meta.replace(
-            dataset_fingerprint=train_set.fingerprint(),
+            precision=self.precision, dataset_fingerprint=train_set.fingerprint(),
             outliers_fingerprint=outliers.fingerprint() if self._outlier_count() and outliers is not None else None)
         self.train_name = train_set.name
         self.epoch_metrics = epoch_metrics
@@ -212,7 +223,7 @@ class Trainer:
         x = self._prepare(batch.x_in, batch.aug_in)
         if batch.x_out is not None:
             x = torch.cat([x, self._prepare(batch.x_out, batch.aug_out)])
-        with autocast(self.device, self.cfg.precision):
+        with autocast(self.device, self.precision):
             logits, feats = model(x)
         b = batch.x_in.shape[0]
         total, parts = self.loss(LossInputs(

@@ -1,10 +1,28 @@
-"""Device, precision, compilation and data-parallel settings shared by training and scoring."""
+"""Device, precision, thread, compilation and data-parallel settings shared by training and scoring.
+
+Precision: ``auto`` is bf16 autocast where the hardware runs bf16 natively — CUDA, and CPUs with AMX-BF16 or
+AVX512-BF16 (oneDNN's bf16 kernels) — and fp32 elsewhere. Under bf16 autocast the network runs in channels_last
+memory format (oneDNN's and cuDNN's fast layout); losses, scores and metrics are computed in fp32/fp64 from its
+outputs (see :mod:`oodtune.losses`, :mod:`oodtune.energy`).
+
+Threads: one process uses at most the CPUs it may run on — its affinity mask and, in a container, its cgroup
+CPU quota (``cpu.max``) — so it never starts more OpenMP threads than it can be given. Several processes on one
+machine should split the CPUs between them (``--threads``, or ``OMP_NUM_THREADS``): two threads per process on
+cores that are already busy made convolutions 2-4x slower than one.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import logging
+import math
 import os
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -17,6 +35,14 @@ __all__ = [
 
 #: Device types oodtune runs on.
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+#: ``--precision`` values: auto (bf16 where native, else fp32), fp32, bf16 (autocast).
+PRECISIONS = ("auto", "fp32", "bf16")
+#: /proc/cpuinfo flags of CPUs with native bf16 arithmetic (Intel AMX, AVX512-BF16 on Intel and AMD).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+#: The cgroup v2 CPU quota of this process's container ("max" or "QUOTA PERIOD" in microseconds).
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -42,12 +68,129 @@ def resolve_device(device: str | None = None) -> torch.device:
     return dev
 
 
-def autocast(device: torch.device, precision: str) -> AbstractContextManager:
-    """bf16 autocast when ``precision`` is 'bf16' (or 'auto' on CUDA); otherwise full fp32."""
-    if precision not in ("auto", "fp32", "bf16"):
+def _cpuinfo_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def cpu_bf16_flags() -> tuple[str, ...]:
+    """The native-bf16 instruction sets of this CPU (``BF16_CPU_FLAGS`` it has); empty where bf16 would be
+    emulated. Read from /proc/cpuinfo; elsewhere (macOS, Windows) oneDNN's own check stands in."""
+    found = tuple(f for f in BF16_CPU_FLAGS if f in _cpuinfo_flags())
+    if found or Path("/proc/cpuinfo").exists():
+        return found
+    return ("onednn",) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_native() -> bool:
+    """Whether this CPU runs bf16 convolutions and matrix products natively (AMX-BF16 or AVX512-BF16)."""
+    return bool(cpu_bf16_flags()) and torch.backends.mkldnn.is_available()
+
+
+@functools.lru_cache(maxsize=4)
+def _note_fp32_fallback(device_type: str) -> None:
+    log.info("precision auto: this CPU has no native bf16 (AMX-BF16 or AVX512-BF16), running in fp32")
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``fp32`` or ``bf16``: what ``precision`` (auto | fp32 | bf16) means on ``device``. ``auto`` is bf16 on CUDA
+    and on a CPU with native bf16 (:func:`cpu_bf16_native`), else fp32 (with a one-line note on CPUs)."""
+    if precision not in PRECISIONS:
         raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" or (device.type == "cpu" and cpu_bf16_native()):
+        return "bf16"
+    if device.type == "cpu":
+        _note_fp32_fallback(device.type)
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """bf16 autocast when ``precision`` resolves to bf16 on ``device`` (:func:`resolve_precision`); else fp32."""
+    if resolve_precision(device, precision) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+_INFERENCE_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("oodtune_inference_precision",
+                                                                         default="fp32")
+
+
+@contextmanager
+def inference_precision(precision: str) -> Iterator[None]:
+    """Inside this block, forward passes that score, evaluate, calibrate or predict (``compute_outputs``,
+    ``forward_maps``) run in ``precision`` (auto | fp32 | bf16) unless told otherwise; outside it they run in fp32.
+    The command line opens it with ``--precision``."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    token = _INFERENCE_PRECISION.set(precision)
+    try:
+        yield
+    finally:
+        _INFERENCE_PRECISION.reset(token)
+
+
+def current_inference_precision() -> str:
+    """The precision of :func:`inference_precision`'s innermost block (fp32 outside every block)."""
+    return _INFERENCE_PRECISION.get()
+
+
+def prepare_inference(net: M, device: torch.device, precision: str | None) -> tuple[M, str, bool]:
+    """(``net`` on ``device`` in eval mode, the resolved precision, whether inputs go channels_last): ``precision``
+    None means :func:`current_inference_precision`; channels_last under bf16 (:func:`channels_last_default`)."""
+    resolved = resolve_precision(device, precision or current_inference_precision())
+    channels_last = channels_last_default(device, resolved)
+    net.to(device).eval()  # in place, as nn.Module.to is for modules
+    if channels_last:
+        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return net, resolved, channels_last
+
+
+def channels_last_default(device: torch.device, precision: str) -> bool:
+    """channels_last memory format: on CUDA, and on a CPU running bf16 (oneDNN's blocked bf16 kernels want NHWC;
+    in fp32 it gains nothing on a CPU)."""
+    return device.type == "cuda" or (device.type == "cpu" and resolve_precision(device, precision) == "bf16")
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by the cgroup v2 CPU quota (``cpu.max``) when one is
+    set (a container limited to 1.5 CPUs gets 1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text(encoding="utf-8").split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def default_threads() -> int:
+    """Intra-op threads when none are asked for: ``OMP_NUM_THREADS`` if set, else :func:`available_cpus`."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return available_cpus()
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Use ``threads`` intra-op threads (default :func:`default_threads`); more than :func:`available_cpus` is
+    refused (:class:`ConfigError`): it would only oversubscribe the cores. Returns the number set."""
+    cpus = available_cpus()
+    n = default_threads() if threads is None else threads
+    if threads is not None and not 1 <= threads <= cpus:
+        raise ConfigError(f"--threads {threads}: this process may use {cpus} CPU(s) (affinity / cgroup quota); "
+                          f"use 1 .. {cpus}, and fewer when several processes share the machine.")
+    torch.set_num_threads(n)
+    return n
 
 
 def compile_mode(mode: str, device: torch.device, world: int = 1) -> str:
