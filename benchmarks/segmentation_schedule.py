@@ -20,9 +20,8 @@ import tempfile
 
 import numpy as np
 import torch
-from _common import environment, now, print_table, save_json
-from segmentation_speed import _frames
 
+from _common import environment, now, print_table, save_json
 from oodtune.data.objects import ObjectBank
 from oodtune.data.tensors import Normalizer
 from oodtune.losses.pixel import build_pixel_loss
@@ -31,6 +30,7 @@ from oodtune.training.config import TrainConfig
 from oodtune.training.sampling import OutlierSampler
 from oodtune.training.segmentation import SegmentationTrainer
 from oodtune.utils.runtime import resolve_device
+from segmentation_speed import _frames
 
 HEAD = ("conv", "classifier")
 #: (label, train_part, paste_mode, outlier_batch_size, precision: None = --precision). The whole network trains

@@ -183,8 +183,9 @@ class Benchmark:
                                                      id_split=self.cfg.id_split, blur=blur)
             return report
         built = pipeline.task_of(ckpt.meta).build_scores(ckpt.meta, list(dict.fromkeys(scores)))
-        return (self.blur_store if blur else self.store).evaluation(ckpt.sha256, built, self.cfg.ood_near + self.cfg.ood_far, self.cfg.num_ood,
-                                     run if compute and ckpt.path.exists() else None)
+        store = self.blur_store if blur else self.store
+        return store.evaluation(ckpt.sha256, built, self.cfg.ood_near + self.cfg.ood_far, self.cfg.num_ood,
+                                run if compute and ckpt.path.exists() else None)
 
     def record(self, ev: StoredEvaluation, score: str, *, seed: int | None, run: Trained | None) -> dict[str, Any]:
         """One run's row for the tables: ID metrics, fine-tuning time and per-epoch history (None for post-hoc

@@ -26,5 +26,6 @@ __all__ = [
     "ARCHITECTURES", "DEFAULT_DROP_RATE", "ESPNET_ARCHS", "ESPNET_PREPROCESSING", "ESPNet", "META_VERSION",
     "FeatureModel", "ResNet18", "RunMeta", "SegmentationModel", "WideResNet", "build_model", "file_sha256",
     "find_head", "load_feature_model", "load_model", "read_checkpoint", "read_meta", "read_state_dict",
-    "save_atomic", "save_checkpoint", "TRAIN_PARTS", "resolve_train_part", "trusted_archs", "unwrap_model", "weights_hash",
+    "save_atomic", "save_checkpoint", "TRAIN_PARTS", "resolve_train_part", "trusted_archs", "unwrap_model",
+    "weights_hash",
 ]
