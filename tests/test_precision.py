@@ -220,3 +220,12 @@ def test_wrn_dropout_under_cpu_autocast_keeps_its_distribution() -> None:
     a = dropout(torch.ones(8, 4), 0.3, True)
     torch.manual_seed(0)
     assert torch.equal(a, torch.nn.functional.dropout(torch.ones(8, 4), 0.3, True))  # fp32: the same draws as before
+
+
+def test_bf16_evaluations_are_stored_apart_from_fp32_ones(tmp_path: Path) -> None:
+    from oodtune.benchmark.store import EvalStore
+
+    sha = "ab" * 32
+    fp32, bf16 = EvalStore(tmp_path), EvalStore(tmp_path, precision="bf16")
+    assert fp32.folder(sha) == tmp_path / sha[:16]  # the folders written before precision was recorded
+    assert bf16.folder(sha) == tmp_path / f"{sha[:16]}-bf16" != fp32.folder(sha)
