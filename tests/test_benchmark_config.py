@@ -132,6 +132,9 @@ def test_sections_of_the_wrong_kind(tmp_path, text, expected):
     ("gamma = 0.5\n", "", None),  # balanced without gamma is fine (γ = 1)
     ('label = "MSP"\nmethod = "msp"', 'label = "MSP"\nmethod = "msp"\nepochs = 3', "takes no training or loss"),
     ('label = "MSP"', 'label = "Balanced energyoe"', "labels must be distinct"),
+    ('out = "runs/t"', 'out = "runs/t"\nblur = "both"', "for segmentation benchmarks only"),
+    ('m_out = -5', 'm_out = -5\npaste_mode = "mosaic"', "paste_mode must be one of"),
+    ('m_out = -5', 'm_out = -5\ntrain_part = "decoder"', "are segmentation options"),
 ])
 def test_wrong_values(tmp_path, old, new, expected):
     assert old in GOOD

@@ -331,7 +331,8 @@ def test_loss_options_are_defined_once_with_each_tasks_defaults() -> None:
     from oodtune.losses import LOSS_OPTIONS, TASK_LOSSES, build_pixel_loss
 
     cls, seg = TASK_LOSSES["classification"], TASK_LOSSES["segmentation"]
-    assert set(cls.defaults) == set(TERM_ARGUMENTS) and set(seg.defaults) < set(cls.defaults) <= set(LOSS_OPTIONS)
+    assert set(cls.defaults) == set(TERM_ARGUMENTS) and set(cls.defaults) | set(seg.defaults) == set(LOSS_OPTIONS)
+    assert set(seg.defaults) - set(cls.defaults) == {"smooth_normalization"}  # PEBAL's smoothness: pixels only
     assert set(LOSS_TYPES) == set(LOSS_OPTIONS) and LOSS_TYPES["m_in"] == (float, str)
     hinge = build_method_loss("energy-oe").terms[1]
     assert (cls.defaults["m_in"], cls.defaults["m_out"]) == (hinge.m_in, hinge.m_out) == (-23.0, -5.0)
@@ -340,4 +341,5 @@ def test_loss_options_are_defined_once_with_each_tasks_defaults() -> None:
     help_text = " ".join(CliRunner().invoke(main, ["finetune", "--help"], terminal_width=200).output.split())
     assert "[default: -23.0 for classification, -12.0 for segmentation]" in help_text
     assert "--oe-weight FLOAT OE weight λ. [classification only; default: 0.5]" in help_text
+    assert "[segmentation only; default: reference]" in help_text
     assert all(o.flag in help_text for o in LOSS_OPTIONS.values())

@@ -91,7 +91,13 @@ def test_smoothness_and_energy_norm_against_numpy() -> None:
     logits, labels = _batch(1)
     e = -np.log(np.exp(logits[:, :K].numpy()).sum(1))
     want = 0.5 * (np.sum(np.diff(e, axis=1) ** 2) + np.sum(np.diff(e, axis=2) ** 2))
-    assert float(EnergySmoothness(K, weight=1.0)(_inputs(logits, labels))) == pytest.approx(want, rel=1e-10)
+    got_sum = EnergySmoothness(K, weight=1.0, normalization="sum")(_inputs(logits, labels))
+    assert float(got_sum) == pytest.approx(want, rel=1e-10)
+    # the reference normalisation: the sum rescaled to a reference batch of 8 x 900 x 900 pixels
+    got_ref = EnergySmoothness(K, weight=1.0)(_inputs(logits, labels))
+    assert float(got_ref) == pytest.approx(want * 8 * 900 * 900 / e.size, rel=1e-10)
+    with pytest.raises(ConfigError, match="smooth_normalization"):
+        EnergySmoothness(K, normalization="mean")
     e_out = e[labels.numpy() == OUTLIER_LABEL]
     got = OutlierEnergyNorm(weight=1.0)(_inputs(logits, labels))
     assert float(got) == pytest.approx(np.linalg.norm(e_out), rel=1e-10)
@@ -99,6 +105,15 @@ def test_smoothness_and_energy_norm_against_numpy() -> None:
     z = (torch.softmax(logits[:, :K], 1).permute(0, 2, 3, 1)[labels == OUTLIER_LABEL] @ prior).numpy()
     shifted = OutlierEnergyNorm(weight=1.0, alpha=5.0, prior_gamma=prior)(_inputs(logits, labels))
     assert float(shifted) == pytest.approx(np.linalg.norm(e_out - 5.0 * z), rel=1e-10)
+
+
+def test_smooth_normalization_reaches_the_smoothness_term_of_pebal_only() -> None:
+    loss = build_pixel_loss("pebal", num_classes=K, ignore_index=None, smooth_normalization="sum")
+    assert [t.normalization for t in loss.terms if isinstance(t, EnergySmoothness)] == ["sum"]
+    default = build_pixel_loss("pebal", num_classes=K, ignore_index=None)
+    assert [t.normalization for t in default.terms if isinstance(t, EnergySmoothness)] == ["reference"]
+    with pytest.raises(ConfigError, match="smoothness"):
+        build_pixel_loss("energy-oe", num_classes=K, ignore_index=None, smooth_normalization="sum")
 
 
 def test_pixel_energy_hinge_is_the_classification_term_on_pixels() -> None:

@@ -154,6 +154,21 @@ def test_object_bank_splits_by_source_photo(data_env: dict[str, Path], monkeypat
     assert not photos["train"] & photos["val"] and not photos["train"] & photos["test"]
 
 
+def test_object_bank_records_photos_and_storage_scales(data_env: dict[str, Path]) -> None:
+    """The reference pasting mode pastes a photo's objects together, at their native size."""
+    base = write_objects(data_env["root"], train=0, val=6, per_photo=2)
+    listing = json.loads((base / "objects.json").read_text())
+    listing["objects"][0]["stored_scale"] = 0.5
+    (base / "objects.json").write_text(json.dumps(listing))
+    bank = load_objects("coco-objects", data_env["root"], "test")
+    assert bank.photo_groups() == ((0, 1), (2, 3), (4, 5))
+    assert [bank.storage_scale(i) for i in range(3)] == [0.5, 1.0, 1.0]
+    listing["objects"][0]["stored_scale"] = 2
+    (base / "objects.json").write_text(json.dumps(listing))
+    with pytest.raises(DataError, match="stored_scale 2"):
+        load_objects("coco-objects", data_env["root"], "test")
+
+
 def test_object_without_mask_is_refused(data_env: dict[str, Path]) -> None:
     base = write_objects(data_env["root"])
     listing = json.loads((base / "objects.json").read_text())

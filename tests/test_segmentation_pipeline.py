@@ -107,6 +107,20 @@ def test_a_user_segmenter_fine_tunes_its_named_head(seg_root: dict[str, Path]) -
     assert report.rows and "miou" in report.id_metrics
 
 
+def test_the_decoder_trains_with_reference_pasting(seg_root: dict[str, Path]) -> None:
+    """train_part = decoder, paste_mode = reference: only the decoder changes, its BatchNorm statistics included, and
+    the fine-tuned checkpoint records the modules it trained."""
+    cfg = FAST.replace(train_part="decoder", paste_mode="reference", paste_share=0.5, outlier_batch_size=2)
+    out = pipeline.finetune(seg_root["ckpt"], seg_root["tmp"] / "dec", method="pebal", data_root=seg_root["root"],
+                            outliers="coco-objects", config=cfg, loss_options={"smooth_normalization": "sum"})
+    before, after = load_model(seg_root["ckpt"])[0].state_dict(), load_model(out)
+    changed = {k for k, v in after[0].state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and not any(k.startswith("encoder.") for k in changed)
+    assert any(k.endswith("running_mean") for k in changed)  # the decoder's BatchNorm layers train
+    assert after[1].trainable == ("level3_C", "br", "conv", "up_l3", "combine_l2_l3", "up_l2", "classifier")
+    assert after[1].train_config["paste_mode"] == "reference"
+
+
 def test_pebal_needs_an_abstention_channel(seg_root: dict[str, Path]) -> None:
     weights = write_espnet_weights(seg_root["tmp"] / "k11.pth", outputs=11)
     ckpt = pipeline.import_segmenter(weights, seg_root["tmp"] / "k11.pt", arch="espnet-camvid", dataset="camvid",
@@ -127,6 +141,7 @@ ood_far = ["road-anomaly"]
 seeds = [0]
 out = "{tmp / 'bench'}"
 device = "cpu"
+blur = "both"
 [finetune]
 epochs = 1
 max_steps_per_epoch = 1
@@ -143,6 +158,9 @@ label = "PEBAL"
 method = "pebal"
 m_in = "auto"
 m_out = "auto"
+train_part = "decoder"
+paste_mode = "reference"
+smooth_normalization = "sum"
 """)
     cfg = load_benchmark_config(config, data_root=str(seg_root["root"]))
     assert cfg.task == "segmentation" and cfg.outliers == "coco-objects"
@@ -150,7 +168,10 @@ m_out = "auto"
     run_benchmark(cfg, "test")
     results = json.loads((tmp / "bench" / "results.json").read_text())
     rows = {r["method"]: r for r in results["summary"]}
-    assert set(rows) == {"Energy", "MSP", "PEBAL"} and "miou" in rows["PEBAL"]
+    assert set(rows) == {m + b for m in ("Energy", "MSP", "PEBAL") for b in ("", " +blur")}
+    assert "miou" in rows["PEBAL"] and rows["PEBAL +blur"]["miou"] == rows["PEBAL"]["miou"]  # blur: scores only
+    assert cfg.train_config("finetune", cfg.methods[2], 0).train_part == "decoder"
+    assert list((tmp / "bench" / "evals").rglob("road-anomaly*-blur.json"))
     assert "mIoU" in (tmp / "bench" / "results.md").read_text()
     assert (tmp / "bench" / "maps-pebal.png").exists() and (tmp / "bench" / "roc-pebal.png").exists()
     bad = tmp / "bad.toml"

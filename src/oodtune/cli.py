@@ -39,6 +39,7 @@ from .training.config import (
     COMPILE_MODES,
     COMPILE_SCOPES,
     FINETUNE,
+    PASTE_MODES,
     PRETRAIN,
     SEGMENTATION_FINETUNE,
     TrainConfig,
@@ -520,6 +521,15 @@ def loss_option_flags(f: Any) -> Any:
               help=f"Classification: auxiliary outliers per step [default: {FINETUNE.outlier_batch_size}]. "
                    "Segmentation (--pasted-frames): frames of each batch that get a pasted object [default: "
                    f"{SEGMENTATION_FINETUNE.outlier_batch_size}].")
+@click.option("--train-part", default=None,
+              help="Segmentation: which part trains: head (the checkpoint's trainable block), decoder, all, or "
+                   "comma-separated module names; frozen parts keep their BatchNorm statistics [default: head].")
+@click.option("--paste-mode", type=click.Choice(PASTE_MODES), default=None,
+              help="Segmentation: object (one object per pasted frame, scaled U(0.1, 0.5)) or reference (PEBAL's: "
+                   "a photo's objects at native scale, frame flip 0.8 / scale 0.5-2 / crop) [default: object].")
+@click.option("--paste-share", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Segmentation, --paste-mode reference: probability that a frame carries pasted objects "
+                   "[default: 1/11, PEBAL's].")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @id_data_option
 @train_options(FINETUNE, shown=False)
@@ -534,7 +544,8 @@ def finetune(**kw: Any) -> None:
     given = {k: kw.pop(k) for k in LOSS_OPTIONS}
     loss_options = {k: v for k, v in given.items() if v is not None}
     cfg = pipeline.finetune_config(kw["checkpoint"], **_train_overrides(kw),
-                                   outlier_batch_size=kw["outlier_batch_size"])
+                                   outlier_batch_size=kw["outlier_batch_size"], train_part=kw["train_part"],
+                                   paste_mode=kw["paste_mode"], paste_share=kw["paste_share"])
     outliers = kw["outliers"] or pipeline.default_outliers(kw["checkpoint"])
     path = pipeline.finetune(kw["checkpoint"], kw["out"], method=kw["method"], data_root=kw["data_root"],
                              outliers=outliers, prior=prior, config=cfg, loss_options=loss_options,

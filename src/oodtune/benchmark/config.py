@@ -7,7 +7,9 @@ Sections (``configs/*.toml`` are documented examples):
   ``ood_near``, ``ood_far``, ``num_ood``, ``seeds``, ``out``, ``data_root``, ``device``, ``pretrained`` (an
   existing checkpoint instead of pretraining one), ``id_split`` (the ID split the ID-task metrics are measured
   on, default ``test``; ``val`` for a validation grid), ``pretrain_seeds`` (nested seeds: one independently
-  pretrained model per seed, each with every row x ``seeds``, under ``OUT/pretrain-s<seed>``; :mod:`.nested`).
+  pretrained model per seed, each with every row x ``seeds``, under ``OUT/pretrain-s<seed>``; :mod:`.nested`),
+  ``blur`` (segmentation: the score maps as measured, ``"off"`` (default), Gaussian-blurred (kernel 7, σ 1) as
+  PEBAL's test code does, ``"on"``, or ``"both"``: every row twice, the blurred one labelled ``LABEL +blur``).
 
 A segmentation ``id_dataset`` (e.g. ``camvid``) makes it a segmentation benchmark: ``pretrained`` is then required
 (segmenters are imported, not pretrained: ``oodtune import-model``), the methods are the pixel methods of
@@ -64,8 +66,10 @@ TRAIN_TYPES: dict[str, tuple[type, ...]] = {
 BENCHMARK_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,), "protocol": (str,), "id_dataset": (str,), "arch": (str,), "outliers": (str,), "ood_near": (list,),
     "ood_far": (list,), "num_ood": (int,), "seeds": (list,), "out": (str,), "data_root": (str,), "device": (str,),
-    "pretrained": (str,), "id_split": (str,), "pretrain_seeds": (list,),
+    "pretrained": (str,), "id_split": (str,), "pretrain_seeds": (list,), "blur": (str,),
 }
+#: ``[benchmark].blur``: which score maps a segmentation benchmark reports (False = as measured, True = blurred).
+BLUR_VARIANTS: dict[str, tuple[bool, ...]] = {"off": (False,), "on": (True,), "both": (False, True)}
 PRETRAIN_EXTRA: dict[str, tuple[type, ...]] = {"num_train": (int,), "imbalance_ratio": (float,),
                                                "val_fraction": (float,)}
 #: loss option -> accepted TOML types (from the one table of loss options).
@@ -161,6 +165,7 @@ class BenchmarkConfig:
     matrix: MatrixSpec | None = None
     pretrain_seeds: list[int] = field(default_factory=list)  # nested seeds (one pretrained model each); [] = one
     comparisons: list[Comparison] = field(default_factory=list)
+    blur: tuple[bool, ...] = (False,)  # segmentation: score maps as measured and/or blurred (BLUR_VARIANTS)
 
     def selected(self, spec: MethodSpec) -> bool:
         """Whether this invocation may train/evaluate ``spec`` (the others are only tabulated)."""
@@ -406,6 +411,10 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
     seeds = b.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise chk.fail("[benchmark].seeds", f"expected a non-empty list of integers, got {seeds!r}")
+    blur = b.get("blur", "off")
+    if blur not in BLUR_VARIANTS or (blur != "off" and not segmentation):
+        raise chk.fail("[benchmark].blur", f"{blur!r}: one of {', '.join(BLUR_VARIANTS)}, for segmentation "
+                       "benchmarks only (the Gaussian blur of per-pixel score maps)")
     if only:
         names = {n for m in methods for n in (m.label, m.slug)}
         missing = [n for n in only if n not in names]
@@ -423,6 +432,7 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
         matrix=_matrix_spec(chk, raw["matrix"], known, protocol, ood_near + ood_far) if "matrix" in raw else None,
         pretrain_seeds=_pretrain_seeds(chk, b, pre),
         comparisons=_comparisons(chk, raw["comparisons"], labels) if "comparisons" in raw else [],
+        blur=BLUR_VARIANTS[blur],
     )
     if cfg.comparisons and segmentation:
         raise chk.fail("[[comparisons]]", "comparisons resample per-image scores; a segmentation benchmark stores a "
@@ -431,7 +441,10 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
         cfg.train_config("pretrain", None, 0)
         for spec in methods:
             if not spec.posthoc:
-                cfg.train_config("finetune", spec, 0)
+                tc = cfg.train_config("finetune", spec, 0)
+                if not segmentation and (tc.train_part, tc.paste_mode, tc.paste_share) != (None, "object", None):
+                    raise ConfigError(f"row {spec.label!r}: train_part, paste_mode and paste_share are segmentation "
+                                      "options; a classifier fine-tunes every layer on auxiliary images.")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return cfg

@@ -65,6 +65,8 @@ class Benchmark:
         self.source = pipeline.DataSource(cfg.data_root)
         self.precision = resolve_precision(resolve_device(cfg.device), cfg.finetune.get("precision", "auto"))
         self.store = EvalStore(cfg.out / "evals", id_split=cfg.id_split, precision=self.precision)
+        #: segmentation: the evaluations of blurred score maps, stored beside the plain ones
+        self.blur_store = EvalStore(cfg.out / "evals", id_split=cfg.id_split, precision=self.precision, blur=True)
 
     # -- trained checkpoints ----------------------------------------------------------------------
     def pretrained_path(self) -> Path:
@@ -174,18 +176,20 @@ class Benchmark:
                         pretrained_sha256=pre.sha256)
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, ckpt: Trained, scores: list[str], *, compute: bool) -> StoredEvaluation | None:
+    def evaluate(self, ckpt: Trained, scores: list[str], *, compute: bool, blur: bool = False
+                 ) -> StoredEvaluation | None:
         """ID metrics, metrics rows and raw scores of ``ckpt`` for ``scores`` on the ID split (``id_split``) and every
-        OOD set; what is not cached is computed (``compute``, and only while the weights exist) or reported missing
-        (None)."""
+        OOD set (``blur``: of Gaussian-blurred score maps); what is not cached is computed (``compute``, and only
+        while the weights exist) or reported missing (None)."""
         def run(names: list[str], ood: list[str]) -> Any:
             report, _ = pipeline.evaluate_checkpoint(ckpt.path, scores=names, ood=ood, data_root=self.source,
                                                      device=self.cfg.device, num_ood=self.cfg.num_ood,
-                                                     id_split=self.cfg.id_split)
+                                                     id_split=self.cfg.id_split, blur=blur)
             return report
         built = pipeline.task_of(ckpt.meta).build_scores(ckpt.meta, list(dict.fromkeys(scores)))
-        return self.store.evaluation(ckpt.sha256, built, self.cfg.ood_near + self.cfg.ood_far, self.cfg.num_ood,
-                                     run if compute and ckpt.path.exists() else None)
+        store = self.blur_store if blur else self.store
+        return store.evaluation(ckpt.sha256, built, self.cfg.ood_near + self.cfg.ood_far, self.cfg.num_ood,
+                                run if compute and ckpt.path.exists() else None)
 
     def record(self, ev: StoredEvaluation, score: str, *, seed: int | None, run: Trained | None) -> dict[str, Any]:
         """One run's row for the tables: ID metrics, fine-tuning time and per-epoch history (None for post-hoc
@@ -216,26 +220,34 @@ class Benchmark:
             self._write_prior_outputs(pre, compute=not report_only)
         for spec in cfg.methods:
             tabulate_only = report_only or not cfg.selected(spec)
-            if spec.posthoc:
-                ev = self.evaluate(pre, [spec.method], compute=not tabulate_only) if pre is not None else None
-                if ev is None:
-                    missing.append(f"{spec.label} (post-hoc, pretrained model)")
-                else:
-                    results[spec.label] = [self.record(ev, spec.method, seed=None, run=None)]
-                continue
-            runs, first = [], None
-            for seed in cfg.seeds:
-                run = self._finetuned(pre, spec, seed, train=not tabulate_only)
-                ev = None if run is None else self.evaluate(run, [spec.score, "energy"], compute=not tabulate_only)
-                if run is None or ev is None:
-                    missing.append(f"{spec.label} seed {seed}" + ("" if run is None else " (trained, not evaluated)"))
+            plotted = None  # the first finished seed's plain evaluation: the ROC plots are of plain maps
+            for blur in cfg.blur:  # segmentation: the blurred maps' rows are labelled "LABEL +blur"
+                label = f"{spec.label} +blur" if blur else spec.label
+                if spec.posthoc:
+                    ev = (self.evaluate(pre, [spec.method], compute=not tabulate_only, blur=blur)
+                          if pre is not None else None)
+                    if ev is None:
+                        missing.append(f"{label} (post-hoc, pretrained model)")
+                    else:
+                        results[label] = [self.record(ev, spec.method, seed=None, run=None)]
                     continue
-                runs.append(self.record(ev, spec.score, seed=seed, run=run))
-                first = first or (seed, ev)
-            if runs:
-                results[spec.label] = runs
-            if base is not None and first is not None:
-                self._plots(spec, base, *first)
+                runs, first = [], None
+                for seed in cfg.seeds:
+                    run = self._finetuned(pre, spec, seed, train=not tabulate_only)
+                    ev = None if run is None else self.evaluate(run, [spec.score, "energy"],
+                                                                compute=not tabulate_only, blur=blur)
+                    if run is None or ev is None:
+                        missing.append(f"{label} seed {seed}" + ("" if run is None else " (trained, not evaluated)"))
+                        continue
+                    runs.append(self.record(ev, spec.score, seed=seed, run=run))
+                    first = first or (seed, ev)
+                if runs:
+                    results[label] = runs
+                plotted = plotted if blur else first
+            if spec.posthoc:
+                continue
+            if base is not None and plotted is not None:
+                self._plots(spec, base, *plotted)
             if cfg.task == "segmentation" and pre is not None:
                 self._anomaly_maps(pre, spec, compute=not tabulate_only)
         paths = write_results(cfg, results, command, missing)

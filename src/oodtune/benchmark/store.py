@@ -96,10 +96,12 @@ Compute = Callable[[list[str], list[str]], EvalReport]
 class EvalStore:
     """The cache under ``root`` (module docstring); checkpoints are named by the SHA-256 of their file."""
 
-    def __init__(self, root: str | Path, *, id_split: str = "test", precision: str = "fp32") -> None:
+    def __init__(self, root: str | Path, *, id_split: str = "test", precision: str = "fp32", blur: bool = False
+                 ) -> None:
         self.root = Path(root)
         self.suffix = "" if precision == "fp32" else f"-{precision}"  # bf16 forward passes score differently
-        suffix = "" if id_split == "test" else f"-{id_split}"
+        # blurred score maps (segmentation) are stored beside the plain ones: <set>-blur.npy, id-blur.npy, ...
+        suffix = ("" if id_split == "test" else f"-{id_split}") + ("-blur" if blur else "")
         self.id_file, self.info_file, self.row_suffix = f"{ID}{suffix}", f"checkpoint{suffix}.json", f"{suffix}.json"
         self._sha: dict[tuple[str, int, int], str] = {}
 

@@ -50,18 +50,39 @@ PASTE_SCALE = (0.1, 0.5)  # object's longer side, as a fraction of the frame's s
 
 @dataclass(frozen=True)
 class ObjectBank:
-    """Cut-out objects: RGB crops (h, w, 3) uint8 and their boolean masks (h, w), one category name each."""
+    """Cut-out objects: RGB crops (h, w, 3) uint8 and their boolean masks (h, w), one category name each; per object
+    optionally its source photo (``photos``: the reference pasting mode pastes a photo's objects together) and the
+    scale it is stored at relative to the photo (``storage_scales``; 1 = native pixel size)."""
 
     images: tuple[np.ndarray, ...]
     masks: tuple[np.ndarray, ...]
     categories: tuple[str, ...]
     name: str = "objects"
+    photos: tuple[str, ...] = ()
+    storage_scales: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.images:
             raise DataError(f"{self.name}: the object bank is empty; check the data root and the split.")
         if not (len(self.images) == len(self.masks) == len(self.categories)):
             raise DataError(f"{self.name}: {len(self.images)} objects but {len(self.masks)} masks.")
+        for field in ("photos", "storage_scales"):
+            if getattr(self, field) and len(getattr(self, field)) != len(self.images):
+                raise DataError(f"{self.name}: {len(self.images)} objects but {len(getattr(self, field))} {field}.")
+
+    def photo_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The objects' indices grouped by source photo (in order of first appearance; one group per object when
+        the bank does not record photos)."""
+        if not self.photos:
+            return tuple((i,) for i in range(len(self)))
+        groups: dict[str, list[int]] = {}
+        for i, photo in enumerate(self.photos):
+            groups.setdefault(photo, []).append(i)
+        return tuple(tuple(g) for g in groups.values())
+
+    def storage_scale(self, index: int) -> float:
+        """The scale object ``index`` is stored at relative to its photo (1 when not recorded)."""
+        return self.storage_scales[index] if self.storage_scales else 1.0
 
     def __len__(self) -> int:
         return len(self.images)
@@ -107,8 +128,8 @@ def _crop(img: np.ndarray, mask: np.ndarray, where: Path) -> tuple[np.ndarray, n
     return np.ascontiguousarray(img[sl]), np.ascontiguousarray(mask[sl])
 
 
-#: One object of a listing: (COCO split, crop image, mask, category, source photo).
-Entry = tuple[str, Path, Path, str, str]
+#: One object of a listing: (COCO split, crop image, mask, category, source photo, storage scale).
+Entry = tuple[str, Path, Path, str, str, float]
 
 
 def _split_of(coco_split: str, photo: str, heldout: set[str]) -> str:
@@ -145,8 +166,12 @@ def _mirror_entries(folder: Path) -> list[Entry]:
                 raise DataError(f"{listing}: object #{i} has {key!r} = {obj[key]!r}; it must be a string (a path "
                                 "relative to the listing, or a split name); restore the listing from the archive.")
         photo = f"{obj['split']}/{obj['coco_image_id']}" if "coco_image_id" in obj else str(obj["image"])
+        scale = obj.get("stored_scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1:
+            raise DataError(f"{listing}: object #{i} ({obj['image']}) has stored_scale {scale!r}; it must be in (0, 1] "
+                            "(the crop's size relative to its photo).")
         out.append((str(obj["split"]), folder / obj["image"], folder / obj["mask"], str(obj.get("category", "?")),
-                    photo))
+                    photo, float(scale)))
     return out
 
 
@@ -159,7 +184,7 @@ def _pebal_entries(coco: Path) -> list[Entry]:
             continue
         for mask in sorted(ann.rglob("*.png")):
             image = coco / coco_split / f"{mask.stem}.jpg"
-            out.append((coco_split, image, mask, "coco", str(image)))
+            out.append((coco_split, image, mask, "coco", str(image), 1.0))
     return out
 
 
@@ -185,15 +210,17 @@ def load_object_bank(root: Path, split: str, cache_dir: Path) -> ObjectBank:
                             f"{root}/coco/annotations/ood_seg_train2017/*.png. Fix: place one there, or pass another "
                             "root (argument root=, or env OODTUNE_DATA).")
     held = _heldout([e[4] for e in entries if not e[0].startswith("val")])
-    images, masks, cats = [], [], []
-    for coco_split, image, mask_path, cat, photo in entries:
+    images, masks, cats, photos, scales = [], [], [], [], []
+    for coco_split, image, mask_path, cat, photo, scale in entries:
         if _split_of(coco_split, photo, held) != split:
             continue
         img, mask = _crop(_read_rgb(image), _read_mask(mask_path, image, foreground), image)
         images.append(img)
         masks.append(mask)
         cats.append(cat)
-    return ObjectBank(tuple(images), tuple(masks), tuple(cats), f"coco-objects-{split}")
+        photos.append(photo)
+        scales.append(scale)
+    return ObjectBank(tuple(images), tuple(masks), tuple(cats), f"coco-objects-{split}", tuple(photos), tuple(scales))
 
 
 def paste_object(frame: np.ndarray, labels: np.ndarray, image: np.ndarray, mask: np.ndarray,

@@ -51,6 +51,10 @@ LOSS_OPTIONS: dict[str, LossOption] = {o.name: o for o in (
     LossOption("balanced_reduction", "How Balanced Energy averages the outlier hinge: normalized (Σ h²·Z / Σ Z, the "
                                      "reference code) or mean (mean h²·Z, the slides).", str, ("normalized", "mean")),
     LossOption("detach_z", "Balanced Energy: stop the gradient through the prior weights Z.", bool),
+    LossOption("smooth_normalization", "PEBAL's energy smoothness: reference (its sum rescaled to the reference "
+                                       "batch, 8 x 900 x 900 pixels, so that its weight relative to the averaged "
+                                       "terms is the reference's at any frame size) or sum (the plain sum over this "
+                                       "batch's pixels: weaker at smaller frames).", str, ("reference", "sum")),
 )}
 
 

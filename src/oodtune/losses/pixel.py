@@ -138,22 +138,36 @@ class OutlierEnergyNorm(LossTerm):
         return self.weight * torch.linalg.vector_norm(e)
 
 
+#: Pixels of one reference batch (PEBAL: 8 crops of 900 x 900), over which its smoothness is summed.
+REFERENCE_BATCH_PIXELS = 8 * 900 * 900
+SMOOTH_NORMALIZATIONS = ("reference", "sum")
+
+
 class EnergySmoothness(LossTerm):
     """λ · ½ · Σ over the batch of squared differences of the energy map between vertical and horizontal
-    neighbours (PEBAL's smoothness, λ = 0.1 · 3e-6; a *sum* over pixels, as in the reference)."""
+    neighbours (PEBAL's smoothness, λ = 0.1 · 3e-6).
+
+    The reference *sums* over its batch (8 x 900 x 900 = 6.48M pixels) while the other terms are means, so the
+    term's relative weight grows with the pixels per batch. ``normalization``: ``"reference"`` (default) multiplies
+    the sum by 6.48M / (pixels of this batch), i.e. λ · 6.48M · (the per-pixel mean), which gives it the
+    reference's relative weight at any frame and batch size; ``"sum"`` keeps the plain sum (at 8 x 480x360 frames
+    it is 4.7x weaker relative to the other terms than in the reference, at 8 x 320x240 21x weaker)."""
 
     name = "smoothness"
 
-    def __init__(self, num_classes: int, weight: float = 3e-7) -> None:
+    def __init__(self, num_classes: int, weight: float = 3e-7, normalization: str = "reference") -> None:
         super().__init__()
-        self.num_classes, self.weight = int(num_classes), float(weight)
+        if normalization not in SMOOTH_NORMALIZATIONS:
+            raise ConfigError(f"smooth_normalization must be one of {SMOOTH_NORMALIZATIONS}, got {normalization!r}")
+        self.num_classes, self.weight, self.normalization = int(num_classes), float(weight), normalization
 
     def forward(self, inp: LossInputs) -> Tensor:
         logits, _ = _maps(inp, self.name)
         e = -torch.logsumexp(as_float(logits[:, : self.num_classes]), dim=1)
         dy = (e[:, 1:, :] - e[:, :-1, :]).square().sum()
         dx = (e[:, :, 1:] - e[:, :, :-1]).square().sum()
-        return self.weight * 0.5 * (dy + dx)
+        scale = REFERENCE_BATCH_PIXELS / e.numel() if self.normalization == "reference" else 1.0
+        return self.weight * 0.5 * scale * (dy + dx)
 
 
 #: method -> (uses CE, uses Gambler, balanced, PEBAL energy extras (norm + smoothness))
@@ -168,7 +182,8 @@ PIXEL_METHODS: dict[str, tuple[bool, bool, bool, bool]] = {
 #: defaults (names from :data:`oodtune.losses.options.LOSS_OPTIONS`).
 SEGMENTATION_LOSSES = TaskLosses(
     task="segmentation", methods=tuple(PIXEL_METHODS),
-    defaults={"m_in": PEBAL_M_IN, "m_out": PEBAL_M_OUT, "energy_weight": 0.05, "alpha": 5.0},
+    defaults={"m_in": PEBAL_M_IN, "m_out": PEBAL_M_OUT, "energy_weight": 0.05, "alpha": 5.0,
+              "smooth_normalization": "reference"},
     methods_help=", ".join(PIXEL_METHODS),
 )
 
@@ -195,6 +210,9 @@ def build_pixel_loss(method: str, *, num_classes: int, ignore_index: int | None,
         raise ConfigError(f"loss option(s) {sorted(overrides)} do not apply to method 'ce' (plain cross-entropy).")
     if "alpha" in overrides and not balanced:
         raise ConfigError(f"alpha is the Balanced Energy margin scale; method {method!r} does not use it.")
+    if "smooth_normalization" in overrides and not extras:
+        raise ConfigError(f"smooth_normalization applies to PEBAL's smoothness term; method {method!r} has none "
+                          "(pebal / balanced-pebal do).")
     if balanced and prior_gamma is None:
         raise ConfigError(f"method {method!r} needs the outlier class prior P_γ(y|o). Run `oodtune estimate-prior "
                           "CHECKPOINT --outliers coco-objects --out prior.json` first and pass --prior prior.json.")
@@ -210,5 +228,5 @@ def build_pixel_loss(method: str, *, num_classes: int, ignore_index: int | None,
             terms.append(EnergyHinge(m_in=o["m_in"], m_out=o["m_out"], weight=o["energy_weight"]))
     if extras:
         terms.append(OutlierEnergyNorm(alpha=o["alpha"] if balanced else 0.0, prior_gamma=prior_gamma))
-        terms.append(EnergySmoothness(num_classes))
+        terms.append(EnergySmoothness(num_classes, normalization=o["smooth_normalization"]))
     return CompositeLoss(terms, check_finite=check_finite)

@@ -1,6 +1,22 @@
 """One interface for segmentation networks: ``SegmentationModel(model, ...)(x)`` gives (B, C, H, W) logits, C = the
 K class logits followed by ``extra_channels`` (void / abstention), and only the named ``trainable`` modules train.
 
+Which part trains (:func:`resolve_train_part`, ``TrainConfig.train_part``): ``head`` = the checkpoint's own
+``trainable`` modules (ESPNet: its last decoder stage, ``conv`` + ``classifier``); ``decoder`` = every module after
+the encoder (ESPNet: all top-level modules but ``encoder``; the counterpart of PEBAL's ``final`` block); ``all`` =
+the whole network; or a comma-separated list of module names. **BatchNorm, per choice:**
+
+=========  ==============================================================================================
+part       BatchNorm layers
+=========  ==============================================================================================
+head       frozen part (encoder, decoder up to the head): eval mode, pretrained running statistics, never
+           updated; the head's own BatchNorm: train mode (batch statistics, running statistics updated)
+decoder    encoder: as frozen above; every BatchNorm of the decoder: train mode (updated)
+all        every BatchNorm in train mode (batch statistics, running statistics updated), as the reference
+           leaves its whole network
+names      the named modules' BatchNorm in train mode, every other one frozen in eval mode
+=========  ==============================================================================================
+
 Frozen modules stay in eval mode whatever ``train()`` is called with: their BatchNorm layers normalise with the
 pretrained running statistics and never update them, so the frozen part computes exactly the pretrained function
 (the PEBAL reference code leaves the whole network in train mode, so its frozen BatchNorm layers normalise with
@@ -21,7 +37,30 @@ from torch import nn
 
 from ..errors import ModelError
 
-__all__ = ["SegmentationModel"]
+__all__ = ["DECODER_EXCLUDES", "SegmentationModel", "TRAIN_PARTS", "resolve_train_part"]
+
+#: The named parts ``TrainConfig.train_part`` accepts besides a comma-separated list of module names.
+TRAIN_PARTS = ("head", "decoder", "all")
+#: Per architecture: the top-level modules that are *not* its decoder (the encoder / backbone).
+DECODER_EXCLUDES: dict[str, tuple[str, ...]] = {"espnet": ("encoder",), "espnet-camvid": ("encoder",)}
+
+
+def resolve_train_part(model: nn.Module, arch: str, part: str | None, head: Sequence[str]) -> tuple[str, ...]:
+    """The module names that train for ``part`` (module docstring; ``None`` or ``head``: ``head``, the
+    checkpoint's own trainable modules). ``()`` means the whole network."""
+    if part is None or part == "head":
+        return tuple(head)
+    if part == "all":
+        return ()
+    if part == "decoder":
+        if arch not in DECODER_EXCLUDES:
+            raise ModelError(f"train_part 'decoder' is defined for {', '.join(DECODER_EXCLUDES)}, not for {arch!r}; "
+                             "name the decoder's modules instead (--train-part conv,classifier).")
+        return tuple(n for n, _ in model.named_children() if n not in DECODER_EXCLUDES[arch])
+    names = tuple(n.strip() for n in part.split(",") if n.strip())
+    if not names:
+        raise ModelError(f"train_part {part!r} names no module; use one of {', '.join(TRAIN_PARTS)} or module names.")
+    return names
 
 
 class SegmentationModel(nn.Module):
@@ -33,14 +72,19 @@ class SegmentationModel(nn.Module):
         self.model = model
         self.num_classes = int(num_classes)
         self.extra_channels = int(extra_channels)
-        self.trainable = tuple(trainable)
+        self.set_trainable(trainable)
+
+    def set_trainable(self, trainable: Sequence[str]) -> None:
+        """Train the modules named ``trainable`` (all of the network when empty), freeze every other parameter."""
+        model = self.model
         blocks = []
-        for name in self.trainable:
+        for name in trainable:
             try:
                 blocks.append(model.get_submodule(name))
             except AttributeError as exc:
                 raise ModelError(f"{type(model).__name__} has no module {name!r} to fine-tune ({exc}); name the last "
                                  "block by its dotted path as in model.named_modules() (--trainable NAME).") from exc
+        self.trainable = tuple(trainable)
         self._blocks = blocks or [model]
         for p in model.parameters():
             p.requires_grad_(False)

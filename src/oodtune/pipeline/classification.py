@@ -359,6 +359,9 @@ class ClassificationTask(Task[FeatureModel, ClassificationEvaluation]):
 
     def train(self, net: FeatureModel, meta: RunMeta, loss: CompositeLoss, config: TrainConfig, *,
               outliers: str | None, source: DataSource, run_dir: Path) -> Path:
+        if config.train_part is not None or config.paste_mode != "object" or config.paste_share is not None:
+            raise ConfigError("train_part, paste_mode and paste_share are segmentation options; a classifier "
+                              "fine-tunes every layer on auxiliary images (drop them).")
         aux = source.load(outliers, "train", meta.resolution) if outliers else None
         Trainer(net, self.train_set(meta, source), loss, config, outliers=aux, normalizer=normalizer_for(meta),
                 run_dir=run_dir, meta=meta).fit()

@@ -3,10 +3,11 @@ the Balanced Energy paper's segmentation tables (Choi et al., CVPR 2023).
 
 A segmentation checkpoint enters with :func:`import_segmenter` (the published ESPNets, or any ``nn.Module`` that
 returns B×C×H×W logits); the generic steps then work on it: ``estimate_prior`` (P(y|o) = the pretrained model's
-argmax histogram over pasted-object pixels), ``propose_margins`` (from pixel energies), ``finetune`` (only the
-checkpoint's ``trainable`` block; objects of the ``train`` bank pasted into ID *train* frames), ``evaluate`` (mIoU on
-the ID test split; pixel AUROC / AP / FPR95 on anomaly sets). Anomaly sets are evaluated at the model's input
-height with their own aspect ratio (Road Anomaly 1280x720 -> 640x360 for a 480x360 CamVid model).
+argmax histogram over pasted-object pixels), ``propose_margins`` (from pixel energies), ``finetune`` (the
+checkpoint's ``trainable`` block, or the part ``TrainConfig.train_part`` names; objects of the ``train`` bank pasted
+into ID *train* frames), ``evaluate`` (mIoU on the ID test split; pixel AUROC / AP / FPR95 on anomaly sets). Anomaly
+sets are evaluated at the model's input height with their own aspect ratio (Road Anomaly 1280x720 -> 640x360 for a
+480x360 CamVid model).
 
 Fine-tuning defaults (:data:`SEGMENTATION_FINETUNE`): PEBAL's recipe where it transfers — Adam, lr 1e-5, batch 8,
 40 epochs over the ID train split — with one frame of every 8 carrying a pasted object (PEBAL: about 1 in 11).
@@ -41,6 +42,7 @@ from ..models import (
     SegmentationModel,
     build_model,
     read_state_dict,
+    resolve_train_part,
     save_checkpoint,
     weights_hash,
 )
@@ -162,6 +164,10 @@ class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
     def train(self, net: SegmentationModel, meta: RunMeta, loss: CompositeLoss, config: TrainConfig, *,
               outliers: str | None, source: DataSource, run_dir: Path) -> Path:
         bank = source.objects(outliers, "train") if outliers else None
+        part = resolve_train_part(net.model, meta.arch, config.train_part, meta.trainable)
+        if part != meta.trainable:  # the checkpoint records the modules this run trained
+            net.set_trainable(part)
+            meta = meta.replace(trainable=part)
         SegmentationTrainer(net, self.train_set(meta, source), loss, config, outliers=bank,
                             normalizer=normalizer_for(meta), run_dir=run_dir, meta=meta).fit()
         return Path(run_dir) / FINAL

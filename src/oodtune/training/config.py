@@ -14,11 +14,14 @@ from typing import Any
 from ..errors import ConfigError
 from ..utils.runtime import PRECISIONS
 
-__all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "INTEGER_FIELDS", "PRECISIONS", "TrainConfig", "PRETRAIN", "FINETUNE",
-           "SEGMENTATION_FINETUNE", "TRAIN_KEYS"]
+__all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "INTEGER_FIELDS", "PASTE_MODES", "PRECISIONS", "TrainConfig", "PRETRAIN",
+           "FINETUNE", "SEGMENTATION_FINETUNE", "TRAIN_KEYS"]
 
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
 COMPILE_SCOPES = ("model", "step")
+#: Segmentation pasting modes: ``object`` (one object per pasted frame, scaled U(0.1, 0.5), flip 0.5) and
+#: ``reference`` (PEBAL's: a photo's objects at native scale, frame flip 0.8 / scale 0.5-2 / crop; data.mixing).
+PASTE_MODES = ("object", "reference")
 
 
 @dataclass
@@ -40,6 +43,12 @@ class TrainConfig:
     compile_scope: str = "model"  # model | step (augmentation + normalisation + forward + loss in one graph)
     device: str | None = None
     max_steps_per_epoch: int | None = None  # cap for smoke tests / CPU-scale runs
+    #: segmentation: which part trains (head | decoder | all | comma-separated module names; None = head, the
+    #: checkpoint's own trainable modules); see oodtune.models.segmentation
+    train_part: str | None = None
+    paste_mode: str = "object"  # segmentation: object | reference (PASTE_MODES)
+    #: segmentation, reference pasting: probability that a frame carries pasted objects (None = PEBAL's 1/11)
+    paste_share: float | None = None
 
     def __post_init__(self) -> None:
         for name in INTEGER_FIELDS:  # 1.7 epochs is a mistake, never silently 1
@@ -60,6 +69,14 @@ class TrainConfig:
                               f"got {self.compile!r} / {self.compile_scope!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.paste_mode not in PASTE_MODES:
+            raise ConfigError(f"paste_mode must be one of {PASTE_MODES}, got {self.paste_mode!r}")
+        if self.paste_share is not None and (self.paste_mode != "reference" or not 0 < self.paste_share <= 1):
+            raise ConfigError(f"paste_share is the reference pasting mode's share of pasted frames, in (0, 1]; got "
+                              f"{self.paste_share!r} with paste_mode {self.paste_mode!r} (use --paste-mode reference, "
+                              "or --pasted-frames for the object mode).")
+        if self.train_part is not None and not self.train_part.strip():
+            raise ConfigError("train_part is empty; use head, decoder, all or module names (conv,classifier).")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ConfigError(f"max_steps_per_epoch must be >= 1, got {self.max_steps_per_epoch}")
 

@@ -14,13 +14,20 @@ here the loop's per-step cosine decay) and ``weight_decay`` as Adam's L2 term.
 Reference protocol vs this loop: PEBAL builds each epoch from all Cityscapes frames plus 10% as many frames with
 a COCO object pasted (so about one sample in eleven carries an outlier, and a batch may carry none) and rescales
 and crops the whole mixed frame; here a fixed number of frames per batch carry an object (``outlier_batch_size``)
-and the object alone is rescaled.
+and the object alone is rescaled. ``paste_mode = "reference"`` reproduces the reference instead
+(:mod:`oodtune.data.mixing`): each frame carries the objects of one photo with probability ``paste_share``
+(default 1/11; at most ``outlier_batch_size`` frames per batch: set it to ``batch_size`` for the reference), at
+their native scale relative to the frame, and every frame is flipped with probability 0.8, rescaled by 0.5-2 and
+cropped back to its size (void labels where the scaled frame is smaller).
 
 Last-block fine-tuning (the model :attr:`~oodtune.models.SegmentationModel.splits` into a frozen trunk and the
 trainable tail, one process, no ``--compile``) caches the trunk's output of the frames without a pasted object on
 disk (:mod:`.trunk_cache`; ``OODTUNE_TRUNK_CACHE=0`` turns it off): those frames run the tail only, the pasted
 ones the whole network. The tail sees the same batch as without the cache, so its BatchNorm statistics and the
 losses are the same up to the cache's bf16 / fp16 rounding.
+
+``train_part`` (head / decoder / all / module names) chooses the trainable modules before the optimiser is built
+(:func:`oodtune.models.segmentation.resolve_train_part`, BatchNorm policy there).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.mixing import REFERENCE_SHARE, paste_native, reference_augment, reference_object_scale
 from ..data.objects import ObjectBank, paste_objects
 from ..data.segmentation import SegmentationSet
 from ..errors import ConfigError, DataError
@@ -86,7 +94,18 @@ class SegmentationTrainer(Trainer):
         if self.pasted_frames > self.cfg.batch_size:
             raise ConfigError(f"outlier_batch_size {self.pasted_frames} is the number of frames per batch that get a "
                               f"pasted object (--pasted-frames); it cannot exceed batch_size {self.cfg.batch_size}.")
-        self.trunk_cache = self._make_cache(train_set) if cache_enabled() else None
+        self.reference = self.cfg.paste_mode == "reference"
+        if self.reference:
+            if self.ignore_index is None:
+                raise DataError(f"{train_set.name} has no void label, but the reference pasting mode pads frames "
+                                "it scales down with void labels; use --paste-mode object.")
+            #: the photos the reference mode draws from: every object of a photo is pasted together
+            self.photo_groups = outliers.photo_groups() if outliers is not None else ()
+            self.object_scale = reference_object_scale(train_set.size)
+            mean = self.normalizer.mean[::-1] if self.normalizer.bgr else self.normalizer.mean
+            self.fill = tuple(int(round(255 * m)) for m in mean)  # padding = the mean colour (0 after normalising)
+        # reference pasting rescales and crops every frame: no frame's trunk output repeats, nothing to cache
+        self.trunk_cache = self._make_cache(train_set) if cache_enabled() and not self.reference else None
 
     def _make_cache(self, train_set: SegmentationSet) -> TrunkCache | None:
         """The trunk cache of this network and training set, when the network splits and the step is eager."""
@@ -101,20 +120,24 @@ class SegmentationTrainer(Trainer):
         return TrunkCache(key, len(train_set.images), dtype)
 
     def _outlier_count(self) -> int:
-        return 0 if self.objects is None else len(self.objects)
+        if self.objects is None:
+            return 0
+        return len(self.photo_groups) if self.reference else len(self.objects)
 
     def _draw(self, idx: torch.Tensor, gen: torch.Generator, sampler: OutlierSampler | None) -> StepBatch:
         rows = idx.cpu()
         frames = self.train_x[rows].numpy().copy()
         labels = self.train_y[rows].numpy().copy()
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))
+        if self.reference:  # every frame rescaled and cropped: nothing for the trunk cache
+            frames, labels = self._reference_mix(frames, labels, rng, sampler)
+            return StepBatch(*self._tensors(frames, labels))
         if sampler is not None and self.objects is not None:  # the sampler draws pasted_frames objects
             paste_objects(frames, labels, self.objects, rng, OUTLIER_LABEL, objects=sampler.next().cpu().tolist())
         flip = rng.random(len(frames)) < 0.5
         frames[flip] = frames[flip, :, ::-1]
         labels[flip] = labels[flip, :, ::-1]
-        x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous().to(self.device)
-        y = torch.from_numpy(labels).to(self.device, torch.int64)
+        x, y = self._tensors(frames, labels)
         pasted = self.pasted_frames if sampler is not None and self.objects is not None else 0
         # the outliers are pasted into the frames: no separate outlier images
         return FrameBatch(x, y, frames=tuple(rows.tolist()), flips=tuple(flip.tolist()), pasted=pasted)
@@ -137,6 +160,27 @@ class SegmentationTrainer(Trainer):
                            lambda rows: trunk([pasted + r for r in rows]), self.device)
         feats = torch.cat([trunk(slice(0, pasted)).float(), cached.float()]) if pasted else cached
         return self.net.tail(feats, x.shape[-2:])
+
+    def _tensors(self, frames: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) uint8 frames and (N, H, W) int64 labels on the device."""
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous().to(self.device)
+        return x, torch.from_numpy(labels).to(self.device, torch.int64)
+
+    def _reference_mix(self, frames: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                       sampler: OutlierSampler | None) -> tuple[np.ndarray, np.ndarray]:
+        """The reference pasting mode (module docstring): photos pasted into a ``paste_share`` of the frames (at most
+        the sampler's photos per batch), then every frame flipped / rescaled / cropped."""
+        share = REFERENCE_SHARE if self.cfg.paste_share is None else self.cfg.paste_share
+        pasted = np.flatnonzero(rng.random(len(frames)) < share)
+        if sampler is not None and self.objects is not None and len(pasted):
+            bank = self.objects
+            for i, photo in zip(pasted, sampler.next().cpu().tolist(), strict=False):
+                group = self.photo_groups[int(photo)]
+                paste_native(frames[i], labels[i], [bank.images[k] for k in group], [bank.masks[k] for k in group],
+                             [self.object_scale / bank.storage_scale(k) for k in group], rng, OUTLIER_LABEL)
+        out = [reference_augment(f, y, rng, fill=self.fill, void=int(self.ignore_index or 0))
+               for f, y in zip(frames, labels, strict=True)]
+        return np.stack([f for f, _ in out]), np.stack([y for _, y in out])
 
     def _forward(self, model: Callable[..., Any], batch: StepBatch) -> StepOutputs:
         """The loss of one batch; ``correct`` is the pixel accuracy on the labelled pixels × the frames."""
