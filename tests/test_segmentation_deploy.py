@@ -231,3 +231,63 @@ def test_a_damaged_segmentation_detector_file_names_the_field(seg: dict[str, Any
     bad.write_text(json.dumps(record))
     with pytest.raises(ConfigError, match=f"field '{named}'"):
         SegmentationDetector.load(bad)
+
+
+def _onnx_vs_python(det: SegmentationDetector, path: Path, frames: np.ndarray) -> float:
+    """Max |anomaly_onnx - anomaly_python| on ``frames``, after asserting identical class maps and identical masks
+    away from the threshold (|anomaly| > 1e-4)."""
+    from oodtune.deploy.onnx_export import run_onnx
+
+    out = run_onnx(path, frames)
+    python = det.predict(frames)
+    assert np.array_equal(out["class_map"], np.stack([p.class_map for p in python]))
+    expected = np.stack([p.anomaly for p in python])
+    assert out["anomaly"].dtype == np.float32 and out["anomaly"].shape == expected.shape
+    away = np.abs(expected) > 1e-4
+    assert away.mean() > 0.99  # the comparison covers (almost) every pixel
+    assert np.array_equal(out["mask"][away], np.stack([p.mask for p in python])[away])
+    return float(np.abs(out["anomaly"] - expected).max())
+
+
+@pytest.mark.e2e  # the export traces the network (seconds): `pytest -m e2e`
+def test_onnx_segmenter_equals_the_python_path(seg: dict[str, Any]) -> None:
+    pytest.importorskip("onnxscript")
+    from oodtune.deploy.onnx_export import ONNX_OPSET, export_onnx, read_onnx_record
+
+    det = pipeline.calibrate(seg["ckpt"], tpr=0.9, data_root=seg["root"], device="cpu", check=False)
+    path = export_onnx(det, seg["tmp"] / "det.onnx")
+    record = read_onnx_record(path)
+    assert record == {**det.program_record(dynamic_width=True), "opset": ONNX_OPSET}  # the width is free
+    assert record["calibration"]["threshold"] == det.threshold and record["task"] == "segmentation"
+    camvid = load_segmentation("camvid", seg["root"], "test", size=(32, 24)).images
+    road = np.stack(det.frames([str(p) for p in sorted((seg["root"] / "RoadAnomaly_jpg" / "frames").glob("*.jpg"))]))
+    assert road.shape[1:] == (24, 48, 3)  # another width than the model's 32
+    diffs = [_onnx_vs_python(det, path, frames) for frames in (camvid, camvid[:1], road)]
+    print(f"max |anomaly_onnx - anomaly_python| = {max(diffs):.3g}")
+    assert max(diffs) <= 1e-4
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_onnx(det, path)
+
+
+def test_an_uncalibrated_segmenter_is_refused_before_the_onnx_export(seg: dict[str, Any]) -> None:
+    from oodtune.deploy.onnx_export import export_onnx
+
+    with pytest.raises(ConfigError, match="calibrate"):
+        export_onnx(SegmentationDetector.from_checkpoint(seg["ckpt"], device="cpu"), seg["tmp"] / "x.onnx")
+    assert not (seg["tmp"] / "x.onnx").exists()
+
+
+@pytest.mark.e2e  # two exports and a calibration from the command line
+def test_cli_writes_a_segmenter_as_onnx(seg: dict[str, Any]) -> None:
+    pytest.importorskip("onnxscript")
+    from oodtune.deploy.onnx_export import read_onnx_record
+
+    det_path, calibrated, exported = seg["tmp"] / "det.json", seg["tmp"] / "cal.onnx", seg["tmp"] / "exp.onnx"
+    ok("calibrate", seg["ckpt"], "--data-root", seg["root"], "--device", "cpu", "--tpr", "0.9", "--no-check",
+       "--out", det_path, "--export", calibrated)
+    ok("export", seg["ckpt"], "--detector", det_path, "--out", exported)
+    det = SegmentationDetector.load(det_path, seg["ckpt"], device="cpu")
+    assert read_onnx_record(calibrated) == read_onnx_record(exported)
+    assert read_onnx_record(exported)["calibration"] == det.calibrated().to_dict()
+    camvid = load_segmentation("camvid", seg["root"], "test", size=(32, 24)).images
+    assert _onnx_vs_python(det, exported, camvid) <= 1e-4

@@ -667,7 +667,8 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
                    "calibration images, found by content, are left out).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Detector file to write (JSON).")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the detector as one program: uint8 images in, logits, score and is_ood out. A .onnx "
+              help="Also write the detector as one program: uint8 images in, logits, score and is_ood out (a "
+                   "segmenter: class_map, anomaly and mask). A .onnx "
                    "name writes an ONNX graph (opset 18; serve with onnxruntime; needs the onnx extra), any other a "
                    "torch.export program (.pt2; loads with PyTorch alone).")
 @click.option("--overwrite", is_flag=True, help="Replace existing --out / --export files.")
@@ -776,12 +777,15 @@ def _export(det: Any, path: str, overwrite: bool, fmt: str | None = None) -> Pat
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 def export_command(checkpoint: str, detector: str, out: str, fmt: str | None, overwrite: bool) -> None:
     """Write a calibrated detector as one program (normalisation, network, score, decision): uint8 images in,
-    logits, score and is_ood out. ONNX serves with onnxruntime alone (README: Serving)."""
-    from .deploy import Detector
+    logits, score and is_ood out (a segmenter: frames in, class map, anomaly map and mask out). ONNX serves with
+    onnxruntime alone (README: Serving)."""
+    from .deploy import Detector, SegmentationDetector
+    from .models import read_meta
 
     if Path(out).exists() and not overwrite:
         raise click.ClickException(f"{out} exists; pass --overwrite or choose another --out.")
-    det = Detector.load(detector, checkpoint, device="cpu")
+    kind = SegmentationDetector if read_meta(checkpoint).task == "segmentation" else Detector
+    det = kind.load(detector, checkpoint, device="cpu")
     _check_export(det.score_name, out, fmt)
     console.print(f"saved {_export(det, out, overwrite, fmt)}")
 

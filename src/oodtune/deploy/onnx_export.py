@@ -22,9 +22,12 @@ The graph is traced by ``torch.onnx.export(dynamo=True)`` (needs the ``onnx`` ex
 onnxruntime to run and check it). ``torch.cdist``, which that exporter cannot translate, is written as ONNX
 ops (the exact difference form, as the Python path computes it).
 
-Seam for other tasks: :func:`write_onnx` exports any ``nn.Module`` that maps a batch of uint8 images to named
-outputs -- a segmenter's program (frame -> class map, anomaly map, mask) goes through it as the classifier's
-:class:`~oodtune.deploy.export.DetectorProgram` does -- and :func:`run_onnx` runs such a file.
+Segmenters: a calibrated :class:`~oodtune.deploy.pixel_detector.SegmentationDetector` exports its
+:class:`~oodtune.deploy.pixel_detector.SegmentationProgram` the same way (:func:`export_onnx`): uint8 ``frames``
+(N, H, W, 3) at the model's input height -> ``class_map``, ``anomaly``, ``mask``; batch dynamic, width dynamic
+(any multiple of 8) when the exporter captures the network so, else fixed at the model's input width (the
+record's ``input`` says which). :func:`write_onnx` exports any ``nn.Module`` that maps a batch of uint8 images to
+named outputs, and :func:`run_onnx` runs such a file.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ from torch import nn
 
 from ..data.inputs import as_uint8_images
 from ..errors import ConfigError, ModelError
-from ..scores import Score
+from ..scores import Score, build_score
 from ..utils.atomic import write_atomic
 from .detector import Detector
 from .export import DetectorProgram, exported_record
+from .pixel_detector import PROGRAM_OUTPUTS, SegmentationDetector
 
 __all__ = ["METADATA_KEY", "ONNX_OPSET", "OnnxCheck", "check_onnx", "export_onnx", "onnx_refusal", "read_onnx_record",
            "require_onnx", "run_onnx", "write_onnx"]
@@ -112,9 +116,10 @@ def _quiet_exporter() -> Iterator[None]:
 
 def write_onnx(program: nn.Module, example: torch.Tensor, path: str | os.PathLike, *, output_names: Sequence[str],
                metadata: dict[str, str], input_name: str = "images", opset: int = ONNX_OPSET,
-               overwrite: bool = False) -> Path:
-    """Export ``program`` (one tensor in, ``output_names`` out; dimension 0 of the input dynamic) to ``path`` as
-    an ONNX model of ``opset`` with ``metadata`` (string key/values), checked by ``onnx.checker``; atomic."""
+               overwrite: bool = False, dynamic_shapes: tuple[dict[int, Any], ...] | None = None) -> Path:
+    """Export ``program`` (one tensor in, ``output_names`` out) to ``path`` as an ONNX model of ``opset`` with
+    ``metadata`` (string key/values), checked by ``onnx.checker``; atomic. ``dynamic_shapes`` are
+    ``torch.export``'s for the input (default: dimension 0, the batch, dynamic)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) or choose another output path.")
@@ -125,7 +130,8 @@ def write_onnx(program: nn.Module, example: torch.Tensor, path: str | os.PathLik
         with torch.no_grad(), _quiet_exporter():
             exported = torch.onnx.export(
                 program, (example.cpu(),), dynamo=True, opset_version=opset, input_names=[input_name],
-                output_names=list(output_names), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                output_names=list(output_names),
+                dynamic_shapes=dynamic_shapes or ({0: torch.export.Dim("batch", min=1)},),
                 custom_translation_table={torch.ops.aten._cdist_forward.default: _cdist}, verbose=False)
     except Exception as exc:  # the exporter raises many types; all mean "this model does not export"
         raise ModelError(f"torch.onnx.export cannot convert this model ({type(exc).__name__}: "
@@ -140,19 +146,52 @@ def write_onnx(program: nn.Module, example: torch.Tensor, path: str | os.PathLik
     return write_atomic(path, lambda fh: fh.write(model.SerializeToString()), overwrite=True)
 
 
-def export_onnx(det: Detector, path: str | os.PathLike, *, opset: int = ONNX_OPSET, overwrite: bool = False) -> Path:
-    """Write the calibrated ``det`` as one ONNX graph to ``path``: uint8 (N, H, W, 3) ``images`` ->
-    ``logits``, ``score``, ``is_ood`` (module docstring). Refused for the scores :func:`onnx_refusal` names."""
+def export_onnx(det: Detector | SegmentationDetector, path: str | os.PathLike, *, opset: int = ONNX_OPSET,
+                overwrite: bool = False) -> Path:
+    """Write the calibrated ``det`` as one ONNX graph to ``path``: for a :class:`Detector` uint8 (N, H, W, 3)
+    ``images`` -> ``logits``, ``score``, ``is_ood`` (module docstring), for a :class:`SegmentationDetector`
+    uint8 (N, H, W, 3) ``frames`` -> ``class_map``, ``anomaly``, ``mask`` (:func:`_export_segmenter`). Refused,
+    before any work, without a calibration and for the scores :func:`onnx_refusal` names."""
     det.calibrated()
-    reason = onnx_refusal(det.score_fn)
+    score = det.score_fn if isinstance(det, Detector) else build_score(det.score_name)
+    reason = onnx_refusal(score)
     if reason is not None:
-        raise ConfigError(f"{reason}; export another score, or serve the Python Detector.")
+        raise ConfigError(f"{reason}; export another score, or serve the Python detector.")
+    if isinstance(det, SegmentationDetector):
+        return _export_segmenter(det, path, opset=opset, overwrite=overwrite)
     program = DetectorProgram(det, det.score_fn.from_outputs, det.calibrated().threshold)
     example = torch.zeros(2, det.resolution, det.resolution, 3, dtype=torch.uint8)
     record = {**exported_record(det), "opset": opset}
     try:
         return write_onnx(program, example, path, output_names=("logits", "score", "is_ood"),
                           metadata={METADATA_KEY: json.dumps(record)}, opset=opset, overwrite=overwrite)
+    finally:
+        det.net.to(det.device)
+
+
+def _export_segmenter(det: SegmentationDetector, path: str | os.PathLike, *, opset: int, overwrite: bool) -> Path:
+    """The segmenter's :class:`~oodtune.deploy.pixel_detector.SegmentationProgram` as ONNX: uint8 (N, H, W, 3) RGB
+    ``frames`` at the model's input height H (frames resized as :mod:`oodtune.data.frames` does) -> ``class_map``
+    (N, H, W) int64, ``anomaly`` (N, H, W) float32 = threshold - score, ``mask`` (N, H, W) bool = anomaly > 0.
+    The batch size is dynamic; the width W too (any multiple of 8) when the exporter captures the network so,
+    else it is fixed at the model's input width -- the record's ``input`` says which. The metadata
+    (:data:`METADATA_KEY`) holds :meth:`~oodtune.deploy.pixel_detector.SegmentationDetector.program_record` and
+    the opset."""
+    w, h = det.input_size
+    example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
+    width_shapes, batch_shapes = det.frame_shapes()
+
+    def write(dynamic: tuple[dict[int, Any], ...], dynamic_width: bool) -> Path:
+        record = {**det.program_record(dynamic_width), "opset": opset}
+        return write_onnx(det.program(), example, path, output_names=PROGRAM_OUTPUTS, input_name="frames",
+                          metadata={METADATA_KEY: json.dumps(record)}, opset=opset, overwrite=overwrite,
+                          dynamic_shapes=dynamic)
+
+    try:
+        try:
+            return write(width_shapes, True)
+        except ModelError:  # the network does not export with a free width: fix it at the trained one
+            return write(batch_shapes, False)
     finally:
         det.net.to(det.device)
 

@@ -57,8 +57,8 @@ from ..utils.progress import format_rate, progress_bar
 from ..utils.runtime import resolve_device
 from .detector import DETECTOR_FORMAT, DETECTOR_VERSION, Calibration, Detector
 
-__all__ = ["ANOMALY_PNG_ZERO", "PIXEL_RULE", "FramePrediction", "PixelCalibration", "SegmentationDetector",
-           "SegmentationProgram", "frame_summary"]
+__all__ = ["ANOMALY_PNG_ZERO", "PIXEL_RULE", "PROGRAM_OUTPUTS", "FramePrediction", "PixelCalibration",
+           "SegmentationDetector", "SegmentationProgram", "frame_summary"]
 
 PIXEL_RULE = ("anomaly = threshold - score; a pixel is anomalous when anomaly > 0, i.e. score < threshold "
               "(score: higher = more in-distribution)")
@@ -70,6 +70,8 @@ MAP_SPREAD_LEVELS = 16384
 EXTRA_FILE = "oodtune_detector.json"
 #: Pixel scores kept (seeded sample) for the calibration histogram.
 PLOT_SAMPLE = 100_000
+#: The outputs of :class:`SegmentationProgram`, in order (the names an exported program gives them).
+PROGRAM_OUTPUTS = ("class_map", "anomaly", "mask")
 #: Connected components of the mask are 8-connected.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -393,12 +395,25 @@ class SegmentationDetector:
             det.calibration = PixelCalibration(**record["calibration"])
         return det
 
+    def frame_shapes(self) -> list[tuple[dict[int, Any], ...]]:
+        """The dynamic shapes a program of this detector is captured with, tried in order: batch size and width
+        (any multiple of 8, up to 8192), then batch size alone (the width fixed at the model's input width)."""
+        batch = torch.export.Dim("batch", min=1)
+        return [({0: batch, 2: 8 * torch.export.Dim("width_8", min=1, max=1024)},), ({0: batch},)]
+
+    def program_record(self, dynamic_width: bool) -> dict[str, Any]:
+        """The detector record an exported program carries: :meth:`record`, its input and its outputs."""
+        w, h = self.input_size
+        width = "W" if dynamic_width else str(w)
+        return {**self.record(), "input": f"uint8 (N, {h}, {width}, 3) RGB" +
+                (" (W: any multiple of 8)" if dynamic_width else ""), "outputs": list(PROGRAM_OUTPUTS)}
+
     def export(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the calibrated detector as a ``torch.export`` program (``.pt2``): uint8 (N, H, W, 3) RGB frames at
         the model's input height in (:mod:`oodtune.data.frames`; batch size dynamic, and the width too -- any
-        multiple of 8 -- when the network exports so, else the trained width), (class map, anomaly map, mask) out;
-        the record rides along as the extra file ``EXTRA_FILE`` (:func:`oodtune.deploy.export.load_exported` returns
-        both)."""
+        multiple of 8 -- when the network exports so, else the trained width; :meth:`frame_shapes`), (class map,
+        anomaly map, mask) out; the record rides along as the extra file ``EXTRA_FILE``
+        (:func:`oodtune.deploy.export.load_exported` returns both)."""
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) or choose another output path.")
@@ -406,8 +421,7 @@ class SegmentationDetector:
         program = self.program().to("cpu")
         w, h = self.input_size
         example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
-        batch = torch.export.Dim("batch", min=1)
-        shapes = [({0: batch, 2: 8 * torch.export.Dim("width_8", min=1, max=1024)},), ({0: batch},)]
+        shapes = self.frame_shapes()
         try:
             with torch.no_grad():
                 for i, dynamic in enumerate(shapes):  # any width (multiple of 8) when the network allows it
@@ -422,10 +436,5 @@ class SegmentationDetector:
                              "serve the Python SegmentationDetector instead.") from exc
         finally:
             self.net.to(self.device)
-        width = "W" if i == 0 else str(w)
-        record = {**self.record(), "input": f"uint8 (N, {h}, {width}, 3) RGB" + (" (W: any multiple of 8)" if i == 0
-                                                                                 else ""),
-                  "outputs": ["class_map", "anomaly", "mask"]}
-        extra = {EXTRA_FILE: json.dumps(record, indent=2)}
+        extra = {EXTRA_FILE: json.dumps(self.program_record(i == 0), indent=2)}
         return write_atomic(path, lambda fh: torch.export.save(exported, fh, extra_files=extra))
-
