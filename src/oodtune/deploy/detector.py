@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -124,7 +124,27 @@ def _checked_guarantee(record: Any, calibration: Calibration | None, path: Path)
     return guarantee
 
 
-class Detector:
+C = TypeVar("C", bound=Calibration)
+
+
+class Thresholded(Generic[C]):
+    """What every detector shares once calibrated: the calibration record (``None`` before) and its threshold."""
+
+    calibration: C | None
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.calibration is None else self.calibration.threshold
+
+    def calibrated(self) -> C:
+        """The calibration record; a :class:`ConfigError` when there is none yet."""
+        if self.calibration is None:
+            raise ConfigError(f"the detector has no threshold yet: calibrate it ({type(self).__name__}.calibrate, or "
+                              "`oodtune calibrate`) first.")
+        return self.calibration
+
+
+class Detector(Thresholded[Calibration]):
     """A classifier + post-hoc score + threshold (see the module docstring).
 
     ``model`` is any ``nn.Module`` returning logits (or a :class:`FeatureModel`); ``classes``, ``mean``/``std``
@@ -168,17 +188,6 @@ class Detector:
     @property
     def score_name(self) -> str:
         return self.score_fn.name
-
-    @property
-    def threshold(self) -> float | None:
-        return None if self.calibration is None else self.calibration.threshold
-
-    def calibrated(self) -> Calibration:
-        """The calibration record; a :class:`ConfigError` when there is none yet."""
-        if self.calibration is None:
-            raise ConfigError("the detector has no threshold yet: calibrate it (Detector.calibrate, or `oodtune "
-                              "calibrate`) first.")
-        return self.calibration
 
     def __repr__(self) -> str:
         state = "uncalibrated" if self.calibration is None else f"threshold={self.calibration.threshold:.4g}"

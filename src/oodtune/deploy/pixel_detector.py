@@ -55,7 +55,7 @@ from ..scores import PIXEL_SCORE_NAMES, LogitScore, build_score
 from ..utils.atomic import write_atomic, write_text_atomic
 from ..utils.progress import format_rate, progress_bar
 from ..utils.runtime import resolve_device
-from .detector import DETECTOR_FORMAT, DETECTOR_VERSION, Calibration, Detector
+from .detector import DETECTOR_FORMAT, DETECTOR_VERSION, Calibration, Detector, Thresholded
 
 __all__ = ["ANOMALY_PNG_ZERO", "PIXEL_RULE", "PROGRAM_OUTPUTS", "FramePrediction", "PixelCalibration",
            "SegmentationDetector", "SegmentationProgram", "frame_summary"]
@@ -157,7 +157,7 @@ def _clustered_rate(accepted: Sequence[int], pixels: Sequence[int]) -> tuple[flo
     return p, se
 
 
-class SegmentationDetector:
+class SegmentationDetector(Thresholded[PixelCalibration]):
     """A segmentation network + per-pixel score + pixel threshold (see the module docstring).
 
     ``model`` is any ``nn.Module`` returning (B, K + extra, H, W) logits (or a :class:`SegmentationModel`);
@@ -200,17 +200,6 @@ class SegmentationDetector:
         net = SegmentationModel(model, meta.num_classes, meta.extra_channels, meta.trainable)
         return cls(net, classes=meta.classes, mean=meta.mean, std=meta.std, input_size=meta.input_size,
                    bgr=meta.channel_order == "bgr", score=score, blur=blur, device=device, checkpoint=checkpoint)
-
-    @property
-    def threshold(self) -> float | None:
-        return None if self.calibration is None else self.calibration.threshold
-
-    def calibrated(self) -> PixelCalibration:
-        """The calibration record; a :class:`ConfigError` when there is none yet."""
-        if self.calibration is None:
-            raise ConfigError("the detector has no threshold yet: calibrate it (SegmentationDetector.calibrate, or "
-                              "`oodtune calibrate`) first.")
-        return self.calibration
 
     def __repr__(self) -> str:
         state = "uncalibrated" if self.calibration is None else f"threshold={self.calibration.threshold:.4g}"
