@@ -149,3 +149,26 @@ def test_one_process_per_pretrained_model(env, nested, monkeypatch):
     assert json.loads((nested["out"] / "comparisons.json").read_text())["rows"] == nested["cmp"]["rows"]
     with pytest.raises(ConfigError, match="not in \\[benchmark\\].pretrain_seeds"):
         run_nested(cfg, "test", report_only=True, models=[7])
+
+
+def test_a_pretrain_seed_process_leaves_the_comparisons_to_the_one_writing_them(env, nested, monkeypatch, caplog):
+    """Two --pretrain-seed processes: the one that finds the benchmark folder locked by the other keeps its stored
+    runs and says to run --report-only, instead of failing; without --pretrain-seed the lock still refuses."""
+    from contextlib import contextmanager
+
+    from oodtune.errors import OutputInUseError
+
+    @contextmanager
+    def in_use(folder: Any) -> Any:
+        raise OutputInUseError(f"{folder} is in use by PID 1")
+        yield  # pragma: no cover
+
+    monkeypatch.setitem(run_nested.__globals__, "output_lock", in_use)
+    cfg = load_benchmark_config(_config(env, "nested"))
+    before = (nested["out"] / "comparisons.json").read_text()
+    with caplog.at_level("WARNING"):
+        run_nested(cfg, "test", report_only=True, n_boot=20, models=[1])
+    assert "--report-only" in caplog.text and "s1" in caplog.text
+    assert (nested["out"] / "comparisons.json").read_text() == before
+    with pytest.raises(OutputInUseError, match="in use"):
+        run_nested(cfg, "test", report_only=True, n_boot=20)

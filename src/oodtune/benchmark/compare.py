@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputInUseError
 from ..metrics.bootstrap import COMPARED_METRICS, LEVELS, MethodCells, compare_paired, paired_cells
 from ..plots import plot_forest
 from ..report import markdown_table, provenance, write_json, write_text_atomic
@@ -173,7 +173,8 @@ def run_nested(cfg: BenchmarkConfig, command: str, *, report_only: bool = False,
     """Run (or resume) every sub-benchmark in turn — only those of the pretrain seeds in ``models`` when given,
     so that several processes can share the models of one nested benchmark — then write the comparisons from
     what has finished; with ``report_only`` nothing is trained or evaluated. Each sub-benchmark's folder is
-    locked while it runs, the benchmark's own folder while the comparisons are written."""
+    locked while it runs, the benchmark's own folder while the comparisons are written; a process given ``models``
+    that finds that folder in use by another leaves the comparisons to it (its runs are stored) and says so."""
     unknown = sorted(set(models) - set(cfg.pretrain_seeds))
     if unknown:
         raise ConfigError(f"--pretrain-seed {', '.join(map(str, unknown))}: not in [benchmark].pretrain_seeds "
@@ -185,6 +186,14 @@ def run_nested(cfg: BenchmarkConfig, command: str, *, report_only: bool = False,
         if p is not None:
             log.info("── pretrained model s%d (%s) ──", p, sub.out)
         paths += run_benchmark(sub, command, report_only=report_only, trust_arch=trust_arch)
-    with output_lock(cfg.out):
-        paths += write_comparisons(cfg, command, n_boot=n_boot, seed=bootstrap_seed)
+    try:
+        with output_lock(cfg.out):
+            paths += write_comparisons(cfg, command, n_boot=n_boot, seed=bootstrap_seed)
+    except OutputInUseError as exc:
+        if not models:
+            raise
+        # another --pretrain-seed process is writing the comparisons; this one's rows are stored already
+        log.warning("%s\nThe runs of pretrained model(s) %s are stored; the comparisons were left to the other "
+                    "process. Once every process has finished: oodtune benchmark CONFIG --report-only",
+                    exc, ", ".join(f"s{m}" for m in models))
     return paths
