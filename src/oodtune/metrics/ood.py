@@ -61,6 +61,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import ConfigError
+from .conformal import kth_largest, point_rank
 
 Positive = Literal["in", "out"]
 DEFAULT_POSITIVE: Positive = "out"
@@ -338,9 +339,8 @@ def threshold_at_tpr(id_scores: Any, tpr: float = 0.95) -> tuple[float, float]:
     t = the k-th largest score, k = ceil(tpr * n), i.e. ``thresholds[searchsorted(tpr_curve, tpr)]`` of
     ``sklearn.metrics.roc_curve`` on the ID scores. A sample is then accepted as ID when ``score >= t``.
     """
-    s = np.sort(_check_id_only(id_scores, tpr))[::-1]
-    k = int(np.ceil(tpr * s.size - 1e-9))  # the tolerance keeps e.g. 0.95 * 100 from rounding up to 96
-    t = float(s[max(k, 1) - 1])
+    s = _check_id_only(id_scores, tpr)
+    t = kth_largest(s, point_rank(s.size, tpr))
     return t, float(np.mean(s >= t))
 
 
