@@ -39,6 +39,7 @@ from .training.config import (
     COMPILE_MODES,
     COMPILE_SCOPES,
     FINETUNE,
+    LR_SCHEDULES,
     PASTE_MODES,
     PRETRAIN,
     SEGMENTATION_FINETUNE,
@@ -253,7 +254,12 @@ def train_options(defaults: TrainConfig, *, shown: bool) -> Callable[[Any], Any]
             click.option("--epochs", type=click.IntRange(1), default=default("epochs"), show_default=shown,
                          help="Training epochs." + note("epochs")),
             click.option("--lr", type=click.FloatRange(0, min_open=True), default=default("lr"), show_default=shown,
-                         callback=_finite, help="Initial learning rate (cosine-annealed per step)." + note("lr")),
+                         callback=_finite, help="Initial learning rate (decayed per step, --lr-schedule)." + note("lr")),
+            click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=default("lr_schedule"),
+                         show_default=shown,
+                         help="Per-step decay: cosine (OE / Energy code, to 1e-6) or poly (PEBAL's, (1 - t/T)^0.9)."
+                              + ("" if shown else f" [default: cosine for classification, "
+                                                  f"{SEGMENTATION_FINETUNE.lr_schedule} for segmentation]")),
             click.option("--batch-size", type=click.IntRange(1), default=default("batch_size"), show_default=shown,
                          help="ID images per step." + note("batch_size")),
             click.option("--weight-decay", type=click.FloatRange(0), default=default("weight_decay"),
@@ -279,7 +285,8 @@ def train_options(defaults: TrainConfig, *, shown: bool) -> Callable[[Any], Any]
 
 def _train_overrides(kw: dict[str, Any]) -> dict[str, Any]:
     """The TrainConfig fields the training options set (popped from ``kw``; None = not given)."""
-    return {"epochs": kw.pop("epochs"), "lr": kw.pop("lr"), "batch_size": kw.pop("batch_size"),
+    return {"epochs": kw.pop("epochs"), "lr": kw.pop("lr"), "lr_schedule": kw.pop("lr_schedule"),
+            "batch_size": kw.pop("batch_size"),
             "weight_decay": kw.pop("weight_decay"), "seed": kw.pop("seed"), "precision": kw.pop("precision"),
             "compile": kw.pop("compile_mode"), "compile_scope": kw.pop("compile_scope"),
             "max_steps_per_epoch": kw.pop("max_steps_per_epoch"), "device": kw.pop("device")}

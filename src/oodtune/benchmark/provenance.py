@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..models import RunMeta
-from ..training.config import TrainConfig
+from ..training.config import TrainConfig, recorded_config
 
 __all__ = ["PERFORMANCE_ONLY", "check_finetuned", "check_pretrained", "config_differences"]
 
@@ -38,9 +38,9 @@ def config_differences(recorded: Mapping[str, Any] | None, asked: TrainConfig) -
     """``"key: recorded -> asked"`` for every result-affecting training setting that differs."""
     if recorded is None:
         return ["training configuration: not recorded in the checkpoint"]
-    want = asdict(asked)
-    return [f"{k}: {recorded.get(k)!r} -> {want[k]!r}" for k in sorted(want)
-            if k not in PERFORMANCE_ONLY and not _same(recorded.get(k), want[k])]
+    want, got = asdict(asked), recorded_config(dict(recorded))
+    return [f"{k}: {got.get(k)!r} -> {want[k]!r}" for k in sorted(want)
+            if k not in PERFORMANCE_ONLY and not _same(got.get(k), want[k])]
 
 
 def _refuse(path: Path, diffs: list[str], fix: str) -> ConfigError:

@@ -9,8 +9,9 @@ into ID *train* frames), ``evaluate`` (mIoU on the ID test split; pixel AUROC / 
 sets are evaluated at the model's input height with their own aspect ratio (Road Anomaly 1280x720 -> 640x360 for a
 480x360 CamVid model).
 
-Fine-tuning defaults (:data:`SEGMENTATION_FINETUNE`): PEBAL's recipe where it transfers — Adam, lr 1e-5, batch 8,
-40 epochs over the ID train split — with one frame of every 8 carrying a pasted object (PEBAL: about 1 in 11).
+Fine-tuning defaults (:data:`SEGMENTATION_FINETUNE`): PEBAL's recipe where it transfers — Adam, lr 1e-5 with poly
+decay (1 − t/T)^0.9, batch 8, 40 epochs over the ID train split — with one frame of every 8 carrying a pasted object
+(PEBAL: about 1 in 11).
 """
 
 from __future__ import annotations

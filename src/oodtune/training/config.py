@@ -14,14 +14,17 @@ from typing import Any
 from ..errors import ConfigError
 from ..utils.runtime import PRECISIONS
 
-__all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "INTEGER_FIELDS", "PASTE_MODES", "PRECISIONS", "TrainConfig", "PRETRAIN",
-           "FINETUNE", "SEGMENTATION_FINETUNE", "TRAIN_KEYS"]
+__all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "INTEGER_FIELDS", "LEGACY_VALUES", "LR_SCHEDULES", "PASTE_MODES",
+           "PRECISIONS", "TrainConfig", "PRETRAIN", "FINETUNE", "SEGMENTATION_FINETUNE", "TRAIN_KEYS", "recorded_config"]
 
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
 COMPILE_SCOPES = ("model", "step")
 #: Segmentation pasting modes: ``object`` (one object per pasted frame, scaled U(0.1, 0.5), flip 0.5) and
 #: ``reference`` (PEBAL's: a photo's objects at native scale, frame flip 0.8 / scale 0.5-2 / crop; data.mixing).
 PASTE_MODES = ("object", "reference")
+#: Per-step learning-rate schedules: ``cosine`` (the OE / Energy code's annealing to 1e-6) and ``poly`` (PEBAL's:
+#: lr·(1 − t/T)^0.9, floored at 1e-8); :func:`oodtune.training.trainer.lr_factor`.
+LR_SCHEDULES = ("cosine", "poly")
 
 
 @dataclass
@@ -49,6 +52,7 @@ class TrainConfig:
     paste_mode: str = "object"  # segmentation: object | reference (PASTE_MODES)
     #: segmentation, reference pasting: probability that a frame carries pasted objects (None = PEBAL's 1/11)
     paste_share: float | None = None
+    lr_schedule: str = "cosine"  # cosine | poly (LR_SCHEDULES)
 
     def __post_init__(self) -> None:
         for name in INTEGER_FIELDS:  # 1.7 epochs is a mistake, never silently 1
@@ -69,6 +73,8 @@ class TrainConfig:
                               f"got {self.compile!r} / {self.compile_scope!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.paste_mode not in PASTE_MODES:
             raise ConfigError(f"paste_mode must be one of {PASTE_MODES}, got {self.paste_mode!r}")
         if self.paste_share is not None and (self.paste_mode != "reference" or not 0 < self.paste_share <= 1):
@@ -92,10 +98,24 @@ TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 #: Fields that take whole numbers only (a float, bool or string is refused, on every path into TrainConfig).
 INTEGER_FIELDS = ("epochs", "batch_size", "outlier_batch_size", "seed", "max_steps_per_epoch")
 
+#: Settings added after runs were first stored, with the value every run stored before them was trained with: a
+#: recorded configuration that lacks one of them is read with this value (resuming and the benchmark's
+#: finished-run check compare like with like instead of refusing every older run).
+LEGACY_VALUES: dict[str, Any] = {"train_part": None, "paste_mode": "object", "paste_share": None,
+                                 "lr_schedule": "cosine"}
+
+
+def recorded_config(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A stored training configuration with the settings it predates filled in (:data:`LEGACY_VALUES`)."""
+    return {**LEGACY_VALUES, **recorded}
+
+
 #: Pretraining from scratch: the OE / Energy papers' WRN recipe (100 epochs, SGD+Nesterov, lr 0.1, cosine).
 PRETRAIN = TrainConfig()
 #: Fine-tuning: the Energy paper's CIFAR recipe (10 epochs, lr 1e-3, batch 128 ID + 256 outliers).
 FINETUNE = TrainConfig(epochs=10, lr=1e-3)
-#: Fine-tuning a segmenter: PEBAL's recipe as far as it transfers (Adam, lr 1e-5, batch 8, 40 epochs), with one
-#: frame of every batch carrying a pasted object (``outlier_batch_size``: the frames of a batch that get one).
-SEGMENTATION_FINETUNE = TrainConfig(epochs=40, lr=1e-5, batch_size=8, outlier_batch_size=1, weight_decay=0.0)
+#: Fine-tuning a segmenter: PEBAL's recipe as far as it transfers (Adam, lr 1e-5 with poly decay, batch 8, 40
+#: epochs), with one frame of every batch carrying a pasted object (``outlier_batch_size``: the frames of a batch
+#: that get one).
+SEGMENTATION_FINETUNE = TrainConfig(epochs=40, lr=1e-5, batch_size=8, outlier_batch_size=1, weight_decay=0.0,
+                                    lr_schedule="poly")

@@ -8,8 +8,8 @@ reproduces the batches and a resumed run continues them. One forward pass over t
 labelled pixels and the outlier pixels as rows and the whole batch as maps (:mod:`oodtune.losses.pixel`).
 
 Only the checkpoint's ``trainable`` modules are optimised (the others are frozen, BatchNorm included: see
-:class:`~oodtune.models.SegmentationModel`), with Adam as in the reference (PEBAL: Adam, lr 1e-5, poly decay;
-here the loop's per-step cosine decay) and ``weight_decay`` as Adam's L2 term.
+:class:`~oodtune.models.SegmentationModel`), with Adam as in the reference (PEBAL: Adam, lr 1e-5, poly decay
+(1 − t/T)^0.9 per step, the default ``lr_schedule`` here) and ``weight_decay`` as Adam's L2 term.
 
 Reference protocol vs this loop: PEBAL builds each epoch from all Cityscapes frames plus 10% as many frames with
 a COCO object pasted (so about one sample in eleven carries an outlier, and a batch may carry none) and rescales

@@ -50,7 +50,7 @@ from ..utils.runtime import (
     resolve_device,
     resolve_precision,
 )
-from .config import TrainConfig
+from .config import TrainConfig, recorded_config
 from .divergence import describe_terms, diverged, first_non_finite, non_finite_weights
 from .sampling import OutlierSampler, index_batches
 
@@ -120,6 +120,17 @@ def cosine_factor(step: int, total: int, lr: float, lr_min: float = 1e-6) -> flo
     """Multiplier of the base lr at ``step`` of ``total`` (OE/Energy code's cosine annealing)."""
     r = lr_min / lr
     return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def poly_factor(step: int, total: int, lr: float, power: float = 0.9, lr_min: float = 1e-8) -> float:
+    """Multiplier of the base lr at ``step`` of ``total`` (PEBAL's poly decay, no warm-up):
+    lr_t = lr·(1 − t/T)^power, floored at ``lr_min``."""
+    return max((1 - step / total) ** power, lr_min / lr)
+
+
+def lr_factor(schedule: str, step: int, total: int, lr: float) -> float:
+    """Multiplier of the base lr at ``step`` of ``total`` under ``TrainConfig.lr_schedule``."""
+    return poly_factor(step, total, lr) if schedule == "poly" else cosine_factor(step, total, lr)
 
 
 class Trainer:
@@ -285,7 +296,8 @@ class Trainer:
         state = ckpt["train_state"]
         if state is None:
             raise ResumeMismatchError(f"{self.run_dir / LAST} holds no training state; delete it to start over.")
-        stored = {**ckpt["meta"].to_dict(), **{f"train.{k}": v for k, v in state.get("config", {}).items()}}
+        stored = {**ckpt["meta"].to_dict(),
+                  **{f"train.{k}": v for k, v in recorded_config(state.get("config", {})).items()}}
         wanted = {**self.meta.to_dict(), **{f"train.{k}": v for k, v in asdict(self.cfg).items()}}
         changed = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
         if changed:
@@ -322,7 +334,7 @@ class Trainer:
         opt = self._optimizer()
         steps = self.steps_per_epoch()
         total = steps * cfg.epochs
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine_factor(t, total, cfg.lr))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(cfg.lr_schedule, t, total, cfg.lr))
         sampler = (
             OutlierSampler(self._outlier_count(), cfg.outlier_batch_size, gen, self.dist.rank, self.dist.world)
             if self._outlier_count() else None
