@@ -585,6 +585,10 @@ def finetune(**kw: Any) -> None:
               help="Also write OUT-scores.csv: every image's score (dataset, index, one column per score).")
 @click.option("--blur", is_flag=True,
               help="Segmentation: Gaussian-blur the per-pixel score maps (kernel 7, sigma 1) before the metrics.")
+@click.option("--exact", is_flag=True,
+              help="Segmentation: count pixels by their full float32 score, so AUROC, AP and FPR95 are exact "
+                   "(the table's bound columns become 0); memory grows with the number of distinct scores "
+                   "(16 bytes each) instead of the default fixed-size counts.")
 @click.option("--overwrite", is_flag=True, help="Replace existing OUT files.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="PREFIX",
               help="Also draw PREFIX-SCORE-hist.png (score histograms, ID vs each OOD set) and PREFIX-SCORE-roc.png "
@@ -596,7 +600,7 @@ def finetune(**kw: Any) -> None:
                    "--no-id-metrics when only the anomaly metrics are wanted.")
 @id_data_option
 def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num_ood: int | None,
-             positive: str | None, select_on: str | None, id_holdout: int, blur: bool, out: str | None,
+             positive: str | None, select_on: str | None, id_holdout: int, blur: bool, exact: bool, out: str | None,
              save_scores: bool, overwrite: bool, plot: str | None, roc_log_fpr: bool, id_metrics: bool,
              data_root: Any, device: str, id_data: str | None) -> None:
     """Accuracy + AUROC / AUPR-In / AUPR-Out / FPR95 for each score on each OOD set."""
@@ -627,7 +631,7 @@ def evaluate(checkpoint: str, scores: tuple[str, ...], ood: tuple[str, ...], num
     validation = pipeline.ValidationSpec(outliers=select_on, id_holdout=id_holdout) if select_on else None
     report, meta = pipeline.evaluate_checkpoint(checkpoint, scores=scores, ood=ood, data_root=data_root, device=device,
                                        num_ood=num_ood, positive=positive, blur=blur,  # type: ignore[arg-type]
-                                       id_data=id_data, validation=validation, id_metrics=id_metrics)
+                                       id_data=id_data, validation=validation, id_metrics=id_metrics, exact=exact)
     for name, sel in report.selections.items():
         if sel["tried"]:
             click.echo(f"{name}: chose {sel['chosen']} (paper default {sel['default']}) on the validation pair")

@@ -90,8 +90,8 @@ def segmentation_metrics(net: SegmentationModel, normalizer: Normalizer, data: S
 class _SetScorer:
     """Everything one (score, anomaly set) pair accumulates."""
 
-    def __init__(self, frames: int, sample: int, seed: int, components: bool) -> None:
-        self.counter = PixelDetectionCounter()
+    def __init__(self, frames: int, sample: int, seed: int, components: bool, exact: bool) -> None:
+        self.counter = PixelDetectionCounter(exact=exact)
         self.rng = np.random.default_rng(seed)
         self.per_frame = max(1, math.ceil(sample / max(frames, 1)))
         self.sample_in: list[np.ndarray] = []
@@ -115,13 +115,14 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
                           anomaly_sets: Mapping[str, SegmentationSet], scores: Sequence[Score], *,
                           device: str | None = None, batch_size: int = 8, positive: Positive | None = None,
                           blur: bool = False, components: bool = True, sample: int = 20000,
-                          seed: int = 0, id_metrics: bool = True) -> EvalReport:
+                          seed: int = 0, id_metrics: bool = True, exact: bool = False) -> EvalReport:
     """mIoU / pixel accuracy on ``id_test`` plus, per score and anomaly set, AUROC / AUPR-In / AUPR-Out (= AP) /
     FPR95 over all non-void pixels (``fpr95``: anomaly pixels positive by default; ``fpr95_in``: inlier pixels
     positive — the % of anomaly pixels accepted at the threshold accepting 95 % of inliers), the AUROC and AP error
     bounds of the streaming counts, and the SegmentMeIfYouCan sIoU / PPV / mean F1 (all in %); see the module
     docstring. ``id_metrics=False`` skips the mIoU pass over ``id_test`` (the report's ``id_metrics`` are then
-    empty)."""
+    empty). ``exact=True`` counts every distinct float32 score (both bounds 0, memory growing with the distinct
+    scores: :class:`~oodtune.metrics.pixel.PixelDetectionCounter`)."""
     if not anomaly_sets:
         raise DataError("no anomaly sets given; name at least one (e.g. --ood road-anomaly).")
     for name, ds in anomaly_sets.items():
@@ -137,7 +138,7 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
     pos: Positive = positive or DEFAULT_POSITIVE
     pooled_in: dict[str, list[np.ndarray]] = {s.name: [] for s in scores}
     for name, ds in anomaly_sets.items():
-        scorers = {s.name: _SetScorer(len(ds), sample, seed, components) for s in scores}
+        scorers = {s.name: _SetScorer(len(ds), sample, seed, components, exact) for s in scores}
         for logits, labels in forward_maps(net, ds, normalizer, device=device, batch_size=batch_size):
             for s in scores:
                 smap = score_map(s, logits, net.num_classes)

@@ -389,12 +389,15 @@ class ClassificationTask(Task[FeatureModel, ClassificationEvaluation]):
 
     def evaluation_options(self, *, blur: bool = False,
                            validation: ValidationSpec | None = None,
-                           id_metrics: bool = True) -> ClassificationEvaluation:
+                           id_metrics: bool = True, exact: bool = False) -> ClassificationEvaluation:
         if blur:
             raise ConfigError("blur smooths per-pixel score maps; it applies to segmentation checkpoints only.")
         if not id_metrics:
             raise ConfigError("--no-id-metrics skips segmentation's mIoU pass; a classifier's accuracy comes with "
                               "the ID scores at no extra cost: drop it.")
+        if exact:
+            raise ConfigError("--exact keys segmentation's streamed pixel counts by the full score; a classifier's metrics "
+                              "are computed from every image's score and are always exact: drop it.")
         return ClassificationEvaluation(validation=validation)
 
     def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,

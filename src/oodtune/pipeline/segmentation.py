@@ -121,10 +121,12 @@ def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, sou
 @dataclass(frozen=True)
 class SegmentationEvaluation:
     """The segmentation task's evaluation options: ``blur`` Gaussian-blurs the per-pixel score maps (kernel 7, σ 1)
-    before the metrics, as PEBAL's test code can; ``id_metrics=False`` skips the mIoU pass over the ID test frames."""
+    before the metrics, as PEBAL's test code can; ``id_metrics=False`` skips the mIoU pass over the ID test frames;
+    ``exact`` keys the pixel counts by the full float32 score, so AUROC, AP and FPR95 are exact (bounds 0)."""
 
     blur: bool = False
     id_metrics: bool = True  # False: no mIoU pass over the ID test frames
+    exact: bool = False  # True: full float32 keys in the pixel counts (PixelDetectionCounter(exact=True))
 
 
 class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
@@ -183,12 +185,12 @@ class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
 
     def evaluation_options(self, *, blur: bool = False,
                            validation: ValidationSpec | None = None,
-                           id_metrics: bool = True) -> SegmentationEvaluation:
+                           id_metrics: bool = True, exact: bool = False) -> SegmentationEvaluation:
         if validation is not None:
             raise ConfigError("choosing score hyperparameters on a validation pair (--select-on) is implemented for "
                               "classification checkpoints only; segmentation scores keep their papers' values. "
                               "Evaluate without it (drop --select-on).")
-        return SegmentationEvaluation(blur=blur, id_metrics=id_metrics)
+        return SegmentationEvaluation(blur=blur, id_metrics=id_metrics, exact=exact)
 
     def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
@@ -199,7 +201,7 @@ class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
         sets = {name: source.segmentation(name, "test", height=height, num_images=num_ood) for name in ood}
         return evaluate_segmentation(net, normalizer_for(meta), _id_set(meta, source, id_split), sets,
                                      built, device=device, batch_size=min(batch_size, 8), positive=positive,
-                                     blur=options.blur, id_metrics=options.id_metrics)
+                                     blur=options.blur, id_metrics=options.id_metrics, exact=options.exact)
 
 
 register_task(SegmentationTask())
