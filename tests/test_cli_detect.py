@@ -219,3 +219,10 @@ def test_guarantee_p_values_fdr_and_onnx_from_the_cli(env, with_val):
     ok("export", with_val, "--detector", out, "--out", tmp / "det.onnx")
     assert read_onnx_record(tmp / "det.onnx")["threshold"] == record["calibration"]["threshold"]
     fails("export", with_val, "--detector", out, "--out", tmp / "det.onnx", match="--overwrite", code=1)
+    fails("export", with_val, "--detector", out, "--out", tmp / "det2.onnx", "--format", "pt2",
+          match="has the onnx suffix; name it with .pt2", code=1)
+    fails("export", with_val, "--detector", out, "--out", tmp / "det2.pt2", "--format", "onnx",
+          match="has the pt2 suffix", code=1)
+    assert not (tmp / "det2.onnx").exists() and not (tmp / "det2.pt2").exists()
+    ok("export", with_val, "--detector", out, "--out", tmp / "det.bin", "--format", "onnx")
+    assert read_onnx_record(tmp / "det.bin")["threshold"] == record["calibration"]["threshold"]

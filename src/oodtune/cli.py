@@ -742,8 +742,17 @@ def calibrate(checkpoint: str, score: str, tpr: float, confidence: float | None,
         console.print(f"saved {_export(det, export_path, overwrite)}")
 
 
+EXPORT_SUFFIXES = {".onnx": "onnx", ".pt2": "pt2"}
+
+
 def _export_format(path: str, fmt: str | None = None) -> str:
-    return fmt or ("onnx" if Path(path).suffix.lower() == ".onnx" else "pt2")
+    """The export format: ``fmt``, else the one --out's suffix names (pt2 for any other suffix). A ``fmt`` that
+    contradicts a .onnx / .pt2 suffix is refused: serving tools go by the suffix and would misread the file."""
+    named = EXPORT_SUFFIXES.get(Path(path).suffix.lower())
+    if fmt is not None and named is not None and fmt != named:
+        raise click.ClickException(f"--format {fmt} writes a {fmt} file, but --out {path} has the {named} suffix; "
+                                   f"name it with .{fmt}, or drop --format.")
+    return fmt or named or "pt2"
 
 
 def _check_export(score: str, path: str, fmt: str | None = None) -> None:
