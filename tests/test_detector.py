@@ -23,6 +23,7 @@ from oodtune.errors import CheckpointError, ConfigError, DataError, ScoreError
 from oodtune.metrics import threshold_at_tpr
 from oodtune.models import weights_hash
 from oodtune.scores import build_score
+from oodtune.utils.runtime import inference_precision
 
 CLASSES = ("c0", "c1", "c2", "c3")
 
@@ -123,7 +124,7 @@ def test_save_load_roundtrip_and_hash(calibrated, tmp_path):
     a, b = calibrated.predict(images), again.predict(images)
     np.testing.assert_array_equal(a.scores, b.scores)
     np.testing.assert_array_equal(a.is_ood, b.is_ood)
-    assert again.calibrated() == calibrated.calibrated()
+    assert again.calibrated() == calibrated.calibrated() and again.calibrated().precision == "fp32"
     other = tiny_net(seed=9).model
     assert weights_hash(other) != weights_hash(model)
     with pytest.raises(CheckpointError, match="calibrate a detector for this checkpoint"):
@@ -246,3 +247,17 @@ def test_export_refuses_what_it_cannot_capture(tmp_path):
     det.calibration = make_detector().calibrate(random_imageset(60), tpr=0.8)
     with pytest.raises(ConfigError, match="cannot be exported"):
         export_detector(det, tmp_path / "x.pt2")
+
+
+def test_a_threshold_set_in_another_precision_warns_once(calibrated, caplog):
+    images = random_imageset(16, seed=5)
+    with inference_precision("bf16"):
+        det = make_detector()
+        det.calibrate(random_imageset(400, seed=1), tpr=0.9)
+        low = det.score(images)
+    assert det.calibrated().precision == "bf16"
+    with caplog.at_level("WARNING"):
+        det.predict(images)
+        det.predict(images)
+    assert sum("set on bf16 scores but this run computes fp32" in r.message for r in caplog.records) == 1
+    assert not np.array_equal(low, det.score(images))  # the two precisions do give different scores

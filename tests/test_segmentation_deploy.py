@@ -24,6 +24,7 @@ from oodtune.deploy.map_files import anomaly_png
 from oodtune.deploy.pixel_detector import ANOMALY_PNG_ZERO, SegmentationDetector
 from oodtune.errors import CheckpointError, ConfigError
 from oodtune.models import load_model
+from oodtune.utils.runtime import inference_precision
 
 
 def _spread_weights(path: Path) -> Path:
@@ -116,7 +117,8 @@ def test_cli_calibrate_and_predict_write_maps(seg: dict[str, Any]) -> None:
         assert (row["width"], row["height"]) == (48, 24)  # 64x32 at the model's height 24, width a multiple of 8
         mask = np.asarray(Image.open(row["mask"])) > 0
         coded = np.asarray(Image.open(row["anomaly_map"])).astype(np.int64)
-        pred = det.predict(row["path"])[0]
+        with inference_precision("auto"):  # the command line's default precision
+            pred = det.predict(row["path"])[0]
         assert np.array_equal(mask, pred.mask)  # 16-bit levels: batching may move a level by one
         assert np.abs(coded - anomaly_png(pred.anomaly, scale).astype(np.int64)).max() <= 1
         assert np.array_equal(coded > ANOMALY_PNG_ZERO, mask) or not mask.any()
@@ -291,3 +293,35 @@ def test_cli_writes_a_segmenter_as_onnx(seg: dict[str, Any]) -> None:
     assert read_onnx_record(exported)["calibration"] == det.calibrated().to_dict()
     camvid = load_segmentation("camvid", seg["root"], "test", size=(32, 24)).images
     assert _onnx_vs_python(det, exported, camvid) <= 1e-4
+
+
+def test_bf16_maps_record_their_precision_and_a_mismatch_warns(seg: dict[str, Any],
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    frames = load_segmentation("camvid", seg["root"], "test", size=(32, 24)).images
+    fp32 = pipeline.calibrate(seg["ckpt"], tpr=0.9, data_root=seg["root"], device="cpu", check=False)
+    with inference_precision("bf16"):
+        bf16 = pipeline.calibrate(seg["ckpt"], tpr=0.9, data_root=seg["root"], device="cpu", check=False)
+        low = np.stack(bf16.score_maps(frames))
+    assert (fp32.calibrated().precision, bf16.calibrated().precision) == ("fp32", "bf16")
+    exact = np.stack(fp32.score_maps(frames))
+    assert np.allclose(low, _energy_scores(seg["ckpt"], frames), rtol=0.02, atol=0.05)  # bf16 is used ...
+    assert not np.array_equal(low, exact)  # ... and is not fp32
+    path = bf16.save(seg["tmp"] / "bf16.json")
+    again = SegmentationDetector.load(path, seg["ckpt"], device="cpu")
+    assert again.calibrated().precision == "bf16"
+    with caplog.at_level("WARNING"):
+        again.predict(frames)
+        again.predict(frames)  # warned once per detector and precision
+    assert sum("set on bf16 scores but this run computes fp32" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    with inference_precision("bf16"), caplog.at_level("WARNING"):
+        again.predict(frames)
+    assert not caplog.records
+    record = json.loads(path.read_text())
+    del record["calibration"]["precision"]  # a file of an older version
+    (seg["tmp"] / "old.json").write_text(json.dumps(record))
+    assert SegmentationDetector.load(seg["tmp"] / "old.json", seg["ckpt"]).calibrated().precision is None
+    record["calibration"]["precision"] = "fp16"
+    (seg["tmp"] / "bad.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="calibration.precision' must be one of 'fp32', 'bf16'"):
+        SegmentationDetector.load(seg["tmp"] / "bad.json", seg["ckpt"])

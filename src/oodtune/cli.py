@@ -254,7 +254,8 @@ def train_options(defaults: TrainConfig, *, shown: bool) -> Callable[[Any], Any]
             click.option("--epochs", type=click.IntRange(1), default=default("epochs"), show_default=shown,
                          help="Training epochs." + note("epochs")),
             click.option("--lr", type=click.FloatRange(0, min_open=True), default=default("lr"), show_default=shown,
-                         callback=_finite, help="Initial learning rate (decayed per step, --lr-schedule)." + note("lr")),
+                         callback=_finite, help="Initial learning rate (decayed per step: --lr-schedule)."
+                         + note("lr")),
             click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=default("lr_schedule"),
                          show_default=shown,
                          help="Per-step decay: cosine (OE / Energy code, to 1e-6) or poly (PEBAL's, (1 - t/T)^0.9)."

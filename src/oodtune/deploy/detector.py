@@ -28,6 +28,7 @@ Fitted statistics (Mahalanobis, kNN) go to a sidecar ``.pt`` file of plain tenso
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -52,11 +53,13 @@ from ..models import FeatureModel, load_feature_model, weights_hash
 from ..scores import Score, Shaper, build_score
 from ..utils.atomic import write_atomic, write_text_atomic
 from ..utils.progress import format_rate, progress_bar
-from ..utils.runtime import resolve_device
+from ..utils.runtime import current_inference_precision, resolve_device, resolve_precision
 from .guarantee import Guarantee
 from .record import DETECTOR_FORMAT, DETECTOR_VERSION, check_state_value, validate_record
 
 __all__ = ["DETECTOR_FORMAT", "Calibration", "Detector", "Predictions"]
+
+log = logging.getLogger(__name__)
 
 RULE = "is_ood = score < threshold (score: higher = more in-distribution)"
 
@@ -74,6 +77,7 @@ class Calibration:
     expected: float  # expected acceptance rate on new ID images, k / (n + 1)
     expected_std: float  # its standard deviation
     check: dict[str, Any] | None = None  # acceptance on a disjoint ID set: data, n, acceptance, std, z
+    precision: str | None = None  # fp32 | bf16: the forward passes that scored them (None: older files)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +135,8 @@ class Thresholded(Generic[C]):
     """What every detector shares once calibrated: the calibration record (``None`` before) and its threshold."""
 
     calibration: C | None
+    device: torch.device
+    _warned_precision: str | None = None  # the precision a mismatch was last warned about (once per precision)
 
     @property
     def threshold(self) -> float | None:
@@ -142,6 +148,22 @@ class Thresholded(Generic[C]):
             raise ConfigError(f"the detector has no threshold yet: calibrate it ({type(self).__name__}.calibrate, or "
                               "`oodtune calibrate`) first.")
         return self.calibration
+
+    def precision_now(self) -> str:
+        """The precision this detector's forward passes run in now (fp32 | bf16): the enclosing
+        :func:`~oodtune.utils.runtime.inference_precision` block's, resolved on its device."""
+        return resolve_precision(self.device, current_inference_precision())
+
+    def warn_precision(self) -> None:
+        """Log a warning when the threshold was set on scores of another precision than this process's forward
+        passes: bf16 and fp32 scores differ slightly, so the acceptance reached may differ from the recorded one."""
+        cal = self.calibration
+        now = self.precision_now()
+        if cal is not None and cal.precision is not None and cal.precision != now != self._warned_precision:
+            self._warned_precision = now
+            log.warning("the threshold was set on %s scores but this run computes %s scores; the share of ID inputs "
+                        "accepted may differ slightly from the calibration's (use --precision %s to match).",
+                        cal.precision, now, cal.precision)
 
 
 class Detector(Thresholded[Calibration]):
@@ -225,6 +247,7 @@ class Detector(Thresholded[Calibration]):
 
         ``is_ood`` is ``score < threshold``; with ``fdr`` it is instead the Benjamini–Hochberg decision over this
         batch at that false discovery rate (:mod:`oodtune.metrics.conformal`)."""
+        self.warn_precision()
         ds = self._imageset(images)
         out = self._outputs(ds, batch_size, show_progress)
         probs = out.logits.softmax(dim=1)
@@ -311,7 +334,7 @@ class Detector(Thresholded[Calibration]):
             check = {"data": check_data, "n": len(check_set), "acceptance": rate, "std": std,
                      "z": (rate - expected) / combined}
         self.calibration = Calibration(threshold, tpr, achieved, int(scores.size), data, held_out, expected,
-                                       expected_std, check)
+                                       expected_std, check, self.precision_now())
         self.calibration_scores = (scores, check_scores)
         self.guarantee = guarantee
         return self.calibration

@@ -54,7 +54,7 @@ from ..models import SegmentationModel, load_model, weights_hash
 from ..scores import PIXEL_SCORE_NAMES, LogitScore, build_score
 from ..utils.atomic import write_atomic, write_text_atomic
 from ..utils.progress import format_rate, progress_bar
-from ..utils.runtime import resolve_device
+from ..utils.runtime import autocast, resolve_device
 from .detector import DETECTOR_FORMAT, DETECTOR_VERSION, Calibration, Detector, Thresholded
 
 __all__ = ["ANOMALY_PNG_ZERO", "PIXEL_RULE", "PROGRAM_OUTPUTS", "FramePrediction", "PixelCalibration",
@@ -112,15 +112,18 @@ def frame_summary(pred: FramePrediction, classes: Sequence[str]) -> dict[str, An
 
 class SegmentationProgram(nn.Module):
     """uint8 frames (N, H, W, 3) RGB -> (class map (N, H, W) int64, anomaly map (N, H, W) float32, mask (N, H, W)
-    bool); normalisation, network, per-pixel score, blur and threshold inside (module docstring)."""
+    bool); normalisation, network, per-pixel score, blur and threshold inside (module docstring). ``precision``
+    bf16 runs the network under bf16 autocast (the logits, scores and threshold stay fp32); an exported program is
+    fp32."""
 
     mean: torch.Tensor
     std: torch.Tensor
     threshold: torch.Tensor
 
     def __init__(self, net: SegmentationModel, score: LogitScore, *, mean: Sequence[float], std: Sequence[float],
-                 bgr: bool, blur: bool, threshold: float) -> None:
+                 bgr: bool, blur: bool, threshold: float, precision: str = "fp32") -> None:
         super().__init__()
+        self.precision = precision
         self.net = net
         self.score = score
         self.bgr, self.blur, self.num_classes = bgr, blur, net.num_classes
@@ -133,7 +136,9 @@ class SegmentationProgram(nn.Module):
         x = frames.permute(0, 3, 1, 2)
         if self.bgr:
             x = x.flip(1)
-        logits = self.net((x.float() / 255.0 - self.mean) / self.std).float()
+        with autocast(frames.device, self.precision):
+            logits = self.net((x.float() / 255.0 - self.mean) / self.std)
+        logits = logits.float()
         n, _, h, w = logits.shape
         k = self.num_classes
         flat = logits[:, :k].permute(0, 2, 3, 1).reshape(-1, k)
@@ -207,16 +212,16 @@ class SegmentationDetector(Thresholded[PixelCalibration]):
                 f"classes={len(self.classes)}, device={self.device})")
 
     # -- forward passes ------------------------------------------------------------------------------------
-    def program(self, threshold: float | None = None) -> SegmentationProgram:
+    def program(self, threshold: float | None = None, precision: str = "fp32") -> SegmentationProgram:
         """The module that computes every output (module docstring), with ``threshold`` (default: the
-        calibrated one; 0 before calibration)."""
+        calibrated one; 0 before calibration), its network in ``precision`` (fp32 | bf16)."""
         if threshold is None:
             threshold = 0.0 if self.calibration is None else self.calibration.threshold
         score = build_score(self.score_name)
         if not isinstance(score, LogitScore):  # pragma: no cover - PIXEL_SCORE_NAMES are logit scores
             raise ConfigError(f"score {self.score_name!r} is not a pixel score.")
         return SegmentationProgram(self.net, score, mean=self.mean, std=self.std, bgr=self.bgr, blur=self.blur,
-                                   threshold=threshold).to(self.device).eval()
+                                   threshold=threshold, precision=precision).to(self.device).eval()
 
     def frames(self, images: Any) -> list[np.ndarray]:
         """``images`` (a uint8 (H, W, 3) frame, an (N, H, W, 3) batch, a path, or a list of those) as uint8
@@ -255,21 +260,23 @@ class SegmentationDetector(Thresholded[PixelCalibration]):
 
     def score_maps(self, images: Any) -> list[np.ndarray]:
         """Per-pixel score maps (higher = more in-distribution) of ``images`` (:meth:`frames`)."""
-        program = self.program(0.0)
+        program = self.program(0.0, self.precision_now())
         return [(-o[1]).numpy() for o in self._run(program, self.frames(images))]
 
     def predict(self, images: Any) -> list[FramePrediction]:
         """Class map, anomaly map and mask of every frame of ``images`` (calibrated detectors only)."""
         self.calibrated()
+        self.warn_precision()
         return [FramePrediction(o[0].numpy(), o[1].numpy(), o[2].numpy())
-                for o in self._run(self.program(), self.frames(images))]
+                for o in self._run(self.program(precision=self.precision_now()), self.frames(images))]
 
     def predict_files(self, inputs: Iterable[str | os.PathLike], *, batch_size: int = 8,
                       skipped: Counter[str] | None = None
                       ) -> Iterator[tuple[DecodedInput, FramePrediction | None]]:
         """(decoded input, its prediction or None when it could not be read) for every input file, in order,
         ``batch_size`` frames in memory at a time; ``skipped`` counts non-image files passed over."""
-        program = self.program(self.calibrated().threshold)
+        program = self.program(self.calibrated().threshold, self.precision_now())
+        self.warn_precision()
         with progress_bar("predict", total=None) as bar:
             t0, done = time.perf_counter(), 0
             for batch in frame_batches(inputs, self.input_size[1], batch_size, skipped=skipped):
@@ -290,7 +297,7 @@ class SegmentationDetector(Thresholded[PixelCalibration]):
         """Scores of the non-void pixels of every frame of ``data`` (one array per frame)."""
         if data.num_classes != len(self.classes):
             raise DataError(f"{data.name} has {data.num_classes} classes but the detector {len(self.classes)}.")
-        program = self.program(0.0)
+        program = self.program(0.0, self.precision_now())
         per_frame: list[np.ndarray] = []
         with progress_bar(f"scoring {data.name}", total=len(data)) as bar:
             for start in range(0, len(data), batch_size):
@@ -335,7 +342,7 @@ class SegmentationDetector(Thresholded[PixelCalibration]):
         self.calibration = PixelCalibration(
             threshold=threshold, tpr=tpr, achieved=achieved, n=int(sum(s.size for s in per_frame)), data=data,
             held_out=held_out, expected=achieved, expected_std=expected_std, check=check, frames=len(per_frame),
-            blur=self.blur, map_scale=MAP_SPREAD_LEVELS / spread)
+            precision=self.precision_now(), blur=self.blur, map_scale=MAP_SPREAD_LEVELS / spread)
         self.calibration_scores = (sample, check_sample)
         return self.calibration
 

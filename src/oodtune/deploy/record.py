@@ -175,7 +175,11 @@ def validate_record(record: Any, path: os.PathLike | str) -> dict[str, Any]:
     calibration = record.get("calibration")
     if calibration is not None:
         _check_object(path, calibration, PIXEL_CALIBRATION_KEYS if pixels else CALIBRATION_KEYS, "calibration",
-                      optional=("check",))
+                      optional=("check", "precision"))  # precision: absent in files of older versions
+        if "precision" in calibration:
+            problem = _one_of("fp32", "bf16")(calibration["precision"])
+            if problem:
+                raise _fail(path, "calibration.precision", problem)
         check = calibration.get("check")
         if check is not None:
             _check_object(path, check, PIXEL_CHECK_KEYS if pixels else CHECK_KEYS, "calibration.check")

@@ -396,8 +396,8 @@ class ClassificationTask(Task[FeatureModel, ClassificationEvaluation]):
             raise ConfigError("--no-id-metrics skips segmentation's mIoU pass; a classifier's accuracy comes with "
                               "the ID scores at no extra cost: drop it.")
         if exact:
-            raise ConfigError("--exact keys segmentation's streamed pixel counts by the full score; a classifier's metrics "
-                              "are computed from every image's score and are always exact: drop it.")
+            raise ConfigError("--exact keys segmentation's streamed pixel counts by the full score; a classifier's "
+                              "metrics are computed from every image's score and are always exact: drop it.")
         return ClassificationEvaluation(validation=validation)
 
     def evaluate(self, net: FeatureModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,

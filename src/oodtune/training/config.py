@@ -15,7 +15,8 @@ from ..errors import ConfigError
 from ..utils.runtime import PRECISIONS
 
 __all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "INTEGER_FIELDS", "LEGACY_VALUES", "LR_SCHEDULES", "PASTE_MODES",
-           "PRECISIONS", "TrainConfig", "PRETRAIN", "FINETUNE", "SEGMENTATION_FINETUNE", "TRAIN_KEYS", "recorded_config"]
+           "PRECISIONS", "TrainConfig", "PRETRAIN", "FINETUNE", "SEGMENTATION_FINETUNE", "TRAIN_KEYS",
+           "recorded_config"]
 
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
 COMPILE_SCOPES = ("model", "step")
