@@ -10,7 +10,9 @@ Stages (``--stages``): ``pretrain`` (128 ID images per step), ``finetune`` (128 
 each ``--archs`` (random 32x32 data: the speed does not depend on the pixels); ``predict`` (``compute_outputs``,
 the forward pass of ``oodtune predict`` / ``Detector``: WRN-40-2 at 32 px, the ImageNet-form ResNet-18 at 224 px);
 ``segstep`` (ESPNet, PEBAL, 480x360, batch 8 with one pasted frame: PEBAL's share); ``segeval`` (Road Anomaly's
-60 frames forward at the CamVid ESPNet's 480x360 input, real frames from ``--data-root`` else random ones).
+60 frames forward at the CamVid ESPNet's 480x360 input, real frames from ``--data-root`` else random ones);
+``segpredict`` (the same frames through ``SegmentationDetector.predict``: what ``oodtune predict`` runs for a
+segmenter, the fast path under ``--precision auto``).
 Each reports the median images (frames) per second over ``--steps`` timed steps per path after ``--warmup``.
 
     OMP_NUM_THREADS=1 python benchmarks/cpu_fast_path.py --threads 1 --json results/speed/cpu_fast_path.json
@@ -38,6 +40,7 @@ from oodtune.data.imageset import ImageSet
 from oodtune.data.objects import ObjectBank
 from oodtune.data.segmentation import ANOMALY_CLASSES, CAMVID_CLASSES, SegmentationSet
 from oodtune.data.tensors import Normalizer
+from oodtune.deploy.pixel_detector import PixelCalibration, SegmentationDetector
 from oodtune.evaluation import compute_outputs
 from oodtune.evaluation.segmentation import forward_maps
 from oodtune.losses import build_method_loss
@@ -47,7 +50,7 @@ from oodtune.training.config import TrainConfig
 from oodtune.training.sampling import OutlierSampler
 from oodtune.training.segmentation import SegmentationTrainer
 from oodtune.training.trainer import Trainer
-from oodtune.utils.runtime import cpu_bf16_flags, resolve_precision, set_threads
+from oodtune.utils.runtime import cpu_bf16_flags, inference_precision, resolve_precision, set_threads
 from predict_throughput import ImageNetResNet18
 
 CPU = torch.device("cpu")
@@ -170,21 +173,42 @@ def segstep_stage(args: argparse.Namespace) -> dict[str, float]:
     return {**result, "cache_fill_s_per_frame": fill}
 
 
-def segeval_stage(args: argparse.Namespace) -> dict[str, float]:
+def _road_frames(args: argparse.Namespace) -> SegmentationSet:
+    """Road Anomaly's 60 frames at 480x360 from ``--data-root``, else 60 random frames of that size."""
     if args.data_root:
         from oodtune.pipeline import DataSource
 
-        road = DataSource(args.data_root).segmentation("road-anomaly", "test", size=(480, 360))
-    else:
-        rng = np.random.default_rng(0)
-        road = SegmentationSet(rng.integers(0, 256, (60, 360, 480, 3), dtype=np.uint8),
-                               (rng.random((60, 360, 480)) < 0.1).astype(np.uint8), ANOMALY_CLASSES, 255, "random")
+        return DataSource(args.data_root).segmentation("road-anomaly", "test", size=(480, 360))
+    rng = np.random.default_rng(0)
+    return SegmentationSet(rng.integers(0, 256, (60, 360, 480, 3), dtype=np.uint8),
+                           (rng.random((60, 360, 480)) < 0.1).astype(np.uint8), ANOMALY_CLASSES, 255, "random")
+
+
+def segeval_stage(args: argparse.Namespace) -> dict[str, float]:
+    road = _road_frames(args)
     net = _espnet()
 
     def run(p: str) -> int:
         for _ in forward_maps(net, road, Normalizer(), device="cpu", precision=p):
             pass
         return len(road)
+
+    paths = {"fp32": lambda: run("fp32"), "fast": lambda: run("auto")}
+    return alternate(paths, 0, max(1, args.steps // 2))
+
+
+def segpredict_stage(args: argparse.Namespace) -> dict[str, float]:
+    frames = _road_frames(args).images
+    det = SegmentationDetector(_espnet(), classes=CAMVID_CLASSES, mean=(0.5,) * 3, std=(0.25,) * 3,
+                               input_size=(480, 360), device="cpu")
+    det.calibration = PixelCalibration(threshold=0.0, tpr=0.95, achieved=0.95, n=1, data="none", held_out=True,
+                                       expected=0.95, expected_std=0.0)
+
+    def run(p: str) -> int:
+        with inference_precision(p):
+            for start in range(0, len(frames), 8):
+                det.predict(list(frames[start : start + 8]))
+        return len(frames)
 
     paths = {"fp32": lambda: run("fp32"), "fast": lambda: run("auto")}
     return alternate(paths, 0, max(1, args.steps // 2))
@@ -259,6 +283,8 @@ def main() -> None:
             record(stage, "espnet 480x360 b8/1", segstep_stage(args))
         elif stage == "segeval":
             record(stage, "road-anomaly 60@480x360", segeval_stage(args))
+        elif stage == "segpredict":
+            record(stage, "detector 60@480x360", segpredict_stage(args))
         elif stage in ("compile-pretrain", "compile-finetune"):
             for arch in args.archs.split(","):  # columns: eager fast path / compiled fast path
                 record(stage, arch, compile_stage(stage.split("-")[1], arch, args))
