@@ -939,6 +939,50 @@ def _predict_frames(checkpoint: str, images: tuple[str, ...], detector: str, out
     return sum(tally.values()), tally["error"]
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover - the loop returns at GiB
+
+
+@main.command()
+@click.option("--clear", "clear", multiple=True, metavar="KIND",
+              help="Remove the entries of this kind (images, segmentation, extracted, trunk, ... as listed) or all; "
+                   "repeatable. Everything removed is rebuilt when next needed.")
+@click.option("--older-than", type=click.FloatRange(0), default=None, metavar="DAYS",
+              help="With --clear: only entries not modified for more than DAYS days.")
+@click.option("--verbose", "-v", is_flag=True, help="List every entry, not only the total per kind.")
+def cache(clear: tuple[str, ...], older_than: float | None, verbose: bool) -> None:
+    """Show what the on-disk cache holds ($OODTUNE_CACHE, else ~/.cache/oodtune), or remove part of it: decoded
+    data sets, unpacked archives and frozen segmentation trunk features, all rebuilt on demand."""
+    from .data.cache import default_cache_dir
+    from .data.cache_admin import cache_entries, remove_entries
+
+    root = default_cache_dir()
+    if older_than is not None and not clear:
+        raise click.UsageError("--older-than selects what --clear removes: give --clear KIND (or all) too.")
+    if clear:
+        removed = remove_entries(list(clear), root=root, older_than_days=older_than)
+        click.echo(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, "
+                   f"{_size(sum(e.size for e in removed))}, from {root}")
+        return
+    entries = cache_entries(root)
+    if not entries:
+        click.echo(f"{root}: empty")
+        return
+    click.echo(f"{root}: {_size(sum(e.size for e in entries))} in {len(entries)} entries")
+    for kind in dict.fromkeys(e.kind for e in entries):
+        mine = [e for e in entries if e.kind == kind]
+        oldest = max(e.age_days() for e in mine)
+        click.echo(f"  {kind:14s} {len(mine):4d} entries {_size(sum(e.size for e in mine)):>10s}  "
+                   f"(oldest written {oldest:.0f} days ago)")
+        if verbose:
+            for e in mine:
+                click.echo(f"    {e.name:52s} {_size(e.size):>10s}  written {e.age_days():.0f} days ago")
+
+
 @main.command()
 def examples() -> None:
     """List the example benchmark configs that ship with oodtune (`oodtune benchmark NAME` runs one)."""
