@@ -18,7 +18,6 @@ from oodtune.benchmark import load_benchmark_config, run_benchmark
 from oodtune.errors import CheckpointError, ConfigError, ModelError
 from oodtune.metrics.pixel import PixelDetectionCounter
 from oodtune.models import RunMeta, load_model, read_meta, trusted_archs
-from oodtune.pipeline.task import TASK_REGISTRY
 from oodtune.training.config import TrainConfig
 
 pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
@@ -218,8 +217,6 @@ def test_command_line_import_and_evaluate(seg_root: dict[str, Path]) -> None:
     assert made and all(made)
     rows = [r for r in json.loads((tmp / "exact.json").read_text())["rows"] if r["dataset"] == "road-anomaly"]
     assert len(rows) == 1 and rows[0]["auroc_bound"] == 0 and rows[0]["ap_bound"] == 0
-    with pytest.raises(ConfigError, match="always exact"):
-        TASK_REGISTRY["classification"].evaluation_options(exact=True)
     fails("import-model", seg_root["weights"], "--arch", "espnet-camvid", "--dataset", "camvid", "--input-size",
           "12x12", "--data-root", root, "--out", tmp / "odd.pt", match="divisible by 8")
     fails("finetune", tmp / "cli.pt", "--method", "oe", "--data-root", root, "--out", tmp / "r",

@@ -150,11 +150,14 @@ def test_each_task_has_its_own_evaluation_options() -> None:
     assert ClassificationTask().evaluation_options(validation=spec) == ClassificationEvaluation(validation=spec)
     assert SegmentationTask().evaluation_options(blur=True) == SegmentationEvaluation(blur=True)
     assert [f.name for f in fields(ClassificationEvaluation)] == ["validation"]
-    assert [f.name for f in fields(SegmentationEvaluation)] == ["blur", "id_metrics"]
+    assert [f.name for f in fields(SegmentationEvaluation)] == ["blur", "id_metrics", "exact"]
     assert not SegmentationTask().evaluation_options(id_metrics=False).id_metrics
+    assert SegmentationTask().evaluation_options(exact=True).exact
     with pytest.raises(ConfigError, match="segmentation checkpoints only"):
         ClassificationTask().evaluation_options(blur=True)
     with pytest.raises(ConfigError, match="drop it"):
         ClassificationTask().evaluation_options(id_metrics=False)
+    with pytest.raises(ConfigError, match="always exact"):
+        ClassificationTask().evaluation_options(exact=True)
     with pytest.raises(ConfigError, match="classification checkpoints only"):
         SegmentationTask().evaluation_options(validation=spec)
