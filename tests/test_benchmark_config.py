@@ -165,3 +165,9 @@ def test_cli_reports_config_errors_before_any_work(tmp_path):
     write(tmp_path, GOOD.replace('name = "t"', 'name = "t'))
     fails("benchmark", path, "--only", "msp", match="is not valid TOML", code=1)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads(config):
+    cfg = load_benchmark_config(config)  # every value checked, every training configuration built
+    assert cfg.methods and cfg.out
