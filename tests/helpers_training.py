@@ -138,3 +138,20 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, batch_size: int) 
     trainer.fit()
     torch.save({"state": state_of(trainer.net), "batches": batches, "saves": saves}, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
+
+
+class Crash(Exception):
+    """Raised by the patched ``Trainer._save_state`` (:func:`crash_after_epochs`): the process dying after a
+    checkpoint."""
+
+
+def crash_after_epochs(monkeypatch: Any, epochs: int) -> None:
+    """Make every Trainer raise :class:`Crash` right after saving the state of epoch ``epochs``."""
+    real = Trainer._save_state
+
+    def save_then_maybe_crash(self: Trainer, epoch: int, *args: Any, **kwargs: Any) -> None:
+        real(self, epoch, *args, **kwargs)
+        if epoch == epochs:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "_save_state", save_then_maybe_crash)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers_training import make_trainer, random_imageset
+from helpers_training import Crash, crash_after_epochs, make_trainer, random_imageset
 from oodtune.benchmark.provenance import config_differences
 from oodtune.cli import main
 from oodtune.errors import ConfigError, ResumeMismatchError
@@ -72,17 +72,8 @@ def test_the_loop_applies_the_schedule_per_step(schedule: str) -> None:
 
 def _crashed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An unfinished run after epoch 1 whose stored configuration predates ``lr_schedule``."""
-    class Crash(Exception):
-        pass
-
-    real = Trainer._save_state
-
-    def save_then_crash(self: Trainer, *a: Any, **k: Any) -> None:
-        real(self, *a, **k)
-        raise Crash
-
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "_save_state", save_then_crash)
+        crash_after_epochs(m, 1)
         with pytest.raises(Crash):
             make_trainer(random_imageset(64), build_method_loss("ce"), run_dir=tmp_path, epochs=2).fit()
     ckpt = torch.load(tmp_path / LAST, weights_only=True)  # the raw stored dicts

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers_training import (
+    Crash,
     assert_states_equal,
+    crash_after_epochs,
     easy_imageset,
     make_trainer,
     random_imageset,
@@ -100,21 +102,6 @@ def test_cosine_factor() -> None:
 
 
 # -- resume ----------------------------------------------------------------------------------------------
-class Crash(Exception):
-    """Raised by the patched _save_state to simulate the process dying after a checkpoint."""
-
-
-def _crash_after_epochs(monkeypatch: pytest.MonkeyPatch, epochs: int) -> None:
-    real = Trainer._save_state
-
-    def save_then_maybe_crash(self: Trainer, epoch: int, *args: Any, **kwargs: Any) -> None:
-        real(self, epoch, *args, **kwargs)
-        if epoch == epochs:
-            raise Crash
-
-    monkeypatch.setattr(Trainer, "_save_state", save_then_maybe_crash)
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("method", ["ce", "energy-oe"])
 def test_resume_after_crash_matches_a_straight_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -127,7 +114,7 @@ def test_resume_after_crash_matches_a_straight_run(tmp_path: Path, monkeypatch: 
     straight = make_trainer(ds, build_method_loss(method), run_dir=tmp_path / "a", **kwargs).fit()
 
     with monkeypatch.context() as m:
-        _crash_after_epochs(m, 1)
+        crash_after_epochs(m, 1)
         with pytest.raises(Crash):
             make_trainer(ds, build_method_loss(method), run_dir=tmp_path / "b", **kwargs).fit()
     assert read_checkpoint(tmp_path / "b" / LAST)["train_state"]["epoch"] == 1
@@ -145,7 +132,7 @@ def test_resume_after_crash_matches_a_straight_run(tmp_path: Path, monkeypatch: 
 def test_resume_with_changed_settings_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ds = random_imageset(64)
     with monkeypatch.context() as m:
-        _crash_after_epochs(m, 1)
+        crash_after_epochs(m, 1)
         with pytest.raises(Crash):
             make_trainer(ds, build_method_loss("ce"), run_dir=tmp_path).fit()
     with pytest.raises(ResumeMismatchError, match="other settings"):
