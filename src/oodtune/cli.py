@@ -940,11 +940,14 @@ def _predict_frames(checkpoint: str, images: tuple[str, ...], detector: str, out
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    """``n`` bytes as B, KiB, MiB or GiB."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
         n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover - the loop returns at GiB
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
 
 
 @main.command()

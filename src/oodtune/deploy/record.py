@@ -140,7 +140,10 @@ def _fail(path: os.PathLike | str, field: str, problem: str) -> ConfigError:
 
 
 def _check_object(path: os.PathLike | str, obj: Any, keys: dict[str, Check], where: str,
-                  optional: tuple[str, ...] = ()) -> None:
+                  optional: dict[str, Check | None] | None = None) -> None:
+    """``obj`` must hold every field of ``keys``, each passing its check, and may hold those of ``optional``
+    (checked when present; ``None``: checked by the caller)."""
+    optional = optional or {}
     prefix = f"{where}." if where else ""
     if not isinstance(obj, dict):
         raise _fail(path, where or "(top level)", f"must be an object, got {type(obj).__name__} {obj!r}")
@@ -151,6 +154,10 @@ def _check_object(path: os.PathLike | str, obj: Any, keys: dict[str, Check], whe
         if key not in obj:
             raise _fail(path, prefix + key, "is missing")
         problem = check(obj[key])
+        if problem:
+            raise _fail(path, prefix + key, problem)
+    for key, maybe in optional.items():
+        problem = maybe(obj[key]) if maybe is not None and key in obj else None
         if problem:
             raise _fail(path, prefix + key, problem)
 
@@ -166,20 +173,16 @@ def validate_record(record: Any, path: os.PathLike | str) -> dict[str, Any]:
                           f"({DETECTOR_VERSION}); upgrade oodtune.")
     pixels = record.get("task", "classification") != "classification"
     if pixels:
-        _check_object(path, record, PIXEL_RECORD_KEYS, "", optional=("calibration",))
+        _check_object(path, record, PIXEL_RECORD_KEYS, "", optional={"calibration": None})
         _check_object(path, record["anomaly_png"], ANOMALY_PNG_KEYS, "anomaly_png")
     else:
         # ``guarantee``: the threshold choice and the calibration scores, checked field by field by
         # :meth:`oodtune.deploy.guarantee.Guarantee.from_dict` (absent in files of older versions)
-        _check_object(path, record, RECORD_KEYS, "", optional=("calibration", "task", "guarantee"))
+        _check_object(path, record, RECORD_KEYS, "", optional=dict.fromkeys(("calibration", "task", "guarantee")))
     calibration = record.get("calibration")
     if calibration is not None:
         _check_object(path, calibration, PIXEL_CALIBRATION_KEYS if pixels else CALIBRATION_KEYS, "calibration",
-                      optional=("check", "precision"))  # precision: absent in files of older versions
-        if "precision" in calibration:
-            problem = _one_of("fp32", "bf16")(calibration["precision"])
-            if problem:
-                raise _fail(path, "calibration.precision", problem)
+                      optional={"check": None, "precision": _one_of("fp32", "bf16")})  # precision: newer files
         check = calibration.get("check")
         if check is not None:
             _check_object(path, check, PIXEL_CHECK_KEYS if pixels else CHECK_KEYS, "calibration.check")
