@@ -16,7 +16,7 @@ FRAMES=${SEG_DEMO_FRAMES:-6}
 mkdir -p "$OUT"
 
 [ -f "$OUT/seg.pt" ] || "$OOD" import-model "$DATA/espnet/espnet_p_2_q_8_camvid.pth" --arch espnet-camvid \
-  --dataset camvid --data-root "$DATA" --out "$OUT/seg.pt"
+  --dataset camvid --data-root "$DATA" --out "$OUT/seg.pt" --precision fp32
 "$OOD" calibrate "$OUT/seg.pt" --data-root "$DATA" --score energy --tpr 0.95 --out "$OUT/detector.json" \
   --export "$OUT/detector.pt2" --plot "$OUT/calibration.png" --overwrite
 

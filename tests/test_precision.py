@@ -175,6 +175,41 @@ def test_trainer_bf16_records_its_precision_and_tracks_fp32(native: None) -> Non
     assert results["auto"][1]["ce"] == pytest.approx(results["fp32"][1]["ce"], rel=0.02)
 
 
+def _dilated(channels: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=2, dilation=2, bias=False),
+                               torch.nn.Conv2d(channels, channels, 1))
+
+
+def test_trained_dilated_convolutions_keep_the_contiguous_format_under_cpu_bf16(
+        caplog: pytest.LogCaptureFixture) -> None:
+    net = _dilated(26)
+    with caplog.at_level(logging.INFO, logger="oodtune"):
+        assert not runtime.channels_last_for_training(net, CPU, "bf16")
+    assert "dilated convolution keeps the contiguous memory format" in caplog.text
+    assert not runtime.channels_last_for_training(net, CPU, "fp32")
+    assert runtime.channels_last_for_training(net, torch.device("cuda"), "bf16")  # cuDNN's kernels are right
+    net[0].requires_grad_(False)  # frozen: no weight gradient, channels_last is safe
+    assert runtime.channels_last_for_training(net, CPU, "bf16")
+    plain = torch.nn.Sequential(torch.nn.Conv2d(26, 26, 3, padding=1))
+    assert runtime.channels_last_for_training(plain, CPU, "bf16")
+
+
+def test_bf16_weight_gradients_of_a_dilated_convolution_are_finite_in_the_training_format() -> None:
+    """The shape at which oneDNN's channels_last bf16 weight gradient returned NaN (26 channels, 22x30 maps):
+    in the format the trainer picks for it, the gradient is finite and near fp32's."""
+    torch.manual_seed(0)
+    net, x = _dilated(26), torch.randn(2, 26, 22, 30)
+    fmt = torch.channels_last if runtime.channels_last_for_training(net, CPU, "bf16") else torch.contiguous_format
+    fast = _dilated(26).to(memory_format=fmt)
+    fast.load_state_dict(net.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast(x.contiguous(memory_format=fmt)).float().square().mean().backward()
+    net(x).square().mean().backward()
+    grad, ref = fast[0].weight.grad, net[0].weight.grad
+    assert grad is not None and ref is not None and torch.isfinite(grad).all()
+    assert float((grad - ref).norm() / ref.norm()) < 0.02
+
+
 def test_the_command_line_sets_threads_and_the_scoring_precision(monkeypatch: pytest.MonkeyPatch,
                                                                    tmp_path: Path) -> None:
     from click.testing import CliRunner

@@ -193,8 +193,11 @@ smooth_normalization = "sum"
 def test_command_line_import_and_evaluate(seg_root: dict[str, Path]) -> None:
     root, tmp = seg_root["root"], seg_root["tmp"]
     res = ok("import-model", seg_root["weights"], "--arch", "espnet-camvid", "--dataset", "camvid", "--input-size",
-             "16x16", "--data-root", root, "--out", tmp / "cli.pt", "--device", "cpu")
-    assert "test mIoU of the imported model" in res.output
+             "16x16", "--data-root", root, "--out", tmp / "cli.pt", "--device", "cpu", "--precision", "fp32")
+    assert "test mIoU of the imported model: " in res.output  # float32: the published models' numbers
+    res = ok("import-model", seg_root["weights"], "--arch", "espnet-camvid", "--dataset", "camvid", "--input-size",
+             "16x16", "--data-root", root, "--out", tmp / "cli-bf16.pt", "--device", "cpu", "--precision", "bf16")
+    assert "test mIoU of the imported model (bf16; --precision fp32" in res.output
     assert read_meta(tmp / "cli.pt").input_size == (16, 16)
     res = ok("evaluate", tmp / "cli.pt", "--score", "energy", "--ood", "road-anomaly", "--data-root", root,
              "--device", "cpu")

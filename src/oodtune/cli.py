@@ -47,7 +47,14 @@ from .training.config import (
 )
 from .utils.atomic import check_writable
 from .utils.progress import ConsoleHandler, console
-from .utils.runtime import PRECISIONS, inference_precision, resolve_device, set_threads
+from .utils.runtime import (
+    PRECISIONS,
+    current_inference_precision,
+    inference_precision,
+    resolve_device,
+    resolve_precision,
+    set_threads,
+)
 
 METHODS_HELP = "; ".join(f"{task}: {r.methods_help}" for task, r in TASK_LOSSES.items())
 OUTLIERS_HELP = "Auxiliary outlier dataset [default: tin-aux for classification, coco-objects for segmentation]."
@@ -391,6 +398,7 @@ def pretrain(**kw: Any) -> None:
 @main.command("import-model")
 @config_option
 @common_options
+@precision_option
 @click.argument("weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--arch", required=True,
               help="Built-in architecture, or package.module:factory where factory(num_classes=K) returns your "
@@ -439,9 +447,9 @@ def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: 
         console.print(f"saved {path}")
         if check_accuracy:
             m = pipeline.id_test_miou(path, data_root=data_root, device=device)
-            console.print(f"{dataset} test mIoU of the imported model: {m['miou']:.2f}% with the argmax over all "
-                          f"outputs, {m['miou_classes']:.2f}% over the classes only (pixel accuracy "
-                          f"{m['pixel_accuracy']:.2f}% / {m['pixel_accuracy_classes']:.2f}%)")
+            console.print(f"{dataset} test mIoU of the imported model{_check_precision(device)}: {m['miou']:.2f}% "
+                          f"with the argmax over all outputs, {m['miou_classes']:.2f}% over the classes only (pixel "
+                          f"accuracy {m['pixel_accuracy']:.2f}% / {m['pixel_accuracy_classes']:.2f}%)")
         return
     path = pipeline.import_model(weights, out, arch=arch, dataset=dataset, data_root=data_root,
                                  resolution=resolution, mean=mean, std=std, head=head)
@@ -450,7 +458,14 @@ def import_model(weights: str, arch: str, dataset: str, head: str | None, mean: 
     if check_accuracy:
         with trusted_archs(*([arch] if is_import_path(arch) else [])):  # the user named it with --arch
             acc = pipeline.id_test_accuracy(path, data_root=data_root, device=device)
-        console.print(f"{dataset} test accuracy of the imported model: {100 * acc:.2f}%")
+        console.print(f"{dataset} test accuracy of the imported model{_check_precision(device)}: {100 * acc:.2f}%")
+
+
+def _check_precision(device: str) -> str:
+    """' (bf16; --precision fp32 for published float32 numbers)' when the import check ran in bf16, else ''."""
+    if resolve_precision(resolve_device(device), current_inference_precision()) == "fp32":
+        return ""
+    return " (bf16; --precision fp32 gives the float32 numbers published models report)"
 
 
 @main.command("estimate-prior")

@@ -42,7 +42,7 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     precision: str = "auto"  # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32
-    channels_last: bool | None = None  # None = on CUDA and under bf16 on a CPU (runtime.channels_last_default)
+    channels_last: bool | None = None  # None = runtime.channels_last_for_training (CUDA; CPU bf16 but dilated)
     compile: str = "auto"  # auto (= reduce-overhead on CUDA, none on CPU) or a torch.compile mode; see COMPILE_MODES
     compile_scope: str = "model"  # model | step (augmentation + normalisation + forward + loss in one graph)
     device: str | None = None

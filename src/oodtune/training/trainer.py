@@ -43,7 +43,7 @@ from ..utils.progress import Bar, format_rate, progress_bar
 from ..utils.runtime import (
     DistInfo,
     autocast,
-    channels_last_default,
+    channels_last_for_training,
     compile_mode,
     init_distributed,
     local_device,
@@ -161,8 +161,8 @@ class Trainer:
         if loss.needs_outliers:
             self.dist.check_batch(config.outlier_batch_size, "--outlier-batch-size")
         self.precision = resolve_precision(self.device, config.precision)
-        self.channels_last = (channels_last_default(self.device, self.precision) if config.channels_last is None
-                              else config.channels_last)
+        self.channels_last = (channels_last_for_training(net, self.device, self.precision)
+                              if config.channels_last is None else config.channels_last)
         norm = normalizer or Normalizer()
         self.normalizer = Normalizer(norm.mean, norm.std, self.channels_last, norm.bgr)
         self.loss = loss

@@ -157,6 +157,23 @@ def channels_last_default(device: torch.device, precision: str) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and resolve_precision(device, precision) == "bf16")
 
 
+def channels_last_for_training(net: torch.nn.Module, device: torch.device, precision: str) -> bool:
+    """:func:`channels_last_default`, except on a CPU under bf16 when ``net`` trains a dilated convolution: there
+    oneDNN's channels_last kernel for the weight gradient of a dilated 3x3 convolution returns NaN at some channel
+    counts and map sizes (PyTorch 2.13 on AVX512-BF16: 24, 26 and 40 channels from about 22x30 up, while 8, 16, 32,
+    48 and 64 are correct; the input gradient and the forward pass are right), which made ESPNet's whole-network
+    training diverge after its first step. Such networks train in the contiguous format (a one-line note says so);
+    an explicit ``TrainConfig.channels_last`` still wins."""
+    if not channels_last_default(device, precision):
+        return False
+    if device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) and max(m.dilation) > 1 and m.weight.requires_grad
+                                    for m in net.modules()):
+        log.info("bf16 on a CPU: a trained dilated convolution keeps the contiguous memory format (channels_last "
+                 "gives NaN weight gradients there)")
+        return False
+    return True
+
+
 def available_cpus() -> int:
     """CPUs this process may use: its affinity mask, capped by the cgroup v2 CPU quota (``cpu.max``) when one is
     set (a container limited to 1.5 CPUs gets 1)."""
