@@ -185,3 +185,56 @@ def test_refuses_designs_it_cannot_compare():
     other = {(0, 0): {**b[(0, 0)], "a": b[(0, 0)]["a"][:-1]}}
     with pytest.raises(ConfigError, match="same images"):
         compare_paired(a, other, GROUPS)
+
+
+def _frames(rng: np.random.Generator, n_frames: int, frame_sd: float, shift: float
+            ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list[int], list[int]]:
+    """Two detectors on the same pixel samples of ``n_frames`` frames: each frame shifts its pixels' scores by a
+    common draw (frame_sd), and detector A separates anomalies by ``shift`` more than B."""
+    fin, fout = rng.integers(5, 15, n_frames).tolist(), rng.integers(0, 6, n_frames).tolist()
+    fout[0] = max(fout[0], 1)
+    effect_in = np.repeat(rng.normal(0, frame_sd, n_frames), fin)
+    effect_out = np.repeat(rng.normal(0, frame_sd, n_frames), fout)
+    s_in, s_out = rng.normal(1, 1, sum(fin)) + effect_in, rng.normal(0, 1, sum(fout)) + effect_out
+    a = (s_in, s_out - shift + effect_out)  # A's frame effect on anomalies differs from B's
+    return a, (s_in, s_out), fin, fout
+
+
+def test_clustered_gain_se_equals_a_naive_frame_bootstrap():
+    from oodtune.metrics.bootstrap import clustered_gain_se
+
+    rng = np.random.default_rng(3)
+    a, b, fin, fout = _frames(rng, 12, 1.0, 0.3)
+    se = clustered_gain_se(a, b, fin, fout, metric="auroc", replicates=50, seed=7)
+    draws = np.random.default_rng(7).multinomial(12, np.full(12, 1 / 12), size=50)
+    starts_in, starts_out = np.cumsum([0, *fin]), np.cumsum([0, *fout])
+    diffs = []
+    for row in draws:
+        frames = np.repeat(np.arange(12), row)
+        pick_in = np.concatenate([np.arange(starts_in[f], starts_in[f + 1]) for f in frames])
+        pick_out = np.concatenate([np.arange(starts_out[f], starts_out[f + 1]) for f in frames])
+        if not len(pick_out):
+            continue
+        diffs.append(detection_metrics(a[0][pick_in], a[1][pick_out])["auroc"]
+                     - detection_metrics(b[0][pick_in], b[1][pick_out])["auroc"])
+    assert se == pytest.approx(np.std(diffs, ddof=1), rel=1e-9)
+
+
+def test_frame_clusters_widen_the_se_of_correlated_pixels():
+    from oodtune.metrics.bootstrap import clustered_gain_se
+
+    a, b, fin, fout = _frames(np.random.default_rng(0), 40, 1.5, 0.3)
+    by_frame = clustered_gain_se(a, b, fin, fout)
+    n_in, n_out = sum(fin), sum(fout)
+    by_pixel = clustered_gain_se(a, b, [1] * n_in + [0] * n_out, [0] * n_in + [1] * n_out)
+    assert by_frame > 1.5 * by_pixel
+
+
+def test_clustered_gain_se_refuses_unpaired_samples():
+    from oodtune.metrics.bootstrap import clustered_gain_se
+
+    a, b, fin, fout = _frames(np.random.default_rng(0), 5, 1.0, 0.3)
+    with pytest.raises(ConfigError, match="same samples"):
+        clustered_gain_se(a, (b[0][:-1], b[1]), fin, fout)
+    with pytest.raises(ConfigError, match="same samples"):
+        clustered_gain_se(a, b, fin[:-1], fout)

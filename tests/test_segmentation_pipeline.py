@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,6 +164,9 @@ m_out = "auto"
 train_part = "decoder"
 paste_mode = "reference"
 smooth_normalization = "sum"
+[selection]
+default = "PEBAL"
+id_tolerance = 100
 """)
     cfg = load_benchmark_config(config, data_root=str(seg_root["root"]))
     assert cfg.task == "segmentation" and cfg.outliers == "coco-objects"
@@ -174,6 +178,16 @@ smooth_normalization = "sum"
     assert "miou" in rows["PEBAL"] and rows["PEBAL +blur"]["miou"] == rows["PEBAL"]["miou"]  # blur: scores only
     assert cfg.train_config("finetune", cfg.methods[2], 0).train_part == "decoder"
     assert list((tmp / "bench" / "evals").rglob("road-anomaly*-blur.json"))
+    selection = json.loads((tmp / "bench" / "selection.json").read_text())
+    assert selection["chosen"] == "PEBAL" and [r["row"] for r in selection["rows"]] == ["PEBAL"]
+    assert "**Chosen: PEBAL**" in (tmp / "bench" / "selection.md").read_text()
+    assert "sample_frames" not in json.dumps(results)  # the frame counts stay in the evaluation store
+    stored = list((tmp / "bench" / "evals").rglob("road-anomaly-nall.json"))  # every plain stored row
+    assert stored
+    for row_path in stored:
+        frames = json.loads(row_path.read_text())["sample_frames"]
+        assert sum(frames["out"]) == len(np.load(row_path.with_suffix(".npy")))
+        assert len(frames["in"]) == len(frames["out"]) > 0
     assert "mIoU" in (tmp / "bench" / "results.md").read_text()
     assert (tmp / "bench" / "maps-pebal.png").exists() and (tmp / "bench" / "roc-pebal.png").exists()
     bad = tmp / "bad.toml"

@@ -27,6 +27,11 @@ recipe.
   (a list of ``"selected"`` — chosen on the validation pair — and/or ``"default"`` — the papers' values; default
   both), ``validation_outliers`` (held-out auxiliary outliers; default the protocol's ``aux_val``),
   ``num_validation_outliers``, ``id_holdout`` (never-trained-on ID images the selection scores; default 1000).
+* ``[selection]`` (optional; a validation grid) — ``default`` (the label of the fine-tuned row holding the paper's
+  setting), ``metric`` (``auroc`` or ``aupr_out``; default ``auroc``), ``dataset`` (the held-out OOD set it is
+  measured on; default the benchmark's only one), ``id_tolerance`` (rows whose ID metric — mIoU, accuracy — falls
+  more than this many points below the pretrained model's are not eligible): :mod:`.selection` names the row to
+  keep, the default unless a row beats it by more than the standard error of the gain.
 * ``[[comparisons]]`` (optional) — one claim each, "row ``better`` beats row ``than``" (labels of ``[[methods]]``),
   optionally ``label``: the paired difference with a hierarchical bootstrap CI and its verdict
   (:mod:`.compare`, :mod:`oodtune.metrics.bootstrap`).
@@ -55,7 +60,8 @@ from ..pipeline.task import TASK_REGISTRY
 from ..scores import PIXEL_SCORE_NAMES, SCORE_NAMES
 from ..training.config import PRETRAIN, TRAIN_KEYS, TrainConfig
 
-__all__ = ["BenchmarkConfig", "Comparison", "MatrixSpec", "MethodSpec", "load_benchmark_config", "POSTHOC"]
+__all__ = ["BenchmarkConfig", "Comparison", "MatrixSpec", "MethodSpec", "SelectionSpec", "load_benchmark_config",
+           "POSTHOC"]
 
 POSTHOC = frozenset(SCORE_NAMES)
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
@@ -84,7 +90,11 @@ MATRIX_KEYS: dict[str, tuple[type, ...]] = {
 }
 HYPERPARAMETER_MODES = ("selected", "default")
 COMPARISON_KEYS: dict[str, tuple[type, ...]] = {"better": (str,), "than": (str,), "label": (str,)}
-SECTIONS = ("benchmark", "pretrain", "finetune", "methods", "matrix", "comparisons")
+SELECTION_KEYS: dict[str, tuple[type, ...]] = {"default": (str,), "metric": (str,), "dataset": (str,),
+                                               "id_tolerance": (float, int)}
+#: ``[selection].metric``: the validation metrics a setting may be chosen on (higher is better).
+SELECTION_METRICS = ("auroc", "aupr_out")
+SECTIONS = ("benchmark", "pretrain", "finetune", "methods", "matrix", "selection", "comparisons")
 
 
 @dataclass
@@ -128,6 +138,19 @@ class MatrixSpec:
 
 
 @dataclass(frozen=True)
+class SelectionSpec:
+    """The ``[selection]`` section: which fine-tuned row is the paper's default, and what a row must beat it on."""
+
+    default: str
+    dataset: str
+    metric: str = "auroc"
+    id_tolerance: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class Comparison:
     """The claim "row ``better`` beats row ``than``" (labels of two rows), named ``label``."""
 
@@ -163,6 +186,7 @@ class BenchmarkConfig:
     task: str = "classification"
     id_split: str = "test"
     matrix: MatrixSpec | None = None
+    selection: SelectionSpec | None = None
     pretrain_seeds: list[int] = field(default_factory=list)  # nested seeds (one pretrained model each); [] = one
     comparisons: list[Comparison] = field(default_factory=list)
     blur: tuple[bool, ...] = (False,)  # segmentation: score maps as measured and/or blurred (BLUR_VARIANTS)
@@ -311,6 +335,30 @@ def _matrix_spec(chk: _Checker, raw: Any, known: set[str], protocol: dict[str, A
                       num_validation_outliers=m.get("num_validation_outliers"), id_holdout=m.get("id_holdout", 1000))
 
 
+def _selection_spec(chk: _Checker, raw: Any, methods: list[MethodSpec], ood: list[str]) -> SelectionSpec:
+    sel = chk.table(raw, "selection")
+    chk.keys(sel, SELECTION_KEYS, "[selection]")
+    tuned = [m.label for m in methods if not m.posthoc]
+    if sel.get("default") not in tuned:
+        raise chk.fail("[selection].default", f"expected the label of a fine-tuned [[methods]] row ({', '.join(tuned)})"
+                                              f", got {sel.get('default')!r}")
+    metric = sel.get("metric", "auroc")
+    if metric not in SELECTION_METRICS:
+        raise chk.fail("[selection].metric", f"one of {', '.join(SELECTION_METRICS)}, got {metric!r}")
+    if "dataset" not in sel and len(ood) != 1:
+        raise chk.fail("[selection].dataset", f"this benchmark has {len(ood)} OOD sets ({', '.join(ood)}); name the "
+                                              "held-out one the setting is chosen on")
+    dataset = sel.get("dataset", ood[0])
+    if canonical_name(dataset) not in {canonical_name(o) for o in ood}:
+        raise chk.fail("[selection].dataset", f"{dataset!r} is not an OOD set of this benchmark ({', '.join(ood)})")
+    tolerance = sel.get("id_tolerance")
+    if tolerance is not None and tolerance < 0:
+        raise chk.fail("[selection].id_tolerance", f"must be >= 0 points, got {tolerance}")
+    return SelectionSpec(default=sel["default"], dataset=next(o for o in ood if canonical_name(o) ==
+                                                              canonical_name(dataset)),
+                         metric=metric, id_tolerance=None if tolerance is None else float(tolerance))
+
+
 def _comparisons(chk: _Checker, raw: Any, labels: list[str]) -> list[Comparison]:
     if not isinstance(raw, list) or not raw:
         raise chk.fail("[[comparisons]]", "must be an array of tables ([[comparisons]] blocks with better = ROW, "
@@ -430,6 +478,7 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
         pretrained=b.get("pretrained"), protocol=b.get("protocol"), only=list(only or []),
         task="segmentation" if segmentation else "classification", id_split=b.get("id_split", "test"),
         matrix=_matrix_spec(chk, raw["matrix"], known, protocol, ood_near + ood_far) if "matrix" in raw else None,
+        selection=_selection_spec(chk, raw["selection"], methods, ood_near + ood_far) if "selection" in raw else None,
         pretrain_seeds=_pretrain_seeds(chk, b, pre),
         comparisons=_comparisons(chk, raw["comparisons"], labels) if "comparisons" in raw else [],
         blur=BLUR_VARIANTS[blur],

@@ -35,6 +35,7 @@ from ..utils.runtime import inference_precision, resolve_device, resolve_precisi
 from .config import BenchmarkConfig, MethodSpec
 from .matrix import PRETRAINED, MatrixModel, run_matrix
 from .provenance import check_finetuned, check_pretrained
+from .selection import ID_METRIC, Candidate, candidate, write_selection
 from .store import ID, EvalStore, StoredEvaluation
 from .tables import write_results
 
@@ -213,6 +214,7 @@ class Benchmark:
             pre = self.pretrain()
         results: dict[str, list[dict[str, Any]]] = {}
         missing: list[str] = []
+        candidates: dict[str, Candidate] = {}  # [selection]: each fine-tuned row's first seed, first map variant
         base = None
         if pre is not None:
             plot_scores = sorted({spec.score for spec in cfg.methods if not spec.posthoc} - {"energy"})
@@ -241,6 +243,9 @@ class Benchmark:
                         continue
                     runs.append(self.record(ev, spec.score, seed=seed, run=run))
                     first = first or (seed, ev)
+                    if cfg.selection and seed == cfg.seeds[0] and blur == cfg.blur[0]:
+                        candidates[spec.label] = candidate(spec.label, ev, spec.score, cfg.selection.dataset,
+                                                           cfg.selection.metric, ID_METRIC[cfg.task])
                 if runs:
                     results[label] = runs
                 plotted = plotted if blur else first
@@ -251,6 +256,8 @@ class Benchmark:
             if cfg.task == "segmentation" and pre is not None:
                 self._anomaly_maps(pre, spec, compute=not tabulate_only)
         paths = write_results(cfg, results, command, missing)
+        paths += write_selection(cfg, candidates, None if base is None else base.id_metrics.get(ID_METRIC[cfg.task]),
+                                 missing, command)
         return paths + (self.matrix(pre, command, report_only=report_only) if cfg.matrix else [])
 
     def matrix(self, pre: Trained | None, command: str, *, report_only: bool) -> list[Path]:

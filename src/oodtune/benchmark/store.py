@@ -22,8 +22,9 @@ Layout (``OUT/evals``)::
                                              both FPR95 conventions for classification, pixel metrics and
                                              components for segmentation)
         <score>-<options hash>/<set>.npy     raw per-sample scores (float32, higher = more ID; for segmentation
-                                             a seeded sample of pixel scores, for the plots); ``id.npy``
-                                             (``id-val.npy``) for the ID split
+                                             a seeded sample of pixel scores; its row's ``sample_frames``
+                                             gives the sampled pixels per frame); ``id.npy`` (``id-val.npy``)
+                                             for the ID split
 
 Files are written atomically and never replaced.
 """
@@ -87,6 +88,9 @@ class StoredEvaluation:
     id_metrics: dict[str, float] = field(default_factory=dict)
     rows: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    #: segmentation: ``sample_frames[score name][OOD set]`` = {"in": [...], "out": [...]}, the sampled inlier /
+    #: anomaly pixels per frame (:mod:`oodtune.evaluation.segmentation`); absent for evaluations stored before it
+    sample_frames: dict[str, dict[str, dict[str, list[int]]]] = field(default_factory=dict)
 
 
 #: Computes an evaluation of the checkpoint for (score names, OOD set names).
@@ -164,17 +168,24 @@ class EvalStore:
                     row_path = self.row_path(paths[name][d])
                     if d != ID and not row_path.exists():
                         row = next(r for r in report.rows if r["score"] == name and r["dataset"] == d)
-                        write_json(row_path, {k: v for k, v in row.items() if k not in ("score", "dataset")})
+                        payload: dict[str, Any] = {k: v for k, v in row.items() if k not in ("score", "dataset")}
+                        if name in report.sample_frames and d in report.sample_frames[name]:
+                            payload["sample_frames"] = report.sample_frames[name][d]
+                        write_json(row_path, payload)
                     if not paths[name][d].exists():
                         _write_array(paths[name][d], report.scores[name][d])
             if not info_path.exists():
                 write_json(info_path, {"sha256": sha256, "id_metrics": report.id_metrics})
         info = json.loads(info_path.read_text())
+        rows: dict[str, dict[str, dict[str, Any]]] = {
+            s: {d: dict(json.loads(self.row_path(p).read_text())) for d, p in by_set.items() if d != ID}
+            for s, by_set in paths.items()}
+        frames = {s: {d: row.pop("sample_frames") for d, row in by_set.items() if "sample_frames" in row}
+                  for s, by_set in rows.items()}
         return StoredEvaluation(
-            sha256=info["sha256"], id_metrics=dict(info["id_metrics"]),
-            rows={s: {d: dict(json.loads(self.row_path(p).read_text())) for d, p in by_set.items() if d != ID}
-                  for s, by_set in paths.items()},
-            scores={s: {d: _read_array(p) for d, p in by_set.items()} for s, by_set in paths.items()})
+            sha256=info["sha256"], id_metrics=dict(info["id_metrics"]), rows=rows,
+            scores={s: {d: _read_array(p) for d, p in by_set.items()} for s, by_set in paths.items()},
+            sample_frames={s: f for s, f in frames.items() if f})
 
     @staticmethod
     def _write_options(folder: Path, score: Score) -> None:

@@ -121,6 +121,9 @@ class EvalReport:
     selections: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: with selection: the rows of every score at its paper-default setting, from the same forward passes
     default_rows: list[dict[str, float | str]] = field(default_factory=list)
+    #: segmentation: score -> anomaly set -> {"in": [...], "out": [...]}, the sampled inlier / anomaly pixels each
+    #: frame gave to ``scores`` (frame order; the "id" scores pool the sets' inlier samples in set order)
+    sample_frames: dict[str, dict[str, dict[str, list[int]]]] = field(default_factory=dict)
 
     def averages(self, groups: Mapping[str, str] | None = None) -> list[dict[str, float | str]]:
         """Mean of each metric per score over all OOD sets, and per group (e.g. near/far) when given."""

@@ -7,7 +7,9 @@ can), and streamed into :class:`~oodtune.metrics.pixel.PixelDetectionCounter` wi
 memory does not grow with the number of pixels, except for the SegmentMeIfYouCan component metrics, which keep
 each frame's score map as float16 (2 bytes per pixel) until the threshold is known (``components=False`` skips
 them). The report's ``scores`` keep a seeded sample of pixel scores per set (``sample`` inlier and ``sample``
-anomaly pixels, spread evenly over the frames) for histograms and ROC plots.
+anomaly pixels, spread evenly over the frames) for histograms, ROC plots and frame-level bootstraps: its
+``sample_frames`` say how many of the sampled inlier / anomaly pixels each frame gave, in frame order (the same
+frames give the same pixel positions to every checkpoint, so two checkpoints' samples are paired).
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class _SetScorer:
         self.per_frame = max(1, math.ceil(sample / max(frames, 1)))
         self.sample_in: list[np.ndarray] = []
         self.sample_out: list[np.ndarray] = []
+        self.frames: dict[str, list[int]] = {"in": [], "out": []}  # sampled pixels per frame
         self.maps: list[tuple[np.ndarray, np.ndarray]] | None = [] if components else None
 
     def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
@@ -103,8 +106,10 @@ class _SetScorer:
         anomaly = labels == ANOMALY
         self.counter.update(scores, anomaly, valid)
         for i in range(len(scores)):
-            for want, out in ((valid[i] & ~anomaly[i], self.sample_in), (anomaly[i], self.sample_out)):
+            for key, want, out in (("in", valid[i] & ~anomaly[i], self.sample_in),
+                                   ("out", anomaly[i], self.sample_out)):
                 vals = scores[i][want]
+                self.frames[key].append(min(self.per_frame, vals.size))
                 if vals.size:
                     out.append(self.rng.choice(vals, size=min(self.per_frame, vals.size), replace=False))
             if self.maps is not None:
@@ -163,6 +168,7 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
             report.rows.append(row)
             report.scores.setdefault(s.name, {})[name] = np.concatenate(sc.sample_out) if sc.sample_out \
                 else np.zeros(0, np.float32)
+            report.sample_frames.setdefault(s.name, {})[name] = sc.frames
             pooled_in[s.name] += sc.sample_in
     for s in scores:
         report.scores[s.name]["id"] = np.concatenate(pooled_in[s.name]) if pooled_in[s.name] \

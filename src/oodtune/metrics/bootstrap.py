@@ -39,8 +39,8 @@ import numpy as np
 from ..errors import ConfigError
 from .ood import _check_scores, _check_tpr
 
-__all__ = ["COMPARED_METRICS", "HIGHER_IS_BETTER", "LEVELS", "VERDICTS", "Draws", "Interval", "compare_paired",
-           "draw_replicates", "paired_cells", "verdict", "weighted_detection_metrics"]
+__all__ = ["COMPARED_METRICS", "HIGHER_IS_BETTER", "LEVELS", "VERDICTS", "Draws", "Interval", "clustered_gain_se",
+           "compare_paired", "draw_replicates", "paired_cells", "verdict", "weighted_detection_metrics"]
 
 #: The metrics every comparison reports (percent): AUROC, AUPR-Out and FPR95 under both conventions.
 COMPARED_METRICS = ("auroc", "aupr_out", "fpr95", "fpr95_in")
@@ -121,6 +121,32 @@ def weighted_detection_metrics(id_scores: Any, ood_scores: Any, w_id: Any, w_ood
     if (a < 0).any() or (b < 0).any() or (a.sum(1) == 0).any() or (b.sum(1) == 0).any():
         raise ConfigError("weights must be non-negative with at least one ID and one OOD sample per row.")
     return srt.metrics(a, b, tpr)
+
+
+def clustered_gain_se(a: tuple[Any, Any], b: tuple[Any, Any], frames_in: Sequence[int], frames_out: Sequence[int],
+                      *, metric: str = "auroc", replicates: int = 200, seed: int = 0) -> float:
+    """Standard error (points) of ``metric(a) - metric(b)`` for two detectors scored on the same samples, which come
+    in clusters: ``a`` and ``b`` are (ID scores, OOD scores), and cluster (frame) f gave ``frames_in[f]`` of the ID
+    samples and ``frames_out[f]`` of the OOD ones, in order (pixel samples of segmentation frames). A replicate
+    draws the clusters with replacement, both sides of a cluster together, the same draw for both detectors; a
+    replicate that drew no OOD or no ID sample is left out. Pixels of one frame are correlated, so resampling
+    pixels one by one would understate this SE."""
+    fin, fout = np.asarray(frames_in, dtype=np.int64), np.asarray(frames_out, dtype=np.int64)
+    sizes = [len(np.asarray(x)) for x in (*a, *b)]
+    if len(fin) != len(fout) or sizes[0] != sizes[2] or sizes[1] != sizes[3] or fin.sum() != sizes[0] \
+            or fout.sum() != sizes[1]:
+        raise ConfigError(f"the two detectors must score the same samples, {int(fin.sum())} ID and "
+                          f"{int(fout.sum())} OOD by the frame counts; got {sizes[0]}/{sizes[2]} ID and "
+                          f"{sizes[1]}/{sizes[3]} OOD scores.")
+    n = len(fin)
+    draws = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=replicates)
+    w_in, w_out = np.repeat(draws, fin, axis=1), np.repeat(draws, fout, axis=1)
+    keep = (w_in.sum(1) > 0) & (w_out.sum(1) > 0)
+    if keep.sum() < 2:
+        raise ConfigError("fewer than two replicates drew both ID and OOD samples; too few frames for a SE.")
+    diff = (weighted_detection_metrics(*a, w_in[keep], w_out[keep])[metric]
+            - weighted_detection_metrics(*b, w_in[keep], w_out[keep])[metric])
+    return float(diff.std(ddof=1))
 
 
 # ----------------------------------------------------------------------------- the resampling plan

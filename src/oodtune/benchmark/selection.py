@@ -1,0 +1,139 @@
+"""Choosing a fine-tuning setting on a validation grid: the ``[selection]`` section of a benchmark config.
+
+A validation grid (``id_split = "val"``; its OOD set built from held-out data, never an OOD test set) has one
+fine-tuned row per candidate setting (learning rate, trained part, pasting mode, ...) and names the row that holds
+the paper's setting ``default``. **Rule** (:data:`RULE`): among the finished fine-tuned rows whose ID metric (mIoU,
+or accuracy) stays within ``id_tolerance`` points of the pretrained model's, the one with the highest validation
+``metric`` on ``dataset`` is the candidate; the default is kept unless the candidate's gain over it exceeds the
+standard error of that gain. The SE is a paired bootstrap over the validation frames of the two rows' stored pixel
+samples (:func:`oodtune.metrics.bootstrap.clustered_gain_se`; a classification row's images are each their own
+cluster). Each row is measured at the first of ``seeds`` on the first of its score-map variants (plain before
+blurred), so the SE covers the validation frames, not fine-tuning seeds.
+
+Writes ``OUT/selection.json`` and ``OUT/selection.md``; rows still pending are listed, and no row is chosen before
+the default has finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..metrics.bootstrap import clustered_gain_se
+from ..report import markdown_table, provenance, write_json, write_text_atomic
+from .config import BenchmarkConfig
+from .store import StoredEvaluation
+
+__all__ = ["ID_METRIC", "RULE", "Candidate", "candidate", "choose", "write_selection"]
+
+RULE = ("among the rows whose ID metric stays within the tolerance of the pretrained model's, the highest validation "
+        "metric is the candidate; the paper's default row is kept unless the candidate's gain exceeds its standard "
+        "error (paired bootstrap over the validation frames, 200 replicates)")
+#: The ID metric a row's eligibility is measured by, per task.
+ID_METRIC = {"segmentation": "miou", "classification": "accuracy"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One finished row of the grid: its validation scores (ID samples, OOD samples), their frame counts (None:
+    one sample per cluster), its validation metric and its ID metric."""
+
+    label: str
+    scores: tuple[np.ndarray, np.ndarray]
+    frames: tuple[list[int], list[int]] | None
+    value: float
+    id_value: float | None
+
+
+def candidate(label: str, ev: StoredEvaluation, score: str, dataset: str, metric: str, id_metric: str) -> Candidate:
+    """The :class:`Candidate` of a stored evaluation (``score`` on ``dataset``)."""
+    frames = ev.sample_frames.get(score, {}).get(dataset)
+    return Candidate(label, (ev.scores[score]["id"], ev.scores[score][dataset]),
+                     None if frames is None else (list(frames["in"]), list(frames["out"])),
+                     float(ev.rows[score][dataset][metric]), ev.id_metrics.get(id_metric))
+
+
+def _gain_se(best: Candidate, default: Candidate, metric: str) -> float | None:
+    """SE of ``best`` - ``default`` (points); None when their samples cannot be paired (evaluations stored before
+    frame counts were kept, or several anomaly sets pooled into one ID sample)."""
+    if best.frames is None or default.frames is None:
+        if best.frames is not None or default.frames is not None:
+            return None
+        n_id, n_out = len(best.scores[0]), len(best.scores[1])
+        frames = ([1] * n_id + [0] * n_out, [0] * n_id + [1] * n_out)  # each image its own cluster
+    else:
+        frames = best.frames
+        if frames != default.frames:
+            return None
+    try:
+        return clustered_gain_se(best.scores, default.scores, *frames, metric=metric)
+    except ConfigError:
+        return None
+
+
+def choose(rows: Mapping[str, Candidate], default: str, metric: str, *, pretrained_id: float | None = None,
+           id_tolerance: float | None = None) -> dict[str, Any]:
+    """Apply :data:`RULE` to the finished ``rows`` (label -> :class:`Candidate`): the per-row table (value, gain
+    over the default, eligibility), the candidate, its gain and SE, and the chosen label (None while the default
+    is pending)."""
+    def eligible(c: Candidate) -> bool:
+        return (id_tolerance is None or pretrained_id is None or c.id_value is None
+                or c.id_value >= pretrained_id - id_tolerance)
+
+    base = rows.get(default)
+    table = [{"row": c.label, "value": c.value, "gain": None if base is None else c.value - base.value,
+              "id_value": c.id_value, "eligible": eligible(c), "default": c.label == default} for c in rows.values()]
+    out: dict[str, Any] = {"rows": table, "candidate": None, "gain": None, "gain_se": None, "chosen": None}
+    if base is None:
+        return out
+    pool = [c for c in rows.values() if eligible(c)] or [base]
+    best = max(pool, key=lambda c: (c.value, c.label == default))
+    out["candidate"] = best.label
+    if best.label == default:
+        out["chosen"] = default
+        return out
+    se = _gain_se(best, base, metric)
+    out.update(gain=best.value - base.value, gain_se=se,
+               chosen=best.label if se is not None and best.value - base.value > se else default)
+    return out
+
+
+def write_selection(cfg: BenchmarkConfig, rows: Mapping[str, Candidate], pretrained_id: float | None,
+                    pending: list[str], command: str) -> list[Path]:
+    """``OUT/selection.json`` and ``OUT/selection.md`` for ``cfg.selection`` (module docstring)."""
+    spec = cfg.selection
+    if spec is None:
+        return []
+    result = choose(rows, spec.default, spec.metric, pretrained_id=pretrained_id, id_tolerance=spec.id_tolerance)
+    id_name = ID_METRIC[cfg.task]
+    data = {"command": command, **provenance(), "selection": spec.to_dict(), "rule": RULE,
+            "id_metric": id_name, "pretrained_id": pretrained_id, **result, "pending": pending}
+    metric = "AUROC" if spec.metric == "auroc" else "AUPR-Out"
+    lines = [f"# Selection: {cfg.name}", "", f"Command: `{command}`", "",
+             f"Validation metric: {metric} (%) on `{spec.dataset}`; ID metric: {id_name} (%) on the ID {cfg.id_split} "
+             f"split (pretrained model: {'–' if pretrained_id is None else f'{pretrained_id:.2f}'}); tolerance: "
+             f"{'none' if spec.id_tolerance is None else f'{spec.id_tolerance:g} points'}. Rule: {RULE}.", "",
+             markdown_table([{**r, "row": r["row"] + (" (default)" if r["default"] else ""),
+                              "eligible": "yes" if r["eligible"] else "no"} for r in result["rows"]],
+                            ["row", "value", "gain", "id_value", "eligible"],
+                            ["row", metric, f"gain over {spec.default}", id_name, "eligible"]), ""]
+    if result["chosen"] is None:
+        lines.append(f"**Pending**: the default row {spec.default!r} has not finished; nothing is chosen yet.")
+    elif result["candidate"] == spec.default:
+        lines.append(f"**Chosen: {spec.default}** (the default has the highest {metric} of the eligible rows).")
+    else:
+        se = result["gain_se"]
+        se_text = "no SE (the two rows' samples cannot be paired)" if se is None else f"SE {se:.2f}"
+        verdict = ("exceeds its SE" if result["chosen"] != spec.default else
+                   "does not exceed its SE: the default is kept" if se is not None else "the default is kept")
+        lines.append(f"**Chosen: {result['chosen']}**. Candidate {result['candidate']}: gain "
+                     f"{result['gain']:+.2f} points over the default, {se_text}; the gain {verdict}.")
+    if pending:
+        lines += ["", "Pending rows: " + "; ".join(pending) + "."]
+    return [write_json(cfg.out / "selection.json", data, overwrite=True),
+            write_text_atomic(cfg.out / "selection.md", "\n".join(lines) + "\n", overwrite=True)]
