@@ -238,3 +238,59 @@ def test_clustered_gain_se_refuses_unpaired_samples():
         clustered_gain_se(a, (b[0][:-1], b[1]), fin, fout)
     with pytest.raises(ConfigError, match="same samples"):
         clustered_gain_se(a, b, fin[:-1], fout)
+
+
+def _segmentation_design(seed: int, shift_a: float, shift_b: float, seeds: int = 3) -> tuple[dict, dict]:
+    """Two methods on the same frames of sets "a" and "b" (segmentation cells): per frame a number of sampled
+    inlier and anomaly pixels, a frame-level score shift, the same pixel positions in every cell."""
+    rng = np.random.default_rng(seed)
+    layout = {s: (rng.integers(3, 9, 10), rng.integers(1, 4, 10)) for s in ("a", "b")}
+    a, b = {}, {}
+    for s_ in range(seeds):
+        cell_a: dict = {"id": np.zeros(1), "inliers": {}, "frames": {}}
+        cell_b: dict = {"id": np.zeros(1), "inliers": {}, "frames": {}}
+        for name, (fin, fout) in layout.items():
+            frame = rng.normal(0, 1, 10)
+            inl = np.round(rng.normal(1, 1, fin.sum()) + np.repeat(frame, fin), 1)
+            out = np.round(rng.normal(0, 1, fout.sum()) + np.repeat(frame, fout), 1)
+            for cell, shift in ((cell_a, shift_a), (cell_b, shift_b)):
+                cell["inliers"][name], cell[name] = inl, out - shift
+                cell["frames"][name] = (fin.tolist(), fout.tolist())
+        a[(0, s_)], b[(0, s_)] = cell_a, cell_b
+    return a, b
+
+
+def test_segmentation_bootstrap_draws_frames_and_equals_a_naive_loop():
+    a, b = _segmentation_design(4, 0.8, 0.2)
+    groups = {"all": ["a", "b"]}
+    n_boot, seed = 30, 5
+    got = {(i.group, i.metric): i for i in compare_paired(a, b, groups, n_boot=n_boot, seed=seed, block=8)}
+    _, models, pairs = paired_cells(a, b)
+    frames = pairs[0][0]["frames"]
+    reps: dict = {key: [] for key in got}
+    for draws in draw_replicates(models, dict.fromkeys(("a", "b"), 10), n_boot, seed, block=8):
+        for r in range(len(draws.cells)):
+            per_cell = []
+            for x, y in pairs:
+                diffs = []
+                for s in ("a", "b"):
+                    fin, fout = frames[s]
+                    w_in = np.repeat(draws.images[s][r], fin)  # every pixel of a drawn frame, as often as drawn
+                    w_out = np.repeat(draws.images[s][r], fout)
+                    ma = detection_metrics(np.repeat(x["inliers"][s], w_in), np.repeat(x[s], w_out))
+                    mb = detection_metrics(np.repeat(y["inliers"][s], w_in), np.repeat(y[s], w_out))
+                    diffs.append({k: ma[k] - mb[k] for k in COMPARED_METRICS})
+                per_cell.append({k: np.mean([d[k] for d in diffs]) for k in COMPARED_METRICS})
+            for k in COMPARED_METRICS:
+                reps[("all", k)].append(sum(wc * d[k] for wc, d in zip(draws.cells[r], per_cell, strict=True)))
+    for key, interval in got.items():
+        assert interval.se == pytest.approx(np.std(reps[key], ddof=1), abs=1e-9), key
+        assert interval.low == pytest.approx(np.quantile(reps[key], 0.025), abs=1e-9), key
+    assert got[("all", "auroc")].verdict == "established"
+
+
+def test_segmentation_cells_must_share_their_frames():
+    a, b = _segmentation_design(4, 0.8, 0.2)
+    b[(0, 1)]["frames"]["a"] = (b[(0, 1)]["frames"]["a"][0][::-1], b[(0, 1)]["frames"]["a"][1])
+    with pytest.raises(ConfigError, match="same frames"):
+        compare_paired(a, b, {"all": ["a", "b"]}, n_boot=5)

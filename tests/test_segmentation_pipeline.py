@@ -16,6 +16,7 @@ from fixtures_segmentation import FixedSegmenter, TinySegmenter, write_espnet_we
 from helpers_cli import fails, ok
 from oodtune import pipeline
 from oodtune.benchmark import load_benchmark_config, run_benchmark
+from oodtune.benchmark.compare import write_comparisons
 from oodtune.errors import CheckpointError, ConfigError, ModelError
 from oodtune.metrics.pixel import PixelDetectionCounter
 from oodtune.models import RunMeta, load_model, read_meta, trusted_archs
@@ -167,6 +168,9 @@ smooth_normalization = "sum"
 [selection]
 default = "PEBAL"
 id_tolerance = 100
+[[comparisons]]
+better = "PEBAL"
+than = "Energy"
 """)
     cfg = load_benchmark_config(config, data_root=str(seg_root["root"]))
     assert cfg.task == "segmentation" and cfg.outliers == "coco-objects"
@@ -186,8 +190,13 @@ id_tolerance = 100
     assert stored
     for row_path in stored:
         frames = json.loads(row_path.read_text())["sample_frames"]
-        assert sum(frames["out"]) == len(np.load(row_path.with_suffix(".npy")))
+        plain = np.load(row_path.with_suffix(".npy"))
+        assert sum(frames["out"]) == len(plain)
+        assert sum(frames["in"]) == len(np.load(row_path.with_name("road-anomaly-nall-inliers.npy")))
         assert len(frames["in"]) == len(frames["out"]) > 0
+        blurred = row_path.with_name("road-anomaly-nall-blur.npy")  # the blurred maps' samples, stored apart
+        assert blurred.exists() and row_path.with_name("road-anomaly-nall-blur-inliers.npy").exists()
+        assert not np.array_equal(np.load(blurred), plain)
     assert "mIoU" in (tmp / "bench" / "results.md").read_text()
     assert (tmp / "bench" / "maps-pebal.png").exists() and (tmp / "bench" / "roc-pebal.png").exists()
     bad = tmp / "bad.toml"
@@ -198,6 +207,11 @@ id_tolerance = 100
     nopre.write_text("\n".join(ln for ln in config.read_text().splitlines() if not ln.startswith("pretrained")))
     with pytest.raises(ConfigError, match="needs pretrained"):
         load_benchmark_config(nopre)
+    write_comparisons(cfg, "test", n_boot=50)  # frames of Road Anomaly, their sampled pixels, drawn together
+    compared = json.loads((tmp / "bench" / "comparisons.json").read_text())
+    assert {r["metric"] for r in compared["rows"]} == {"auroc", "aupr_out", "fpr95", "fpr95_in"}
+    assert all(r["difference"] is not None and r["low"] <= r["high"] for r in compared["rows"])
+    assert "frames of each anomaly set" in (tmp / "bench" / "comparisons.md").read_text()
     matrix = tmp / "matrix.toml"
     matrix.write_text(config.read_text() + '\n[matrix]\nscores = ["energy", "msp"]\n')
     with pytest.raises(ConfigError, match="classification benchmarks only"):

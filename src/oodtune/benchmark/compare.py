@@ -34,6 +34,7 @@ from ..training.trainer import FINAL
 from ..utils.lock import output_lock
 from .config import BenchmarkConfig
 from .grid import Benchmark, run_benchmark
+from .store import StoredEvaluation
 from .tables import METRIC_HEADERS, write_results
 
 __all__ = ["VERDICT_RULE", "Collected", "collect", "comparison_rows", "run_nested", "sub_benchmarks",
@@ -87,16 +88,31 @@ def collect(cfg: BenchmarkConfig) -> Collected:
                                                  if pre is not None else None)
                 score = spec.method if spec.posthoc else spec.score
                 ev = None if ckpt is None else bench.evaluate(ckpt, [score], compute=False)
-                if ckpt is None or ev is None:
-                    state = "not trained" if ckpt is None else "not evaluated"
+                cell = None if ev is None else _cell(ev, score, cfg)
+                if ckpt is None or ev is None or cell is None:
+                    state = ("not trained" if ckpt is None else "not evaluated" if ev is None else
+                             "evaluated before per-frame pixel samples were stored: re-evaluate it")
                     out.pending.append(f"{spec.label} ({where}{'post-hoc' if seed is None else f'seed {seed}'}): "
                                        f"{state}")
                     continue
-                out.cells[spec.label][(model, seed)] = ev.scores[score]
+                out.cells[spec.label][(model, seed)] = cell
                 record = bench.record(ev, score, seed=seed, run=None if seed is None else ckpt)
                 record["seed"] = seed if p is None else f"p{p}" + ("" if seed is None else f"/s{seed}")
                 out.records.setdefault(spec.label, []).append(record)
     return out
+
+
+def _cell(ev: StoredEvaluation, score: str, cfg: BenchmarkConfig) -> dict[str, Any] | None:
+    """The scores a comparison resamples: per-image scores (classification); per anomaly set, the sampled inlier
+    and anomaly pixels with their per-frame counts (segmentation; None when stored without them)."""
+    if cfg.task != "segmentation":
+        return dict(ev.scores[score])
+    sets = cfg.ood_near + cfg.ood_far
+    frames, inliers = ev.sample_frames.get(score, {}), ev.inliers.get(score, {})
+    if any(s not in frames or s not in inliers for s in sets):
+        return None
+    return {**ev.scores[score], "inliers": {s: inliers[s] for s in sets},
+            "frames": {s: (frames[s]["in"], frames[s]["out"]) for s in sets}}
 
 
 def _groups(cfg: BenchmarkConfig) -> dict[str, list[str]]:
@@ -148,7 +164,10 @@ def write_comparisons(cfg: BenchmarkConfig, command: str, *, n_boot: int = 2000,
           "points (percent). **AUROC**: P(ID score > OOD score). **AUPR-Out**: average precision with OOD as the "
           "positive class. **FPR95 OOD+**: % of ID test images flagged OOD at the threshold that flags 95% of the "
           "OOD images. **FPR95 ID+**: % of OOD images accepted as ID at the threshold that accepts 95% of the ID "
-          "images." + (" **One pretrained model: the CI leaves out pretraining variation.**" if models == 1 else "")
+          "images." + (" Segmentation: the images resampled are the frames of each anomaly set, with their "
+                       "sampled inlier and anomaly pixels (the metrics of those pixel samples; ID = inlier pixels, "
+                       "OOD = anomaly pixels; plain score maps)." if cfg.task == "segmentation" else "")
+          + (" **One pretrained model: the CI leaves out pretraining variation.**" if models == 1 else "")
           + "\n\n"]
     done = [r for r in rows if r["difference"] is not None]
     if done:

@@ -483,9 +483,6 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
         comparisons=_comparisons(chk, raw["comparisons"], labels) if "comparisons" in raw else [],
         blur=BLUR_VARIANTS[blur],
     )
-    if cfg.comparisons and segmentation:
-        raise chk.fail("[[comparisons]]", "comparisons resample per-image scores; a segmentation benchmark stores a "
-                                          "pixel sample only. Remove [[comparisons]].")
     try:  # every training configuration is built once now, so a bad value fails before any work
         cfg.train_config("pretrain", None, 0)
         for spec in methods:

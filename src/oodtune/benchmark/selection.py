@@ -53,7 +53,8 @@ class Candidate:
 def candidate(label: str, ev: StoredEvaluation, score: str, dataset: str, metric: str, id_metric: str) -> Candidate:
     """The :class:`Candidate` of a stored evaluation (``score`` on ``dataset``)."""
     frames = ev.sample_frames.get(score, {}).get(dataset)
-    return Candidate(label, (ev.scores[score]["id"], ev.scores[score][dataset]),
+    inliers = ev.inliers.get(score, {}).get(dataset, ev.scores[score]["id"])  # older stores: the pooled ID sample
+    return Candidate(label, (inliers, ev.scores[score][dataset]),
                      None if frames is None else (list(frames["in"]), list(frames["out"])),
                      float(ev.rows[score][dataset][metric]), ev.id_metrics.get(id_metric))
 

@@ -22,9 +22,11 @@ Layout (``OUT/evals``)::
                                              both FPR95 conventions for classification, pixel metrics and
                                              components for segmentation)
         <score>-<options hash>/<set>.npy     raw per-sample scores (float32, higher = more ID; for segmentation
-                                             a seeded sample of pixel scores; its row's ``sample_frames``
-                                             gives the sampled pixels per frame); ``id.npy`` (``id-val.npy``)
-                                             for the ID split
+                                             a seeded sample of the set's anomaly-pixel scores, its row's
+                                             ``sample_frames`` giving the sampled pixels per frame, and
+                                             ``<set>-inliers.npy`` the sample of its inlier pixels; blurred
+                                             maps: ``<set>-blur.npy``, ``<set>-blur-inliers.npy``); ``id.npy``
+                                             (``id-val.npy``, ``id-blur.npy``) for the ID split
 
 Files are written atomically and never replaced.
 """
@@ -91,6 +93,9 @@ class StoredEvaluation:
     #: segmentation: ``sample_frames[score name][OOD set]`` = {"in": [...], "out": [...]}, the sampled inlier /
     #: anomaly pixels per frame (:mod:`oodtune.evaluation.segmentation`); absent for evaluations stored before it
     sample_frames: dict[str, dict[str, dict[str, list[int]]]] = field(default_factory=dict)
+    #: segmentation: ``inliers[score name][OOD set]``, the sample of that set's inlier-pixel scores (in frame order,
+    #: paired with ``sample_frames``' "in" counts); absent for evaluations stored before it
+    inliers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 #: Computes an evaluation of the checkpoint for (score names, OOD set names).
@@ -107,6 +112,7 @@ class EvalStore:
         # blurred score maps (segmentation) are stored beside the plain ones: <set>-blur.npy, id-blur.npy, ...
         suffix = ("" if id_split == "test" else f"-{id_split}") + ("-blur" if blur else "")
         self.id_file, self.info_file, self.row_suffix = f"{ID}{suffix}", f"checkpoint{suffix}.json", f"{suffix}.json"
+        self.set_suffix = "-blur" if blur else ""  # an OOD set's scores depend on the blur, not on the ID split
         self._sha: dict[tuple[str, int, int], str] = {}
 
     def sha256(self, checkpoint: str | Path) -> str:
@@ -123,8 +129,13 @@ class EvalStore:
 
     def row_path(self, scores_path: Path) -> Path:
         """Beside an OOD set's ``.npy`` scores: its metrics row against the ID split (``<set>.json``;
-        ``<set>-val.json`` against the validation split)."""
-        return scores_path.with_name(scores_path.stem + self.row_suffix)
+        ``<set>-val.json`` against the validation split; ``<set>-blur.json`` of blurred maps)."""
+        return scores_path.with_name(scores_path.stem.removesuffix(self.set_suffix) + self.row_suffix)
+
+    @staticmethod
+    def inliers_path(scores_path: Path) -> Path:
+        """Beside a segmentation anomaly set's ``.npy`` scores: the sample of its inlier pixels."""
+        return scores_path.with_name(scores_path.stem + "-inliers.npy")
 
     def derived(self, sha256: str, name: str, compute: Callable[[], dict[str, Any]] | None) -> dict[str, Any] | None:
         """A JSON value derived from the checkpoint ``sha256`` alone (``name`` must encode every other input, e.g.
@@ -148,7 +159,8 @@ class EvalStore:
         if len(set(names)) != len(names):
             raise ConfigError(f"each score may appear once per evaluation, got {names}")
         folder = self.folder(sha256)
-        paths = {s.name: {d: folder / score_key(s) / f"{dataset_key(d, num_ood) if d != ID else self.id_file}.npy"
+        paths = {s.name: {d: folder / score_key(s) / (f"{dataset_key(d, num_ood)}{self.set_suffix}.npy" if d != ID
+                                                     else f"{self.id_file}.npy")
                           for d in [*ood, ID]} for s in scores}
         info_path = folder / self.info_file
         missing = {s: [d for d, p in by_set.items()
@@ -172,6 +184,9 @@ class EvalStore:
                         if name in report.sample_frames and d in report.sample_frames[name]:
                             payload["sample_frames"] = report.sample_frames[name][d]
                         write_json(row_path, payload)
+                    if d != ID and d in report.sample_inliers.get(name, {}) and \
+                            not self.inliers_path(paths[name][d]).exists():
+                        _write_array(self.inliers_path(paths[name][d]), report.sample_inliers[name][d])
                     if not paths[name][d].exists():
                         _write_array(paths[name][d], report.scores[name][d])
             if not info_path.exists():
@@ -185,7 +200,9 @@ class EvalStore:
         return StoredEvaluation(
             sha256=info["sha256"], id_metrics=dict(info["id_metrics"]), rows=rows,
             scores={s: {d: _read_array(p) for d, p in by_set.items()} for s, by_set in paths.items()},
-            sample_frames={s: f for s, f in frames.items() if f})
+            sample_frames={s: f for s, f in frames.items() if f},
+            inliers={s: {d: _read_array(self.inliers_path(p)) for d, p in by_set.items()
+                         if d != ID and self.inliers_path(p).exists()} for s, by_set in paths.items()})
 
     @staticmethod
     def _write_options(folder: Path, score: Score) -> None:

@@ -124,6 +124,9 @@ class EvalReport:
     #: segmentation: score -> anomaly set -> {"in": [...], "out": [...]}, the sampled inlier / anomaly pixels each
     #: frame gave to ``scores`` (frame order; the "id" scores pool the sets' inlier samples in set order)
     sample_frames: dict[str, dict[str, dict[str, list[int]]]] = field(default_factory=dict)
+    #: segmentation: score -> anomaly set -> the sample of that set's inlier-pixel scores (``scores[...]["id"]``
+    #: pools these over the sets)
+    sample_inliers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def averages(self, groups: Mapping[str, str] | None = None) -> list[dict[str, float | str]]:
         """Mean of each metric per score over all OOD sets, and per group (e.g. near/far) when given."""

@@ -169,6 +169,8 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
             report.scores.setdefault(s.name, {})[name] = np.concatenate(sc.sample_out) if sc.sample_out \
                 else np.zeros(0, np.float32)
             report.sample_frames.setdefault(s.name, {})[name] = sc.frames
+            report.sample_inliers.setdefault(s.name, {})[name] = np.concatenate(sc.sample_in) if sc.sample_in \
+                else np.zeros(0, np.float32)
             pooled_in[s.name] += sc.sample_in
     for s in scores:
         report.scores[s.name]["id"] = np.concatenate(pooled_in[s.name]) if pooled_in[s.name] \

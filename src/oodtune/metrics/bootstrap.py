@@ -17,6 +17,11 @@ for all and its draw must move them together — drawing images anew per cell wo
 shrink the interval. ``D*`` of the replicate is the same average over the drawn models and seeds. The 95 % CI is
 the 2.5 and 97.5 percentiles of ``D*`` over ``n_boot`` replicates (percentile interval); ``se`` is their std.
 
+**Segmentation** cells carry, per anomaly set, a seeded sample of its inlier and anomaly pixel scores with the
+number each frame gave (``inliers``, ``frames``; the same frames and pixel positions in every cell): there the
+unit drawn is the frame of each set, its sampled inlier and anomaly pixels together, since pixels of one frame are
+correlated; the metrics are those of the pixel samples.
+
 Resampled images are represented by their multiplicities (how many times each image was drawn), and a metric of
 the resampled scores is computed from weighted tie-group counts of one sort of the original scores — exactly the
 value :func:`.ood.detection_metrics` gives on the resampled arrays (``tests/test_bootstrap.py`` checks it against
@@ -249,17 +254,26 @@ def compare_paired(a: MethodCells, b: MethodCells, groups: Mapping[str, Sequence
     if not pairs:
         raise ConfigError("the two methods share no (pretrained model, seed) cell; nothing to compare yet.")
     sets = list(dict.fromkeys(s for names in groups.values() for s in names))
-    sizes = {name: len(pairs[0][0][name]) for name in ["id", *sets]}
+    frames = _shared_frames(pairs, sets)
+    sizes = ({name: len(pairs[0][0][name]) for name in ["id", *sets]} if frames is None
+             else {s: len(frames[s][0]) for s in sets})
     for x, y in pairs:
-        for name, n in sizes.items():
+        for name, n in ([] if frames is not None else sizes.items()):
             if len(x[name]) != n or len(y[name]) != n:
                 raise ConfigError(f"every cell must be scored on the same images: {name} has {n} images in one cell "
                                   f"and {len(x[name])} / {len(y[name])} in another.")
-    sorted_ = [{s: (_Sorted.build(x["id"], x[s]), _Sorted.build(y["id"], y[s])) for s in sets} for x, y in pairs]
+    sorted_ = [{s: (_Sorted.build(_inliers(x, s), x[s]), _Sorted.build(_inliers(y, s), y[s])) for s in sets}
+               for x, y in pairs]
+
+    def weights(images: Mapping[str, np.ndarray], s: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ID, OOD) multiplicities of set ``s``'s samples: drawn images, or each drawn frame's pixels."""
+        if frames is None:
+            return images["id"], images[s]
+        return np.repeat(images[s], frames[s][0], axis=1), np.repeat(images[s], frames[s][1], axis=1)
 
     def differences(images: Mapping[str, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
         """(group, metric) -> (cells, B) differences A - B under the image multiplicities ``images``."""
-        per_set = [{s: _diff(*srt[s], images["id"], images[s], tpr) for s in sets} for srt in sorted_]
+        per_set = [{s: _diff(*srt[s], *weights(images, s), tpr) for s in sets} for srt in sorted_]
         return {(g, m): np.stack([np.mean([d[s][m] for s in names], axis=0) for d in per_set])
                 for g, names in groups.items() for m in metrics}
 
@@ -276,6 +290,35 @@ def compare_paired(a: MethodCells, b: MethodCells, groups: Mapping[str, Sequence
         low, high = (float(v) for v in np.quantile(values, [alpha, 1 - alpha]))
         out.append(Interval(m, g, diff, low, high, float(values.std(ddof=1)) if values.size > 1 else 0.0,
                             verdict(low, high, m), len(model_ids), len(pairs), n_boot))
+    return out
+
+
+def _inliers(cell: CellScores, s: str) -> Any:
+    """The ID side of set ``s``: a segmentation cell's own inlier pixels of that set, else the ID test images."""
+    return cell["inliers"][s] if "inliers" in cell else cell["id"]
+
+
+def _shared_frames(pairs: Sequence[tuple[CellScores, CellScores]], sets: Sequence[str]
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """Segmentation cells (``frames[set]`` = (inlier, anomaly) sampled pixels per frame, ``inliers[set]``): the
+    frame counts every cell shares, checked; None for classification cells (per-image scores)."""
+    first = pairs[0][0]
+    if "frames" not in first:
+        return None
+    out = {s: (np.asarray(first["frames"][s][0], np.int64), np.asarray(first["frames"][s][1], np.int64))
+           for s in sets}
+    for x, y in pairs:
+        for cell in (x, y):
+            if "frames" not in cell or any(
+                    not (np.array_equal(cell["frames"][s][0], out[s][0])
+                         and np.array_equal(cell["frames"][s][1], out[s][1])
+                         and len(cell["inliers"][s]) == out[s][0].sum() and len(cell[s]) == out[s][1].sum())
+                    for s in sets):
+                raise ConfigError("every cell must be scored on the same frames and sampled pixels; one cell's "
+                                  "per-frame samples differ (or it was stored before they were kept: re-evaluate "
+                                  "it).")
+        if any(out[s][1].sum() == 0 for s in sets):
+            raise ConfigError("an anomaly set has no sampled anomaly pixel; nothing to compare on it.")
     return out
 
 
