@@ -213,3 +213,21 @@ def test_metrics_against_another_id_split_are_other_files(tmp_path: Path) -> Non
     assert test.row_path(scores).name == "dtd-n1000.json" and val.row_path(scores).name == "dtd-n1000-val.json"
     assert (test.id_file, test.info_file) == ("id", "checkpoint.json")
     assert (val.id_file, val.info_file) == ("id-val", "checkpoint-val.json")
+    blurred = EvalStore(tmp_path, id_split="val", blur=True)  # blurred maps: their own OOD samples, same row names
+    assert blurred.row_path(scores.with_name("dtd-n1000-blur.npy")).name == "dtd-n1000-val-blur.json"
+    assert EvalStore.inliers_path(scores).name == "dtd-n1000-inliers.npy"
+
+
+def test_a_cache_file_another_process_wrote_first_is_kept(tmp_path: Path) -> None:
+    """Two --only processes evaluating one checkpoint at once: the second write finds the first's file (the same
+    value, content-addressed) and keeps it instead of failing."""
+    store = EvalStore(tmp_path)
+    sha = "ab" * 32
+
+    def raced() -> dict[str, Any]:
+        store.folder(sha).mkdir(parents=True)
+        (store.folder(sha) / "margins-x.json").write_text(json.dumps({"m_in": -7.0}))  # the other process
+        return {"m_in": -7.0}
+
+    assert store.derived(sha, "margins-x", raced) == {"m_in": -7.0}
+    assert store.derived(sha, "margins-x", None) == {"m_in": -7.0}

@@ -172,3 +172,8 @@ def test_a_pretrain_seed_process_leaves_the_comparisons_to_the_one_writing_them(
     assert (nested["out"] / "comparisons.json").read_text() == before
     with pytest.raises(OutputInUseError, match="in use"):
         run_nested(cfg, "test", report_only=True, n_boot=20)
+    only = load_benchmark_config(_config(env, "nested"), only=[cfg.methods[0].label])
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # an --only process: the same, its rows are stored
+        run_nested(only, "test", report_only=True, n_boot=20)
+    assert "--report-only" in caplog.text and cfg.methods[0].label in caplog.text

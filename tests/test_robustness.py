@@ -211,6 +211,38 @@ def test_a_second_writer_is_refused_and_a_dead_holder_does_not_block(held: tuple
     assert not (folder / LOCK_NAME).exists()
 
 
+SHARED_HOLDER = """
+import sys, time
+from oodtune.utils.lock import output_lock
+with output_lock(sys.argv[1], shared=True):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_shared_holders_coexist_and_keep_out_an_exclusive_writer(tmp_path: Path) -> None:
+    folder = tmp_path / "grid"
+    proc = subprocess.Popen([sys.executable, "-c", SHARED_HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with output_lock(folder, shared=True):  # a second --only process
+            pass
+        assert (folder / LOCK_NAME).exists()  # a shared holder leaves the file to the others
+        with pytest.raises(OutputInUseError, match="different --only rows may share"), output_lock(folder):
+            pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with output_lock(folder):  # every shared holder gone
+        pass
+
+
+def test_a_shared_writer_is_refused_while_an_exclusive_one_holds(held: tuple[Path, subprocess.Popen]) -> None:
+    folder, proc = held
+    with pytest.raises(OutputInUseError, match=f"in use by PID {proc.pid}"), output_lock(folder, shared=True):
+        pass
+
+
 @pytest.mark.e2e
 def test_pretrain_and_finetune_into_a_busy_folder(env: dict[str, Path], pretrained: Path,
                                                   held: tuple[Path, subprocess.Popen],

@@ -209,10 +209,11 @@ def run_nested(cfg: BenchmarkConfig, command: str, *, report_only: bool = False,
         with output_lock(cfg.out):
             paths += write_comparisons(cfg, command, n_boot=n_boot, seed=bootstrap_seed)
     except OutputInUseError as exc:
-        if not models:
+        if not models and not cfg.only:
             raise
-        # another --pretrain-seed process is writing the comparisons; this one's rows are stored already
-        log.warning("%s\nThe runs of pretrained model(s) %s are stored; the comparisons were left to the other "
-                    "process. Once every process has finished: oodtune benchmark CONFIG --report-only",
-                    exc, ", ".join(f"s{m}" for m in models))
+        # another --pretrain-seed / --only process is still at work there; this one's runs are stored already
+        done = (f"pretrained model(s) {', '.join(f's{m}' for m in models)}" if models
+                else f"row(s) {', '.join(cfg.only)}")
+        log.warning("%s\nThe runs of %s are stored; the comparisons were left to the other process. Once every "
+                    "process has finished: oodtune benchmark CONFIG --report-only", exc, done)
     return paths

@@ -347,11 +347,13 @@ def run_benchmark(cfg: BenchmarkConfig, command: str, *, report_only: bool = Fal
                   trust_arch: Sequence[str] = ()) -> list[Path]:
     """Run (or resume) the benchmark; returns the written result files.
 
-    The output folder is locked against a second writer for the whole run and the device is checked first. An
+    The output folder is locked against a second writer for the whole run — shared among processes given different
+    ``--only`` rows (``cfg.only``: each trains only its rows, whose runs the trainer locks, and the evaluations
+    they store are content-addressed), exclusive otherwise — and the device is checked first. An
     architecture given as an import path (the config's ``arch``, or that of its ``pretrained`` checkpoint) is
     built only if it is in ``trust_arch`` (the command line's ``--trust-arch``): a file never makes oodtune import
     code."""
-    with output_lock(cfg.out), trusted_archs(*trust_arch):
+    with output_lock(cfg.out, shared=bool(cfg.only)), trusted_archs(*trust_arch):
         resolve_device(cfg.device)
         if not cfg.pretrained:
             check_trusted(cfg.arch, "the benchmark config")

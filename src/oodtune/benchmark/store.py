@@ -28,7 +28,8 @@ Layout (``OUT/evals``)::
                                              maps: ``<set>-blur.npy``, ``<set>-blur-inliers.npy``); ``id.npy``
                                              (``id-val.npy``, ``id-blur.npy``) for the ID split
 
-Files are written atomically and never replaced.
+Files are written atomically and never replaced; a file that another process wrote first (two ``--only``
+processes evaluating one checkpoint at once) holds the same value and is kept.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +54,8 @@ from ..scores import Score
 from ..utils.atomic import file_sha256, write_atomic
 
 __all__ = ["EvalStore", "StoredEvaluation", "dataset_key", "score_key"]
+
+log = logging.getLogger(__name__)
 
 ID = "id"  # the key of the ID test split among the datasets of an evaluation
 
@@ -146,7 +150,7 @@ class EvalStore:
         if compute is None:
             return None
         value = compute()
-        write_json(path, value)
+        _write_json_once(path, value)
         return value
 
     def evaluation(self, sha256: str, scores: Sequence[Score], ood: Sequence[str], num_ood: int | None,
@@ -183,14 +187,14 @@ class EvalStore:
                         payload: dict[str, Any] = {k: v for k, v in row.items() if k not in ("score", "dataset")}
                         if name in report.sample_frames and d in report.sample_frames[name]:
                             payload["sample_frames"] = report.sample_frames[name][d]
-                        write_json(row_path, payload)
+                        _write_json_once(row_path, payload)
                     if d != ID and d in report.sample_inliers.get(name, {}) and \
                             not self.inliers_path(paths[name][d]).exists():
                         _write_array(self.inliers_path(paths[name][d]), report.sample_inliers[name][d])
                     if not paths[name][d].exists():
                         _write_array(paths[name][d], report.scores[name][d])
             if not info_path.exists():
-                write_json(info_path, {"sha256": sha256, "id_metrics": report.id_metrics})
+                _write_json_once(info_path, {"sha256": sha256, "id_metrics": report.id_metrics})
         info = json.loads(info_path.read_text())
         rows: dict[str, dict[str, dict[str, Any]]] = {
             s: {d: dict(json.loads(self.row_path(p).read_text())) for d, p in by_set.items() if d != ID}
@@ -208,13 +212,28 @@ class EvalStore:
     def _write_options(folder: Path, score: Score) -> None:
         path = folder / "options.json"
         if not path.exists():
-            write_json(path, {"score": score.name, "options": score_options(score)})
+            _write_json_once(path, {"score": score.name, "options": score_options(score)})
+
+
+def _kept(path: Path) -> None:
+    log.info("%s was written by another process meanwhile; kept (the same value)", path)
+
+
+def _write_json_once(path: Path, value: Any) -> None:
+    """A JSON cache file, unless another process wrote it first (module docstring)."""
+    try:
+        write_json(path, value)
+    except FileExistsError:
+        _kept(path)
 
 
 def _write_array(path: Path, values: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, np.asarray(values, dtype=np.float32), allow_pickle=False)
-    write_atomic(path, lambda fh: fh.write(buf.getvalue()), overwrite=False)
+    try:
+        write_atomic(path, lambda fh: fh.write(buf.getvalue()), overwrite=False)
+    except FileExistsError:
+        _kept(path)
 
 
 def _read_array(path: Path) -> np.ndarray:
