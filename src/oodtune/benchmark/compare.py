@@ -205,6 +205,8 @@ def run_nested(cfg: BenchmarkConfig, command: str, *, report_only: bool = False,
         if p is not None:
             log.info("── pretrained model s%d (%s) ──", p, sub.out)
         paths += run_benchmark(sub, command, report_only=report_only, trust_arch=trust_arch)
+    if not cfg.comparisons and not cfg.pretrain_seeds:
+        return paths  # nothing to pool or compare
     try:
         with output_lock(cfg.out):
             paths += write_comparisons(cfg, command, n_boot=n_boot, seed=bootstrap_seed)

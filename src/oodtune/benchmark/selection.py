@@ -28,6 +28,7 @@ from ..metrics.bootstrap import clustered_gain_se
 from ..report import markdown_table, provenance, write_json, write_text_atomic
 from .config import BenchmarkConfig
 from .store import StoredEvaluation
+from .tables import ID_METRICS
 
 __all__ = ["ID_METRIC", "RULE", "Candidate", "candidate", "choose", "write_selection"]
 
@@ -112,17 +113,20 @@ def write_selection(cfg: BenchmarkConfig, rows: Mapping[str, Candidate], pretrai
         return []
     result = choose(rows, spec.default, spec.metric, pretrained_id=pretrained_id, id_tolerance=spec.id_tolerance)
     id_name = ID_METRIC[cfg.task]
+    id_header = ID_METRICS[id_name]
+    tolerance = spec.id_tolerance
     data = {"command": command, **provenance(), "selection": spec.to_dict(), "rule": RULE,
             "id_metric": id_name, "pretrained_id": pretrained_id, **result, "pending": pending}
     metric = "AUROC" if spec.metric == "auroc" else "AUPR-Out"
     lines = [f"# Selection: {cfg.name}", "", f"Command: `{command}`", "",
-             f"Validation metric: {metric} (%) on `{spec.dataset}`; ID metric: {id_name} (%) on the ID {cfg.id_split} "
-             f"split (pretrained model: {'–' if pretrained_id is None else f'{pretrained_id:.2f}'}); tolerance: "
-             f"{'none' if spec.id_tolerance is None else f'{spec.id_tolerance:g} points'}. Rule: {RULE}.", "",
+             f"Validation metric: {metric} (%) on `{spec.dataset}`; ID metric: {id_header} (%) on the ID "
+             f"{cfg.id_split} split (pretrained model: {'–' if pretrained_id is None else f'{pretrained_id:.2f}'}); "
+             f"tolerance: {'none' if tolerance is None else f'{tolerance:g} point' + ('' if tolerance == 1 else 's')}."
+             f" Rule: {RULE}.", "",
              markdown_table([{**r, "row": r["row"] + (" (default)" if r["default"] else ""),
                               "eligible": "yes" if r["eligible"] else "no"} for r in result["rows"]],
                             ["row", "value", "gain", "id_value", "eligible"],
-                            ["row", metric, f"gain over {spec.default}", id_name, "eligible"]), ""]
+                            ["row", metric, f"gain over {spec.default}", id_header, "eligible"]), ""]
     if result["chosen"] is None:
         lines.append(f"**Pending**: the default row {spec.default!r} has not finished; nothing is chosen yet.")
     elif result["candidate"] == spec.default:
