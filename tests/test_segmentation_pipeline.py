@@ -175,7 +175,17 @@ than = "Energy"
     cfg = load_benchmark_config(config, data_root=str(seg_root["root"]))
     assert cfg.task == "segmentation" and cfg.outliers == "coco-objects"
     assert cfg.train_config("finetune", cfg.methods[2], 0).lr == 1e-5  # the segmentation recipe underneath
-    run_benchmark(cfg, "test")
+    calls: list[bool] = []
+    real = pipeline.evaluate_checkpoint
+
+    def spy(*a: Any, **k: Any) -> Any:
+        calls.append(bool(k.get("blur")))
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pipeline, "evaluate_checkpoint", spy)
+        run_benchmark(cfg, "test")
+    assert calls and not any(calls)  # the blurred rows came from the plain maps' forward passes
     results = json.loads((tmp / "bench" / "results.json").read_text())
     rows = {r["method"]: r for r in results["summary"]}
     assert set(rows) == {m + b for m in ("Energy", "MSP", "PEBAL") for b in ("", " +blur")}
@@ -216,6 +226,23 @@ than = "Energy"
     matrix.write_text(config.read_text() + '\n[matrix]\nscores = ["energy", "msp"]\n')
     with pytest.raises(ConfigError, match="classification benchmarks only"):
         load_benchmark_config(matrix)
+
+
+def test_one_pass_measures_the_plain_and_the_blurred_maps(seg_root: dict[str, Path]) -> None:
+    def evaluate(**kw: Any) -> Any:
+        return pipeline.evaluate_checkpoint(seg_root["ckpt"], scores=["energy", "msp"], ood=["road-anomaly"],
+                                            data_root=seg_root["root"], device="cpu", **kw)[0]
+
+    both, plain, blurred = evaluate(also_blurred=True), evaluate(), evaluate(blur=True)
+    assert both.blurred is not None and plain.blurred is None
+    for got, want in ((both, plain), (both.blurred, blurred)):
+        assert got.rows == want.rows and got.id_metrics == want.id_metrics
+        for score in ("energy", "msp"):
+            for key in ("road-anomaly", "id"):
+                np.testing.assert_array_equal(got.scores[score][key], want.scores[score][key])
+            np.testing.assert_array_equal(got.sample_inliers[score]["road-anomaly"],
+                                          want.sample_inliers[score]["road-anomaly"])
+    assert both.rows != both.blurred.rows
 
 
 def test_command_line_import_and_evaluate(seg_root: dict[str, Path]) -> None:

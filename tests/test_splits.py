@@ -150,9 +150,12 @@ def test_each_task_has_its_own_evaluation_options() -> None:
     assert ClassificationTask().evaluation_options(validation=spec) == ClassificationEvaluation(validation=spec)
     assert SegmentationTask().evaluation_options(blur=True) == SegmentationEvaluation(blur=True)
     assert [f.name for f in fields(ClassificationEvaluation)] == ["validation"]
-    assert [f.name for f in fields(SegmentationEvaluation)] == ["blur", "id_metrics", "exact"]
+    assert [f.name for f in fields(SegmentationEvaluation)] == ["blur", "id_metrics", "also_blurred", "exact"]
     assert not SegmentationTask().evaluation_options(id_metrics=False).id_metrics
     assert SegmentationTask().evaluation_options(exact=True).exact
+    assert SegmentationTask().evaluation_options(also_blurred=True).also_blurred
+    with pytest.raises(ConfigError, match="segmentation checkpoints only"):
+        ClassificationTask().evaluation_options(also_blurred=True)
     with pytest.raises(ConfigError, match="segmentation checkpoints only"):
         ClassificationTask().evaluation_options(blur=True)
     with pytest.raises(ConfigError, match="drop it"):

@@ -127,6 +127,8 @@ class EvalReport:
     #: segmentation: score -> anomaly set -> the sample of that set's inlier-pixel scores (``scores[...]["id"]``
     #: pools these over the sets)
     sample_inliers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    #: segmentation with ``also_blurred``: the report of the blurred score maps, from the same forward passes
+    blurred: EvalReport | None = None
 
     def averages(self, groups: Mapping[str, str] | None = None) -> list[dict[str, float | str]]:
         """Mean of each metric per score over all OOD sets, and per group (e.g. near/far) when given."""

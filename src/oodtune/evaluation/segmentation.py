@@ -120,14 +120,17 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
                           anomaly_sets: Mapping[str, SegmentationSet], scores: Sequence[Score], *,
                           device: str | None = None, batch_size: int = 8, positive: Positive | None = None,
                           blur: bool = False, components: bool = True, sample: int = 20000,
-                          seed: int = 0, id_metrics: bool = True, exact: bool = False) -> EvalReport:
+                          seed: int = 0, id_metrics: bool = True, exact: bool = False,
+                          also_blurred: bool = False) -> EvalReport:
     """mIoU / pixel accuracy on ``id_test`` plus, per score and anomaly set, AUROC / AUPR-In / AUPR-Out (= AP) /
     FPR95 over all non-void pixels (``fpr95``: anomaly pixels positive by default; ``fpr95_in``: inlier pixels
     positive — the % of anomaly pixels accepted at the threshold accepting 95 % of inliers), the AUROC and AP error
     bounds of the streaming counts, and the SegmentMeIfYouCan sIoU / PPV / mean F1 (all in %); see the module
     docstring. ``id_metrics=False`` skips the mIoU pass over ``id_test`` (the report's ``id_metrics`` are then
     empty). ``exact=True`` counts every distinct float32 score (both bounds 0, memory growing with the distinct
-    scores: :class:`~oodtune.metrics.pixel.PixelDetectionCounter`)."""
+    scores: :class:`~oodtune.metrics.pixel.PixelDetectionCounter`). ``also_blurred`` (with ``blur`` False) also
+    measures the blurred score maps from the same forward passes: the report's ``blurred`` is their report (the
+    same ID metrics and pixel-sample positions)."""
     if not anomaly_sets:
         raise DataError("no anomaly sets given; name at least one (e.g. --ood road-anomaly).")
     for name, ds in anomaly_sets.items():
@@ -137,43 +140,49 @@ def evaluate_segmentation(net: SegmentationModel, normalizer: Normalizer, id_tes
     if id_metrics:
         log.info("ID metrics: mIoU on the %d %s frames first (skip with --no-id-metrics when only the anomaly "
                  "metrics are wanted)", len(id_test), id_test.name)
-    report = EvalReport(id_metrics=segmentation_metrics(net, normalizer, id_test, device=device,
-                                                       batch_size=batch_size) if id_metrics else {},
-                        precision=resolve_precision(resolve_device(device), current_inference_precision()))
+    id_values = segmentation_metrics(net, normalizer, id_test, device=device, batch_size=batch_size) \
+        if id_metrics else {}
+    precision = resolve_precision(resolve_device(device), current_inference_precision())
+    variants = (False, True) if also_blurred and not blur else (blur,)
+    reports = {v: EvalReport(id_metrics=dict(id_values), precision=precision) for v in variants}
     pos: Positive = positive or DEFAULT_POSITIVE
-    pooled_in: dict[str, list[np.ndarray]] = {s.name: [] for s in scores}
+    pooled_in: dict[tuple[bool, str], list[np.ndarray]] = {(v, s.name): [] for v in variants for s in scores}
     for name, ds in anomaly_sets.items():
-        scorers = {s.name: _SetScorer(len(ds), sample, seed, components, exact) for s in scores}
+        scorers = {(v, s.name): _SetScorer(len(ds), sample, seed, components, exact) for v in variants for s in scores}
         for logits, labels in forward_maps(net, ds, normalizer, device=device, batch_size=batch_size):
             for s in scores:
                 smap = score_map(s, logits, net.num_classes)
-                if blur:
-                    smap = gaussian_blur(smap)
-                scorers[s.name].add(smap.cpu().numpy(), labels)
-        for s in scores:
-            sc = scorers[s.name]
-            res = sc.counter.result(positive=pos)
-            row: dict[str, float | str] = {"score": s.name, "dataset": name,
-                                           **{k: v for k, v in res.metrics.as_percent().items() if k in METRIC_KEYS},
-                                           "fpr95_in": 100 * sc.counter.result(positive="in").metrics.fpr95,
-                                           "auroc_bound": 100 * res.auroc_bound, "ap_bound": 100 * res.ap_bound,
-                                           "anomaly_pixels": 100 * res.n_anomaly / (res.n_anomaly + res.n_inlier)}
-            if sc.maps is not None:
-                h, w = ds.size[1], ds.size[0]
-                scale = h * w / SMIYC_PIXELS
-                comp = component_metrics(sc.maps, res.best_f1_threshold,
-                                         min_gt_size=max(1, round(SMIYC_MIN_GT * scale)),
-                                         min_pred_size=max(1, round(SMIYC_MIN_PRED * scale)))
-                row.update({"siou": 100 * comp.siou, "ppv": 100 * comp.ppv, "mean_f1": 100 * comp.mean_f1})
-            report.rows.append(row)
-            report.scores.setdefault(s.name, {})[name] = np.concatenate(sc.sample_out) if sc.sample_out \
-                else np.zeros(0, np.float32)
-            report.sample_frames.setdefault(s.name, {})[name] = sc.frames
-            report.sample_inliers.setdefault(s.name, {})[name] = np.concatenate(sc.sample_in) if sc.sample_in \
-                else np.zeros(0, np.float32)
-            pooled_in[s.name] += sc.sample_in
-    for s in scores:
-        report.scores[s.name]["id"] = np.concatenate(pooled_in[s.name]) if pooled_in[s.name] \
-            else np.zeros(0, np.float32)
+                for v in variants:
+                    scorers[(v, s.name)].add((gaussian_blur(smap) if v else smap).cpu().numpy(), labels)
+        for (v, score), sc in scorers.items():
+            _add_set(reports[v], sc, score, name, ds, pos)
+            pooled_in[(v, score)] += sc.sample_in
+    for (v, score), pooled in pooled_in.items():
+        reports[v].scores[score]["id"] = np.concatenate(pooled) if pooled else np.zeros(0, np.float32)
+    report = reports[variants[0]]
+    if len(variants) == 2:
+        report.blurred = reports[True]
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _add_set(report: EvalReport, sc: _SetScorer, score: str, name: str, ds: SegmentationSet, pos: Positive) -> None:
+    """The metrics row, pixel samples and per-frame sample counts of one (score, anomaly set) into ``report``."""
+    res = sc.counter.result(positive=pos)
+    row: dict[str, float | str] = {"score": score, "dataset": name,
+                                   **{k: v for k, v in res.metrics.as_percent().items() if k in METRIC_KEYS},
+                                   "fpr95_in": 100 * sc.counter.result(positive="in").metrics.fpr95,
+                                   "auroc_bound": 100 * res.auroc_bound, "ap_bound": 100 * res.ap_bound,
+                                   "anomaly_pixels": 100 * res.n_anomaly / (res.n_anomaly + res.n_inlier)}
+    if sc.maps is not None:
+        h, w = ds.size[1], ds.size[0]
+        scale = h * w / SMIYC_PIXELS
+        comp = component_metrics(sc.maps, res.best_f1_threshold, min_gt_size=max(1, round(SMIYC_MIN_GT * scale)),
+                                 min_pred_size=max(1, round(SMIYC_MIN_PRED * scale)))
+        row.update({"siou": 100 * comp.siou, "ppv": 100 * comp.ppv, "mean_f1": 100 * comp.mean_f1})
+    report.rows.append(row)
+    report.scores.setdefault(score, {})[name] = np.concatenate(sc.sample_out) if sc.sample_out \
+        else np.zeros(0, np.float32)
+    report.sample_frames.setdefault(score, {})[name] = sc.frames
+    report.sample_inliers.setdefault(score, {})[name] = np.concatenate(sc.sample_in) if sc.sample_in \
+        else np.zeros(0, np.float32)

@@ -214,7 +214,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: S
                         device: str | None = None, num_ood: int | None = None, batch_size: int = 1024,
                         positive: Positive | None = None, id_split: str = "test", blur: bool = False,
                         id_data: str | None = None, validation: ValidationSpec | None = None,
-                        id_metrics: bool = True, exact: bool = False) -> tuple[EvalReport, RunMeta]:
+                        id_metrics: bool = True, exact: bool = False, also_blurred: bool = False
+                        ) -> tuple[EvalReport, RunMeta]:
     """Evaluate a checkpoint with the named scores on the named OOD sets; returns (report, meta). The ID-task
     metrics come from the ID ``id_split`` split (``val`` when choosing hyper-parameters without the test split);
     ``blur`` Gaussian-blurs segmentation score maps (kernel 7, σ 1) as PEBAL's test code can.
@@ -222,11 +223,12 @@ def evaluate_checkpoint(checkpoint: str | Path, *, scores: Sequence[str], ood: S
     Scores keep their papers' hyperparameters, unless ``validation`` names a validation pair (never-trained-on
     ID images + held-out auxiliary outliers) to choose them on (:mod:`oodtune.scores.selection`; the choices are in
     ``report.selections``; classification only). ``id_metrics=False`` skips segmentation's mIoU pass; ``exact``
-    counts segmentation pixels by their full float32 score (exact AUROC / AP / FPR95, more memory)."""
+    counts segmentation pixels by their full float32 score (exact AUROC / AP / FPR95, more memory);
+    ``also_blurred`` measures the blurred segmentation maps too, from the same forward passes (``report.blurred``)."""
     source = as_source(data_root)
     net, meta, task = load_task_model(checkpoint, id_data=id_data, source=source)
     options = task.evaluation_options(blur=blur, validation=validation, id_metrics=id_metrics,  # before any pass
-                                      exact=exact)
+                                      exact=exact, also_blurred=also_blurred)
     report = task.evaluate(net, meta, scores, ood, source=source, device=device, num_ood=num_ood,
                            batch_size=batch_size, positive=positive, options=options, id_split=id_split)
     return report, meta

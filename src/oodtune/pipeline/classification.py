@@ -389,8 +389,9 @@ class ClassificationTask(Task[FeatureModel, ClassificationEvaluation]):
 
     def evaluation_options(self, *, blur: bool = False,
                            validation: ValidationSpec | None = None,
-                           id_metrics: bool = True, exact: bool = False) -> ClassificationEvaluation:
-        if blur:
+                           id_metrics: bool = True, exact: bool = False,
+                           also_blurred: bool = False) -> ClassificationEvaluation:
+        if blur or also_blurred:
             raise ConfigError("blur smooths per-pixel score maps; it applies to segmentation checkpoints only.")
         if not id_metrics:
             raise ConfigError("--no-id-metrics skips segmentation's mIoU pass; a classifier's accuracy comes with "

@@ -126,6 +126,7 @@ class SegmentationEvaluation:
 
     blur: bool = False
     id_metrics: bool = True  # False: no mIoU pass over the ID test frames
+    also_blurred: bool = False  # True (blur False): the blurred maps' report too, from the same forward passes
     exact: bool = False  # True: full float32 keys in the pixel counts (PixelDetectionCounter(exact=True))
 
 
@@ -185,12 +186,13 @@ class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
 
     def evaluation_options(self, *, blur: bool = False,
                            validation: ValidationSpec | None = None,
-                           id_metrics: bool = True, exact: bool = False) -> SegmentationEvaluation:
+                           id_metrics: bool = True, exact: bool = False,
+                           also_blurred: bool = False) -> SegmentationEvaluation:
         if validation is not None:
             raise ConfigError("choosing score hyperparameters on a validation pair (--select-on) is implemented for "
                               "classification checkpoints only; segmentation scores keep their papers' values. "
                               "Evaluate without it (drop --select-on).")
-        return SegmentationEvaluation(blur=blur, id_metrics=id_metrics, exact=exact)
+        return SegmentationEvaluation(blur=blur, id_metrics=id_metrics, exact=exact, also_blurred=also_blurred)
 
     def evaluate(self, net: SegmentationModel, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
                  source: DataSource, device: str | None, num_ood: int | None, batch_size: int,
@@ -201,7 +203,8 @@ class SegmentationTask(Task[SegmentationModel, SegmentationEvaluation]):
         sets = {name: source.segmentation(name, "test", height=height, num_images=num_ood) for name in ood}
         return evaluate_segmentation(net, normalizer_for(meta), _id_set(meta, source, id_split), sets,
                                      built, device=device, batch_size=min(batch_size, 8), positive=positive,
-                                     blur=options.blur, id_metrics=options.id_metrics, exact=options.exact)
+                                     blur=options.blur, id_metrics=options.id_metrics, exact=options.exact,
+                                     also_blurred=options.also_blurred)
 
 
 register_task(SegmentationTask())

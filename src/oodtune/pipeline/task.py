@@ -103,11 +103,12 @@ class Task(ABC, Generic[Net, Options]):
 
     @abstractmethod
     def evaluation_options(self, *, blur: bool = False, validation: ValidationSpec | None = None,
-                           id_metrics: bool = True, exact: bool = False) -> Options:
+                           id_metrics: bool = True, exact: bool = False, also_blurred: bool = False) -> Options:
         """This task's evaluation options from the keywords of :func:`oodtune.pipeline.evaluate_checkpoint` (and the
         command line's flags); an option of another task is refused with a ConfigError naming the task it is for.
         ``id_metrics=False`` skips ID-task metrics that cost a pass of their own (segmentation's mIoU); ``exact``
-        makes streamed metrics exact (segmentation's pixel counts)."""
+        makes streamed metrics exact (segmentation's pixel counts); ``also_blurred`` adds the blurred maps'
+        report (segmentation)."""
 
     @abstractmethod
     def evaluate(self, net: Net, meta: RunMeta, scores: Sequence[str], ood: Sequence[str], *,
