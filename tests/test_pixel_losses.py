@@ -12,7 +12,7 @@ import torch
 from scipy import ndimage
 
 from oodtune.errors import ConfigError
-from oodtune.functional import gaussian_blur
+from oodtune.functional import channel_argmax, gaussian_blur
 from oodtune.losses.pixel import (
     OUTLIER_LABEL,
     EnergySmoothness,
@@ -160,3 +160,13 @@ def test_bad_methods_and_options_are_refused() -> None:
         build_pixel_loss("balanced-pebal", num_classes=K, ignore_index=VOID)
     with pytest.raises(ConfigError, match="does not use it"):
         build_pixel_loss("energy-oe", num_classes=K, ignore_index=VOID, prior_gamma=[1, 1, 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_argmax_is_argmax_with_its_first_index_on_ties(dtype: torch.dtype) -> None:
+    x = torch.randint(-2, 3, (3, 12, 9, 7)).to(dtype)  # integer logits: most pixels have tied maxima
+    got = channel_argmax(x)
+    assert torch.equal(got, x.argmax(1))
+    first = torch.stack([torch.tensor([int(torch.nonzero(x[n, :, i, j] == x[n, :, i, j].max())[0])
+                                       for j in range(7)]) for n in range(3) for i in range(9)]).view(3, 9, 7)
+    assert torch.equal(got, first)

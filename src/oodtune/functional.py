@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-__all__ = ["energy", "gaussian_blur"]
+__all__ = ["channel_argmax", "energy", "gaussian_blur"]
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -38,3 +38,10 @@ def gaussian_blur(x: Tensor, kernel_size: int = 7, sigma: float = 1.0) -> Tensor
     # a few memory-bound passes, forward and backward
     y = torch.stack([k[i] * y[:, :, i : i + w] for i in range(kernel_size)]).sum(0)
     return torch.stack([k[i] * y[:, i : i + h, :] for i in range(kernel_size)]).sum(0)
+
+
+def channel_argmax(x: Tensor) -> Tensor:
+    """The index of the largest channel of an (N, C, ...) map, over dim 1: ``x.max(1).indices``, which is the first
+    maximal index as ``x.argmax(1)`` is, and several times faster on a CPU, where ``argmax`` reduces a dimension
+    that is not the innermost one slowly (per-pixel predictions of (N, C, H, W) logits)."""
+    return x.max(1).indices

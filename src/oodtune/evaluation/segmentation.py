@@ -25,7 +25,7 @@ import torch
 from ..data.segmentation import ANOMALY, VOID, SegmentationSet
 from ..data.tensors import Normalizer
 from ..errors import DataError, DivergenceError
-from ..functional import gaussian_blur
+from ..functional import channel_argmax, gaussian_blur
 from ..metrics.ood import DEFAULT_POSITIVE, Positive
 from ..metrics.pixel import ConfusionCounter, PixelDetectionCounter, component_metrics
 from ..models import SegmentationModel
@@ -83,8 +83,8 @@ def segmentation_metrics(net: SegmentationModel, normalizer: Normalizer, data: S
     every = ConfusionCounter(net.num_classes, net.num_outputs, data.ignore_index)
     classes = ConfusionCounter(net.num_classes, net.num_classes, data.ignore_index)
     for logits, labels in forward_maps(net, data, normalizer, device=device, batch_size=batch_size):
-        every.update(logits.argmax(1).cpu().numpy(), labels)
-        classes.update(logits[:, : net.num_classes].argmax(1).cpu().numpy(), labels)
+        every.update(channel_argmax(logits).cpu().numpy(), labels)
+        classes.update(channel_argmax(logits[:, : net.num_classes]).cpu().numpy(), labels)
     return {"miou": 100 * every.miou(), "pixel_accuracy": 100 * every.pixel_accuracy(),
             "miou_classes": 100 * classes.miou(), "pixel_accuracy_classes": 100 * classes.pixel_accuracy()}
 

@@ -109,7 +109,8 @@ class Gambler(LossTerm):
             mask = labelled & group.view(-1, 1, 1)
             part = log_in[mask].mean() if mask.any() else x.new_zeros(())
             if group is has_out and bool(has_out.any()):
-                out_log = (prob[:, :k] + boost.unsqueeze(1)).clamp_min(1e-7).log().permute(0, 2, 3, 1)[outlier]
+                # only the outlier pixels' rows (the log of every pixel's K channels would be thrown away)
+                out_log = (prob[:, :k].permute(0, 2, 3, 1)[outlier] + boost[outlier].unsqueeze(1)).clamp_min(1e-7).log()
                 part = part + self.ood_reg * out_log.mean()
             total = total - part
         return total

@@ -32,7 +32,7 @@ from ..data.segmentation import Size
 from ..errors import CheckpointError, ConfigError, ModelError
 from ..evaluation.classification import EvalReport
 from ..evaluation.segmentation import evaluate_segmentation, forward_maps, segmentation_metrics
-from ..functional import energy
+from ..functional import channel_argmax, energy
 from ..losses.pixel import OUTLIER_LABEL, build_pixel_loss, needs_abstention
 from ..losses.terms import CompositeLoss
 from ..metrics.ood import Positive
@@ -103,7 +103,7 @@ def _pasted_train_pass(net: SegmentationModel, meta: RunMeta, outliers: str, sou
         for logits, lab in forward_maps(net, pasted, normalizer_for(meta), device=device):
             lab_t = torch.from_numpy(lab).to(logits.device)
             outlier = lab_t == OUTLIER_LABEL
-            pred = logits[:, : meta.num_classes].argmax(1)[outlier]
+            pred = channel_argmax(logits[:, : meta.num_classes])[outlier]
             counts += torch.bincount(pred.cpu(), minlength=meta.num_classes)
             e = energy(logits[:, : meta.num_classes]).cpu()
             e_out.append(e[outlier.cpu()])

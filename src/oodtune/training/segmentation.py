@@ -44,6 +44,7 @@ from ..data.mixing import REFERENCE_SHARE, paste_native, reference_augment, refe
 from ..data.objects import ObjectBank, paste_objects
 from ..data.segmentation import SegmentationSet
 from ..errors import ConfigError, DataError
+from ..functional import channel_argmax
 from ..losses.pixel import OUTLIER_LABEL
 from ..losses.terms import LossInputs
 from ..models import SegmentationModel
@@ -195,7 +196,7 @@ class SegmentationTrainer(Trainer):
             logits_out=pixels[outlier] if self.use_outliers else None,
             logits_map=logits, labels_map=y_in,
         ))
-        accuracy = (logits.argmax(1) == y_in)[labelled].float().mean()
+        accuracy = (channel_argmax(logits) == y_in)[labelled].float().mean()
         return StepOutputs(total, parts, accuracy * x_in.shape[0])
 
     def _optimizer(self) -> torch.optim.Optimizer:
