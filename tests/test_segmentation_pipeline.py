@@ -208,6 +208,7 @@ than = "Energy"
         assert blurred.exists() and row_path.with_name("road-anomaly-nall-blur-inliers.npy").exists()
         assert not np.array_equal(np.load(blurred), plain)
     assert "mIoU" in (tmp / "bench" / "results.md").read_text()
+    assert "the % of inlier pixels flagged" in (tmp / "bench" / "results.md").read_text()  # pixel conventions
     assert (tmp / "bench" / "maps-pebal.png").exists() and (tmp / "bench" / "roc-pebal.png").exists()
     bad = tmp / "bad.toml"
     bad.write_text(config.read_text().replace('method = "msp"', 'method = "knn"'))

@@ -22,7 +22,8 @@ from ..report import flat_rows, markdown_table, provenance, write_json, write_te
 from ..utils.atomic import write_csv
 from .config import BenchmarkConfig
 
-__all__ = ["CONVENTIONS", "ID_METRICS", "SET_METRICS", "mean_std", "per_seed", "summarize", "write_results"]
+__all__ = ["CONVENTIONS", "ID_METRICS", "PIXEL_CONVENTIONS", "SET_METRICS", "conventions", "mean_std", "per_seed",
+           "summarize", "write_results"]
 
 #: ID-task metrics a record may carry -> column header.
 ID_METRICS = {"accuracy": "ID acc", "miou": "mIoU (argmax all outputs)", "miou_classes": "mIoU (argmax classes)",
@@ -39,6 +40,22 @@ CONVENTIONS = (
     "AUPR-In / AUPR-Out take ID / OOD as the positive class (the papers' single \"AUPR\" is AUPR-Out). Both FPR95s "
     "take the first operating point reaching 95% TPR (`oodtune.metrics`)."
 )
+
+
+#: The same conventions for pixel-wise (segmentation) rows, whose samples are pixels of the anomaly sets' frames.
+PIXEL_CONVENTIONS = (
+    "Metrics in %, over the non-void pixels of each anomaly set's frames (ID = inlier pixels, OOD = anomaly "
+    "pixels). **FPR95 OOD+**: anomaly pixels are the positive class, as in the PEBAL and Balanced Energy code — "
+    "the % of inlier pixels flagged at the threshold that flags 95% of the anomaly pixels. **FPR95 ID+**: inlier "
+    "pixels positive — the % of anomaly pixels accepted at the threshold that accepts 95% of the inlier pixels. "
+    "AUROC is the same under both; AUPR-Out (the papers' AP) takes the anomaly pixels as positive, AUPR-In the "
+    "inlier pixels. Both FPR95s take the first operating point reaching 95% TPR (`oodtune.metrics`)."
+)
+
+
+def conventions(cfg: BenchmarkConfig) -> str:
+    """The metric conventions a table of ``cfg`` states in its header."""
+    return PIXEL_CONVENTIONS if cfg.task == "segmentation" else CONVENTIONS
 
 
 def mean_std(values: list[float | None]) -> tuple[float, float] | float | None:
@@ -111,7 +128,7 @@ def write_results(cfg: BenchmarkConfig, results: dict[str, list[dict[str, Any]]]
     summary, per_set = summarize(results, cfg.groups)
     seeds = per_seed(results, cfg.groups)
     data: dict[str, Any] = {"name": cfg.name, "command": command, **provenance(), "seeds": cfg.seeds, "arch": cfg.arch,
-                            "id_dataset": cfg.id_dataset, "conventions": CONVENTIONS, "summary": summary,
+                            "id_dataset": cfg.id_dataset, "conventions": conventions(cfg), "summary": summary,
                             "per_set": per_set, "per_seed": seeds}
     if missing:
         data["missing"] = missing
@@ -120,10 +137,11 @@ def write_results(cfg: BenchmarkConfig, results: dict[str, list[dict[str, Any]]]
     md = [f"# {cfg.name}\n\n", f"Command: `{command}`\n\n",
           f"ID: {cfg.id_dataset}, {cfg.arch}; seeds {cfg.seeds}. Fine-tuned rows: mean ± sample std over `runs` "
           "seeds (each seed on its own under \"Per seed\"); post-hoc rows score the single pretrained model. "
-          f"{CONVENTIONS} `fine-tune s` is training wall time, torch.compile warm-up included where used; "
+          f"{conventions(cfg)} `fine-tune s` is training wall time, torch.compile warm-up included where used; "
           "\"–\" for post-hoc rows, which train nothing."
           + ("" if cfg.id_split == "test" else f" ID metrics on the {cfg.id_split} split.")
-          + f" oodtune {data['oodtune_version']}; n = images per OOD set.\n"]
+          + f" oodtune {data['oodtune_version']}; n = "
+          + ("frames" if cfg.task == "segmentation" else "images") + " per OOD set.\n"]
     id_cols = [k for k in ID_METRICS if summary and k in summary[0]]
     id_headers = [ID_METRICS[k] for k in id_cols]
     for bucket in ("all", "near", "far"):
