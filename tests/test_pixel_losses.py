@@ -4,6 +4,7 @@ documented terms and refuse what does not apply."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -170,3 +171,28 @@ def test_channel_argmax_is_argmax_with_its_first_index_on_ties(dtype: torch.dtyp
     first = torch.stack([torch.tensor([int(torch.nonzero(x[n, :, i, j] == x[n, :, i, j].max())[0])
                                        for j in range(7)]) for n in range(3) for i in range(9)]).view(3, 9, 7)
     assert torch.equal(got, first)
+
+
+@pytest.mark.parametrize("method", ["energy-oe", "balanced-energy", "pebal", "balanced-pebal"])
+def test_energies_the_trainer_computes_once_give_the_same_loss_and_gradients(method: str) -> None:
+    """The segmentation trainer hands the terms the energy map (and its values at the labelled pixels) computed once;
+    every method's loss and gradient equal those computed from the logits by each term on its own."""
+    logits, labels = _batch(3)
+    loss = build_pixel_loss(method, num_classes=K, ignore_index=VOID, m_in=-2.0, m_out=1.0,
+                            prior_gamma=[0.5, 0.3, 0.2] if "balanced" in method else None)
+    results = []
+    for shared in (False, True):
+        x = logits.clone().requires_grad_()
+        inp = _inputs(x, labels)
+        if shared:
+            e = -torch.logsumexp(x[:, :K], dim=1)
+            inp = dataclasses.replace(inp, energy_map=e, energy_in=e[~(labels == OUTLIER_LABEL) & (labels != VOID)])
+        total, _ = loss(inp)
+        total.backward()
+        results.append((total.detach(), x.grad))
+    assert results[1][0].item() == pytest.approx(results[0][0].item(), rel=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-10, atol=1e-12)
+    inp = _inputs(logits, labels)  # the terms read the energies handed to them: shifted ones change the loss
+    e = -torch.logsumexp(logits[:, :K], dim=1) + 1.0
+    shifted = dataclasses.replace(inp, energy_map=e, energy_in=e[~(labels == OUTLIER_LABEL) & (labels != VOID)])
+    assert loss(shifted)[0].item() != pytest.approx(results[0][0].item(), rel=1e-6)

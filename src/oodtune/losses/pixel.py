@@ -66,6 +66,15 @@ def _maps(inp: LossInputs, term: str) -> tuple[Tensor, Tensor]:
     return require_input(inp.logits_map, term, "logits_map"), require_input(inp.labels_map, term, "labels_map")
 
 
+def _energy_map(inp: LossInputs, num_classes: int) -> Tensor:
+    """E = -logsumexp over the K class channels of ``inp.logits_map`` (B, H, W), float32: the trainer's
+    ``inp.energy_map`` when it computed it once for every term, else computed here."""
+    if inp.energy_map is not None:
+        return inp.energy_map
+    logits = require_input(inp.logits_map, "energy map", "logits_map")
+    return -torch.logsumexp(as_float(logits[:, :num_classes]), dim=1)
+
+
 class Gambler(LossTerm):
     """PEBAL's abstention (Deep Gambler) loss with the reward from the energy map (Tian et al., ECCV 2022):
 
@@ -96,7 +105,7 @@ class Gambler(LossTerm):
                               "method (energy-oe, balanced-energy).")
         x = as_float(logits)
         prob = torch.softmax(x, dim=1)
-        reward = gaussian_blur(torch.logsumexp(x[:, :k], dim=1).square())
+        reward = gaussian_blur(_energy_map(inp, k).square())  # logsumexp² = E²
         boost = prob[:, -1] / reward  # (B, H, W)
         outlier = labels == OUTLIER_LABEL
         labelled = ~outlier if self.ignore_index is None else ~outlier & (labels != self.ignore_index)
@@ -163,8 +172,8 @@ class EnergySmoothness(LossTerm):
         self.num_classes, self.weight, self.normalization = int(num_classes), float(weight), normalization
 
     def forward(self, inp: LossInputs) -> Tensor:
-        logits, _ = _maps(inp, self.name)
-        e = -torch.logsumexp(as_float(logits[:, : self.num_classes]), dim=1)
+        _maps(inp, self.name)
+        e = _energy_map(inp, self.num_classes)
         dy = (e[:, 1:, :] - e[:, :-1, :]).square().sum()
         dx = (e[:, :, 1:] - e[:, :, :-1]).square().sum()
         scale = REFERENCE_BATCH_PIXELS / e.numel() if self.normalization == "reference" else 1.0

@@ -54,6 +54,10 @@ class LossInputs:
     # segmentation (oodtune.losses.pixel): the rows above are pixels; the maps keep the spatial layout
     logits_map: Tensor | None = None  # (B, C, H, W) every output channel (C = K + void/abstention channels)
     labels_map: Tensor | None = None  # (B, H, W) int64: class, the ignore value, or the outlier label
+    # segmentation: the energy map E = -logsumexp over the K class channels of logits_map, float32 (B, H, W), and
+    # its values at the rows of logits_in, computed once by the trainer for every term that needs them
+    energy_map: Tensor | None = None
+    energy_in: Tensor | None = None  # (B_in,)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -78,9 +82,11 @@ def uniform_cross_entropy(logits: Tensor) -> Tensor:
     return torch.logsumexp(x, dim=1) - x.mean(dim=1)
 
 
-def energy_in_hinge(logits_in: Tensor, m_in: float) -> Tensor:
-    """L_in = mean over ID samples of max(0, E(x_in) - m_in)² (Liu et al. 2020, Eq. 10)."""
-    return squared_hinge(energy(logits_in) - m_in).mean()
+def energy_in_hinge(inp: LossInputs, m_in: float) -> Tensor:
+    """L_in = mean over ID samples of max(0, E(x_in) - m_in)² (Liu et al. 2020, Eq. 10); E from ``inp.energy_in``
+    when the trainer computed it, else from ``inp.logits_in``."""
+    e = inp.energy_in if inp.energy_in is not None else energy(inp.logits_in)
+    return squared_hinge(e - m_in).mean()
 
 
 def outlier_affinity(logits: Tensor, prior: Tensor) -> Tensor:
@@ -178,7 +184,7 @@ class EnergyHinge(LossTerm):
     def forward(self, inp: LossInputs) -> Tensor:
         logits_out = require_input(inp.logits_out, self.name, "logits_out")
         out_hinge = mean_or_zero(squared_hinge(self.m_out - energy(logits_out)))
-        return self.weight * (energy_in_hinge(inp.logits_in, self.m_in) + out_hinge)
+        return self.weight * (energy_in_hinge(inp, self.m_in) + out_hinge)
 
 
 Reduction = Literal["normalized", "mean"]
@@ -277,7 +283,7 @@ class BalancedEnergy(LossTerm):
 
     def forward(self, inp: LossInputs) -> Tensor:
         logits_out = require_input(inp.logits_out, self.name, "logits_out")
-        return self.weight * (energy_in_hinge(inp.logits_in, self.m_in) + self.outlier_term(logits_out))
+        return self.weight * (energy_in_hinge(inp, self.m_in) + self.outlier_term(logits_out))
 
 
 class Sparsity(LossTerm):

@@ -46,7 +46,7 @@ from ..data.segmentation import SegmentationSet
 from ..errors import ConfigError, DataError
 from ..functional import channel_argmax
 from ..losses.pixel import OUTLIER_LABEL
-from ..losses.terms import LossInputs
+from ..losses.terms import CrossEntropy, LossInputs
 from ..models import SegmentationModel
 from ..utils.runtime import autocast
 from .sampling import OutlierSampler
@@ -191,10 +191,13 @@ class SegmentationTrainer(Trainer):
         pixels = logits[:, :k].permute(0, 2, 3, 1)
         outlier = y_in == OUTLIER_LABEL
         labelled = ~outlier if self.ignore_index is None else ~outlier & (y_in != self.ignore_index)
+        # the energy map once, for every term that needs it (all but plain cross-entropy)
+        energy_map = (-torch.logsumexp(logits[:, :k].float(), dim=1)
+                      if any(not isinstance(t, CrossEntropy) for t in self.loss.terms) else None)
         total, parts = self.loss(LossInputs(
             logits_in=pixels[labelled], labels_in=y_in[labelled],
-            logits_out=pixels[outlier] if self.use_outliers else None,
-            logits_map=logits, labels_map=y_in,
+            logits_out=pixels[outlier] if self.use_outliers else None, logits_map=logits, labels_map=y_in,
+            energy_map=energy_map, energy_in=None if energy_map is None else energy_map[labelled],
         ))
         accuracy = (channel_argmax(logits) == y_in)[labelled].float().mean()
         return StepOutputs(total, parts, accuracy * x_in.shape[0])
