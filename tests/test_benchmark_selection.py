@@ -54,6 +54,15 @@ def test_rows_that_lose_the_id_metric_are_not_eligible() -> None:
     assert choose(rows, "default", "auroc", pretrained_id=60.0, id_tolerance=5.0)["chosen"] == "better"
 
 
+def test_a_default_that_loses_the_id_metric_gives_way_to_the_best_eligible_row() -> None:
+    rows = {r.label: r for r in (_row("default", 0.2, id_value=58.0), _row("head", 0.0), _row("worse", -0.5))}
+    out = choose(rows, "default", "auroc", pretrained_id=60.0, id_tolerance=1.0)
+    assert out["default_eligible"] is False and out["gain"] < 0
+    assert out["candidate"] == "head" and out["chosen"] == "head"
+    nothing = {r.label: r for r in (_row("default", 0.2, id_value=58.0), _row("head", 0.0, id_value=50.0))}
+    assert choose(nothing, "default", "auroc", pretrained_id=60.0, id_tolerance=1.0)["chosen"] == "default"
+
+
 def test_nothing_is_chosen_before_the_default_has_finished() -> None:
     out = choose({"better": _row("better", 1.5)}, "default", "auroc")
     assert out["chosen"] is None and out["rows"][0]["gain"] is None

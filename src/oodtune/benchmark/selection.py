@@ -5,10 +5,12 @@ fine-tuned row per candidate setting (learning rate, trained part, pasting mode,
 the paper's setting ``default``. **Rule** (:data:`RULE`): among the finished fine-tuned rows whose ID metric (mIoU,
 or accuracy) stays within ``id_tolerance`` points of the pretrained model's, the one with the highest validation
 ``metric`` on ``dataset`` is the candidate; the default is kept unless the candidate's gain over it exceeds the
-standard error of that gain. The SE is a paired bootstrap over the validation frames of the two rows' stored pixel
-samples (:func:`oodtune.metrics.bootstrap.clustered_gain_se`; a classification row's images are each their own
-cluster). Each row is measured at the first of ``seeds`` on the first of its score-map variants (plain before
-blurred), so the SE covers the validation frames, not fine-tuning seeds.
+standard error of that gain, or the default itself falls outside the tolerance (then the candidate replaces it;
+when no row is inside it, the default is kept and the table says so). The SE is a paired bootstrap over the
+validation frames of the two rows' stored pixel samples (:func:`oodtune.metrics.bootstrap.clustered_gain_se`; a
+classification row's images are each their own cluster). Each row is measured at the first of ``seeds`` on the
+first of its score-map variants (plain before blurred), so the SE covers the validation frames, not fine-tuning
+seeds.
 
 Writes ``OUT/selection.json`` and ``OUT/selection.md``; rows still pending are listed, and no row is chosen before
 the default has finished.
@@ -34,7 +36,8 @@ __all__ = ["ID_METRIC", "RULE", "Candidate", "candidate", "choose", "write_selec
 
 RULE = ("among the rows whose ID metric stays within the tolerance of the pretrained model's, the highest validation "
         "metric is the candidate; the paper's default row is kept unless the candidate's gain exceeds its standard "
-        "error (paired bootstrap over the validation frames, 200 replicates)")
+        "error (paired bootstrap over the validation frames, 200 replicates) or the default itself falls outside the "
+        "tolerance (then the candidate replaces it; with no row inside it, the default is kept)")
 #: The ID metric a row's eligibility is measured by, per task.
 ID_METRIC = {"segmentation": "miou", "classification": "accuracy"}
 
@@ -90,18 +93,24 @@ def choose(rows: Mapping[str, Candidate], default: str, metric: str, *, pretrain
     base = rows.get(default)
     table = [{"row": c.label, "value": c.value, "gain": None if base is None else c.value - base.value,
               "id_value": c.id_value, "eligible": eligible(c), "default": c.label == default} for c in rows.values()]
-    out: dict[str, Any] = {"rows": table, "candidate": None, "gain": None, "gain_se": None, "chosen": None}
+    out: dict[str, Any] = {"rows": table, "candidate": None, "gain": None, "gain_se": None, "chosen": None,
+                           "default_eligible": None}
     if base is None:
         return out
-    pool = [c for c in rows.values() if eligible(c)] or [base]
+    pool = [c for c in rows.values() if eligible(c)]
+    out["default_eligible"] = eligible(base)
+    if not pool:  # nothing keeps the ID metric: the default stays, and the table says why
+        out.update(candidate=default, chosen=default)
+        return out
     best = max(pool, key=lambda c: (c.value, c.label == default))
     out["candidate"] = best.label
     if best.label == default:
         out["chosen"] = default
         return out
     se = _gain_se(best, base, metric)
-    out.update(gain=best.value - base.value, gain_se=se,
-               chosen=best.label if se is not None and best.value - base.value > se else default)
+    gain = best.value - base.value
+    beats = se is not None and gain > se
+    out.update(gain=gain, gain_se=se, chosen=best.label if beats or not eligible(base) else default)
     return out
 
 
@@ -129,15 +138,23 @@ def write_selection(cfg: BenchmarkConfig, rows: Mapping[str, Candidate], pretrai
                             ["row", metric, f"gain over {spec.default}", id_header, "eligible"]), ""]
     if result["chosen"] is None:
         lines.append(f"**Pending**: the default row {spec.default!r} has not finished; nothing is chosen yet.")
+    elif not any(r["eligible"] for r in result["rows"]):
+        lines.append(f"**Chosen: {spec.default}**: no finished row keeps {id_header} within the tolerance; the "
+                     "default is kept.")
     elif result["candidate"] == spec.default:
         lines.append(f"**Chosen: {spec.default}** (the default has the highest {metric} of the eligible rows).")
     else:
         se = result["gain_se"]
         se_text = "no SE (the two rows' samples cannot be paired)" if se is None else f"SE {se:.2f}"
-        verdict = ("exceeds its SE" if result["chosen"] != spec.default else
-                   "does not exceed its SE: the default is kept" if se is not None else "the default is kept")
-        lines.append(f"**Chosen: {result['chosen']}**. Candidate {result['candidate']}: gain "
-                     f"{result['gain']:+.2f} points over the default, {se_text}; the gain {verdict}.")
+        if not result["default_eligible"]:
+            verdict = (f"the default loses more than the tolerance in {id_header}, so the best eligible row "
+                       "replaces it")
+        elif result["chosen"] != spec.default:
+            verdict = "the gain exceeds its SE"
+        else:
+            verdict = "the gain does not exceed its SE: the default is kept"
+        lines.append(f"**Chosen: {result['chosen']}**. Candidate {result['candidate']}: "
+                     f"{result['gain']:+.2f} points over the default, {se_text}; {verdict}.")
     if pending:
         lines += ["", "Pending rows: " + "; ".join(pending) + "."]
     return [write_json(cfg.out / "selection.json", data, overwrite=True),
