@@ -62,11 +62,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def config(env: dict[str, Path], out: Path, *, far: str = '["gaussian"]', num_ood: int = 8, epochs: int = 1,
-           lr: float = 0.001, extra: str = "") -> Any:
+           lr: float = 0.001, extra: str = "", only: list[str] | None = None) -> Any:
     path = out.parent / f"{out.name}-{abs(hash((far, num_ood, epochs, lr, extra)))}.toml"
     path.write_text(TOML.format(root=env["root"], out=out, far=far, num_ood=num_ood,
                                 training=TINY_TRAINING_TOML.format(pretrain_epochs=epochs, finetune_lr=lr)) + extra)
-    return load_benchmark_config(path)
+    return load_benchmark_config(path, only=only)
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +231,30 @@ def test_a_cache_file_another_process_wrote_first_is_kept(tmp_path: Path) -> Non
 
     assert store.derived(sha, "margins-x", raced) == {"m_in": -7.0}
     assert store.derived(sha, "margins-x", None) == {"m_in": -7.0}
+
+
+def test_only_and_report_only_processes_share_the_folder_and_see_runs_finished_meanwhile(env, finished, calls,
+                                                                                        monkeypatch):
+    """An --only process trains its rows before it tabulates, so a run another process finished meanwhile is in its
+    table; --only and --report-only take the folder's lock shared (a run of every row, exclusively)."""
+    out = copy_of(finished, env["tmp"], "shared")
+    shutil.rmtree(out / "runs" / "oe-s0")  # the OE row is "still running" in another process
+    taken: list[bool] = []
+    real_lock = grid.output_lock
+
+    def lock(folder: Any, *, shared: bool = False) -> Any:
+        taken.append(shared)
+        return real_lock(folder, shared=shared)
+
+    def meanwhile(*_a: Any, **_k: Any) -> None:  # training EnergyOE here, the other process finishes OE
+        shutil.copytree(finished / "runs" / "oe-s0", out / "runs" / "oe-s0")
+        shutil.copytree(finished / "runs" / "energyoe-s0", out / "runs" / "energyoe-s0")
+
+    shutil.rmtree(out / "runs" / "energyoe-s0")
+    monkeypatch.setattr(grid, "output_lock", lock)
+    monkeypatch.setattr(pipe, "finetune", meanwhile)
+    run_benchmark(config(env, out, only=["energyoe"]), command="test")
+    assert "missing" not in results(out)  # OE, finished during this process's training, is tabulated
+    run_benchmark(config(env, out), command="test", report_only=True)
+    run_benchmark(config(env, out), command="test")
+    assert taken == [True, True, False]

@@ -221,6 +221,11 @@ class Benchmark:
         self.check_finished(pre, compute=not report_only)
         if not report_only:
             pre = self.pretrain()
+        if not report_only:  # this process's rows train first, so the tables below see what others finished meanwhile
+            for spec in cfg.methods:
+                if cfg.selected(spec) and not spec.posthoc:
+                    for seed in cfg.seeds:
+                        self._finetuned(pre, spec, seed, train=True)
         results: dict[str, list[dict[str, Any]]] = {}
         missing: list[str] = []
         candidates: dict[str, Candidate] = {}  # [selection]: each fine-tuned row's first seed, first map variant
@@ -358,11 +363,12 @@ def run_benchmark(cfg: BenchmarkConfig, command: str, *, report_only: bool = Fal
 
     The output folder is locked against a second writer for the whole run — shared among processes given different
     ``--only`` rows (``cfg.only``: each trains only its rows, whose runs the trainer locks, and the evaluations
-    they store are content-addressed), exclusive otherwise — and the device is checked first. An
+    they store are content-addressed) and ``report_only`` ones (which write only the tables), exclusive otherwise —
+    and the device is checked first. An
     architecture given as an import path (the config's ``arch``, or that of its ``pretrained`` checkpoint) is
     built only if it is in ``trust_arch`` (the command line's ``--trust-arch``): a file never makes oodtune import
     code."""
-    with output_lock(cfg.out, shared=bool(cfg.only)), trusted_archs(*trust_arch):
+    with output_lock(cfg.out, shared=bool(cfg.only) or report_only), trusted_archs(*trust_arch):
         resolve_device(cfg.device)
         if not cfg.pretrained:
             check_trusted(cfg.arch, "the benchmark config")
