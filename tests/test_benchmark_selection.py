@@ -3,6 +3,7 @@ over frames, and the [selection] section of the config."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,17 @@ def test_the_selection_section_is_read_and_checked(tmp_path: Path) -> None:
     assert "name the held-out one" in error(tmp_path, GOOD + '\n[selection]\ndefault = "Balanced EnergyOE"\n')
     with pytest.raises(ConfigError, match="unknown key"):
         load_benchmark_config(write(tmp_path, SELECTION + '\n[selection]\ndefault = "EnergyOE"\nmetrc = "auroc"\n'))
+
+
+def test_selection_md_says_why_the_default_gave_way(tmp_path: Path) -> None:
+    from oodtune.benchmark.selection import write_selection
+
+    cfg = load_benchmark_config(write(tmp_path, SELECTION.replace('out = "runs/t"', f'out = "{tmp_path / "o"}"')
+                                      + '\n[selection]\ndefault = "EnergyOE"\nid_tolerance = 1\n'))
+    rows = {"EnergyOE": _row("EnergyOE", 0.0, id_value=58.0), "Balanced EnergyOE": _row("Balanced EnergyOE", 1.5)}
+    write_selection(cfg, rows, 60.0, ["MSP (post-hoc)"], "oodtune benchmark t.toml")
+    text = (tmp_path / "o" / "selection.md").read_text()
+    assert "**Chosen: Balanced EnergyOE**" in text and "the gain exceeds its SE" in text
+    assert "the default loses more than the tolerance in ID acc" in text and "Pending rows: MSP (post-hoc)." in text
+    data = json.loads((tmp_path / "o" / "selection.json").read_text())
+    assert data["chosen"] == "Balanced EnergyOE" and data["default_eligible"] is False

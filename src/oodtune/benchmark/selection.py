@@ -146,13 +146,12 @@ def write_selection(cfg: BenchmarkConfig, rows: Mapping[str, Candidate], pretrai
     else:
         se = result["gain_se"]
         se_text = "no SE (the two rows' samples cannot be paired)" if se is None else f"SE {se:.2f}"
+        beats = se is not None and result["gain"] > se
+        verdict = "the gain exceeds its SE" if beats else "the gain does not exceed its SE"
         if not result["default_eligible"]:
-            verdict = (f"the default loses more than the tolerance in {id_header}, so the best eligible row "
-                       "replaces it")
-        elif result["chosen"] != spec.default:
-            verdict = "the gain exceeds its SE"
-        else:
-            verdict = "the gain does not exceed its SE: the default is kept"
+            verdict += f"; the default loses more than the tolerance in {id_header}, so the candidate replaces it"
+        elif not beats:
+            verdict += ": the default is kept"
         lines.append(f"**Chosen: {result['chosen']}**. Candidate {result['candidate']}: "
                      f"{result['gain']:+.2f} points over the default, {se_text}; {verdict}.")
     if pending:
