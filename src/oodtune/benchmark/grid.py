@@ -221,7 +221,7 @@ class Benchmark:
         self.check_finished(pre, compute=not report_only)
         if not report_only:
             pre = self.pretrain()
-        if not report_only:  # this process's rows train first, so the tables below see what others finished meanwhile
+            # this process's rows train first, so the tables below see the runs other processes finished meanwhile
             for spec in cfg.methods:
                 if cfg.selected(spec) and not spec.posthoc:
                     for seed in cfg.seeds:

@@ -255,13 +255,7 @@ def compare_paired(a: MethodCells, b: MethodCells, groups: Mapping[str, Sequence
         raise ConfigError("the two methods share no (pretrained model, seed) cell; nothing to compare yet.")
     sets = list(dict.fromkeys(s for names in groups.values() for s in names))
     frames = _shared_frames(pairs, sets)
-    sizes = ({name: len(pairs[0][0][name]) for name in ["id", *sets]} if frames is None
-             else {s: len(frames[s][0]) for s in sets})
-    for x, y in pairs:
-        for name, n in ([] if frames is not None else sizes.items()):
-            if len(x[name]) != n or len(y[name]) != n:
-                raise ConfigError(f"every cell must be scored on the same images: {name} has {n} images in one cell "
-                                  f"and {len(x[name])} / {len(y[name])} in another.")
+    sizes = _shared_sizes(pairs, sets) if frames is None else {s: len(frames[s][0]) for s in sets}
     sorted_ = [{s: (_Sorted.build(_inliers(x, s), x[s]), _Sorted.build(_inliers(y, s), y[s])) for s in sets}
                for x, y in pairs]
 
@@ -298,6 +292,18 @@ def _inliers(cell: CellScores, s: str) -> Any:
     return cell["inliers"][s] if "inliers" in cell else cell["id"]
 
 
+def _shared_sizes(pairs: Sequence[tuple[CellScores, CellScores]], sets: Sequence[str]) -> dict[str, int]:
+    """Classification cells: the number of images of the ID test set and of each OOD set, the same in every cell
+    (checked)."""
+    sizes = {name: len(pairs[0][0][name]) for name in ["id", *sets]}
+    for x, y in pairs:
+        for name, n in sizes.items():
+            if len(x[name]) != n or len(y[name]) != n:
+                raise ConfigError(f"every cell must be scored on the same images: {name} has {n} images in one cell "
+                                  f"and {len(x[name])} / {len(y[name])} in another.")
+    return sizes
+
+
 def _shared_frames(pairs: Sequence[tuple[CellScores, CellScores]], sets: Sequence[str]
                    ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     """Segmentation cells (``frames[set]`` = (inlier, anomaly) sampled pixels per frame, ``inliers[set]``): the
@@ -317,8 +323,8 @@ def _shared_frames(pairs: Sequence[tuple[CellScores, CellScores]], sets: Sequenc
                 raise ConfigError("every cell must be scored on the same frames and sampled pixels; one cell's "
                                   "per-frame samples differ (or it was stored before they were kept: re-evaluate "
                                   "it).")
-        if any(out[s][1].sum() == 0 for s in sets):
-            raise ConfigError("an anomaly set has no sampled anomaly pixel; nothing to compare on it.")
+    if any(out[s][1].sum() == 0 for s in sets):
+        raise ConfigError("an anomaly set has no sampled anomaly pixel; nothing to compare on it.")
     return out
 
 
