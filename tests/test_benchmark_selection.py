@@ -74,7 +74,7 @@ def test_unpaired_samples_give_no_se_and_keep_the_default() -> None:
     out = choose(rows, "default", "auroc")
     assert out["gain_se"] is None and out["chosen"] == "default"
     images = {"default": _row("default", 0.0, frames=False), "better": _row("better", 1.5, frames=False)}
-    assert choose(images, "default", "auroc")["chosen"] == "better"  # each image its own cluster
+    assert choose(images, "default", "auroc")["chosen"] == "better"  # SE over images
 
 
 SELECTION = GOOD.replace('''ood_near = ["tin-near"]

@@ -107,12 +107,11 @@ def _cell(ev: StoredEvaluation, score: str, cfg: BenchmarkConfig) -> dict[str, A
     and anomaly pixels with their per-frame counts (segmentation; None when stored without them)."""
     if cfg.task != "segmentation":
         return dict(ev.scores[score])
-    sets = cfg.ood_near + cfg.ood_far
-    frames, inliers = ev.sample_frames.get(score, {}), ev.inliers.get(score, {})
-    if any(s not in frames or s not in inliers for s in sets):
+    samples = {s: ev.pixel_samples(score, s) for s in cfg.ood_near + cfg.ood_far}
+    if any(v is None for v in samples.values()):
         return None
-    return {**ev.scores[score], "inliers": {s: inliers[s] for s in sets},
-            "frames": {s: (frames[s]["in"], frames[s]["out"]) for s in sets}}
+    return {**ev.scores[score], "inliers": {s: v[0] for s, v in samples.items() if v is not None},
+            "frames": {s: v[2] for s, v in samples.items() if v is not None}}
 
 
 def _groups(cfg: BenchmarkConfig) -> dict[str, list[str]]:

@@ -8,9 +8,9 @@ or accuracy) stays within ``id_tolerance`` points of the pretrained model's, the
 standard error of that gain, or the default itself falls outside the tolerance (then the candidate replaces it;
 when no row is inside it, the default is kept and the table says so). The SE is a paired bootstrap over the
 validation frames of the two rows' stored pixel samples (:func:`oodtune.metrics.bootstrap.clustered_gain_se`; a
-classification row's images are each their own cluster). Each row is measured at the first of ``seeds`` on the
-first of its score-map variants (plain before blurred), so the SE covers the validation frames, not fine-tuning
-seeds.
+classification row's ID and OOD images are resampled within each set, as the score selection does). Each row is
+measured at the first of ``seeds`` on the first of its score-map variants (plain before blurred), so the SE covers
+the validation frames, not fine-tuning seeds.
 
 Writes ``OUT/selection.json`` and ``OUT/selection.md``; rows still pending are listed, and no row is chosen before
 the default has finished.
@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..metrics.bootstrap import clustered_gain_se
 from ..report import markdown_table, provenance, write_json, write_text_atomic
+from ..scores.selection import gain_standard_error
 from .config import BenchmarkConfig
 from .store import StoredEvaluation
 from .tables import ID_METRICS
@@ -55,28 +56,24 @@ class Candidate:
 
 
 def candidate(label: str, ev: StoredEvaluation, score: str, dataset: str, metric: str, id_metric: str) -> Candidate:
-    """The :class:`Candidate` of a stored evaluation (``score`` on ``dataset``)."""
-    frames = ev.sample_frames.get(score, {}).get(dataset)
-    inliers = ev.inliers.get(score, {}).get(dataset, ev.scores[score]["id"])  # older stores: the pooled ID sample
-    return Candidate(label, (inliers, ev.scores[score][dataset]),
-                     None if frames is None else (list(frames["in"]), list(frames["out"])),
-                     float(ev.rows[score][dataset][metric]), ev.id_metrics.get(id_metric))
+    """The :class:`Candidate` of a stored evaluation (``score`` on ``dataset``): a segmentation row's pixel samples
+    with their frames, else the per-image scores."""
+    px = ev.pixel_samples(score, dataset)
+    scores = (ev.scores[score]["id"], ev.scores[score][dataset]) if px is None else px[:2]
+    return Candidate(label, scores, None if px is None else px[2], float(ev.rows[score][dataset][metric]),
+                     ev.id_metrics.get(id_metric))
 
 
 def _gain_se(best: Candidate, default: Candidate, metric: str) -> float | None:
-    """SE of ``best`` - ``default`` (points); None when their samples cannot be paired (evaluations stored before
-    frame counts were kept, or several anomaly sets pooled into one ID sample)."""
-    if best.frames is None or default.frames is None:
-        if best.frames is not None or default.frames is not None:
-            return None
-        n_id, n_out = len(best.scores[0]), len(best.scores[1])
-        frames = ([1] * n_id + [0] * n_out, [0] * n_id + [1] * n_out)  # each image its own cluster
-    else:
-        frames = best.frames
-        if frames != default.frames:
-            return None
+    """SE of ``best`` - ``default`` (points): over frames for pixel samples, over images (the score selection's
+    :func:`~oodtune.scores.selection.gain_standard_error`) for per-image scores; None when the two cannot be paired
+    (one stored without its frames, other frames, or other samples)."""
     try:
-        return clustered_gain_se(best.scores, default.scores, *frames, metric=metric)
+        if best.frames is None and default.frames is None:
+            return gain_standard_error(best.scores, default.scores, metric=metric)
+        if best.frames is None or best.frames != default.frames:
+            return None
+        return clustered_gain_se(best.scores, default.scores, *best.frames, metric=metric)
     except ConfigError:
         return None
 

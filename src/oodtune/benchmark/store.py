@@ -101,6 +101,15 @@ class StoredEvaluation:
     #: paired with ``sample_frames``' "in" counts); absent for evaluations stored before it
     inliers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
+    def pixel_samples(self, score: str, dataset: str
+                      ) -> tuple[np.ndarray, np.ndarray, tuple[list[int], list[int]]] | None:
+        """Segmentation: (the inlier-pixel sample, the anomaly-pixel sample, (inlier, anomaly) sampled pixels per
+        frame) of ``score`` on the anomaly set ``dataset``; None when the evaluation was stored without them."""
+        frames, inliers = self.sample_frames.get(score, {}).get(dataset), self.inliers.get(score, {}).get(dataset)
+        if frames is None or inliers is None:
+            return None
+        return inliers, self.scores[score][dataset], (list(frames["in"]), list(frames["out"]))
+
 
 #: Computes an evaluation of the checkpoint for (score names, OOD set names).
 Compute = Callable[[list[str], list[str]], EvalReport]

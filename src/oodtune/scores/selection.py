@@ -69,15 +69,15 @@ class Selection:
 
 
 def gain_standard_error(best: tuple[np.ndarray, np.ndarray], default: tuple[np.ndarray, np.ndarray], *,
-                        replicates: int = SE_REPLICATES, seed: int = 0) -> float:
-    """Standard error (points) of AUROC(best) - AUROC(default) on the same validation images: a paired bootstrap,
-    ID and outlier images resampled within each set, the same draw for both settings."""
+                        replicates: int = SE_REPLICATES, seed: int = 0, metric: str = "auroc") -> float:
+    """Standard error (points) of ``metric``(best) - ``metric``(default) (AUROC by default) on the same validation
+    images: a paired bootstrap, ID and outlier images resampled within each set, the same draw for both settings."""
     rng = np.random.default_rng(seed)
     n_id, n_out = len(best[0]), len(best[1])
     w_id = rng.multinomial(n_id, np.full(n_id, 1.0 / n_id), size=replicates)
     w_out = rng.multinomial(n_out, np.full(n_out, 1.0 / n_out), size=replicates)
-    diff = (weighted_detection_metrics(*best, w_id, w_out)["auroc"]
-            - weighted_detection_metrics(*default, w_id, w_out)["auroc"])
+    diff = (weighted_detection_metrics(*best, w_id, w_out)[metric]
+            - weighted_detection_metrics(*default, w_id, w_out)[metric])
     return float(diff.std(ddof=1))
 
 
