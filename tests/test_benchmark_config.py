@@ -164,6 +164,8 @@ def test_cli_reports_config_errors_before_any_work(tmp_path):
     fails("benchmark", path, "--only", "msp", match="unknown key 'epoch'", code=1)
     write(tmp_path, GOOD.replace('name = "t"', 'name = "t'))
     fails("benchmark", path, "--only", "msp", match="is not valid TOML", code=1)
+    write(tmp_path, GOOD.replace('out = "runs/t"', f'out = "{out}"'))
+    fails("benchmark", path, "--seed", "9", match="--seed 9: not in [benchmark].seeds [0, 1]", code=1)
     assert not out.exists()
 
 

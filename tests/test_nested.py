@@ -177,3 +177,8 @@ def test_a_pretrain_seed_process_leaves_the_comparisons_to_the_one_writing_them(
     with caplog.at_level("WARNING"):  # an --only process: the same, its rows are stored
         run_nested(only, "test", report_only=True, n_boot=20)
     assert "--report-only" in caplog.text and cfg.methods[0].label in caplog.text
+    caplog.clear()
+    seed = load_benchmark_config(_config(env, "nested"), only_seeds=[cfg.seeds[-1]])
+    with caplog.at_level("WARNING"):  # a --seed process: the same
+        run_nested(seed, "test", report_only=True, n_boot=20)
+    assert "--report-only" in caplog.text and f"seed(s) {cfg.seeds[-1]}" in caplog.text

@@ -27,6 +27,7 @@ from oodtune.metrics import LT_KEYS, long_tail_accuracy
 from oodtune.models import read_meta
 from oodtune.scores import SCORE_NAMES
 from oodtune.training.config import FINETUNE, TrainConfig
+from oodtune.utils.lock import output_lock
 
 pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
 
@@ -389,3 +390,31 @@ def test_benchmark_only_runs_named_rows_and_tabulates_the_rest(env, bench, monke
     assert [r["method"] for r in res["summary"]] == ["MSP", "EnergyOE (tune)", "Balanced EnergyOE"]
     assert res["missing"] == ["OE seed 0", "OE seed 1"]
     assert not list((bench["out"] / "runs").glob("oe-*"))
+
+
+def test_benchmark_seed_runs_only_its_seeds_beside_another_process(env, pretrained, monkeypatch):
+    """--seed: a process fine-tunes only its seeds (the others are listed as missing), shares the output folder
+    with a process running another seed, and leaves post-hoc rows to the process that runs the first seed."""
+    out = env["tmp"] / "bench-seed"
+    path = _write_config(env, "bench-seed", out, pretrained=pretrained,
+                         methods='[[methods]]\nlabel = "MSP"\nmethod = "msp"\n' + EXTRA_METHOD)
+    cfg_ = load_benchmark_config(path, only_seeds=[1])
+    msp, oe = cfg_.methods
+    assert cfg_.partial and cfg_.selected(oe) and cfg_.selected(oe, 1) and not cfg_.selected(oe, 0)
+    assert not cfg_.selected(msp) and load_benchmark_config(path, only_seeds=[0, 1]).selected(msp)
+    with pytest.raises(ValueError, match=r"--seed 5: not in \[benchmark\].seeds \[0, 1\]"):
+        load_benchmark_config(path, only_seeds=[1, 5])
+    trained: list[int] = []
+    real = pipe.finetune
+
+    def finetune(*a: Any, config: Any, **k: Any) -> Any:
+        trained.append(config.seed)
+        return real(*a, config=config, **k)
+
+    monkeypatch.setattr(pipe, "finetune", finetune)
+    with output_lock(out, shared=True):  # another --only / --seed process at work in the same folder
+        run_benchmark(cfg_, command="test")
+    res = json.loads((out / "results.json").read_text())
+    assert trained == [1] and (out / "runs" / "oe-s1" / "model.pt").exists()
+    assert not (out / "runs" / "oe-s0").exists()
+    assert res["missing"] == ["OE seed 0"] and [r["method"] for r in res["summary"]] == ["MSP", "OE"]

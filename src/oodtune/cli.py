@@ -1022,6 +1022,10 @@ def examples() -> None:
 @click.option("--only", multiple=True, metavar="METHOD",
               help="Run only this row of the config (label or slug, e.g. 'energyoe'); repeatable. The other "
                    "rows are tabulated from their finished runs.")
+@click.option("--seed", "seed", multiple=True, type=int, metavar="SEED",
+              help="Fine-tune only this seed of [benchmark].seeds (of the --only rows, else of every row); "
+                   "repeatable. Processes with different seeds share one grid; post-hoc rows run with the first "
+                   "seed.")
 @click.option("--report-only", is_flag=True,
               help="Train nothing: tabulate the runs already finished (and the comparisons' CIs) and list the "
                    "missing ones.")
@@ -1032,7 +1036,8 @@ def examples() -> None:
               help="Nested seeds: run only the pretrained model of this [benchmark].pretrain_seeds entry (and its "
                    "rows); repeatable. Several processes with different seeds can share one benchmark.")
 def benchmark(config: str, data_root: str | None, device: str | None, out: str | None, only: tuple[str, ...],
-              report_only: bool, n_boot: int, bootstrap_seed: int, pretrain_seed: tuple[int, ...]) -> None:
+              seed: tuple[int, ...], report_only: bool, n_boot: int, bootstrap_seed: int,
+              pretrain_seed: tuple[int, ...]) -> None:
     """Run a grid (methods x seeds x OOD sets) from one pretrained checkpoint — or from one per
     [benchmark].pretrain_seeds (nested seeds) —; resumes if interrupted.
 
@@ -1042,7 +1047,8 @@ def benchmark(config: str, data_root: str | None, device: str | None, out: str |
     """
     from .benchmark import find_config, load_benchmark_config, run_nested
 
-    cfg = load_benchmark_config(find_config(config), data_root=data_root, device=device, out=out, only=list(only))
+    cfg = load_benchmark_config(find_config(config), data_root=data_root, device=device, out=out, only=list(only),
+                                only_seeds=list(seed))
     paths = run_nested(cfg, command=_command_line(), report_only=report_only, n_boot=n_boot,
                        bootstrap_seed=bootstrap_seed, models=pretrain_seed)
     console.print("wrote " + ", ".join(str(p) for p in paths))

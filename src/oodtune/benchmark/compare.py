@@ -210,11 +210,12 @@ def run_nested(cfg: BenchmarkConfig, command: str, *, report_only: bool = False,
         with output_lock(cfg.out):
             paths += write_comparisons(cfg, command, n_boot=n_boot, seed=bootstrap_seed)
     except OutputInUseError as exc:
-        if not models and not cfg.only:
+        if not models and not cfg.partial:
             raise
-        # another --pretrain-seed / --only process is still at work there; this one's runs are stored already
-        done = (f"pretrained model(s) {', '.join(f's{m}' for m in models)}" if models
-                else f"row(s) {', '.join(cfg.only)}")
+        # another --pretrain-seed / --only / --seed process is still at work there; this one's runs are stored already
+        parts = {"pretrained model(s)": [f"s{m}" for m in models], "row(s)": cfg.only,
+                 "seed(s)": [str(s) for s in cfg.only_seeds]}
+        done = ", ".join(f"{what} {', '.join(names)}" for what, names in parts.items() if names)
         log.warning("%s\nThe runs of %s are stored; the comparisons were left to the other process. Once every "
                     "process has finished: oodtune benchmark CONFIG --report-only", exc, done)
     return paths

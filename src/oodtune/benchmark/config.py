@@ -183,6 +183,7 @@ class BenchmarkConfig:
     pretrained: str | None = None
     protocol: str | None = None
     only: list[str] = field(default_factory=list)  # labels/slugs of the rows to run; empty = all
+    only_seeds: list[int] = field(default_factory=list)  # fine-tuning seeds to run; empty = all of ``seeds``
     task: str = "classification"
     id_split: str = "test"
     matrix: MatrixSpec | None = None
@@ -191,9 +192,22 @@ class BenchmarkConfig:
     comparisons: list[Comparison] = field(default_factory=list)
     blur: tuple[bool, ...] = (False,)  # segmentation: score maps as measured and/or blurred (BLUR_VARIANTS)
 
-    def selected(self, spec: MethodSpec) -> bool:
-        """Whether this invocation may train/evaluate ``spec`` (the others are only tabulated)."""
-        return not self.only or spec.label in self.only or spec.slug in self.only
+    def selected(self, spec: MethodSpec, seed: int | None = None) -> bool:
+        """Whether this invocation may train/evaluate ``spec`` (the others are only tabulated) — with ``seed``, that
+        seed of it. A post-hoc row has no seed: it belongs to the process that runs ``seeds[0]``."""
+        if self.only and spec.label not in self.only and spec.slug not in self.only:
+            return False
+        if not self.only_seeds:
+            return True
+        if spec.posthoc:
+            return self.seeds[0] in self.only_seeds
+        return seed is None or seed in self.only_seeds
+
+    @property
+    def partial(self) -> bool:
+        """Whether this invocation runs only part of the grid (``--only`` / ``--seed``), so that processes running
+        other parts may share the output folder."""
+        return bool(self.only or self.only_seeds)
 
     @property
     def groups(self) -> dict[str, str]:
@@ -397,12 +411,15 @@ def _pretrain_seeds(chk: _Checker, b: dict[str, Any], pre: dict[str, Any]) -> li
 
 
 def load_benchmark_config(path: str | Path, *, data_root: str | None = None, device: str | None = None,
-                          out: str | None = None, only: list[str] | None = None) -> BenchmarkConfig:
+                          out: str | None = None, only: list[str] | None = None,
+                          only_seeds: list[int] | None = None) -> BenchmarkConfig:
     """Read and validate a benchmark TOML (module docstring); command-line overrides win over the file.
 
     ``only``: run just these rows, named by label or slug (e.g. to spend a short GPU run on the rows a
     previous one did not finish); the other rows are tabulated from their finished runs, as with
-    ``report_only``. An unknown name is an error that lists the valid ones.
+    ``report_only``. An unknown name is an error that lists the valid ones. ``only_seeds``: run just these
+    fine-tuning seeds (of ``[benchmark].seeds``) of those rows, so that processes running different seeds share
+    one grid; post-hoc rows run with the first seed.
     """
     path = Path(path)
     chk = _Checker(path)
@@ -459,6 +476,9 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
     seeds = b.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise chk.fail("[benchmark].seeds", f"expected a non-empty list of integers, got {seeds!r}")
+    unknown_seeds = sorted(set(only_seeds or []) - set(seeds))
+    if unknown_seeds:
+        raise ConfigError(f"--seed {', '.join(map(str, unknown_seeds))}: not in [benchmark].seeds {seeds} of {path}")
     blur = b.get("blur", "off")
     if blur not in BLUR_VARIANTS or (blur != "off" and not segmentation):
         raise chk.fail("[benchmark].blur", f"{blur!r}: one of {', '.join(BLUR_VARIANTS)}, for segmentation "
@@ -476,6 +496,7 @@ def load_benchmark_config(path: str | Path, *, data_root: str | None = None, dev
         arch=b.get("arch", f"checkpoint {b.get('pretrained')}" if segmentation else "wrn-40-2"),
         outliers=outliers, ood_near=ood_near, ood_far=ood_far, num_ood=b.get("num_ood"), methods=methods,
         pretrained=b.get("pretrained"), protocol=b.get("protocol"), only=list(only or []),
+        only_seeds=list(only_seeds or []),
         task="segmentation" if segmentation else "classification", id_split=b.get("id_split", "test"),
         matrix=_matrix_spec(chk, raw["matrix"], known, protocol, ood_near + ood_far) if "matrix" in raw else None,
         selection=_selection_spec(chk, raw["selection"], methods, ood_near + ood_far) if "selection" in raw else None,

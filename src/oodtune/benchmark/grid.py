@@ -225,7 +225,7 @@ class Benchmark:
             for spec in cfg.methods:
                 if cfg.selected(spec) and not spec.posthoc:
                     for seed in cfg.seeds:
-                        self._finetuned(pre, spec, seed, train=True)
+                        self._finetuned(pre, spec, seed, train=cfg.selected(spec, seed))
         results: dict[str, list[dict[str, Any]]] = {}
         missing: list[str] = []
         candidates: dict[str, Candidate] = {}  # [selection]: each fine-tuned row's first seed, first map variant
@@ -249,9 +249,10 @@ class Benchmark:
                     continue
                 runs, first = [], None
                 for seed in cfg.seeds:
-                    run = self._finetuned(pre, spec, seed, train=not tabulate_only)
-                    ev = None if run is None else self.evaluate(run, [spec.score, "energy"],
-                                                                compute=not tabulate_only, blur=blur)
+                    compute = not tabulate_only and cfg.selected(spec, seed)
+                    run = self._finetuned(pre, spec, seed, train=compute)
+                    ev = None if run is None else self.evaluate(run, [spec.score, "energy"], compute=compute,
+                                                                blur=blur)
                     if run is None or ev is None:
                         missing.append(f"{label} seed {seed}" + ("" if run is None else " (trained, not evaluated)"))
                         continue
@@ -268,7 +269,7 @@ class Benchmark:
             if base is not None and plotted is not None:
                 self._plots(spec, base, *plotted)
             if cfg.task == "segmentation" and pre is not None:
-                self._anomaly_maps(pre, spec, compute=not tabulate_only)
+                self._anomaly_maps(pre, spec, compute=not tabulate_only and cfg.selected(spec, cfg.seeds[0]))
         paths = write_results(cfg, results, command, missing)
         paths += write_selection(cfg, candidates, None if base is None else base.id_metrics.get(ID_METRIC[cfg.task]),
                                  missing, command)
@@ -287,7 +288,7 @@ class Benchmark:
                 final = self.run_dir(spec, seed) / FINAL
                 if final.exists():
                     models.append(MatrixModel(spec.label, final, seed))
-                    if report_only or not self.cfg.selected(spec):
+                    if report_only or not self.cfg.selected(spec, seed):
                         frozen.add(models[-1])
         return run_matrix(self.cfg, self.source, models, command, tabulate_only=frozen)
 
@@ -362,13 +363,12 @@ def run_benchmark(cfg: BenchmarkConfig, command: str, *, report_only: bool = Fal
     """Run (or resume) the benchmark; returns the written result files.
 
     The output folder is locked against a second writer for the whole run — shared among processes given different
-    ``--only`` rows (``cfg.only``: each trains only its rows, whose runs the trainer locks, and the evaluations
-    they store are content-addressed) and ``report_only`` ones (which write only the tables), exclusive otherwise —
-    and the device is checked first. An
-    architecture given as an import path (the config's ``arch``, or that of its ``pretrained`` checkpoint) is
-    built only if it is in ``trust_arch`` (the command line's ``--trust-arch``): a file never makes oodtune import
-    code."""
-    with output_lock(cfg.out, shared=bool(cfg.only) or report_only), trusted_archs(*trust_arch):
+    ``--only`` rows or ``--seed`` seeds (``cfg.partial``: each trains only its runs, which the trainer locks, and
+    the evaluations they store are content-addressed) and ``report_only`` ones (which write only the tables),
+    exclusive otherwise — and the device is checked first. An architecture given as an import path (the config's
+    ``arch``, or that of its ``pretrained`` checkpoint) is built only if it is in ``trust_arch`` (the command
+    line's ``--trust-arch``): a file never makes oodtune import code."""
+    with output_lock(cfg.out, shared=cfg.partial or report_only), trusted_archs(*trust_arch):
         resolve_device(cfg.device)
         if not cfg.pretrained:
             check_trusted(cfg.arch, "the benchmark config")
