@@ -63,8 +63,8 @@ def _acquire(path: Path, shared: bool = False) -> int | None:
             raise OutputInUseError(
                 f"{path.parent} is in use by {holder or 'another process'}: two runs writing into one folder would "
                 "overwrite each other. Wait for it to finish, or choose another output folder (--out)"
-                + (". Benchmark processes with different --only rows may share a folder; a run of every row may "
-                   "not." if shared or not holder else ".")
+                + (". Benchmark processes with different --only rows or --seed seeds may share a folder; a run of "
+                   "the whole grid may not." if shared or not holder else ".")
             ) from None
         except OSError as exc:  # e.g. a network file system without locks
             os.close(fd)
