@@ -246,7 +246,8 @@ def plot_anomaly_maps(path: str | Path, frames: Any, labels: Any, maps: Mapping[
     """Rows of image | ground truth | one score map per entry of ``maps`` (column title -> (n, H, W) per-pixel
     scores, higher = more in-distribution) for (n, H, W, 3) uint8 ``frames`` and (n, H, W) ``labels`` (0 =
     in-distribution, 1 = anomaly, 255 = void). The maps of a row share one colour scale, reversed magma so that
-    bright = low score = anomalous, with a colour bar naming the score and its direction. Returns the path."""
+    bright = low score = anomalous, with a colour bar per row and the score and its direction named below the rows.
+    Returns the path."""
     imgs, labs = np.asarray(frames), np.asarray(labels)
     arrays = {name: np.asarray(m, dtype=np.float64) for name, m in maps.items()}
     n = len(imgs)
@@ -267,13 +268,16 @@ def plot_anomaly_maps(path: str | Path, frames: Any, labels: Any, maps: Mapping[
         axes[i][1].imshow(gt[i])
         shown = [ax.imshow(a[i], cmap="magma_r", vmin=lo, vmax=hi)
                  for ax, a in zip(axes[i][2:], arrays.values(), strict=True)]
-        fig.colorbar(shown[0], ax=list(axes[i][2:]), shrink=0.9, label=f"{score_label(score)}\n({HIGHER_IS_ID})")
+        fig.colorbar(shown[0], ax=list(axes[i][2:]), shrink=0.9)
         for ax in axes[i]:
             ax.set_axis_off()
     for ax, name in zip(axes[0], ["image", "ground truth (red = anomaly)", *arrays], strict=True):
         ax.set_title(name if name in ("image", "ground truth (red = anomaly)") else f"{name}\n(bright = anomalous)",
                      fontsize="small")
     fig.suptitle(title, fontsize="medium")
+    # named once below the rows: a label per row's colour bar is taller than the bar and runs into the next one
+    fig.supxlabel(f"colour: {score_label(score)} ({HIGHER_IS_ID}); one scale per row, its bar on the right",
+                  fontsize="small")
     return _save(fig, path, dpi=100)
 
 
