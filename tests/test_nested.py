@@ -14,6 +14,7 @@ import pytest
 
 import oodtune.pipeline as pipe
 from fixtures_data import offline_env
+from helpers_lock import lock_held_elsewhere
 from oodtune.benchmark import load_benchmark_config, run_nested
 from oodtune.errors import ConfigError
 from oodtune.metrics.bootstrap import VERDICTS
@@ -119,6 +120,20 @@ def test_a_partial_design_names_its_pending_runs_and_compares_what_finished(env,
     run_nested(load_benchmark_config(_config(env, "nested")), "test", report_only=True, n_boot=60)  # restore
 
 
+def test_report_only_writes_the_comparisons_beside_processes_still_training(env, nested):
+    """--report-only while --only / --seed processes hold the folder (shared) writes the comparisons; a run of the
+    whole grid holding it (exclusive) still keeps it out."""
+    from oodtune.errors import OutputInUseError
+
+    out, cfg = nested["out"], load_benchmark_config(_config(env, "nested"))
+    (out / "comparisons.json").unlink()
+    with lock_held_elsewhere(out, shared=True):
+        run_nested(cfg, "test", report_only=True, n_boot=60)
+    assert json.loads((out / "comparisons.json").read_text())["rows"] == nested["cmp"]["rows"]
+    with lock_held_elsewhere(out, shared=False), pytest.raises(OutputInUseError, match="in use"):
+        run_nested(cfg, "test", report_only=True, n_boot=60)
+
+
 @pytest.mark.parametrize(("edit", "match"), [
     (("pretrain_seeds = [0, 1]", "pretrain_seeds = [0, 0]"), "distinct integers"),
     (("pretrain_seeds = [0, 1]", "pretrain_seeds = [0, 1]\npretrained = \"x.pt\""), "cannot be combined"),
@@ -159,7 +174,7 @@ def test_a_pretrain_seed_process_leaves_the_comparisons_to_the_one_writing_them(
     from oodtune.errors import OutputInUseError
 
     @contextmanager
-    def in_use(folder: Any) -> Any:
+    def in_use(folder: Any, shared: bool = False) -> Any:
         raise OutputInUseError(f"{folder} is in use by PID 1")
         yield  # pragma: no cover
 

@@ -25,6 +25,7 @@ import oodtune.pipeline.classification as classification
 import oodtune.utils.atomic as atomic
 from fixtures_data import make_tar, offline_env, write_image, write_labelled_folder
 from helpers_cli import FAST, fails, ok
+from helpers_lock import lock_held_elsewhere
 from helpers_training import checkpoint_meta, random_imageset, tiny_net
 from oodtune.cli import cli_message
 from oodtune.data import load_dataset
@@ -211,28 +212,14 @@ def test_a_second_writer_is_refused_and_a_dead_holder_does_not_block(held: tuple
     assert not (folder / LOCK_NAME).exists()
 
 
-SHARED_HOLDER = """
-import sys, time
-from oodtune.utils.lock import output_lock
-with output_lock(sys.argv[1], shared=True):
-    print("locked", flush=True)
-    time.sleep(60)
-"""
-
-
 def test_shared_holders_coexist_and_keep_out_an_exclusive_writer(tmp_path: Path) -> None:
     folder = tmp_path / "grid"
-    proc = subprocess.Popen([sys.executable, "-c", SHARED_HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(folder, shared=True):
         with output_lock(folder, shared=True):  # a second --only process
             pass
         assert (folder / LOCK_NAME).exists()  # a shared holder leaves the file to the others
         with pytest.raises(OutputInUseError, match="or --seed seeds may share"), output_lock(folder):
             pass
-    finally:
-        proc.kill()
-        proc.wait()
     with output_lock(folder):  # every shared holder gone
         pass
 

@@ -191,8 +191,10 @@ def run_nested(cfg: BenchmarkConfig, command: str, *, report_only: bool = False,
     """Run (or resume) every sub-benchmark in turn — only those of the pretrain seeds in ``models`` when given,
     so that several processes can share the models of one nested benchmark — then write the comparisons from
     what has finished; with ``report_only`` nothing is trained or evaluated. Each sub-benchmark's folder is
-    locked while it runs, the benchmark's own folder while the comparisons are written; a process given ``models``
-    that finds that folder in use by another leaves the comparisons to it (its runs are stored) and says so."""
+    locked while it runs, the benchmark's own folder while the comparisons are written (shared with ``report_only``,
+    so that they can be read off while other processes train; their files are replaced atomically); a process given
+    ``models``, ``--only`` rows or ``--seed`` seeds that finds that folder in use by another leaves the comparisons
+    to it (its runs are stored) and says so."""
     unknown = sorted(set(models) - set(cfg.pretrain_seeds))
     if unknown:
         raise ConfigError(f"--pretrain-seed {', '.join(map(str, unknown))}: not in [benchmark].pretrain_seeds "
@@ -206,8 +208,8 @@ def run_nested(cfg: BenchmarkConfig, command: str, *, report_only: bool = False,
         paths += run_benchmark(sub, command, report_only=report_only, trust_arch=trust_arch)
     if not cfg.comparisons and not cfg.pretrain_seeds:
         return paths  # nothing to pool or compare
-    try:
-        with output_lock(cfg.out):
+    try:  # a --report-only process writes them beside --only / --seed processes still at work (shared lock)
+        with output_lock(cfg.out, shared=report_only):
             paths += write_comparisons(cfg, command, n_boot=n_boot, seed=bootstrap_seed)
     except OutputInUseError as exc:
         if not models and not cfg.partial:
