@@ -74,16 +74,22 @@ def test_each_pretrain_seed_is_its_own_pretrained_model(nested):
 
 def test_comparisons_cover_every_claim_group_and_metric(nested):
     rows = nested["cmp"]["rows"]
-    assert {(r["comparison"], r["group"], r["metric"]) for r in rows} == {
-        (c, g, m) for c in ("EnergyOE vs OE", "OE vs post-hoc") for g in ("all", "near", "far")
-        for m in ("auroc", "aupr_out", "fpr95", "fpr95_in")}
+    sets = ("tin-near", "gaussian", "uniform")
+    assert {(r["comparison"], r["group"], r["metric"], r["scope"]) for r in rows} == {
+        (c, g, m, "set" if g in sets else "group") for c in ("EnergyOE vs OE", "OE vs post-hoc")
+        for g in ("all", "near", "far", *sets) for m in ("auroc", "aupr_out", "fpr95", "fpr95_in")}
+    for c in ("EnergyOE vs OE", "OE vs post-hoc"):  # a group's difference is the mean of its sets' differences
+        diff = {(r["group"], r["metric"]): r["difference"] for r in rows if r["comparison"] == c}
+        for m in ("auroc", "fpr95"):
+            assert diff[("far", m)] == pytest.approx((diff[("gaussian", m)] + diff[("uniform", m)]) / 2)
+            assert diff[("near", m)] == pytest.approx(diff[("tin-near", m)])
     assert all(r["verdict"] in VERDICTS and r["low"] <= r["high"] for r in rows)
     assert all(r["models"] == 2 and r["cells"] == 4 for r in rows)  # the post-hoc row joins every seed
     assert nested["cmp"]["pending"] == []
     for name in ("comparisons.md", "forest.png", "results.md", "results.json"):
         assert (nested["out"] / name).exists(), name
     md = (nested["out"] / "comparisons.md").read_text()
-    assert "established" in md and "FPR95 ID+" in md and "AUPR-Out" in md
+    assert "established" in md and "FPR95 ID+" in md and "AUPR-Out" in md and "## Per OOD set" in md
 
 
 def test_difference_is_the_mean_over_models_of_the_mean_over_seeds_of_the_stored_rows(nested):

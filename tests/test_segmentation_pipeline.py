@@ -221,6 +221,7 @@ than = "Energy"
     write_comparisons(cfg, "test", n_boot=50)  # frames of Road Anomaly, their sampled pixels, drawn together
     compared = json.loads((tmp / "bench" / "comparisons.json").read_text())
     assert {r["metric"] for r in compared["rows"]} == {"auroc", "aupr_out", "fpr95", "fpr95_in"}
+    assert {r["group"] for r in compared["rows"]} == {"all"}  # one set, far only: "far" would repeat "all"
     assert all(r["difference"] is not None and r["low"] <= r["high"] for r in compared["rows"])
     assert "frames of each anomaly set" in (tmp / "bench" / "comparisons.md").read_text()
     matrix = tmp / "matrix.toml"

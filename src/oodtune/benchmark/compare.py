@@ -115,14 +115,26 @@ def _cell(ev: StoredEvaluation, score: str, cfg: BenchmarkConfig) -> dict[str, A
 
 
 def _groups(cfg: BenchmarkConfig) -> dict[str, list[str]]:
-    groups = {"all": cfg.ood_near + cfg.ood_far, "near": list(cfg.ood_near), "far": list(cfg.ood_far)}
-    return {g: sets for g, sets in groups.items() if sets}
+    """The OOD groups a comparison reports: all / near / far (one with the same sets as an earlier one is left out:
+    with far sets only, "far" is "all")."""
+    groups: dict[str, list[str]] = {}
+    for g, sets in (("all", cfg.ood_near + cfg.ood_far), ("near", cfg.ood_near), ("far", cfg.ood_far)):
+        if sets and sets not in groups.values():
+            groups[g] = list(sets)
+    return groups
+
+
+def _sets(cfg: BenchmarkConfig) -> dict[str, list[str]]:
+    """Each OOD set on its own, when there are several (a set's difference is one term of its group's mean)."""
+    every = cfg.ood_near + cfg.ood_far
+    return {s: [s] for s in every} if len(every) > 1 else {}
 
 
 def comparison_rows(cfg: BenchmarkConfig, cells: Mapping[str, MethodCells], *, n_boot: int = 2000, seed: int = 0,
                     levels: Sequence[str] = LEVELS) -> list[dict[str, Any]]:
-    """One row per comparison x OOD group x metric (JSON-ready); a comparison with no shared cell yet is one
-    row with ``difference`` None."""
+    """One row per comparison x OOD group (``scope`` "group") or OOD set (``scope`` "set", with several sets) x
+    metric (JSON-ready), all from the same bootstrap replicates; a comparison with no shared cell yet is one row
+    with ``difference`` None."""
     rows: list[dict[str, Any]] = []
     for c in cfg.comparisons:
         a, b = cells.get(c.better, {}), cells.get(c.than, {})
@@ -131,8 +143,10 @@ def comparison_rows(cfg: BenchmarkConfig, cells: Mapping[str, MethodCells], *, n
                          "difference": None, "verdict": "pending"})
             continue
         log.info("bootstrap: %s (%d replicates)", c.label, n_boot)
-        for interval in compare_paired(a, b, _groups(cfg), n_boot=n_boot, seed=seed, levels=levels):
-            rows.append({"comparison": c.label, "better": c.better, "than": c.than, **interval.to_dict()})
+        groups, sets = _groups(cfg), _sets(cfg)
+        for interval in compare_paired(a, b, {**groups, **sets}, n_boot=n_boot, seed=seed, levels=levels):
+            rows.append({"comparison": c.label, "better": c.better, "than": c.than, **interval.to_dict(),
+                         "scope": "group" if interval.group in groups else "set"})
     return rows
 
 
@@ -168,13 +182,15 @@ def write_comparisons(cfg: BenchmarkConfig, command: str, *, n_boot: int = 2000,
                        "OOD = anomaly pixels; plain score maps)." if cfg.task == "segmentation" else "")
           + (" **One pretrained model: the CI leaves out pretraining variation.**" if models == 1 else "")
           + "\n\n"]
-    done = [r for r in rows if r["difference"] is not None]
+    done = [r for r in rows if r["difference"] is not None and r["scope"] == "group"]
+    per_set = [r for r in rows if r["difference"] is not None and r["scope"] == "set"]
+    keys = ["comparison", "group", "metric_header", "difference", "ci", "verdict", "models", "cells"]
+    for title, part, where in (("", done, "OOD group"), ("\n## Per OOD set\n\n", per_set, "OOD set")):
+        if part:
+            md.append(title + markdown_table(part, keys, ["claim (better vs than)", where, "metric", "difference",
+                                                          "95% CI", "verdict", "models", "cells"]))
     if done:
-        md.append(markdown_table(done, ["comparison", "group", "metric_header", "difference", "ci", "verdict",
-                                        "models", "cells"],
-                                 ["claim (better vs than)", "OOD group", "metric", "difference", "95% CI", "verdict",
-                                  "models", "cells"]))
-        paths.append(plot_forest(cfg.out / "forest.png", done, list(COMPARED_METRICS),
+        paths.append(plot_forest(cfg.out / "forest.png", done + per_set, list(COMPARED_METRICS),
                                  {m: METRIC_HEADERS[m] for m in COMPARED_METRICS},
                                  title=f"{cfg.name}: difference ± 95% CI (hierarchical bootstrap)"))
     waiting = [r["comparison"] for r in rows if r["difference"] is None]
