@@ -18,6 +18,7 @@ import oodtune.pipeline as pipe
 import oodtune.pipeline.classification as classification
 import oodtune.pipeline.source as source
 from fixtures_data import TINY_TRAINING_TOML, offline_env
+from helpers_lock import lock_held_elsewhere
 from oodtune.benchmark import load_benchmark_config, run_benchmark
 from oodtune.data import load_dataset
 from oodtune.data.longtail import longtail_counts
@@ -27,7 +28,6 @@ from oodtune.metrics import LT_KEYS, long_tail_accuracy
 from oodtune.models import read_meta
 from oodtune.scores import SCORE_NAMES
 from oodtune.training.config import FINETUNE, TrainConfig
-from oodtune.utils.lock import output_lock
 
 pytestmark = pytest.mark.e2e  # real runs end to end: `pytest -m e2e` (scripts/test.sh and CI)
 
@@ -412,7 +412,7 @@ def test_benchmark_seed_runs_only_its_seeds_beside_another_process(env, pretrain
         return real(*a, config=config, **k)
 
     monkeypatch.setattr(pipe, "finetune", finetune)
-    with output_lock(out, shared=True):  # another --only / --seed process at work in the same folder
+    with lock_held_elsewhere(out, shared=True):  # another --only / --seed process at work in the same folder
         run_benchmark(cfg_, command="test")
     res = json.loads((out / "results.json").read_text())
     assert trained == [1] and (out / "runs" / "oe-s1" / "model.pt").exists()

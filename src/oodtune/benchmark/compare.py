@@ -107,11 +107,14 @@ def _cell(ev: StoredEvaluation, score: str, cfg: BenchmarkConfig) -> dict[str, A
     and anomaly pixels with their per-frame counts (segmentation; None when stored without them)."""
     if cfg.task != "segmentation":
         return dict(ev.scores[score])
-    samples = {s: ev.pixel_samples(score, s) for s in cfg.ood_near + cfg.ood_far}
-    if any(v is None for v in samples.values()):
-        return None
-    return {**ev.scores[score], "inliers": {s: v[0] for s, v in samples.items() if v is not None},
-            "frames": {s: v[2] for s, v in samples.items() if v is not None}}
+    samples = {}
+    for s in cfg.ood_near + cfg.ood_far:
+        px = ev.pixel_samples(score, s)
+        if px is None:
+            return None
+        samples[s] = px
+    return {**ev.scores[score], "inliers": {s: v[0] for s, v in samples.items()},
+            "frames": {s: v[2] for s, v in samples.items()}}
 
 
 def _groups(cfg: BenchmarkConfig) -> dict[str, list[str]]:
@@ -136,6 +139,7 @@ def comparison_rows(cfg: BenchmarkConfig, cells: Mapping[str, MethodCells], *, n
     metric (JSON-ready), all from the same bootstrap replicates; a comparison with no shared cell yet is one row
     with ``difference`` None."""
     rows: list[dict[str, Any]] = []
+    groups, sets = _groups(cfg), _sets(cfg)
     for c in cfg.comparisons:
         a, b = cells.get(c.better, {}), cells.get(c.than, {})
         if not paired_cells(a, b)[2]:
@@ -143,7 +147,6 @@ def comparison_rows(cfg: BenchmarkConfig, cells: Mapping[str, MethodCells], *, n
                          "difference": None, "verdict": "pending"})
             continue
         log.info("bootstrap: %s (%d replicates)", c.label, n_boot)
-        groups, sets = _groups(cfg), _sets(cfg)
         for interval in compare_paired(a, b, {**groups, **sets}, n_boot=n_boot, seed=seed, levels=levels):
             rows.append({"comparison": c.label, "better": c.better, "than": c.than, **interval.to_dict(),
                          "scope": "group" if interval.group in groups else "set"})

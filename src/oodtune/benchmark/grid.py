@@ -222,10 +222,10 @@ class Benchmark:
         if not report_only:
             pre = self.pretrain()
             # this process's rows train first, so the tables below see the runs other processes finished meanwhile
-            for spec in cfg.methods:
-                if cfg.selected(spec) and not spec.posthoc:
-                    for seed in cfg.seeds:
-                        self._finetuned(pre, spec, seed, train=cfg.selected(spec, seed))
+            for spec in (s for s in cfg.methods if not s.posthoc):
+                for seed in cfg.seeds:
+                    if cfg.selected(spec, seed):
+                        self._finetuned(pre, spec, seed, train=True)
         results: dict[str, list[dict[str, Any]]] = {}
         missing: list[str] = []
         candidates: dict[str, Candidate] = {}  # [selection]: each fine-tuned row's first seed, first map variant
