@@ -84,6 +84,7 @@ def test_prior_margins_finetune_and_evaluate(seg_root: dict[str, Path]) -> None:
     rows = {(r["score"], r["dataset"]): r for r in report.rows}
     assert set(rows) == {(s, d) for s in ("energy", "msp") for d in ("road-anomaly", "camvid-pasted")}
     assert all(0 <= r["auroc"] <= 100 and "siou" in r and 0 <= r["fpr95_in"] <= 100 for r in rows.values())
+    assert {d: r["n_ood"] for (s, d), r in rows.items() if s == "energy"} == {"road-anomaly": 2, "camvid-pasted": 4}
     assert report.scores["energy"]["id"].size and report.scores["energy"]["road-anomaly"].size
     with pytest.raises(ConfigError, match="do not apply to segmentation"):
         pipeline.evaluate_checkpoint(out, scores=["knn"], ood=["road-anomaly"], data_root=source)
@@ -196,6 +197,7 @@ than = "Energy"
     assert selection["chosen"] == "PEBAL" and [r["row"] for r in selection["rows"]] == ["PEBAL"]
     assert "**Chosen: PEBAL**" in (tmp / "bench" / "selection.md").read_text()
     assert "sample_frames" not in json.dumps(results)  # the frame counts stay in the evaluation store
+    assert {r["n"] for r in results["per_set"]} == {2}  # the fixture's Road Anomaly frames
     stored = list((tmp / "bench" / "evals").rglob("road-anomaly-nall.json"))  # every plain stored row
     assert stored
     for row_path in stored:
@@ -207,6 +209,12 @@ than = "Energy"
         blurred = row_path.with_name("road-anomaly-nall-blur.npy")  # the blurred maps' samples, stored apart
         assert blurred.exists() and row_path.with_name("road-anomaly-nall-blur-inliers.npy").exists()
         assert not np.array_equal(np.load(blurred), plain)
+        older = json.loads(row_path.read_text())
+        assert older.pop("n_ood") == 2
+        row_path.write_text(json.dumps(older))  # as stored before rows carried their frame count
+    run_benchmark(cfg, "test", report_only=True)
+    results = json.loads((tmp / "bench" / "results.json").read_text())
+    assert {r["n"] for r in results["per_set"]} == {2}  # counted from the stored per-frame samples
     assert "mIoU" in (tmp / "bench" / "results.md").read_text()
     assert "the % of inlier pixels flagged" in (tmp / "bench" / "results.md").read_text()  # pixel conventions
     assert (tmp / "bench" / "maps-pebal.png").exists() and (tmp / "bench" / "roc-pebal.png").exists()
@@ -260,6 +268,7 @@ def test_command_line_import_and_evaluate(seg_root: dict[str, Path]) -> None:
              "--device", "cpu")
     assert "ID mIoU (camvid test, argmax over all outputs)" in res.output and "sIoU" in res.output
     assert "ID mIoU (camvid test, argmax over the classes only)" in res.output
+    assert "| frames |" in res.output and "n ID" not in res.output  # pixel rows: the set's frames, no ID test set
     blurred = ok("evaluate", tmp / "cli.pt", "--score", "energy", "--ood", "road-anomaly", "--blur", "--data-root",
                  root, "--device", "cpu")
     assert blurred.output != res.output

@@ -94,13 +94,15 @@ COMPONENT_LABELS = {"siou": "sIoU↑", "ppv": "PPV↑", "mean_f1": "mean F1↑"}
 
 
 def evaluation_table(report: EvalReport) -> str:
-    """The Markdown table of :func:`evaluation_rows`, with the OOD and ID test set sizes (and the component metrics
-    when the rows have them); the FPR95 header names its positive class."""
+    """The Markdown table of :func:`evaluation_rows`, with the OOD and ID test set sizes (segmentation: the frames of
+    each anomaly set) and the component metrics when the rows have them; the FPR95 header names its positive class."""
     extra = [k for k in COMPONENT_LABELS if report.rows and all(k in r for r in report.rows)]
-    columns = ["score", "dataset", *METRIC_KEYS, *extra, "n_ood", "n_id"]
+    pixels = any("anomaly_pixels" in r for r in report.rows)  # segmentation: the set's frames, no ID test set
+    sizes, size_headers = (["n_ood"], ["frames"]) if pixels else (["n_ood", "n_id"], ["n OOD", "n ID"])
+    columns = ["score", "dataset", *METRIC_KEYS, *extra]
     fpr = f"FPR95↓ {'OOD' if report.positive == 'out' else 'ID'}+"
-    headers = [fpr if c == "fpr95" else METRIC_LABELS.get(c, COMPONENT_LABELS.get(c, c)) for c in columns[:-2]]
-    return markdown_table(evaluation_rows(report), columns, [*headers, "n OOD", "n ID"])
+    headers = [fpr if c == "fpr95" else METRIC_LABELS.get(c, COMPONENT_LABELS.get(c, c)) for c in columns]
+    return markdown_table(evaluation_rows(report), [*columns, *sizes], [*headers, *size_headers])
 
 
 def id_metrics_text(report: EvalReport, meta: RunMeta) -> str:
@@ -209,7 +211,8 @@ def _sample_note(report: EvalReport, score: str) -> tuple[dict[str, float], str]
     rows = [r for r in report.rows if r["score"] == score]
     aurocs = {str(r["dataset"]): float(r["auroc"]) for r in rows}
     by_set = report.scores[score]
-    sampled = any("n_ood" not in r or r["n_ood"] != len(by_set[str(r["dataset"])]) for r in rows)
+    sampled = any("anomaly_pixels" in r or "n_ood" not in r or r["n_ood"] != len(by_set[str(r["dataset"])])
+                  for r in rows)  # pixel rows count frames and plot a pixel sample
     if not sampled:
         return aurocs, ""
     sizes = ", ".join(f"{short_name(d)} {len(v):,}" for d, v in by_set.items() if d != "id")

@@ -210,6 +210,9 @@ class EvalStore:
             for s, by_set in paths.items()}
         frames = {s: {d: row.pop("sample_frames") for d, row in by_set.items() if "sample_frames" in row}
                   for s, by_set in rows.items()}
+        for s, by_set in frames.items():  # rows stored before they carried their frame count: one entry per frame
+            for d, counts in by_set.items():
+                rows[s][d].setdefault("n_ood", len(counts["out"]))
         return StoredEvaluation(
             sha256=info["sha256"], id_metrics=dict(info["id_metrics"]), rows=rows,
             scores={s: {d: _read_array(p) for d, p in by_set.items()} for s, by_set in paths.items()},

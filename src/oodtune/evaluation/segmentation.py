@@ -173,7 +173,8 @@ def _add_set(report: EvalReport, sc: _SetScorer, score: str, name: str, ds: Segm
                                    **{k: v for k, v in res.metrics.as_percent().items() if k in METRIC_KEYS},
                                    "fpr95_in": 100 * sc.counter.result(positive="in").metrics.fpr95,
                                    "auroc_bound": 100 * res.auroc_bound, "ap_bound": 100 * res.ap_bound,
-                                   "anomaly_pixels": 100 * res.n_anomaly / (res.n_anomaly + res.n_inlier)}
+                                   "anomaly_pixels": 100 * res.n_anomaly / (res.n_anomaly + res.n_inlier),
+                                   "n_ood": len(ds)}  # frames of the anomaly set
     if sc.maps is not None:
         h, w = ds.size[1], ds.size[0]
         scale = h * w / SMIYC_PIXELS
