@@ -10,6 +10,10 @@ all of them alike. A step is what the training loop does: draw (pasting and augm
 (with the trunk cache where it applies: last-block training with object pasting), loss, backward, Adam.
 
     OMP_NUM_THREADS=1 python benchmarks/segmentation_schedule.py --json results/segmentation/schedule-speed.json
+
+``--malloc keep`` (the default, as the command line does) keeps freed memory in the process
+(:func:`oodtune.utils.memory.keep_freed_memory`); ``--malloc default`` leaves glibc's policy
+(``benchmarks/cpu_allocator.py`` compares the two).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from oodtune.models import SegmentationModel, build_model, resolve_train_part
 from oodtune.training.config import TrainConfig
 from oodtune.training.sampling import OutlierSampler
 from oodtune.training.segmentation import SegmentationTrainer
+from oodtune.utils.memory import keep_freed_memory
 from oodtune.utils.runtime import resolve_device
 from segmentation_speed import _frames
 
@@ -74,8 +79,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=4, help="rounds before timing (fills the trunk cache)")
     ap.add_argument("--only", nargs="*", default=None, help="labels of the configurations to time")
+    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                    help="keep freed memory in the process (as the command line does) or glibc's default policy")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.malloc == "keep":
+        keep_freed_memory()
     device = resolve_device(args.device)
     configs = [c for c in CONFIGS if args.only is None or c[0] in args.only]
     with tempfile.TemporaryDirectory() as cache:
@@ -89,6 +98,7 @@ def main() -> None:
             state[label] = (gen, sampler, tr._optimizer())
             tr.net.train()
         seconds: dict[str, list[float]] = {label: [] for label in trainers}
+        last_loss: dict[str, float] = {}
         for round_ in range(args.warmup + args.steps):
             for label, tr in trainers.items():
                 gen, sampler, opt = state[label]
@@ -98,6 +108,7 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 opt.step()
+                last_loss[label] = out.loss.item()
                 if round_ >= args.warmup:
                     seconds[label].append(now(device) - t0)
     per_step = {f"{label} ({trainers[label].precision})": float(np.mean(s)) for label, s in seconds.items()}
@@ -108,6 +119,10 @@ def main() -> None:
                 ["configuration", "s/step", *(f"h: {k}" for k in SCHEDULES)], rows)
     save_json(args.json, {"environment": environment(device), "args": vars(args), "loadavg": list(load),
                           "seconds_per_step": per_step, "steps": SCHEDULES,
+                          "last_loss": {f"{label} ({trainers[label].precision})": v for label, v in last_loss.items()},
+                          "parameter_sum": {f"{label} ({tr.precision})": sum(p.double().sum().item() for p in
+                                                                             tr.net.trainable_parameters())
+                                            for label, tr in trainers.items()},
                           "hours": {label: {k: per_step[label] * v / 3600 for k, v in SCHEDULES.items()}
                                     for label in per_step}})
 

@@ -46,6 +46,7 @@ from .training.config import (
     TrainConfig,
 )
 from .utils.atomic import check_writable
+from .utils.memory import keep_freed_memory
 from .utils.progress import ConsoleHandler, console
 from .utils.runtime import (
     PRECISIONS,
@@ -156,9 +157,11 @@ THREADS_HELP = ("CPU threads of this process [default: OMP_NUM_THREADS, else the
 
 def threads_option(f: Any) -> Any:
     """``--threads N``: the process's intra-op threads (:func:`oodtune.utils.runtime.set_threads`), set before the
-    command runs; with ``--precision`` among the command's options, its forward passes that score run in it."""
+    command runs; with ``--precision`` among the command's options, its forward passes that score run in it. Freed
+    memory stays in the process (:func:`oodtune.utils.memory.keep_freed_memory`)."""
     @functools.wraps(f)
     def run(*args: Any, threads: int | None, **kw: Any) -> Any:
+        keep_freed_memory()
         try:
             set_threads(threads)
         except OodtuneError as exc:

@@ -107,10 +107,11 @@ class Gambler(LossTerm):
         prob = torch.softmax(x, dim=1)
         reward = gaussian_blur(_energy_map(inp, k).square())  # logsumexp² = E²
         boost = prob[:, -1] / reward  # (B, H, W)
+        p_class = prob[:, :k]  # one slice for both uses: its backward allocates a full-size gradient once
         outlier = labels == OUTLIER_LABEL
         labelled = ~outlier if self.ignore_index is None else ~outlier & (labels != self.ignore_index)
         target = torch.where(labelled, labels, torch.zeros_like(labels))
-        p_true = prob[:, :k].gather(1, target.unsqueeze(1)).squeeze(1)
+        p_true = p_class.gather(1, target.unsqueeze(1)).squeeze(1)
         log_in = (p_true + boost).clamp_min(1e-7).log()
         has_out = outlier.flatten(1).any(1)
         total = x.new_zeros(())
@@ -119,7 +120,7 @@ class Gambler(LossTerm):
             part = log_in[mask].mean() if mask.any() else x.new_zeros(())
             if group is has_out and bool(has_out.any()):
                 # only the outlier pixels' rows (the log of every pixel's K channels would be thrown away)
-                out_log = (prob[:, :k].permute(0, 2, 3, 1)[outlier] + boost[outlier].unsqueeze(1)).clamp_min(1e-7).log()
+                out_log = (p_class.permute(0, 2, 3, 1)[outlier] + boost[outlier].unsqueeze(1)).clamp_min(1e-7).log()
                 part = part + self.ood_reg * out_log.mean()
             total = total - part
         return total

@@ -188,11 +188,12 @@ class SegmentationTrainer(Trainer):
         x_in, y_in = batch.x_in, batch.y_in
         logits = self._logits(model, batch)
         k = self.net.num_classes
-        pixels = logits[:, :k].permute(0, 2, 3, 1)
+        classes = logits[:, :k]  # one slice for the rows and the energy map: its backward allocates once
+        pixels = classes.permute(0, 2, 3, 1)
         outlier = y_in == OUTLIER_LABEL
         labelled = ~outlier if self.ignore_index is None else ~outlier & (y_in != self.ignore_index)
         # the energy map once, for every term that needs it (all but plain cross-entropy)
-        energy_map = (-torch.logsumexp(logits[:, :k].float(), dim=1)
+        energy_map = (-torch.logsumexp(classes.float(), dim=1)
                       if any(not isinstance(t, CrossEntropy) for t in self.loss.terms) else None)
         total, parts = self.loss(LossInputs(
             logits_in=pixels[labelled], labels_in=y_in[labelled],

@@ -1,10 +1,12 @@
 """Plumbing every layer may use: atomic writes (:mod:`.atomic`), one writer per output folder (:mod:`.lock`),
-progress reports (:mod:`.progress`), and device/precision/compile/data-parallel settings (:mod:`.runtime`)."""
+the process's allocation policy (:mod:`.memory`), progress reports (:mod:`.progress`), and
+device/precision/compile/data-parallel settings (:mod:`.runtime`)."""
 
-from . import atomic, lock, progress, runtime
+from . import atomic, lock, memory, progress, runtime
 from .atomic import *  # noqa: F403
 from .lock import *  # noqa: F403
+from .memory import *  # noqa: F403
 from .progress import *  # noqa: F403
 from .runtime import *  # noqa: F403
 
-__all__ = [*atomic.__all__, *lock.__all__, *progress.__all__, *runtime.__all__]
+__all__ = [*atomic.__all__, *lock.__all__, *memory.__all__, *progress.__all__, *runtime.__all__]
