@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from _common import print_table, save_json
+from segmentation_schedule import CONFIGS
 
 HERE = Path(__file__).resolve().parent
 POLICIES = ("default", "keep")
@@ -26,13 +27,12 @@ POLICIES = ("default", "keep")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=["head, object", "decoder, object"],
-                    help="configurations of segmentation_schedule.py to time")
+                    choices=[c[0] for c in CONFIGS], help="configurations of segmentation_schedule.py to time")
     ap.add_argument("--input-size", default="480x360")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    per_step: dict[str, dict[str, float]] = {}
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for policy in POLICIES:
@@ -42,7 +42,7 @@ def main() -> None:
                             str(args.warmup), "--json", str(out), "--only", *args.only], check=True,
                            stdout=subprocess.DEVNULL)
             results[policy] = json.loads(out.read_text())
-            per_step[policy] = results[policy]["seconds_per_step"]
+    per_step: dict[str, dict[str, float]] = {p: results[p]["seconds_per_step"] for p in POLICIES}
     identical = {label: all(results["default"][k][label] == results["keep"][k][label]
                             for k in ("last_loss", "parameter_sum")) for label in per_step["keep"]}
     rows = [[label, per_step["default"][label], per_step["keep"][label],

@@ -78,7 +78,8 @@ def main() -> None:
     ap.add_argument("--paste-share", type=float, default=1 / 11)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=4, help="rounds before timing (fills the trunk cache)")
-    ap.add_argument("--only", nargs="*", default=None, help="labels of the configurations to time")
+    ap.add_argument("--only", nargs="*", default=None, choices=[c[0] for c in CONFIGS],
+                    help="labels of the configurations to time")
     ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
                     help="keep freed memory in the process (as the command line does) or glibc's default policy")
     ap.add_argument("--json", default=None)
@@ -111,7 +112,8 @@ def main() -> None:
                 last_loss[label] = out.loss.item()
                 if round_ >= args.warmup:
                     seconds[label].append(now(device) - t0)
-    per_step = {f"{label} ({trainers[label].precision})": float(np.mean(s)) for label, s in seconds.items()}
+    key = {label: f"{label} ({tr.precision})" for label, tr in trainers.items()}  # the labels of the results
+    per_step = {key[label]: float(np.mean(s)) for label, s in seconds.items()}
     load = os.getloadavg()
     rows = [[label, per_step[label], *(per_step[label] * steps / 3600 for steps in SCHEDULES.values())]
             for label in per_step]
@@ -119,9 +121,9 @@ def main() -> None:
                 ["configuration", "s/step", *(f"h: {k}" for k in SCHEDULES)], rows)
     save_json(args.json, {"environment": environment(device), "args": vars(args), "loadavg": list(load),
                           "seconds_per_step": per_step, "steps": SCHEDULES,
-                          "last_loss": {f"{label} ({trainers[label].precision})": v for label, v in last_loss.items()},
-                          "parameter_sum": {f"{label} ({tr.precision})": sum(p.double().sum().item() for p in
-                                                                             tr.net.trainable_parameters())
+                          "last_loss": {key[label]: v for label, v in last_loss.items()},
+                          "parameter_sum": {key[label]: sum(p.double().sum().item() for p in
+                                                            tr.net.trainable_parameters())
                                             for label, tr in trainers.items()},
                           "hours": {label: {k: per_step[label] * v / 3600 for k, v in SCHEDULES.items()}
                                     for label in per_step}})

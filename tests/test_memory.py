@@ -19,10 +19,13 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 #: Allocates and touches a 64 MiB tensor, frees it, and prints the resident MiB the free gave back.
 PROBE = textwrap.dedent("""
     import os, sys, torch
-    from oodtune.utils.memory import keep_freed_memory
+    from oodtune.utils.memory import keep_freed_memory, restore_malloc_defaults
     page = os.sysconf("SC_PAGE_SIZE")
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page / 2**20
-    applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+    mode = sys.argv[1]  # default: glibc's policy; keep: the policy; restore: the policy, then undone
+    applied = mode != "default" and keep_freed_memory()
+    if mode == "restore":
+        applied = applied and not restore_malloc_defaults()
     x = torch.ones(16 * 2**20)  # 64 MiB, every page touched
     before = rss()
     del x
@@ -63,12 +66,8 @@ def test_negative_trim_threshold_is_refused() -> None:
 
 @pytest.mark.skipif(not GLIBC, reason="the policy is glibc's")
 def test_restore_gives_freed_buffers_back_again() -> None:
-    script = PROBE.replace('applied = keep_freed_memory() if sys.argv[1] == "keep" else False',
-                           "from oodtune.utils.memory import restore_malloc_defaults\n"
-                           "applied = keep_freed_memory() and not restore_malloc_defaults()")
-    out = subprocess.run([sys.executable, "-c", script, "keep"], capture_output=True, text=True,
-                         check=True).stdout.split()
-    assert out[0] == "False" and float(out[1]) > 60
+    applied, released = _probe("restore")
+    assert not applied and released > 60
 
 
 def test_the_command_line_applies_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
