@@ -1038,20 +1038,27 @@ def examples() -> None:
 @click.option("--pretrain-seed", "pretrain_seed", multiple=True, type=int, metavar="SEED",
               help="Nested seeds: run only the pretrained model of this [benchmark].pretrain_seeds entry (and its "
                    "rows); repeatable. Several processes with different seeds can share one benchmark.")
+@click.option("--merge", "merge", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="First take the finished runs and stored evaluations of DIR, another output folder of this "
+                   "benchmark (trained on another machine or in another session), into OUT; nothing in OUT is "
+                   "replaced, and a run both hold with different weights is refused. Repeatable.")
 def benchmark(config: str, data_root: str | None, device: str | None, out: str | None, only: tuple[str, ...],
               seed: tuple[int, ...], report_only: bool, n_boot: int, bootstrap_seed: int,
-              pretrain_seed: tuple[int, ...]) -> None:
+              pretrain_seed: tuple[int, ...], merge: tuple[str, ...]) -> None:
     """Run a grid (methods x seeds x OOD sets) from one pretrained checkpoint — or from one per
     [benchmark].pretrain_seeds (nested seeds) —; resumes if interrupted.
 
     CONFIG is a TOML file, or the name of an example (`oodtune examples`). Writes OUT/results.json, results.md,
     results.csv and plots (energy histograms, ROC curves); with [[comparisons]], OUT/comparisons.md / .json (paired
-    differences with hierarchical bootstrap CIs and verdicts) and OUT/forest.png.
+    differences with hierarchical bootstrap CIs and verdicts) and OUT/forest.png. With --merge, runs trained into
+    other output folders join OUT first, so that one report covers them all.
     """
-    from .benchmark import find_config, load_benchmark_config, run_nested
+    from .benchmark import find_config, load_benchmark_config, merge_outputs, run_nested
 
     cfg = load_benchmark_config(find_config(config), data_root=data_root, device=device, out=out, only=list(only),
                                 only_seeds=list(seed))
+    for folder in merge:
+        console.print(merge_outputs(cfg, folder).describe())
     paths = run_nested(cfg, command=_command_line(), report_only=report_only, n_boot=n_boot,
                        bootstrap_seed=bootstrap_seed, models=pretrain_seed)
     console.print("wrote " + ", ".join(str(p) for p in paths))

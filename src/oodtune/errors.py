@@ -15,7 +15,8 @@ from __future__ import annotations
 
 __all__ = [
     "OodtuneError", "ConfigError", "DataError", "ModelError", "CheckpointError", "PriorError", "ScoreError",
-    "ResumeMismatchError", "DeviceUnavailableError", "DivergenceError", "StorageError", "OutputInUseError",
+    "ResumeMismatchError", "DeviceUnavailableError", "DivergenceError", "StorageError", "MergeError",
+    "OutputInUseError",
 ]
 
 
@@ -65,6 +66,10 @@ class DivergenceError(OodtuneError, FloatingPointError):
 class StorageError(OodtuneError, OSError):
     """An output or cache file cannot be written: no space left, a read-only folder, a file where a folder should be.
     Whatever was there before is left unchanged."""
+
+
+class MergeError(OodtuneError, RuntimeError):
+    """Two output folders of one benchmark hold different runs under one name; the message names both folders."""
 
 
 class OutputInUseError(OodtuneError, RuntimeError):

@@ -39,13 +39,18 @@ from .selection import ID_METRIC, Candidate, candidate, write_selection
 from .store import ID, EvalStore, StoredEvaluation
 from .tables import write_results
 
-__all__ = ["RUN_RECORD", "Benchmark", "Trained", "run_benchmark"]
+__all__ = ["RUN_RECORD", "Benchmark", "Trained", "run_benchmark", "run_folder"]
 
 log = logging.getLogger(__name__)
 #: Beside each checkpoint the benchmark trained: {"sha256", "meta"} of the final weights.
 RUN_RECORD = "run.json"
 #: How many frames of the first OOD set the before/after anomaly-map figures of segmentation benchmarks show.
 MAP_FRAMES = 4
+
+
+def run_folder(out: Path, spec: MethodSpec, seed: int) -> Path:
+    """Where the benchmark writing into ``out`` keeps the checkpoints of one fine-tuning run (``spec`` x ``seed``)."""
+    return out / "runs" / f"{spec.slug}-s{seed}"
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class Benchmark:
 
     def run_dir(self, spec: MethodSpec, seed: int) -> Path:
         """Where one fine-tuning run (``spec`` x ``seed``) keeps its checkpoints."""
-        return self.out / "runs" / f"{spec.slug}-s{seed}"
+        return run_folder(self.out, spec, seed)
 
     def trained(self, final: Path) -> Trained | None:
         """The finished checkpoint ``final``, or its ``run.json`` record alone when the weights were deleted; None
