@@ -1040,7 +1040,7 @@ def examples() -> None:
                    "rows); repeatable. Several processes with different seeds can share one benchmark.")
 @click.option("--merge", "merge", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
               help="First take the finished runs and stored evaluations of DIR, another output folder of this "
-                   "benchmark (trained on another machine or in another session), into OUT; nothing in OUT is "
+                   "benchmark (trained on another machine or at another time), into OUT; nothing in OUT is "
                    "replaced, and a run both hold with different weights is refused. Repeatable.")
 def benchmark(config: str, data_root: str | None, device: str | None, out: str | None, only: tuple[str, ...],
               seed: tuple[int, ...], report_only: bool, n_boot: int, bootstrap_seed: int,

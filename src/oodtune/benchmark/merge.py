@@ -1,5 +1,5 @@
 """Taking the stored work of another output folder of the same benchmark into this one (``oodtune benchmark
-CONFIG --merge DIR``), so that runs trained elsewhere — on another machine, a GPU, in an earlier session, by
+CONFIG --merge DIR``), so that runs trained elsewhere — on another machine, a GPU, at an earlier time, by
 another ``--only`` process with its own ``--out`` — are tabulated and compared in one report.
 
 Per sub-benchmark (the output folder itself, or ``pretrain-s<K>`` of a nested benchmark), DIR mirroring OUT:
