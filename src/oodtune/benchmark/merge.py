@@ -6,8 +6,9 @@ Per sub-benchmark (the output folder itself, or ``pretrain-s<K>`` of a nested be
 
 * **Runs** — every checkpoint folder the config names (``pretrain`` when the benchmark pretrains its model,
   ``runs/<row>-s<seed>`` for every fine-tuned row and seed). A *finished* run of DIR (``model.pt``, or its
-  ``run.json`` record when the weights were deleted) is copied whole into a temporary folder beside its place and
-  renamed into it, so a crash never leaves half a run. One already here with the same weights (SHA-256) is left as
+  ``run.json`` record when the weights were deleted) is copied whole — less its hidden files (the lock, writers'
+  temporaries), as everywhere below — into a temporary folder beside its place and renamed into it, so a crash
+  never leaves half a run. One already here with the same weights (SHA-256) is left as
   it is; one here with other weights, or an unfinished one here, is a conflict (:class:`MergeError`, naming both
   folders: delete the one you do not want). An unfinished run of DIR is not taken; the summary lists it.
 * **Evaluations** (``evals/<checkpoint>/``, content-addressed by the checkpoint's SHA-256 and every input,
@@ -34,12 +35,15 @@ from pathlib import Path
 from ..errors import ConfigError, MergeError
 from ..training.trainer import FINAL
 from ..utils.atomic import file_sha256, storage_errors, temporary_path, write_atomic
-from ..utils.lock import LOCK_NAME, output_lock
+from ..utils.lock import output_lock
 from .compare import sub_benchmarks
 from .config import BenchmarkConfig
 from .grid import RUN_RECORD, run_folder
 
 __all__ = ["MergeSummary", "merge_outputs"]
+
+#: Names starting with this are not stored work: the lock file and writers' temporaries (``.NAME.tmp-...``).
+HIDDEN = "."
 
 
 @dataclass
@@ -127,20 +131,26 @@ def _merge_run(src: Path, dst: Path, root: Path, summary: MergeSummary) -> None:
     with storage_errors(dst):
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
-            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(LOCK_NAME, ".*.tmp-*"))
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(f"{HIDDEN}*"))
             os.rename(tmp, dst)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     summary.runs.append(name)
 
 
+def _stored(folder: Path) -> list[Path]:
+    """The entries of ``folder`` that are stored work: not the hidden ones (the lock file, other writers'
+    temporaries)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(HIDDEN))
+
+
 def _merge_evals(src: Path, dst: Path, root: Path, summary: MergeSummary) -> None:
-    for checkpoint in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for checkpoint in (p for p in _stored(src) if p.is_dir()):
         ours = dst / checkpoint.name
-        for entry in sorted(p for p in checkpoint.iterdir() if not p.name.startswith(".")):
+        for entry in _stored(checkpoint):
             target = ours / entry.name
             if entry.is_dir():  # one score's folder: taken as a unit
-                files = sorted(p for p in entry.iterdir() if p.is_file() and not p.name.startswith("."))
+                files = [p for p in _stored(entry) if p.is_file()]
                 both = [p for p in files if (target / p.name).exists()]
                 if any(p.read_bytes() != (target / p.name).read_bytes() for p in both):
                     summary.kept.append(str(target.relative_to(root)))
